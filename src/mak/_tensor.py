@@ -1,0 +1,79 @@
+"""Small helpers shared by the scoring modules: array conversion, device choice, top-k, z-scores."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def resolve_device(device: str | torch.device | None, like: Any = None) -> torch.device:
+    """``device`` if given, else the device of ``like`` when it is a tensor, else CPU."""
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            from .errors import MakError
+
+            raise MakError("--device cuda requested but no CUDA device is available")
+        return dev
+    if is_tensor(like):
+        return like.device
+    return torch.device("cpu")
+
+
+def to_tensor(x: Any, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A float tensor on ``device`` from a numpy array, memmap slice or tensor (no copy when possible)."""
+    if is_tensor(x):
+        return x.to(device=device, dtype=dtype)
+    arr = np.asarray(x)
+    if arr.dtype != np.float32 and dtype == torch.float32:
+        arr = arr.astype(np.float32)
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # a read-only memmap: we only ever read it, so share it as is
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr).to(device=device, dtype=dtype)
+    return torch.from_numpy(arr).to(device=device, dtype=dtype)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    if is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Row-wise L2 normalisation in float32 (zero rows stay zero)."""
+    x = x.float()
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """(x - mean) / std over all entries (population std); all-equal input gives zeros."""
+    x = np.asarray(x, dtype=np.float64)
+    std = x.std()
+    if not np.isfinite(std) or std == 0:
+        return np.zeros_like(x)
+    return (x - x.mean()) / std
+
+
+def top_k(score: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Indices of the ``k`` largest (or smallest) scores, best first; ties go to the lowest index."""
+    score = np.asarray(score)
+    key = -score if largest else score
+    k = min(int(k), score.shape[0])
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < score.shape[0] // 4:
+        # Select a superset with argpartition, then order it exactly (value, then index).
+        part = np.argpartition(key, k - 1)[:k]
+        kth = key[part].max()
+        cand = np.flatnonzero(key <= kth)  # every index that could belong, ties included
+        order = np.lexsort((cand, key[cand]))
+        return cand[order[:k]].astype(np.int64)
+    return np.argsort(key, kind="stable")[:k].astype(np.int64)

@@ -1,0 +1,52 @@
+"""The ``mak`` command line: a thin layer over the Python API.
+
+Each sub-command lives in a module of :mod:`mak.commands` that defines ``register(subparsers)``
+(adds its parser and sets ``func``). A :class:`~mak.errors.MakError` becomes one line on stderr
+and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import MakError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mak",
+        description="Open-world data sampling for self-supervised learning (Model-Aware K-center).",
+    )
+    parser.add_argument("--version", action="version", version=f"mak {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except MakError as exc:
+        print(f"mak {args.command}: error: {exc}", file=sys.stderr)
+        return MakError.exit_code
+    except KeyboardInterrupt:
+        print(f"mak {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""``mak select``: pick N pool images from feature stores (see :mod:`mak.select_stores`)."""
+from __future__ import annotations
+
+import argparse
+
+from ..selection import STRATEGIES
+
+# Extra options other modules contribute: (flags, argparse kwargs, parameter name passed to select).
+EXTRA_OPTIONS: list[tuple[tuple[str, ...], dict, str]] = []
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("select", help="pick N pool images from feature stores",
+                       description="Score every pool image and pick --budget of them with a strategy.")
+    p.add_argument("--seed-store", metavar="DIR", help="feature store of the seed set (features.npy, items.txt)")
+    p.add_argument("--pool-store", metavar="DIR", required=True, help="feature store of the pool (features.npy, views.npy, items.txt)")
+    p.add_argument("--budget", type=int, required=True, metavar="N", help="number of pool images to pick")
+    p.add_argument("--strategy", default="mak", metavar="S",
+                   help=f"selection strategy: {', '.join(STRATEGIES)} (default: mak)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of tailness vs proximity in the score (default 0.5)")
+    p.add_argument("--clusters", type=int, default=10, metavar="K", help="k-means centroids of the seed features (default 10)")
+    p.add_argument("--core-ratio", type=float, default=1.5, metavar="C", help="candidates = ceil(C * budget) best-scored before k-center (default 1.5)")
+    p.add_argument("--temperature", type=float, default=0.2, metavar="T", help="NT-Xent temperature for ECLE (default 0.2)")
+    p.add_argument("--ecle-batch-size", type=int, default=512, metavar="B", help="batch size of the ECLE contrastive problems (default 512)")
+    p.add_argument("--partitions", type=int, default=10, metavar="P", help="random batch orderings averaged in ECLE (default 10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same selection (default 0)")
+    p.add_argument("--device", default=None, metavar="DEV", help="cpu or cuda (default: cpu)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for flags, kwargs, _ in EXTRA_OPTIONS:
+        p.add_argument(*flags, **kwargs)
+    p.set_defaults(func=run)
+
+
+def params_from_args(args: argparse.Namespace) -> dict:
+    params = dict(alpha=args.alpha, clusters=args.clusters, core_ratio=args.core_ratio, temperature=args.temperature,
+                  batch_size=args.ecle_batch_size, partitions=args.partitions, seed=args.seed, device=args.device)
+    for _, kwargs, name in EXTRA_OPTIONS:
+        value = getattr(args, kwargs.get("dest", name))
+        if value is not None:
+            params[name] = value
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..select_stores import select_stores
+
+    sel = select_stores(args.seed_store, args.pool_store, args.out, args.budget, strategy=args.strategy,
+                        overwrite=args.overwrite, progress=not args.no_progress, **params_from_args(args))
+    print(f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> {args.out}/selection.txt")
+    return 0

@@ -1,0 +1,177 @@
+"""Process-group helpers for running under ``torchrun`` (DDP pretrain, sharded embed/select).
+
+Outside torchrun everything degrades to a single process: ``rank() == 0``, ``world_size() == 1``
+and the collectives are no-ops.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment variables torchrun sets are present with WORLD_SIZE > 1."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str | torch.device = "cpu") -> bool:
+    """Initialise the default process group if launched by torchrun; return whether it is active.
+
+    gloo on CPU, NCCL when ``device`` is CUDA. Safe to call more than once.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not launched_by_torchrun():
+        return False
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def local_device(device: str) -> torch.device:
+    """The device this rank should use: ``cuda:LOCAL_RANK`` under torchrun with CUDA."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def shard_range(n: int, r: int | None = None, w: int | None = None) -> tuple[int, int]:
+    """Contiguous rows ``[start, stop)`` of ``n`` owned by rank ``r`` of ``w`` (balanced)."""
+    r = rank() if r is None else r
+    w = world_size() if w is None else w
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for DDP pre-training (appended for mak.pretrain / mak.embed).
+# --------------------------------------------------------------------------------------------
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the gradient of the local part.
+
+    The other ranks' parts are constants here; each rank back-propagates through its own rows
+    only, which (summed over ranks by DDP) is the gradient of the loss over the global batch.
+    Equal-sized ``x`` on every rank is required. A no-op on one process.
+    """
+    if not active():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a picklable object from ``src`` to every rank (identity on one process)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Gather a picklable object from every rank, in rank order (``[obj]`` on one process)."""
+    if not active():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _SyncBatchNormCPU(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span every rank, for the CPU/gloo backend.
+
+    ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so DDP on CPU uses this one: the per-channel
+    sum, sum of squares and count are all-reduced with a differentiable all-reduce, so the
+    gradient also flows through the global statistics. Its state dict is a plain BatchNorm2d's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if not (self.training and active()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as _diff_all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        dims = [0] + list(range(2, x.ndim))
+        count = torch.full((1,), float(xf.numel() // c), dtype=torch.float32, device=x.device)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        stats = _diff_all_reduce(stats)
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = (stats[c: 2 * c] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        shape = [1, c] + [1] * (x.ndim - 2)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.float()
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.float()
+        return (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Make every BatchNorm of ``module`` synchronise its statistics across ranks.
+
+    CUDA: ``torch.nn.SyncBatchNorm``; CPU (gloo): a BatchNorm2d subclass with an all-reduce.
+    Parameters and buffers are kept (same state-dict keys), so checkpoints stay plain.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_bn_cpu(module)
+
+
+def _convert_bn_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    out = module
+    if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, _SyncBatchNormCPU):
+        out = _SyncBatchNormCPU(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _convert_bn_cpu(child))
+    return out

@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (a missing file, a corrupt image, mismatched
+dimensions, a budget larger than the pool...) is raised as :class:`MakError`. The CLI prints
+its message as a single line on stderr and exits with code 2; the Python API lets it propagate.
+"""
+from __future__ import annotations
+
+
+class MakError(Exception):
+    """A one-line, user-facing error about bad input. The CLI exits with code 2 on it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))  # always one line

@@ -1,0 +1,597 @@
+"""SimCLR pre-training on the seed set (``mak pretrain``).
+
+:func:`pretrain` trains a :class:`mak.models.SimCLRModel` with the NT-Xent loss (temperature 0.2)
+on an image source and writes ``DIR/checkpoint.pt`` after every epoch; :func:`load_model`
+rebuilds the model from that file for ``mak embed`` and the evaluation code.
+
+Recipe: SGD (momentum 0.9, weight decay 1e-4), ``lr = base_lr * batch_size / 256`` with a
+per-step linear warm-up then cosine decay; two augmented views of every image
+(:class:`mak.augment.SimCLRAugment`) go through the model as one batch of 2B.
+
+Data path: the seed images are decoded and resized to the working size once, in DataLoader
+workers. When the decoded set is small (<= ``CACHE_BYTES``, e.g. any 28-64 px seed set) it is
+kept in memory as one uint8 tensor and batches are sliced from it; otherwise every epoch streams
+through a DataLoader. Augmentation runs on whole batches on the training device. The random
+parameters of view ``v`` of image ``i`` in epoch ``e`` are a pure function of
+``(seed, e, v, i)`` (:func:`mak.augment.view_key`), and the image order of epoch ``e`` a pure
+function of ``(seed, e)`` (:func:`epoch_permutation`), so neither needs generator state: with
+the model, optimizer, scheduler (and grad-scaler) states and the global torch/CUDA RNG states
+saved each epoch, a run resumed from a checkpoint gives bit-identical weights to an
+uninterrupted one, and a DDP run sees the same global batches (and augmentations) as a single
+process.
+
+Checkpoint (``torch.save`` of plain types and tensors only, read back with
+``torch.load(weights_only=True)``)::
+
+    {"format": "mak-simclr", "version": 1,
+     "config": {...},          # backbone, image_size, channels, feat_dim, epochs, batch_size, lr, ...
+     "epoch": int,             # completed epochs
+     "model": state_dict,      # SimCLRModel (backbone.* and head.*), plain BatchNorm keys
+     "optimizer": state_dict, "scheduler": state_dict, "scaler": state_dict | None,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor] | None},
+     "log": [{"epoch", "loss", "lr", "images_per_s"}, ...]}
+
+Under ``torchrun --nproc_per_node N`` the model is wrapped in DDP (gloo on CPU, NCCL on CUDA),
+BatchNorm synchronised across ranks, each rank takes its part of every global batch
+(a DistributedSampler over the same per-epoch permutation) and the projections are all-gathered
+so the NT-Xent negatives span the global batch. ``batch_size`` is the global batch. Rank 0 writes
+the checkpoint and the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: F401  (kept for users patching the loss)
+
+from . import distributed as D
+from .atomic import atomic_path, write_text
+from .errors import MakError
+from .losses import nt_xent_global
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.csv"
+FORMAT = "mak-simclr"
+FORMAT_VERSION = 1
+TEMPERATURE = 0.2
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+#: Decoded seed sets up to this size (bytes, uint8) are kept in memory for the whole run.
+CACHE_BYTES = 1 << 30
+
+DEFAULT_EPOCHS = 100
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_BASE_LR = 0.3
+
+
+# ------------------------------------------------------------------------------------------
+# Device features: mixed precision and memory format.
+# ------------------------------------------------------------------------------------------
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16 / AMX)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - very old or exotic builds
+        return False
+
+
+def resolve_amp(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """The autocast dtype to train/embed with, or ``None`` for float32.
+
+    ``amp=None`` (auto): bf16 on CUDA when supported, else fp16; on CPU bf16 only where the CPU
+    has native bf16 (otherwise it is emulated and slower than fp32). ``amp=True`` on a CPU
+    without native bf16 still tries bf16 and falls back to fp32 if autocast fails.
+    """
+    if amp is False:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        if amp is None and not cpu_bf16_supported():
+            return None
+        try:  # quick try: some builds lack CPU autocast for conv
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.nn.functional.conv2d(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3))
+            return torch.bfloat16
+        except Exception:
+            print("mak: bf16 autocast is not available on this CPU; training in float32", file=sys.stderr)
+            return None
+    return None
+
+
+def resolve_channels_last(device: torch.device, channels_last: bool | None) -> bool:
+    """channels_last memory format: on by default (oneDNN on CPU and tensor cores on CUDA prefer NHWC)."""
+    if channels_last is not None:
+        return bool(channels_last)
+    return device.type in ("cpu", "cuda")
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a null context for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def default_num_workers(device: torch.device | str = "cpu") -> int:
+    """DataLoader workers: on CPU leave the cores to the model (half of them), on CUDA up to 8."""
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        ncpu = os.cpu_count() or 1
+    ncpu = max(1, ncpu // max(1, D.world_size()))
+    if torch.device(device).type == "cuda":
+        return min(8, ncpu)
+    return min(4, ncpu // 2)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The augmentation/permutation seed of ``epoch`` for run seed ``seed`` (63-bit, deterministic)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), 0x51C1]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 62) - 1)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Image order of ``epoch``: a permutation of ``range(n)``, identical on every rank."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=g)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints.
+# ------------------------------------------------------------------------------------------
+
+def _plain(obj: Any) -> Any:
+    """``obj`` reduced to JSON types (so it survives ``torch.load(weights_only=True)``)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint written by :func:`pretrain` (``weights_only=True``), on CPU.
+
+    Raises :class:`MakError` naming the file when it is missing, unreadable or not a mak checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MakError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MakError(f"{path}: unreadable checkpoint ({msg[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "config" not in ckpt:
+        raise MakError(f"{path}: not a mak pretrain checkpoint")
+    if int(ckpt.get("version", 0)) > FORMAT_VERSION:
+        raise MakError(f"{path}: checkpoint format version {ckpt.get('version')} is newer than this mak")
+    return ckpt
+
+
+def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild the pre-trained model from ``checkpoint``: returns ``(SimCLRModel, config)``.
+
+    The model is in eval mode on ``device``; ``config`` is the checkpoint's plain config dict
+    (``backbone``, ``image_size``, ``channels``, ``feat_dim`` ...).
+    """
+    from .models import SimCLRModel
+
+    ckpt = read_checkpoint(checkpoint)
+    cfg = dict(ckpt["config"])
+    try:
+        model = SimCLRModel(cfg["backbone"], int(cfg["channels"]))
+        model.load_state_dict(ckpt["model"])
+    except MakError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MakError(f"{checkpoint}: checkpoint does not match its model ({msg[:200]})") from None
+    model.eval()
+    return model.to(torch.device(device)), cfg
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["epoch", "loss", "lr", "images_per_s"])
+    for r in rows:
+        w.writerow([r["epoch"], f"{r['loss']:.6f}", f"{r['lr']:.6g}", f"{r['images_per_s']:.1f}"])
+    write_text(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------
+# Data.
+# ------------------------------------------------------------------------------------------
+
+def _report_bad(source, bad: list[tuple[int, str]], what: str = "unreadable seed image") -> MakError:
+    """One-line error for the first unreadable image (its reason names the path) and the count."""
+    more = f" (and {len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
+    return MakError(f"{what} {bad[0][1]}{more}")
+
+
+def _scan(source, size: int, channels: int, num_workers: int, cache: bool,
+          rows: range | None = None) -> tuple[torch.Tensor | None, list[int]]:
+    """Decode every image once through DataLoader workers.
+
+    Returns the uint8 cache (N x C x S x S) when ``cache`` and the list of unreadable rows.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import ImageDataset
+
+    ds = ImageDataset(source, size, channels, mode="resize")
+    n = len(source)
+    rows = range(n) if rows is None else rows
+    sub = Subset(ds, list(rows)) if len(rows) != n else ds
+    loader = DataLoader(sub, batch_size=256, shuffle=False, num_workers=num_workers,
+                        persistent_workers=False)
+    images = torch.empty((n, channels, size, size), dtype=torch.uint8) if cache else None
+    bad: list[int] = []
+    for imgs, idx, ok in loader:
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        ok = torch.as_tensor(ok, dtype=torch.bool)
+        if images is not None:
+            images[idx] = imgs
+        if not bool(ok.all()):
+            bad.extend(int(i) for i in idx[~ok])
+    return images, bad
+
+
+class _CachedBatches:
+    """Global batches of one epoch sliced from the in-memory uint8 cache, this rank's part only."""
+
+    def __init__(self, cache: torch.Tensor, order: torch.Tensor, local_batch: int, steps: int):
+        self.cache, self.order, self.local_batch, self.steps = cache, order, local_batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b = self.local_batch
+        for s in range(self.steps):
+            idx = self.order[s * b:(s + 1) * b]
+            yield self.cache.index_select(0, idx), idx
+
+
+def _rank_order(perm: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """This rank's share of the epoch permutation (as DistributedSampler does: ``perm[rank::world]``).
+
+    Step ``s`` of every rank together covers ``perm[s*B:(s+1)*B]`` of the global order, so the
+    global batches are the same whatever the world size.
+    """
+    usable = (perm.numel() // world) * world
+    return perm[:usable][rank::world]
+
+
+class _PermutationSampler(torch.utils.data.Sampler):
+    """Streams this rank's share of a per-epoch permutation (set with :meth:`set_epoch`)."""
+
+    def __init__(self, n: int, seed: int, world: int, rank: int):
+        self.n, self.seed, self.world, self.rank, self.epoch = n, seed, world, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def __iter__(self):
+        return iter(_rank_order(epoch_permutation(self.n, self.seed, self.epoch), self.world, self.rank).tolist())
+
+
+# ------------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warm-up, then cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+_RESUME_KEYS = ("backbone", "image_size", "channels", "epochs", "batch_size", "base_lr",
+                "warmup_epochs", "seed", "num_images")
+
+
+def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, epochs: int = DEFAULT_EPOCHS,
+             batch_size: int | None = None, base_lr: float = DEFAULT_BASE_LR, warmup_epochs: int | None = None,
+             seed: int = 0, image_size: int | None = None, channels: int | None = None,
+             device: str | torch.device = "cpu", amp: bool | None = None, channels_last: bool | None = None,
+             resume: bool = False, num_workers: int | None = None, progress: bool = True, *,
+             stop_after: int | None = None) -> Path:
+    """Pre-train SimCLR on ``source`` (a :class:`mak.data.ImageSource`); return the checkpoint path.
+
+    Parameters
+    ----------
+    out_dir: directory for ``checkpoint.pt`` (written atomically after each epoch) and ``log.csv``.
+    backbone: a :data:`mak.models.BACKBONES` name; default :func:`mak.models.default_backbone`
+        of the image size (the small convnet for images of 64 px or less).
+    epochs, batch_size: training length; ``batch_size`` is the global batch (all ranks),
+        default ``min(256, N)``.
+    base_lr: ``lr = base_lr * batch_size / 256``; ``warmup_epochs`` of linear warm-up (default
+        ``min(10, epochs // 10)``), then cosine decay to 0, both per step.
+    image_size, channels: working geometry; default from :func:`mak.data.infer_geometry`.
+    amp: mixed precision (``None``: auto, see :func:`resolve_amp`); ``channels_last``: NHWC
+        memory format (``None``: on).
+    resume: continue from ``out_dir/checkpoint.pt`` (the same settings are required); without it
+        an existing checkpoint in ``out_dir`` is an error.
+    num_workers: DataLoader workers for decoding (default :func:`default_num_workers`).
+    stop_after: stop after this many epochs *in this call* (the checkpoint allows ``resume``).
+
+    Raises :class:`MakError` for unreadable seed images (before training), a batch larger than
+    the seed set, or a checkpoint that does not match the requested run.
+    """
+    from .augment import SimCLRAugment, view_key
+    from .data import infer_geometry
+    from .models import SimCLRModel, default_backbone
+
+    if stop_after is not None and stop_after < 1:
+        raise MakError(f"stop_after must be >= 1, got {stop_after}")
+    if epochs < 1:
+        raise MakError(f"--epochs must be >= 1, got {epochs}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MakError("--device cuda requested but no CUDA device is available")
+    D.init(dev)
+    world, rank = D.world_size(), D.rank()
+    dev = D.local_device(str(dev))
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    log_path = out_dir / LOG_NAME
+    main_proc = rank == 0
+
+    n = len(source)
+    if n < 2:
+        raise MakError(f"{getattr(source, 'name', 'seed set')}: needs at least 2 images to pre-train, found {n}")
+    if image_size is None or channels is None:
+        gs, gc = infer_geometry(source)
+        image_size = int(image_size or gs)
+        channels = int(channels or gc)
+    if image_size < 8:
+        raise MakError(f"--image-size must be >= 8, got {image_size}")
+    if channels not in (1, 3):
+        raise MakError(f"channels must be 1 or 3, got {channels}")
+    backbone = backbone or default_backbone(image_size)
+    if batch_size is None:
+        batch_size = min(DEFAULT_BATCH_SIZE, n)
+        batch_size -= batch_size % world
+    if batch_size < 2 or batch_size % world:
+        raise MakError(f"--batch-size must be >= 2 and a multiple of the world size {world}, got {batch_size}")
+    if batch_size > n:
+        raise MakError(f"--batch-size {batch_size} is larger than the seed set ({n} images)")
+    local_batch = batch_size // world
+    steps_per_epoch = (n // world) // local_batch
+    if warmup_epochs is None:
+        warmup_epochs = min(10, epochs // 10)
+    if warmup_epochs < 0 or warmup_epochs > epochs:
+        raise MakError(f"warm-up epochs must be in [0, epochs], got {warmup_epochs}")
+    amp_dtype = resolve_amp(dev, amp)
+    use_cl = resolve_channels_last(dev, channels_last)
+    workers = default_num_workers(dev) if num_workers is None else int(num_workers)
+    lr = base_lr * batch_size / 256.0
+
+    config = {
+        "backbone": backbone, "image_size": int(image_size), "channels": int(channels),
+        "epochs": int(epochs), "batch_size": int(batch_size), "base_lr": float(base_lr), "lr": float(lr),
+        "warmup_epochs": int(warmup_epochs), "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+        "temperature": TEMPERATURE, "seed": int(seed), "num_images": int(n),
+        "steps_per_epoch": int(steps_per_epoch), "world_size": int(world),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32",
+        "channels_last": bool(use_cl), "source": _plain(_describe(source)), "transform": "resize",
+    }
+
+    # ---- resume or fresh start ----------------------------------------------------------
+    ckpt = None
+    if ckpt_path.exists():
+        if not resume:
+            raise MakError(f"{ckpt_path} already exists; pass --resume to continue it or choose another --out")
+        ckpt = read_checkpoint(ckpt_path)
+        old = ckpt["config"]
+        diff = [k for k in _RESUME_KEYS if old.get(k) != config.get(k)]
+        if diff:
+            k = diff[0]
+            raise MakError(f"{ckpt_path}: cannot resume, it was trained with {k}={old.get(k)!r} "
+                           f"but this run has {k}={config.get(k)!r}")
+    start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
+
+    if start_epoch >= epochs:
+        if main_proc and progress:
+            print(f"mak pretrain: {ckpt_path} has already finished {start_epoch} epochs", file=sys.stderr)
+        return ckpt_path
+
+    # ---- seed images: validated before training, cached when small -------------------------
+    cache_ok = n * channels * image_size * image_size <= CACHE_BYTES
+    scan_workers = 0 if _in_memory(source) else workers
+    if cache_ok:
+        cache, bad_rows = _scan(source, image_size, channels, scan_workers, cache=True)
+        if bad_rows:
+            raise _report_bad(source, _reasons(source, bad_rows, image_size, channels))
+    else:
+        cache = None
+        _validate(source, progress and main_proc)
+
+    # ---- model, optimiser, schedule -------------------------------------------------------
+    torch.manual_seed(seed)
+    model = SimCLRModel(backbone, channels)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    config["feat_dim"] = int(model.feat_dim)
+    model = model.to(dev)
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    core = model
+    if world > 1:
+        core = D.convert_sync_batchnorm(model, dev)
+        model = torch.nn.parallel.DistributedDataParallel(
+            core, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    model.train()
+    optimizer = torch.optim.SGD(core.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = warmup_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+    scaler = torch.amp.GradScaler("cuda") if (amp_dtype == torch.float16 and dev.type == "cuda") else None
+    aug = SimCLRAugment(image_size, channels)
+    log_rows: list[dict] = []
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        log_rows = [dict(r) for r in ckpt.get("log", [])]
+        del ckpt
+
+    loader = None
+    sampler = None
+    if cache is None:
+        from torch.utils.data import DataLoader
+
+        from .data import ImageDataset
+
+        sampler = _PermutationSampler(n, seed, world, rank)
+        loader = DataLoader(ImageDataset(source, image_size, channels, mode="resize"), batch_size=local_batch,
+                            sampler=sampler, num_workers=workers, drop_last=True,
+                            pin_memory=dev.type == "cuda", persistent_workers=workers > 0,
+                            prefetch_factor=4 if workers > 0 else None)
+    elif dev.type == "cuda":
+        cache = cache.pin_memory()
+
+    if main_proc and progress:
+        print(f"mak pretrain: {n} images {channels}x{image_size}x{image_size}, backbone {backbone}, "
+              f"batch {batch_size} x {steps_per_epoch} steps/epoch, lr {lr:.4g}, {config['amp']}"
+              f"{', channels_last' if use_cl else ''}, {dev}{f', {world} processes' if world > 1 else ''}",
+              file=sys.stderr)
+
+    from tqdm.auto import tqdm
+
+    stop_epoch = epochs if stop_after is None else min(epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, stop_epoch):
+        if cache is not None:
+            order = _rank_order(epoch_permutation(n, seed, epoch), world, rank)
+            batches: Any = _CachedBatches(cache, order, local_batch, steps_per_epoch)
+        else:
+            sampler.set_epoch(epoch)
+            batches = ((imgs, idx) for imgs, idx, ok in _check_ok(loader, source))
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                   disable=not (progress and main_proc), leave=True, file=sys.stderr, dynamic_ncols=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        t0 = time.perf_counter()
+        t_last, step_last = t0, 0
+        for step, (imgs, idx) in enumerate(batches):
+            imgs = imgs.to(dev, non_blocking=True)
+            idx = torch.as_tensor(idx, dtype=torch.int64)
+            v1 = aug(imgs, keys=view_key(seed, 0, idx, epoch=epoch + 1))
+            v2 = aug(imgs, keys=view_key(seed, 1, idx, epoch=epoch + 1))
+            x = torch.cat([v1, v2], dim=0)
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(dev, amp_dtype):
+                _, z = model(x)
+            z = z.float()
+            loss = nt_xent_global(z[:local_batch], z[local_batch:], TEMPERATURE)
+            optimizer.zero_grad(set_to_none=True)
+            objective = loss * world if world > 1 else loss
+            if scaler is not None:
+                scaler.scale(objective).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                objective.backward()
+                optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach()
+            if bar.disable:
+                continue
+            bar.update(1)
+            now = time.perf_counter()
+            if now - t_last > 0.5 or step + 1 == steps_per_epoch:
+                ips = (step + 1 - step_last) * batch_size / max(now - t_last, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}", refresh=False)
+                t_last, step_last = now, step + 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        mean_loss = float(loss_sum.item()) / max(1, steps_per_epoch)
+        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": float(scheduler.get_last_lr()[0]),
+               "images_per_s": steps_per_epoch * batch_size / max(elapsed, 1e-9)}
+        log_rows.append(row)
+        if main_proc:
+            state = {
+                "format": FORMAT, "version": FORMAT_VERSION, "config": _plain(config), "epoch": epoch + 1,
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "log": _plain(log_rows),
+            }
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(ckpt_path, state)
+            _write_log(log_path, log_rows)
+        D.barrier()
+    return ckpt_path
+
+
+def _check_ok(loader, source) -> Iterator:
+    for imgs, idx, ok in loader:
+        ok = torch.as_tensor(ok, dtype=torch.bool)
+        if not bool(ok.all()):
+            rows = [int(i) for i in torch.as_tensor(idx)[~ok]]
+            raise _report_bad(source, _reasons(source, rows))
+        yield imgs, idx, ok
+
+
+def _reasons(source, rows: list[int], size: int = 32, channels: int = 1) -> list[tuple[int, str]]:
+    """(row, "path: reason") for rows that failed to decode (re-read in this process)."""
+    from .data import ImageDataset
+
+    ds = ImageDataset(source, size, channels)
+    return [(i, ds.check(i) or f"{source.item(i)}: could not be decoded") for i in rows]
+
+
+def _in_memory(source) -> bool:
+    try:
+        return bool(source.in_memory())
+    except Exception:
+        return False
+
+
+def _validate(source, progress: bool = True) -> None:
+    from .data import validate_all
+
+    bad = validate_all(source, progress=progress)
+    if bad:
+        raise _report_bad(source, list(bad))
+
+
+def _describe(source) -> dict:
+    try:
+        d = source.describe()
+    except Exception:
+        d = {}
+    return d if isinstance(d, dict) else {"source": str(d)}

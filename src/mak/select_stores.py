@@ -1,0 +1,134 @@
+"""The ``mak select`` job: read feature stores, run a strategy, write the selection files.
+
+Outputs (in ``out``): ``selection.txt`` (the chosen items' lines, pick order), ``scores.csv``
+(one row per pool image) and ``summary.json`` (parameters, counts, timings, versions). They are
+built in a temporary directory and renamed into place, so a failure leaves nothing behind.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .atomic import write_json
+from .errors import MakError
+from .selection import NEEDS, STRATEGIES, Selection, select
+from .store import FeatureStore, open_store
+
+OUTPUT_FILES = ("selection.txt", "scores.csv", "summary.json")
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    return {"mak": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing selection unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise MakError(f"{out}: output path exists and is not a directory")
+    if not overwrite and (out / "selection.txt").exists():
+        raise MakError(f"{out}: already holds a selection (use --overwrite to replace it)")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move every file of ``tmp`` into ``out`` (created if needed) by rename, then drop ``tmp``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_scores_csv(path: Path, items: list[str], sel: Selection) -> None:
+    """One row per pool image: index, item, ecle, distance, score, selected, pick_rank."""
+    n = len(items)
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[sel.indices] = np.arange(len(sel.indices))
+
+    def col(a: np.ndarray | None) -> list[str]:
+        if a is None:
+            return [""] * n
+        return [repr(float(v)) for v in np.asarray(a, dtype=np.float64)]
+
+    e, d, s = col(sel.ecle), col(sel.distance), col(sel.score)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "item", "ecle", "distance", "score", "selected", "pick_rank"])
+        for i in range(n):
+            r = int(rank[i])
+            w.writerow([i, items[i], e[i], d[i], s[i], 1 if r >= 0 else 0, r if r >= 0 else ""])
+
+
+def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str
+                ) -> tuple[FeatureStore | None, FeatureStore]:
+    """Open the stores a strategy needs (validating them) and cross-check dimensions."""
+    if strategy not in STRATEGIES:
+        raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
+    needs_seed, needs_views = NEEDS[strategy]
+    pool = open_store(pool_store, require_views=needs_views)
+    seed = None
+    if seed_store is not None and (needs_seed or strategy == "kcenter"):
+        seed = open_store(seed_store)
+        if seed.feature_dim != pool.feature_dim:
+            raise MakError(f"{Path(seed_store) / 'features.npy'}: feature dimension {seed.feature_dim} "
+                           f"differs from the pool's {pool.feature_dim} ({Path(pool_store) / 'features.npy'})")
+    elif needs_seed:
+        raise MakError(f"strategy '{strategy}' needs --seed-store")
+    return seed, pool
+
+
+def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
+                  strategy: str = "mak", overwrite: bool = False, progress: bool = True,
+                  **params: Any) -> Selection:
+    """Run ``strategy`` on stores and write ``selection.txt``, ``scores.csv``, ``summary.json`` to ``out``."""
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    t0 = time.perf_counter()
+    seed, pool = load_inputs(seed_store, pool_store, strategy)
+    if budget > pool.num_rows:
+        raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
+    t_load = time.perf_counter() - t0
+    seed_feats = seed.features() if seed is not None else None
+    pool_feats = pool.shards[0].features if len(pool.shards) == 1 else pool.features()
+    views = None
+    if pool.has_views and NEEDS[strategy][1]:
+        views = pool.shards[0].views if len(pool.shards) == 1 else pool.views()
+    sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress, **params)
+    items = pool.items
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        t1 = time.perf_counter()
+        (tmp / "selection.txt").write_text("".join(items[i] + "\n" for i in sel.indices), encoding="utf-8")
+        write_scores_csv(tmp / "scores.csv", items, sel)
+        summary = {
+            "strategy": strategy,
+            "parameters": {"budget": int(budget), **{k: v for k, v in params.items()}},
+            "inputs": {"seed_store": str(seed_store) if seed_store is not None else None,
+                       "pool_store": str(pool_store)},
+            "counts": {"pool": pool.num_rows, "seed": seed.num_rows if seed is not None else None,
+                       "selected": len(sel), "candidates": None if sel.candidates is None else int(len(sel.candidates)),
+                       **{k: v for k, v in sel.info.items() if isinstance(v, (int, float, str))}},
+            "timings_s": {"load": round(t_load, 4), **{k: round(v, 4) for k, v in sel.timings.items()},
+                          "write": round(time.perf_counter() - t1, 4)},
+            "info": {k: v for k, v in sel.info.items() if not isinstance(v, (int, float, str))},
+            "versions": versions(),
+            "command": " ".join(sys.argv),
+        }
+        write_json(tmp / "summary.json", summary)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sel

@@ -1,0 +1,152 @@
+"""`mak select` end to end: outputs, determinism and every bad-input error."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from mak.store import write_store
+
+
+@pytest.fixture
+def stores(tmp_path, rng):
+    seed = rng.normal(size=(40, 8)).astype(np.float32)
+    pool = rng.normal(size=(120, 8)).astype(np.float16)
+    views = rng.normal(size=(3, 120, 4)).astype(np.float16)
+    s = write_store(tmp_path / "seed", seed, [f"seed/{i}.png 0" for i in range(40)])
+    p = write_store(tmp_path / "pool", pool, [f"pool/{i}.png {i % 3}" for i in range(120)], views=views)
+    return s, p
+
+
+def select_args(stores, out, *extra):
+    s, p = stores
+    return ["select", "--seed-store", s, "--pool-store", p, "--budget", "10", "--out", out,
+            "--ecle-batch-size", "32", "--partitions", "2", "--no-progress", *extra]
+
+
+def test_outputs(cli, stores, tmp_path):
+    out = tmp_path / "sel"
+    assert cli(*select_args(stores, out)) == 0
+    lines = (out / "selection.txt").read_text().splitlines()
+    assert len(lines) == 10 and all(line.startswith("pool/") for line in lines)
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 120
+    picked = sorted((int(r["pick_rank"]), r["item"]) for r in rows if r["selected"] == "1")
+    assert [it for _, it in picked] == lines
+    assert all(r["ecle"] and r["distance"] and r["score"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["selected"] == 10 and summary["counts"]["pool"] == 120
+    assert {"ecle", "proximity", "kcenter", "total"} <= set(summary["timings_s"])
+    assert "torch" in summary["versions"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_random_without_seed_store_has_empty_score_columns(cli, stores, tmp_path):
+    _, p = stores
+    out = tmp_path / "r"
+    assert cli("select", "--pool-store", p, "--budget", "5", "--strategy", "random", "--out", out, "--no-progress") == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert all(r["ecle"] == "" for r in rows)
+    assert sum(r["selected"] == "1" for r in rows) == 5
+
+
+def test_same_seed_identical_selection(cli, stores, tmp_path):
+    for name in ("a", "b"):
+        assert cli(*select_args(stores, tmp_path / name, "--seed", "7")) == 0
+    assert (tmp_path / "a/selection.txt").read_bytes() == (tmp_path / "b/selection.txt").read_bytes()
+    assert (tmp_path / "a/scores.csv").read_bytes() == (tmp_path / "b/scores.csv").read_bytes()
+
+
+def _break(tmp_path, stores, what):
+    s, p = stores
+    if what == "missing-file":
+        (p / "features.npy").unlink()
+        return "features.npy", "missing"
+    if what == "items-mismatch":
+        (p / "items.txt").write_text("only-one-line\n")
+        return "items.txt", "1 item lines"
+    if what == "dim-mismatch":
+        np.save(s / "features.npy", np.zeros((40, 5), dtype=np.float32))
+        return "features.npy", "dimension"
+    if what == "views-r1":
+        np.save(p / "views.npy", np.zeros((1, 120, 4), dtype=np.float32))
+        return "views.npy", "R >= 2"
+    if what == "views-rows":
+        np.save(p / "views.npy", np.zeros((3, 119, 4), dtype=np.float32))
+        return "views.npy", "119 rows"
+    if what == "nan":
+        f = np.load(p / "features.npy")
+        f[5, 2] = np.nan
+        np.save(p / "features.npy", f)
+        return "features.npy", "NaN"
+    if what == "inf-views":
+        v = np.load(p / "views.npy")
+        v[1, 3, 0] = np.inf
+        np.save(p / "views.npy", v)
+        return "views.npy", "Inf"
+    if what == "corrupt-npy":
+        (p / "features.npy").write_bytes(b"not a numpy file")
+        return "features.npy", "unreadable"
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize("what", ["missing-file", "items-mismatch", "dim-mismatch", "views-r1", "views-rows",
+                                  "nan", "inf-views", "corrupt-npy"])
+def test_bad_store_errors(cli, stores, tmp_path, capsys, what):
+    fname, msg = _break(tmp_path, stores, what)
+    out = tmp_path / "sel"
+    assert cli(*select_args(stores, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fname in err and msg in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--budget", "0"], "budget"),
+    (["--budget", "121"], "larger than the pool"),
+    (["--clusters", "41"], "larger than the seed"),
+    (["--strategy", "magic"], "unknown strategy"),
+])
+def test_bad_parameter_errors(cli, stores, tmp_path, capsys, extra, msg):
+    out = tmp_path / "sel"
+    assert cli(*select_args(stores, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err
+    assert not out.exists()
+
+
+def test_existing_selection_needs_overwrite(cli, stores, tmp_path, capsys):
+    out = tmp_path / "sel"
+    assert cli(*select_args(stores, out)) == 0
+    before = (out / "selection.txt").read_bytes()
+    assert cli(*select_args(stores, out, "--seed", "3")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "selection.txt").read_bytes() == before
+    assert cli(*select_args(stores, out, "--seed", "3", "--overwrite")) == 0
+
+
+def test_subprocess_exit_code_and_help(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mak", "select", "--pool-store", str(tmp_path / "nope"), "--budget", "3",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    h = subprocess.run([sys.executable, "-m", "mak", "select", "--help"], capture_output=True, text=True)
+    assert h.returncode == 0 and "--core-ratio" in h.stdout
+
+
+def test_duplicate_pair_never_both_selected(cli, tmp_path, rng):
+    seed = rng.normal(size=(30, 6)).astype(np.float32)
+    pool = rng.normal(size=(80, 6)).astype(np.float32)
+    pool[50] = pool[20]
+    s = write_store(tmp_path / "s", seed, [str(i) for i in range(30)])
+    p = write_store(tmp_path / "p", pool, [str(i) for i in range(80)])
+    for budget in (10, 40, 79):
+        out = tmp_path / f"o{budget}"
+        assert cli("select", "--seed-store", s, "--pool-store", p, "--budget", budget, "--strategy", "kcenter",
+                   "--out", out, "--no-progress") == 0
+        picked = set((out / "selection.txt").read_text().split())
+        assert not {"20", "50"} <= picked
