@@ -31,3 +31,8 @@ __all__ = [
     "select",
     "__version__",
 ]
+
+from . import robust  # noqa: F401,E402  (registers the 'robust' strategy)
+from .robust import knn_tail, rank_fusion, rank_normalize, seed_gate  # noqa: E402
+
+__all__ += ["knn_tail", "rank_fusion", "rank_normalize", "seed_gate"]

@@ -18,7 +18,8 @@ Sources:
   contain spaces); the item line is the whole line, stripped.
 - :class:`FolderSource` -- a directory searched recursively for ``jpg/jpeg/png/webp/bmp`` files
   (extension case-insensitive), sorted by relative POSIX path; hidden files and directories
-  (names starting with ``.``) are skipped. Item line: the relative path.
+  (names starting with ``.``) are skipped; symbolic links are followed, a directory reached
+  twice (a link loop) is listed once. Item line: the relative path.
 - :class:`ArraySource` -- a ``.npy``/``.npz`` ``uint8`` array ``N x H x W`` or ``N x H x W x C``
   (``.npz``: its single array or the one named ``images``). Item line: the row index.
   ``.npy`` files are memory-mapped.
@@ -302,8 +303,15 @@ class FolderSource(_FileSource):
             raise MakError(f"{directory}: not a directory")
         base = directory.resolve()
         rels: list[str] = []
+        seen = {os.path.realpath(base)}
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True, onerror=None):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            keep = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if not d.startswith(".") and real not in seen:  # symlink loops are walked once
+                    seen.add(real)
+                    keep.append(d)
+            dirnames[:] = keep
             rel_dir = Path(dirpath).relative_to(base)
             for fname in filenames:
                 if fname.startswith(".") or not fname.lower().endswith(IMAGE_EXTENSIONS):
@@ -644,11 +652,18 @@ def infer_geometry(source: ImageSource, sample: int = 16) -> tuple[int, int]:
     errors: list[str] = []
     for i in idx:
         try:
-            arr = source.load(i)
-        except ImageError as exc:
+            if isinstance(source, _FileSource):
+                img = source.open_image(i, draft=(64, 64))  # JPEGs decode at reduced scale
+                with Image.open(source.path(i)) as header:
+                    side = min(header.size)
+                arr = _pil_to_array(img)
+            else:
+                arr = source.load(i)
+                side = min(arr.shape[0], arr.shape[1])
+        except (ImageError, OSError) as exc:
             errors.append(str(exc))
             continue
-        sides.append(min(arr.shape[0], arr.shape[1]))
+        sides.append(side)
         if arr.shape[2] == 3 and not colour:
             colour = bool(np.any(arr[:, :, 0] != arr[:, :, 1]) or np.any(arr[:, :, 0] != arr[:, :, 2]))
     if not sides:

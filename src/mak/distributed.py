@@ -109,19 +109,41 @@ def all_gather_object(obj) -> list:
     return out
 
 
-class _SyncBatchNormCPU(torch.nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics span every rank, for the CPU/gloo backend.
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of every rank's input is the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def _diff_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x)
+
+
+class _SyncBatchNormCPU(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (1d/2d/3d) whose training statistics span every rank, for the CPU/gloo backend.
 
     ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so DDP on CPU uses this one: the per-channel
     sum, sum of squares and count are all-reduced with a differentiable all-reduce, so the
-    gradient also flows through the global statistics. Its state dict is a plain BatchNorm2d's.
+    gradient also flows through the global statistics. Its state dict is a plain BatchNorm's.
     """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as _diff_all_reduce
-
         c = x.shape[1]
         xf = x.float()
         dims = [0] + list(range(2, x.ndim))
@@ -148,10 +170,24 @@ class _SyncBatchNormCPU(torch.nn.BatchNorm2d):
         return (xf * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
 
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel(module)`` without per-forward buffer broadcasts (BatchNorm is synced)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kwargs: dict = {"device_ids": [device.index] if device.type == "cuda" else None}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:  # pragma: no cover - older torch
+        kwargs["broadcast_buffers"] = False
+    return DDP(module, **kwargs)
+
+
 def convert_sync_batchnorm(module: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Make every BatchNorm of ``module`` synchronise its statistics across ranks.
 
-    CUDA: ``torch.nn.SyncBatchNorm``; CPU (gloo): a BatchNorm2d subclass with an all-reduce.
+    CUDA: ``torch.nn.SyncBatchNorm``; CPU (gloo): a BatchNorm subclass with an all-reduce.
     Parameters and buffers are kept (same state-dict keys), so checkpoints stay plain.
     """
     if torch.device(device).type != "cpu":
@@ -161,7 +197,8 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: str | torch.device =
 
 def _convert_bn_cpu(module: torch.nn.Module) -> torch.nn.Module:
     out = module
-    if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, _SyncBatchNormCPU):
+    if (isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            and not isinstance(module, (_SyncBatchNormCPU, torch.nn.SyncBatchNorm))):
         out = _SyncBatchNormCPU(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats)
         if module.affine:
@@ -174,4 +211,112 @@ def _convert_bn_cpu(module: torch.nn.Module) -> torch.nn.Module:
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, _convert_bn_cpu(child))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives for distributed selection (appended for mak.distributed_select, mak.dedup and
+# mak.kcenter_scale). Each takes and returns numpy arrays / Python numbers, moves data to the
+# backend's device (CPU for gloo, the local GPU for NCCL) and is an identity on one process.
+# --------------------------------------------------------------------------------------------
+
+def comm_device() -> torch.device:
+    """The device collectives run on: the current CUDA device under NCCL, else CPU."""
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_comm(arr) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(comm_device())
+
+
+def all_reduce_array(arr, op: str = "sum"):
+    """Element-wise ``sum``/``min``/``max`` of a numpy array over all ranks (same shape everywhere)."""
+    import numpy as np
+
+    arr = np.asarray(arr)
+    if not active():
+        return arr.copy()
+    t = _to_comm(arr.copy())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.cpu().numpy()
+
+
+def all_reduce_scalar(value, op: str = "sum", dtype=None):
+    """``sum``/``min``/``max`` of one number over all ranks (float64 unless ``dtype``)."""
+    import numpy as np
+
+    a = np.array([value], dtype=dtype or np.float64)
+    return all_reduce_array(a, op)[0].item()
+
+
+def broadcast_array(arr, shape, dtype, src: int):
+    """Send ``arr`` (significant on ``src`` only) of ``shape``/``dtype`` to every rank."""
+    import numpy as np
+
+    if not active():
+        return np.asarray(arr, dtype=dtype).reshape(shape)
+    if rank() == src:
+        t = _to_comm(np.asarray(arr, dtype=dtype).reshape(shape))
+    else:
+        t = torch.empty(tuple(shape), dtype=torch.from_numpy(np.zeros(0, dtype=dtype)).dtype, device=comm_device())
+    dist.broadcast(t, src=src)
+    return t.cpu().numpy()
+
+
+def all_gather_varlen(arr) -> list:
+    """Gather a 1-D (or N x ...) numpy array of any length from every rank, in rank order."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr)
+    if not active():
+        return [arr]
+    w = world_size()
+    counts = all_gather_counts(arr.shape[0])
+    top = max(max(counts), 1)
+    pad = np.zeros((top,) + arr.shape[1:], dtype=arr.dtype)
+    pad[: arr.shape[0]] = arr
+    t = _to_comm(pad)
+    parts = [torch.empty_like(t) for _ in range(w)]
+    dist.all_gather(parts, t)
+    return [p.cpu().numpy()[:c] for p, c in zip(parts, counts)]
+
+
+def all_gather_counts(n: int) -> list[int]:
+    """Every rank's ``n``, in rank order."""
+    if not active():
+        return [int(n)]
+    t = torch.tensor([int(n)], dtype=torch.int64, device=comm_device())
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t)
+    return [int(p.item()) for p in parts]
+
+
+def reduce_to_owners(acc, chunk: int = 1 << 20):
+    """Sum ``acc`` (length N, same on every rank) over ranks, keeping only this rank's rows.
+
+    Rows are owned as in :func:`shard_range`; the sum is sent to each owner by chunked
+    ``reduce`` calls, so no rank holds a second N-long buffer. Returns the owned slice.
+    """
+    import numpy as np
+
+    acc = np.ascontiguousarray(acc)
+    n = acc.shape[0]
+    if not active():
+        return acc
+    me = rank()
+    out = None
+    for r in range(world_size()):
+        lo, hi = shard_range(n, r)
+        part = np.empty(hi - lo, dtype=acc.dtype) if r == me else None
+        for c in range(lo, hi, chunk):
+            t = _to_comm(acc[c: min(c + chunk, hi)])
+            dist.reduce(t, dst=r, op=dist.ReduceOp.SUM)
+            if r == me:
+                part[c - lo: c - lo + t.shape[0]] = t.cpu().numpy()
+        if r == me:
+            out = part
     return out

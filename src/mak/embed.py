@@ -177,7 +177,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
           dtype: str = "float16", batch_size: int = 256, device: str | torch.device = "cpu",
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
-          flush_rows: int = FLUSH_ROWS) -> Path:
+          flush_rows: int = FLUSH_ROWS, stats: dict | None = None) -> Path:
     """Embed every image of ``source`` with ``checkpoint``'s model; write a feature store at ``out``.
 
     Parameters
@@ -191,6 +191,8 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     amp, channels_last: as for :func:`mak.pretrain.pretrain` (auto by default).
     overwrite: replace an existing store at ``out``.
     flush_rows: rows between checkpoints of the progress (resume granularity).
+    stats: if a dict is given, it receives this process's ``images``, ``seconds`` and
+        ``images_per_s`` of the embedding loop (for benchmarks).
 
     Returns ``out``. Raises :class:`MakError` for a bad checkpoint, bad parameters, an existing
     ``out`` (without ``overwrite``) or a source whose every image is unreadable.
@@ -323,6 +325,57 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
             os.fsync(fh.fileno())
         pending_blocks, pending_skips, pending_rows = [], [], 0
 
+    torch_dtype = torch.float16 if np_dtype == np.float16 else torch.float32
+    writes: list[tuple] = []  # results whose device->host copy may still be in flight
+
+    def drain() -> None:
+        """Write finished results into the memmaps (after their asynchronous copies complete)."""
+        while writes:
+            event, feats_h, views_h, f_arr, v_arr, local, lo, hi = writes.pop(0)
+            if event is not None:
+                event.synchronize()
+            fa, va = feats_h.numpy(), views_h.numpy() if views_h is not None else None
+            if hi - lo == len(local):
+                f_arr[lo:hi] = fa
+                if va is not None:
+                    v_arr[:, lo:hi] = va
+            else:
+                f_arr[local] = fa
+                if va is not None:
+                    v_arr[:, local] = va
+
+    def embed_batch(imgs: torch.Tensor, idx: torch.Tensor) -> None:
+        rows = idx.numpy()
+        f_arr, v_arr, start = seg_of(int(rows[0]))
+        local = rows - start
+        imgs = imgs.to(dev, non_blocking=True)
+        with autocast_context(dev, amp_dtype):
+            x = center_transform(imgs, size, channels)
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats = model.backbone(x).to(torch_dtype)
+            zs = []
+            for r in range(views):
+                xv = aug(imgs, keys=view_key(seed, r, idx))
+                if use_cl:
+                    xv = xv.contiguous(memory_format=torch.channels_last)
+                zs.append(F.normalize(model(xv)[1].float(), dim=1).to(torch_dtype))
+        vz = torch.stack(zs) if zs else None
+        event = None
+        if dev.type == "cuda":  # copy back asynchronously; written once the next batch is queued
+            feats_h = torch.empty(feats.shape, dtype=torch_dtype, pin_memory=True)
+            feats_h.copy_(feats, non_blocking=True)
+            views_h = None
+            if vz is not None:
+                views_h = torch.empty(vz.shape, dtype=torch_dtype, pin_memory=True)
+                views_h.copy_(vz, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            feats_h, views_h = feats.cpu(), (vz.cpu() if vz is not None else None)
+        drain()
+        writes.append((event, feats_h, views_h, f_arr, v_arr, local, int(local[0]), int(local[-1]) + 1))
+
     t0 = time.perf_counter()
     with torch.inference_mode():
         for block, (imgs, idx, ok) in zip(todo, loader):
@@ -335,39 +388,20 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
                     pending_skips.append((i, reason))
                 imgs, idx = imgs[ok], idx[ok]
             if idx.numel():
-                rows = idx.numpy()
-                f_arr, v_arr, start = seg_of(int(rows[0]))
-                local = rows - start
-                lo, hi = int(local[0]), int(local[-1]) + 1
-                contiguous = hi - lo == len(local)
-                imgs = imgs.to(dev, non_blocking=True)
-                with autocast_context(dev, amp_dtype):
-                    x = center_transform(imgs, size, channels)
-                    if use_cl:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    feats = model.backbone(x).float().cpu().numpy().astype(np_dtype, copy=False)
-                    if contiguous:
-                        f_arr[lo:hi] = feats
-                    else:
-                        f_arr[local] = feats
-                    for r in range(views):
-                        keys = view_key(seed, r, idx).to(dev)
-                        xv = aug(imgs, keys=keys)
-                        if use_cl:
-                            xv = xv.contiguous(memory_format=torch.channels_last)
-                        z = F.normalize(model(xv)[1].float(), dim=1).cpu().numpy().astype(np_dtype, copy=False)
-                        if contiguous:
-                            v_arr[r, lo:hi] = z
-                        else:
-                            v_arr[r, local] = z
+                embed_batch(imgs, idx)
             pending_blocks.append(block)
             pending_rows += min(n, (block + 1) * batch_size) - block * batch_size
             bar.update(min(n, (block + 1) * batch_size) - block * batch_size)
             if pending_rows >= flush_rows:
+                drain()
                 commit()
+        drain()
     commit()
     bar.close()
     elapsed = time.perf_counter() - t0
+    if stats is not None:
+        done_rows = sum(len(x) for x in batches)
+        stats.update(images=done_rows, seconds=elapsed, images_per_s=done_rows / max(elapsed, 1e-9))
     for f, v, _, _ in arrays.values():
         del f, v
     arrays.clear()

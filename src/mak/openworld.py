@@ -280,7 +280,7 @@ def build_benchmark(
     if out.exists() and not out.is_dir():
         raise MakError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MakError(f"{out} already exists and is not empty (use --force to replace it)")
+        raise MakError(f"{out} already exists and is not empty (use --overwrite to replace it)")
     if fonts is None:
         fonts = glyphs.find_fonts()
     train_x, train_y = load_fashion_mnist("train", data_dir)

@@ -265,9 +265,9 @@ class _CachedBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         b = self.local_batch
+        order_dev = self.order.to(self.cache.device)
         for s in range(self.steps):
-            idx = self.order[s * b:(s + 1) * b]
-            yield self.cache.index_select(0, idx), idx
+            yield self.cache.index_select(0, order_dev[s * b:(s + 1) * b]), self.order[s * b:(s + 1) * b]
 
 
 def _rank_order(perm: torch.Tensor, world: int, rank: int) -> torch.Tensor:
@@ -442,8 +442,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     core = model
     if world > 1:
         core = D.convert_sync_batchnorm(model, dev)
-        model = torch.nn.parallel.DistributedDataParallel(
-            core, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        model = D.wrap_ddp(core, dev)
     model.train()
     optimizer = torch.optim.SGD(core.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     total_steps = epochs * steps_per_epoch
@@ -479,7 +478,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
                             pin_memory=dev.type == "cuda", persistent_workers=workers > 0,
                             prefetch_factor=4 if workers > 0 else None)
     elif dev.type == "cuda":
-        cache = cache.pin_memory()
+        cache = cache.to(dev)  # <= CACHE_BYTES: batches are then sliced on the GPU
 
     if main_proc and progress:
         print(f"mak pretrain: {n} images {channels}x{image_size}x{image_size}, backbone {backbone}, "

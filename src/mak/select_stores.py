@@ -91,7 +91,19 @@ def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy:
 def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
                   strategy: str = "mak", overwrite: bool = False, progress: bool = True,
                   **params: Any) -> Selection:
-    """Run ``strategy`` on stores and write ``selection.txt``, ``scores.csv``, ``summary.json`` to ``out``."""
+    """Run ``strategy`` on stores and write ``selection.txt``, ``scores.csv``, ``summary.json`` to ``out``.
+
+    Under ``torchrun``, on a sharded pool store, with ``dedup`` (a cosine threshold) or with
+    ``kcenter='two-round'`` the job is :func:`mak.distributed_select.select_stores_scaled` (same
+    outputs, plus ``dedup.csv``); the options ``dedup``, ``dedup_clusters``, ``kcenter`` and
+    ``kcenter_parts`` are only meaningful there.
+    """
+    from .distributed_select import SCALED_OPTIONS, select_stores_scaled, wants_scaled_path
+
+    scaled = {k: params.pop(k) for k in SCALED_OPTIONS if k in params}
+    if wants_scaled_path(pool_store, scaled):
+        return select_stores_scaled(seed_store, pool_store, out, budget, strategy=strategy, overwrite=overwrite,
+                                    progress=progress, **scaled, **params)
     out = Path(out)
     check_out_dir(out, overwrite)
     t0 = time.perf_counter()

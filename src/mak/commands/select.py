@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..selection import STRATEGIES
 
@@ -28,6 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--kcenter", choices=("exact", "two-round"), default="exact",
+                   help="k-center over the candidates: exact greedy, or two-round (per-process greedy, then greedy "
+                        "on the union; radius <= 4x) for huge budgets (default exact)")
+    p.add_argument("--kcenter-parts", type=int, default=None, metavar="P",
+                   help="two-round k-center: candidate parts of round 1 (default: the number of processes)")
+    p.add_argument("--dedup", type=float, default=None, metavar="THRESHOLD",
+                   help="drop near-duplicate pool images (cosine similarity >= THRESHOLD, e.g. 0.95) before scoring; "
+                        "writes dedup.csv")
+    p.add_argument("--dedup-clusters", type=int, default=None, metavar="K",
+                   help="k-means clusters --dedup compares within (default: about sqrt of the pool size)")
     for flags, kwargs, _ in EXTRA_OPTIONS:
         p.add_argument(*flags, **kwargs)
     p.set_defaults(func=run)
@@ -40,6 +51,12 @@ def params_from_args(args: argparse.Namespace) -> dict:
         value = getattr(args, kwargs.get("dest", name))
         if value is not None:
             params[name] = value
+    # scale options (mak.distributed_select): passed only when set, so a plain run is unchanged
+    if getattr(args, "kcenter", "exact") != "exact":
+        params["kcenter"] = args.kcenter
+    for name in ("kcenter_parts", "dedup", "dedup_clusters"):
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
     return params
 
 
@@ -48,5 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     sel = select_stores(args.seed_store, args.pool_store, args.out, args.budget, strategy=args.strategy,
                         overwrite=args.overwrite, progress=not args.no_progress, **params_from_args(args))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     print(f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> {args.out}/selection.txt")
     return 0

@@ -1,0 +1,58 @@
+"""``mak pretrain``: SimCLR pre-training on the seed set (see :func:`mak.pretrain.pretrain`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..data import add_source_args
+    from ..pretrain import DEFAULT_BASE_LR, DEFAULT_EPOCHS
+
+    p = sub.add_parser(
+        "pretrain", help="SimCLR pre-training on the seed set",
+        description="Pre-train a SimCLR model (NT-Xent, temperature 0.2) on the seed images; writes "
+                    "OUT/checkpoint.pt every epoch and OUT/log.csv. Runs DDP under torchrun.")
+    add_source_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for checkpoint.pt and log.csv")
+    p.add_argument("--backbone", metavar="NAME", default=None,
+                   help="backbone smallconv, smallconv-wide, resnet18, resnet18-small, resnet50, torchvision:NAME, timm:NAME (default: smallconv for images <= 64 px, else resnet18)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, metavar="E", help=f"training epochs (default {DEFAULT_EPOCHS})")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="global batch size over all processes (default: min(256, number of images))")
+    p.add_argument("--lr", type=float, default=DEFAULT_BASE_LR, metavar="LR",
+                   help=f"base learning rate; actual lr = LR x batch/256 (default {DEFAULT_BASE_LR})")
+    p.add_argument("--warmup-epochs", type=int, default=None, metavar="W",
+                   help="epochs of linear lr warm-up before the cosine decay (default: min(10, epochs/10))")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same weights (default 0)")
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="working image size in pixels (default: the images' typical size)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="working channels, 1 or 3 (default: 3 if the images have colour)")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (default: cpu)")
+    p.add_argument("--no-amp", action="store_true",
+                   help="train in float32 (default: bf16/fp16 mixed precision where the device supports it)")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format (default: channels_last)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader workers decoding images (default: half the CPU cores, 8 with CUDA)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from .. import distributed as D
+    from ..data import source_from_args
+    from ..pretrain import pretrain
+
+    source = source_from_args(args)
+    ckpt = pretrain(source, args.out, backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size,
+                    base_lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed,
+                    image_size=args.image_size, channels=args.channels, device=args.device,
+                    amp=False if args.no_amp else None, channels_last=False if args.no_channels_last else None,
+                    resume=args.resume, num_workers=args.workers, progress=not args.no_progress)
+    if D.rank() == 0:
+        print(f"checkpoint -> {ckpt}", file=sys.stdout)
+    D.cleanup()
+    return 0

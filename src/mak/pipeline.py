@@ -1,0 +1,523 @@
+"""``mak run``: the whole MAK loop as cached stages in one run directory.
+
+pretrain on the seed -> embed seed and pool -> select (one or several strategies) -> re-train from
+scratch on seed + each selection (and on the seed alone: "none") -> evaluate -> results + report.
+
+Every stage writes into its own directory of the run and records a *key*: a hash of its
+parameters and of the keys of the stages it reads. A stage whose recorded key matches is skipped;
+a changed parameter changes the keys of that stage and of everything downstream only. A stage
+interrupted half-way resumes (pretrain and embed pick up their own checkpoints).
+
+Layout (repeat r uses seed ``run.seed + r``)::
+
+    RUN/config.yaml            resolved config        RUN/results.json   RUN/report.html
+    RUN/rR/bench/              built benchmark (if data.benchmark.build)
+    RUN/rR/pretrain/           checkpoint.pt, log.csv
+    RUN/rR/embed-seed/ embed-pool/     feature stores
+    RUN/rR/select/STRATEGY/    selection.txt, scores.csv, summary.json, analysis.json
+    RUN/rR/retrain/STRATEGY/   checkpoint.pt, log.csv ("none" = the seed alone)
+    RUN/rR/eval/STRATEGY/      eval.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .atomic import write_json, write_text
+from .errors import MakError
+
+STAMP = ".stage.json"
+
+
+# ----------------------------------------------------------------------------- sources
+def _source_from(spec: dict, what: str):
+    from .data import open_source
+
+    if spec.get("split"):
+        return open_source("split", spec["split"], root=spec.get("root"))
+    if spec.get("folder"):
+        return open_source("folder", spec["folder"])
+    raise MakError(f"config: data.{what} needs a split or a folder")
+
+
+class CombinedSource:
+    """Seed images followed by selected pool rows: the training set of a re-train stage."""
+
+    kind = "combined"
+
+    def __init__(self, seed_source, pool_source, pool_rows: np.ndarray) -> None:
+        self.seed = seed_source
+        self.pool = pool_source
+        self.rows = np.asarray(pool_rows, dtype=np.int64)
+        self.name = f"{seed_source.name}+{len(self.rows)} from {pool_source.name}"
+
+    def __len__(self) -> int:
+        return len(self.seed) + len(self.rows)
+
+    def _where(self, i: int):
+        i = int(i)
+        if i < len(self.seed):
+            return self.seed, i
+        return self.pool, int(self.rows[i - len(self.seed)])
+
+    def item(self, i: int) -> str:
+        src, j = self._where(i)
+        return src.item(j)
+
+    def load(self, i: int) -> np.ndarray:
+        src, j = self._where(i)
+        return src.load(j)
+
+    def open_image(self, i: int, draft=None):
+        src, j = self._where(i)
+        return src.open_image(j, draft)
+
+    def in_memory(self) -> bool:
+        return self.seed.in_memory() and self.pool.in_memory()
+
+    def items(self) -> list[str]:
+        return [self.item(i) for i in range(len(self))]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "count": len(self), "seed": self.seed.describe(),
+                "pool": self.pool.describe(), "pool_rows": int(len(self.rows))}
+
+
+def pool_rows_for_items(pool_source, selected_items: list[str]) -> np.ndarray:
+    """Map selection.txt lines back to rows of the pool source (first occurrence of each line)."""
+    where: dict[str, int] = {}
+    for i in range(len(pool_source)):
+        where.setdefault(pool_source.item(i), i)
+    try:
+        return np.array([where[it] for it in selected_items], dtype=np.int64)
+    except KeyError as exc:
+        raise MakError(f"selected item {exc.args[0]!r} is not in the pool source") from None
+
+
+def labels_or_none(items: list[str]) -> np.ndarray | None:
+    """Integer labels from split-file lines (last token), or None when the items carry none."""
+    from .analysis import labels_from_items
+
+    try:
+        return labels_from_items(items)
+    except MakError:
+        return None
+
+
+# ----------------------------------------------------------------------------- stages
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    name: str
+    path: Path
+    params: dict
+    deps: list["Stage"]
+    fn: Callable[["Stage"], None]
+    outputs: tuple[str, ...]
+    key: str = ""
+    ran: bool = False
+
+    def __post_init__(self) -> None:
+        self.key = _digest({"stage": self.name.split("/")[0], "params": self.params,
+                            "deps": [d.key for d in self.deps]})
+
+    def cached(self) -> bool:
+        stamp = self.path / STAMP
+        if not stamp.is_file():
+            return False
+        try:
+            done = json.loads(stamp.read_text())
+        except ValueError:
+            return False
+        return done.get("key") == self.key and all((self.path / o).exists() for o in self.outputs)
+
+    def status(self) -> str:
+        if self.cached():
+            return "cached"
+        if (self.path / STAMP).is_file():
+            return "changed: will re-run"
+        if self.path.exists():
+            return "partial: will resume" if self.resumable() else "will run"
+        return "will run"
+
+    def resumable(self) -> bool:
+        pend = self.path / ".pending.json"
+        return pend.is_file() and json.loads(pend.read_text()).get("key") == self.key
+
+    def run(self) -> None:
+        if self.path.exists() and not self.resumable():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / ".pending.json", {"key": self.key})
+        t = time.perf_counter()
+        self.fn(self)
+        write_json(self.path / STAMP, {"key": self.key, "stage": self.name, "params": self.params,
+                                       "seconds": round(time.perf_counter() - t, 2)})
+        (self.path / ".pending.json").unlink(missing_ok=True)
+        self.ran = True
+
+
+@dataclass
+class Plan:
+    run_dir: Path
+    config: dict
+    stages: list[Stage] = field(default_factory=list)
+    repeats: list[dict] = field(default_factory=list)  # per repeat: stage handles by role
+
+    def add(self, stage: Stage) -> Stage:
+        self.stages.append(stage)
+        return stage
+
+
+def build_plan(config: dict, run_dir: str | Path) -> Plan:
+    """Lay out every stage of the run (nothing is executed)."""
+    run_dir = Path(run_dir)
+    plan = Plan(run_dir, config)
+    cfg_run, data, sel = config["run"], config["data"], config["select"]
+    pre, emb, ret, ev = config["pretrain"], config["embed"], config["retrain"], config["evaluate"]
+    device = cfg_run["device"]
+    for r in range(int(cfg_run["repeats"])):
+        seed = int(cfg_run["seed"]) + r
+        base = run_dir / f"r{r}"
+        roles: dict[str, Any] = {"seed": seed, "select": {}, "retrain": {}, "eval": {}}
+        deps: list[Stage] = []
+        if data["benchmark"]["build"]:
+            b = data["benchmark"]
+            bseed = (b["seed"] if b["seed"] is not None else int(cfg_run["seed"])) + (r if b["vary_with_repeat"] else 0)
+            bench = plan.add(Stage(f"bench/r{r}", base / "bench", {"seed": bseed, "scale": b["scale"],
+                                   "data_dir": b["data_dir"], "budget": sel["budget"]}, [], _run_bench,
+                                   ("benchmark.json", "seed.txt", "pool.txt")))
+            roles["bench"] = bench
+            deps = [bench]
+            data_params = {"bench": bench.key}
+        else:
+            data_params = {k: data[k] for k in ("seed", "pool", "eval")}
+            data_params["fingerprint"] = _user_data_fingerprint(data)
+        roles["data"] = data_params
+        pp = {**pre, "seed": seed, "device": device, "data": data_params}
+        pretrain = plan.add(Stage(f"pretrain/r{r}", base / "pretrain", pp, deps, _run_pretrain, ("checkpoint.pt",)))
+        ep = {**emb, "seed": seed, "device": device}
+        eseed = plan.add(Stage(f"embed-seed/r{r}", base / "embed-seed", {**ep, "part": "seed", "views": 0},
+                               [pretrain], _run_embed, ("features.npy", "items.txt")))
+        epool = plan.add(Stage(f"embed-pool/r{r}", base / "embed-pool", {**ep, "part": "pool"},
+                               [pretrain], _run_embed, ("features.npy", "items.txt")))
+        roles.update(pretrain=pretrain, embed_seed=eseed, embed_pool=epool)
+        sp = {k: v for k, v in sel.items() if k != "strategies"}
+        for strategy in sel["strategies"]:
+            s = plan.add(Stage(f"select/r{r}/{strategy}", base / "select" / strategy,
+                               {**sp, "strategy": strategy, "seed": seed, "device": device},
+                               [eseed, epool], _run_select, ("selection.txt", "summary.json")))
+            roles["select"][strategy] = s
+        epochs = ret["epochs"] if ret["epochs"] is not None else pre["epochs"]
+        for strategy in ["none", *sel["strategies"]]:
+            src = [roles["select"][strategy]] if strategy != "none" else []
+            rp = {**pre, "epochs": epochs, "match": ret["match"], "seed": seed, "device": device,
+                  "data": data_params, "strategy": strategy,
+                  "budget": sel["budget"] if ret["match"] == "steps" else None}
+            t = plan.add(Stage(f"retrain/r{r}/{strategy}", base / "retrain" / strategy, rp, [*deps, *src],
+                               _run_retrain, ("checkpoint.pt",)))
+            roles["retrain"][strategy] = t
+            e = plan.add(Stage(f"eval/r{r}/{strategy}", base / "eval" / strategy, {**ev, "seed": seed, "device": device},
+                               [t, *deps], _run_eval, ("eval.json",)))
+            roles["eval"][strategy] = e
+        plan.repeats.append(roles)
+    for st in plan.stages:
+        st.plan = plan  # type: ignore[attr-defined]
+    return plan
+
+
+def _user_data_fingerprint(data: dict) -> str:
+    h = hashlib.sha256()
+    for part in ("seed", "pool", "eval"):
+        for k in ("split", "train", "fewshot", "test"):
+            f = data[part].get(k)
+            if f and Path(f).is_file():
+                h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- stage bodies
+def _roles(stage: Stage) -> dict:
+    plan: Plan = stage.plan  # type: ignore[attr-defined]
+    r = int(stage.name.split("/")[1][1:])
+    return plan.repeats[r]
+
+
+def _sources(stage: Stage) -> dict[str, Any]:
+    """Seed, pool and eval sources of the stage's repeat (benchmark or user data)."""
+    plan: Plan = stage.plan  # type: ignore[attr-defined]
+    roles = _roles(stage)
+    data = plan.config["data"]
+    from .data import open_source
+
+    if "bench" in roles:
+        bdir = roles["bench"].path
+        split = lambda name: open_source("split", bdir / f"{name}.txt", root=bdir)  # noqa: E731
+        return {"seed": split("seed"), "pool": split("pool"), "train": split("fullshot"),
+                "fewshot": split("fewshot"), "test": split("test"),
+                "manifest": json.loads((bdir / "benchmark.json").read_text())}
+    ev = data["eval"]
+    out = {"seed": _source_from(data["seed"], "seed"), "pool": _source_from(data["pool"], "pool"), "manifest": None}
+    for k in ("train", "fewshot", "test"):
+        out[k] = open_source("split", ev[k], root=ev.get("root")) if ev.get(k) else None
+    return out
+
+
+def _run_bench(stage: Stage) -> None:
+    from .openworld import build_benchmark
+
+    p = stage.params
+    build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], budget=p["budget"],
+                    overwrite=True)
+
+
+def _pretrain_kwargs(p: dict) -> dict:
+    return dict(backbone=p["backbone"], epochs=int(p["epochs"]), batch_size=p["batch_size"], base_lr=p["lr"],
+                warmup_epochs=p["warmup_epochs"], seed=p["seed"], image_size=p["image_size"], device=p["device"],
+                amp=p["amp"], channels_last=p["channels_last"], num_workers=p["workers"])
+
+
+def _run_pretrain(stage: Stage) -> None:
+    from .pretrain import pretrain
+
+    src = _sources(stage)["seed"]
+    pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(), **_pretrain_kwargs(stage.params))
+
+
+def _run_embed(stage: Stage) -> None:
+    from .embed import embed
+
+    p = stage.params
+    roles = _roles(stage)
+    src = _sources(stage)[p["part"]]
+    ckpt = roles["pretrain"].path / "checkpoint.pt"
+    embed(src, ckpt, stage.path / "store", views=int(p["views"]), seed=p["seed"], dtype=p["dtype"],
+          batch_size=p["batch_size"], device=p["device"], overwrite=True)
+    for f in (stage.path / "store").iterdir():
+        f.replace(stage.path / f.name)
+    (stage.path / "store").rmdir()
+
+
+def _run_select(stage: Stage) -> None:
+    from .select_stores import select_stores
+
+    p = dict(stage.params)
+    roles = _roles(stage)
+    srcs = _sources(stage)
+    budget = p.pop("budget")
+    if budget is None:
+        budget = srcs["manifest"]["budget"] if srcs["manifest"] else None
+    strategy = p.pop("strategy")
+    options = p.pop("options") or {}
+    p["batch_size"] = p.pop("ecle_batch_size")
+    select_stores(roles["embed_seed"].path, roles["embed_pool"].path, stage.path, int(budget), strategy=strategy,
+                  overwrite=True, progress=True, **p, **options)
+    analysis = analyse(stage.path, srcs)
+    if analysis is not None:
+        write_json(stage.path / "analysis.json", analysis)
+
+
+def analyse(select_dir: Path, srcs: dict) -> dict | None:
+    """Selection analysis when the pool's items carry labels (else None)."""
+    from .analysis import analyse_selection
+
+    sel_items = (select_dir / "selection.txt").read_text().splitlines()
+    sel_labels = labels_or_none(sel_items)
+    seed_labels = labels_or_none(srcs["seed"].items())
+    if sel_labels is None or seed_labels is None:
+        return None
+    groups = _groups(srcs, seed_labels)
+    num_classes = int(max(seed_labels.max(initial=0), sel_labels.max(initial=0))) + 1
+    return analyse_selection(sel_labels, seed_labels, groups, num_classes=num_classes)
+
+
+def _groups(srcs: dict, seed_labels: np.ndarray, many: float = 300, few: float = 30) -> dict:
+    if srcs.get("manifest") and "groups" in srcs["manifest"]:
+        return srcs["manifest"]["groups"]
+    from .evaluate import class_groups
+
+    vals, counts = np.unique(seed_labels[seed_labels >= 0], return_counts=True)
+    return class_groups({int(v): int(c) for v, c in zip(vals, counts)}, many, few)
+
+
+def _run_retrain(stage: Stage) -> None:
+    from .pretrain import pretrain
+
+    p = stage.params
+    roles = _roles(stage)
+    srcs = _sources(stage)
+    strategy = p["strategy"]
+    if strategy == "none":
+        source = srcs["seed"]
+    else:
+        items = (roles["select"][strategy].path / "selection.txt").read_text().splitlines()
+        source = CombinedSource(srcs["seed"], srcs["pool"], pool_rows_for_items(srcs["pool"], items))
+    kw = _pretrain_kwargs(p)
+    if p["match"] == "steps":
+        # Every run takes the optimizer steps of seed + the largest selection at the same epochs.
+        budget = max(len((s.path / "selection.txt").read_text().splitlines()) for s in roles["select"].values()) \
+            if roles["select"] else 0
+        target = len(srcs["seed"]) + budget
+        kw["epochs"] = max(1, round(kw["epochs"] * target / len(source)))
+    write_json(stage.path / "train_set.json", {"strategy": strategy, "images": len(source), "epochs": kw["epochs"]})
+    pre = roles["pretrain"]
+    if strategy == "none" and kw == _pretrain_kwargs(pre.params):
+        # The seed-alone run is the pre-training run itself (same data, seed and schedule): reuse it.
+        for name in ("checkpoint.pt", "log.csv"):
+            if (pre.path / name).exists():
+                shutil.copyfile(pre.path / name, stage.path / name)
+        return
+    pretrain(source, stage.path, resume=(stage.path / "checkpoint.pt").exists(), **kw)
+
+
+def _run_eval(stage: Stage) -> None:
+    from .embed import compute_features
+    from .evaluate import evaluate_features
+    from .pretrain import load_model
+
+    p = stage.params
+    roles = _roles(stage)
+    srcs = _sources(stage)
+    strategy = stage.name.split("/")[-1]
+    if srcs["train"] is None or srcs["test"] is None:
+        write_json(stage.path / "eval.json", {"skipped": "no labeled evaluation splits (data.eval)"})
+        return
+    model, cfg = load_model(roles["retrain"][strategy].path / "checkpoint.pt", p["device"])
+
+    def feats(src):
+        x = compute_features(model, src, cfg["image_size"], cfg["channels"], batch_size=p["batch_size"],
+                             device=p["device"])
+        return x, labels_or_none(src.items())
+
+    tx, ty = feats(srcs["train"])
+    qx, qy = feats(srcs["test"])
+    fx, fy = feats(srcs["fewshot"]) if srcs["fewshot"] is not None else (None, None)
+    seed_labels = labels_or_none(srcs["seed"].items())
+    groups = _groups(srcs, seed_labels, p["many"], p["few"]) if seed_labels is not None else None
+    res = evaluate_features(tx, ty, fx, fy, qx, qy, groups=groups, many=p["many"], few=p["few"], shots=p["shots"],
+                            draws=p["draws"], seed=p["seed"], k=p["knn_k"])
+    write_json(stage.path / "eval.json", res)
+
+
+# ----------------------------------------------------------------------------- results
+FIGURES = ("ood_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_std", "balance_entropy")
+
+
+def collect_results(plan: Plan) -> list[dict]:
+    """One entry per strategy (and "none"): figures per repeat, then mean and std over repeats."""
+    names = ["none", *plan.config["select"]["strategies"]]
+    out = []
+    for name in names:
+        per_rep = []
+        for roles in plan.repeats:
+            ev = json.loads((roles["eval"][name].path / "eval.json").read_text())
+            an = None
+            if name != "none":
+                f = roles["select"][name].path / "analysis.json"
+                an = json.loads(f.read_text()) if f.is_file() else None
+            g = ev.get("group_acc") or {}
+            per_rep.append({
+                "ood_rate": an["ood_rate"] if an else None,
+                "few_share": an["few_share"] if an else None,
+                "balance_entropy": an["balance"]["entropy"] if an else None,
+                "fullshot_acc": ev.get("fullshot_acc"), "fewshot_acc": ev.get("fewshot_acc"),
+                "knn_acc": ev.get("knn_acc"), "group_std": ev.get("group_std"),
+                "many": g.get("many"), "medium": g.get("medium"), "few": g.get("few"),
+            })
+        entry: dict[str, Any] = {"strategy": name}
+        single = len(per_rep) == 1
+
+        def agg(key: str):
+            vals = [r[key] for r in per_rep if r[key] is not None]
+            if not vals:
+                return None
+            if single:
+                return float(vals[0])
+            return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": [float(v) for v in vals]}
+
+        for key in FIGURES:
+            entry[key] = agg(key)
+        entry["group_acc"] = {g: agg(g) for g in ("many", "medium", "few")}
+        out.append(entry)
+    return out
+
+
+def write_outputs(plan: Plan) -> Path:
+    """results.json and report.html in the run directory."""
+    results = collect_results(plan)
+    write_json(plan.run_dir / "results.json", {"config": plan.config, "results": results})
+    try:
+        report = _write_report(plan, results)
+    except ImportError:
+        report = None
+    return report or plan.run_dir / "results.json"
+
+
+def _write_report(plan: Plan, results: list[dict]) -> Path:
+    from .report import write_report
+
+    roles = plan.repeats[0]
+    srcs = _sources(roles["pretrain"])
+    strategies = {}
+    for name, st in roles["select"].items():
+        an_path = st.path / "analysis.json"
+        an = json.loads(an_path.read_text()) if an_path.is_file() else {}
+        strategies[name] = {"scores_csv": st.path / "scores.csv",
+                            "summary": json.loads((st.path / "summary.json").read_text()),
+                            "class_counts_seed": an.get("seed_counts", {}),
+                            "class_counts_selected": {**an.get("counts", {}), "-1": an.get("ood_count", 0)} if an else {}}
+    logs = {"pretrain (seed)": roles["pretrain"].path / "log.csv"}
+    logs.update({f"retrain {k}": v.path / "log.csv" for k, v in roles["retrain"].items() if k != "none"})
+    pool = srcs["pool"]
+    store_items = (roles["embed_pool"].path / "items.txt").read_text().splitlines()
+    rows = pool_rows_for_items(pool, store_items)
+    notes = [f"{len(plan.repeats)} repeat(s); figures from repeat 0 in the per-strategy sections"]
+    return write_report(plan.run_dir / "report.html", title=plan.config["run"]["name"], results=results,
+                        strategies=strategies, seed_items=srcs["seed"].items(),
+                        pool_images=lambda i: pool.load(int(rows[i])), pool_items=store_items,
+                        loss_logs={k: v for k, v in logs.items() if v.is_file()}, notes=notes)
+
+
+# ----------------------------------------------------------------------------- entry point
+def describe_plan(plan: Plan) -> str:
+    lines = [f"run directory: {plan.run_dir}"]
+    width = max(len(s.name) for s in plan.stages)
+    for s in plan.stages:
+        lines.append(f"  {s.name:<{width}}  {s.status()}")
+    todo = sum(1 for s in plan.stages if not s.cached())
+    lines.append(f"{len(plan.stages) - todo} cached, {todo} to run")
+    return "\n".join(lines)
+
+
+def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: Callable[[str], None] = print) -> Plan:
+    """Execute (or with ``dry_run`` only describe) every stage that is not cached."""
+    import yaml
+
+    plan = build_plan(config, run_dir)
+    if dry_run:
+        log(describe_plan(plan))
+        return plan
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(plan.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    for st in plan.stages:
+        if st.cached():
+            continue
+        log(f"[mak run] {st.name} ...")
+        t = time.perf_counter()
+        st.run()
+        log(f"[mak run] {st.name} done in {time.perf_counter() - t:.1f}s")
+    out = write_outputs(plan)
+    log(f"[mak run] results: {plan.run_dir / 'results.json'}")
+    log(f"[mak run] report: {out}")
+    return plan

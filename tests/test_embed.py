@@ -1,0 +1,215 @@
+"""mak embed: store format, determinism, batch-size independence, corrupt images, resume, torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mak.errors import MakError
+from mak.store import open_store
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny checkpoint (1 epoch on 64 images) and a 90-image pool array."""
+    from mak.data import ArraySource
+    from mak.pretrain import pretrain
+
+    d = tmp_path_factory.mktemp("embed")
+    rng = np.random.default_rng(0)
+    try:
+        from mak.data import FashionMNISTSource
+
+        src = FashionMNISTSource("test")
+        pool = np.stack([src.load(i)[:, :, 0] for i in range(90)])
+    except MakError:
+        pool = (rng.random((90, 28, 28)) * 255).astype(np.uint8)
+    np.save(d / "pool.npy", pool)
+    np.save(d / "seed.npy", pool[:64])
+    ckpt = pretrain(ArraySource(d / "seed.npy"), d / "run", epochs=1, batch_size=32, num_workers=0, progress=False)
+    return d, ckpt
+
+
+def _pool(d: Path):
+    from mak.data import ArraySource
+
+    return ArraySource(d / "pool.npy")
+
+
+def _embed(d, ckpt, out, **kw):
+    from mak.embed import embed
+
+    kw.setdefault("views", 3)
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("progress", False)
+    return embed(_pool(d), ckpt, out, **kw)
+
+
+def _arrays(path: Path):
+    st = open_store(path)
+    return st.features(dtype=np.float32), st.views(dtype=np.float32) if st.has_views else None, st.items
+
+
+def test_store_format_and_meta(setup, tmp_path):
+    d, ckpt = setup
+    out = _embed(d, ckpt, tmp_path / "store", batch_size=32)
+    st = open_store(out)
+    assert st.num_rows == 90 and st.num_views == 3 and st.view_dim == 128
+    assert st.items == [str(i) for i in range(90)]
+    assert np.load(out / "features.npy", mmap_mode="r").dtype == np.float16
+    v = st.views()
+    assert np.allclose(np.linalg.norm(v, axis=2), 1.0, atol=2e-3)  # L2-normalised views
+    assert not np.allclose(v[0], v[1])  # different augmentations per view
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["views"] == 3 and meta["seed"] == 0 and meta["dtype"] == "float16" and meta["skipped"] == 0
+    import hashlib
+
+    assert meta["checkpoint_sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
+    assert meta["source"]["kind"] == "array"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work dir left behind
+
+    # features are the evaluation features (no augmentation)
+    from mak.embed import compute_features
+    from mak.pretrain import load_model
+
+    model, cfg = load_model(ckpt)
+    f = compute_features(model, _pool(d), cfg["image_size"], cfg["channels"], batch_size=40)
+    assert f.dtype == np.float32 and f.shape == (90, model.feat_dim)
+    assert np.allclose(f.astype(np.float16), st.features(dtype=np.float16), atol=2e-2, rtol=2e-2)
+
+    with pytest.raises(MakError, match="already exists"):
+        _embed(d, ckpt, out)
+
+
+def test_deterministic_and_batch_size_independent(setup, tmp_path):
+    d, ckpt = setup
+    a = _arrays(_embed(d, ckpt, tmp_path / "a", batch_size=32, dtype="float32"))
+    b = _arrays(_embed(d, ckpt, tmp_path / "b", batch_size=32, dtype="float32"))
+    c = _arrays(_embed(d, ckpt, tmp_path / "c", batch_size=25, dtype="float32"))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # same run, same bits
+    assert a[2] == c[2]
+    assert np.allclose(a[0], c[0], atol=1e-4, rtol=1e-4)  # other batches: same augmentations
+    assert np.allclose(a[1], c[1], atol=1e-4)
+    other_seed = _arrays(_embed(d, ckpt, tmp_path / "s", batch_size=32, dtype="float32", seed=1))
+    assert np.array_equal(a[0], other_seed[0]) and not np.allclose(a[1], other_seed[1])
+
+
+def test_corrupt_pool_image_is_skipped_and_counted(setup, tmp_path, cli, capsys):
+    from PIL import Image
+
+    d, ckpt = setup
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    pool = np.load(d / "pool.npy")
+    for i in range(12):
+        Image.fromarray(pool[i]).save(folder / f"img{i:02d}.png")
+    (folder / "img05.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    out = tmp_path / "store"
+    assert cli("embed", "--folder", folder, "--checkpoint", ckpt, "--views", "2", "--out", out,
+               "--batch-size", "4", "--workers", "0", "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert "img05.png" in err
+    st = open_store(out)
+    assert st.num_rows == 11
+    assert "img05.png" not in st.items and st.items[5] == "img06.png"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["skipped"] == 1 and "img05.png" in meta["skipped_items"][0]["item"]
+
+
+def test_unreadable_checkpoint_and_bad_options(setup, tmp_path, cli, capsys):
+    d, _ = setup
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x00" * 100)
+    assert cli("embed", "--array", d / "pool.npy", "--checkpoint", bad, "--out", tmp_path / "s", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.pt" in err and len(err.splitlines()) == 1
+    with pytest.raises(MakError, match="views"):
+        _embed(d, setup[1], tmp_path / "x", views=1)
+    with pytest.raises(SystemExit):
+        cli("embed", "--help")
+    assert "--merge" in capsys.readouterr().out
+
+
+class _FailingSource:
+    """Wraps a source; raises a crash (not an ImageError) when loading row ``fail_at``."""
+
+    def __init__(self, inner, fail_at: int | None):
+        self.inner, self.fail_at, self.loads = inner, fail_at, 0
+        self.name = inner.name
+
+    def __len__(self):
+        return len(self.inner)
+
+    def item(self, i):
+        return self.inner.item(i)
+
+    def describe(self):
+        return self.inner.describe()
+
+    def in_memory(self):
+        return True
+
+    def load(self, i):
+        if i == self.fail_at:
+            raise RuntimeError("simulated crash")
+        self.loads += 1
+        return self.inner.load(i)
+
+
+def test_killed_run_resumes_from_finished_chunks(setup, tmp_path):
+    from mak.embed import embed
+
+    d, ckpt = setup
+    kw = dict(views=2, batch_size=10, num_workers=0, progress=False, dtype="float32", flush_rows=20)
+    with pytest.raises(RuntimeError, match="simulated"):
+        embed(_FailingSource(_pool(d), 55), ckpt, tmp_path / "r", **kw)
+    assert not (tmp_path / "r").exists() and (tmp_path / ".r.partial").is_dir()
+    src = _FailingSource(_pool(d), None)
+    embed(src, ckpt, tmp_path / "r", **kw)
+    assert src.loads == 50  # rows 0-39 were committed, 40-89 recomputed
+    fresh = _arrays(_embed(d, ckpt, tmp_path / "f", **kw))
+    got = _arrays(tmp_path / "r")
+    assert np.array_equal(got[0], fresh[0]) and np.array_equal(got[1], fresh[1]) and got[2] == fresh[2]
+    assert not (tmp_path / ".r.partial").exists()
+
+
+def _torchrun(nproc: int, *argv, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mak", *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_torchrun_embed_equals_single_process(setup, tmp_path):
+    d, ckpt = setup
+    common = ["--array", d / "pool.npy", "--checkpoint", ckpt, "--views", "2", "--batch-size", "16",
+              "--workers", "0", "--no-progress", "--dtype", "float32"]
+    res = _torchrun(2, "embed", *common, "--out", tmp_path / "merged")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun(2, "embed", *common, "--out", tmp_path / "sharded", "--no-merge")
+    assert res.returncode == 0, res.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic as the 1-thread ranks: bit-identical stores
+    try:
+        single = _arrays(_embed(d, ckpt, tmp_path / "single", views=2, batch_size=16, dtype="float32"))
+    finally:
+        torch.set_num_threads(threads)
+    merged = _arrays(tmp_path / "merged")
+    assert merged[2] == single[2]
+    assert np.array_equal(merged[0], single[0]) and np.array_equal(merged[1], single[1])
+    assert not (tmp_path / "merged" / "shards.json").exists()
+    sharded = open_store(tmp_path / "sharded")
+    assert sharded.sharded and len(sharded.shards) == 2
+    assert sharded.items == single[2]
+    assert np.array_equal(sharded.features(), single[0]) and np.array_equal(sharded.views(), single[1])
+    # the merged store is the single-process one: same meta too
+    m1 = json.loads((tmp_path / "merged" / "meta.json").read_text())
+    m2 = json.loads((tmp_path / "single" / "meta.json").read_text())
+    assert m1 == m2

@@ -1,0 +1,132 @@
+"""`mak run` / `mak demo`: configs, caching, dry runs and the whole loop at the smallest scale."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mak.config import load_config
+from mak.errors import MakError
+from mak.openworld import find_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def have_fashion_mnist() -> bool:
+    try:
+        find_fashion_mnist(None)
+        return True
+    except MakError:
+        return False
+
+
+needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST not installed "
+                                  "(apt-get install dataset-fashion-mnist)")
+
+TINY = ["data.benchmark.build=true", "data.benchmark.scale=0.02", "pretrain.epochs=1", "pretrain.batch_size=64",
+        "embed.views=2", "embed.batch_size=128", "select.strategies=[mak,random]", "select.partitions=1",
+        "select.ecle_batch_size=64", "evaluate.draws=2", "run.name=tiny"]
+
+
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(MakError, match="select.budgett"):
+        load_config(None, ["select.budgett=3"])
+    with pytest.raises(MakError, match="'nosuch'"):
+        load_config(None, ["nosuch.key=1"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pretrain:\n  epoch: 3\n")
+    with pytest.raises(MakError, match="pretrain.epoch"):
+        load_config(cfg)
+
+
+def test_set_parses_yaml_values():
+    cfg = load_config(None, TINY + ["select.budget=500", "select.strategies=[random]", "pretrain.amp=false"])
+    assert cfg["select"]["budget"] == 500 and cfg["select"]["strategies"] == ["random"]
+    assert cfg["pretrain"]["amp"] is False
+
+
+def test_user_data_requires_sources():
+    with pytest.raises(MakError, match="data.seed"):
+        load_config(None, ["select.budget=5"])
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_dry_run_every_config(cli, config, tmp_path, capsys):
+    assert cli("run", config, "--dry-run", "--out", tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "pretrain/r0" in out and "to run" in out
+    assert not (tmp_path / "run").exists()
+
+
+def ran(plan) -> set[str]:
+    return {s.name for s in plan.stages if s.ran}
+
+
+@needs_fmnist
+def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys):
+    from mak.pipeline import run_pipeline
+
+    run_dir = tmp_path / "run"
+    first = run_pipeline(load_config(None, TINY), run_dir)
+    assert ran(first) == {s.name for s in first.stages}
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    assert [r["strategy"] for r in results] == ["none", "mak", "random"]
+    for r in results:
+        assert {"ood_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_acc", "group_std"} <= set(r)
+        assert 0.0 <= r["knn_acc"] <= 1.0 and set(r["group_acc"]) == {"many", "medium", "few"}
+    assert results[0]["ood_rate"] is None and 0.0 <= results[1]["ood_rate"] <= 1.0
+    assert (run_dir / "report.html").is_file()
+
+    again = run_pipeline(load_config(None, TINY), run_dir)
+    assert ran(again) == set()
+
+    report_before = (run_dir / "report.html").stat().st_mtime_ns
+    changed = run_pipeline(load_config(None, TINY + ["select.budget=20"]), run_dir)
+    assert ran(changed) == {"select/r0/mak", "select/r0/random", "retrain/r0/mak", "retrain/r0/random",
+                            "eval/r0/mak", "eval/r0/random"}
+    assert (run_dir / "report.html").stat().st_mtime_ns != report_before
+    assert len((run_dir / "r0/select/mak/selection.txt").read_text().splitlines()) == 20
+
+    capsys.readouterr()
+    run_pipeline(load_config(None, TINY + ["select.budget=20"]), run_dir, dry_run=True)
+    assert "0 to run" in capsys.readouterr().out
+
+
+@needs_fmnist
+def test_selection_never_reads_labels(tmp_path):
+    """Stripping the labels from the pool's split file must not change the selection."""
+    from mak.data import open_source
+    from mak.embed import embed
+    from mak.openworld import build_benchmark
+    from mak.pretrain import pretrain
+    from mak.select_stores import select_stores
+
+    bench = tmp_path / "b"
+    build_benchmark(bench, seed=1, scale=0.02)
+    unlabeled = tmp_path / "b" / "pool_nolabels.txt"
+    unlabeled.write_text("".join(line.split()[0] + "\n" for line in (bench / "pool.txt").read_text().splitlines()))
+    ckpt = pretrain(open_source("split", bench / "seed.txt", root=bench), tmp_path / "pre", epochs=1, batch_size=32,
+                    progress=False)
+    seed_store = embed(open_source("split", bench / "seed.txt", root=bench), ckpt, tmp_path / "es", views=0,
+                       progress=False)
+    picks = []
+    for name, split in (("lab", bench / "pool.txt"), ("nolab", unlabeled)):
+        store = embed(open_source("split", split, root=bench), ckpt, tmp_path / f"ep-{name}", views=2, progress=False)
+        sel = select_stores(seed_store, store, tmp_path / f"sel-{name}", 10, strategy="mak", batch_size=64,
+                            partitions=1, progress=False)
+        picks.append(sel.indices.tolist())
+    assert picks[0] == picks[1]
+
+
+@needs_fmnist
+def test_demo_smallest_scale(cli, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli("demo", "--out", out, "--scale", "0.02", "--epochs", "1", "--set", "embed.views=2",
+               "--set", "select.partitions=1", "--set", "evaluate.draws=2") == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.html") in printed
+    html = (out / "report.html").read_text()
+    assert "robust" in html and "random" in html and "http://" not in html
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert {r["strategy"] for r in results} == {"none", "robust", "mak", "random"}

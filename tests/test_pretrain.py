@@ -1,0 +1,221 @@
+"""SimCLR pre-training: NT-Xent reference, schedule, loss falls, bit-identical resume, DDP, errors."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mak.errors import MakError
+from mak.losses import nt_xent, nt_xent_global, nt_xent_per_sample
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_subset(path: Path, n: int) -> Path:
+    """The first ``n`` Fashion-MNIST training images as an .npy array (synthetic if absent)."""
+    try:
+        from mak.data import FashionMNISTSource
+
+        src = FashionMNISTSource("train")
+        arr = np.stack([src.load(i)[:, :, 0] for i in range(n)])
+    except MakError:
+        rng = np.random.default_rng(0)
+        arr = (rng.random((n, 28, 28)) * 255).astype(np.uint8)
+    np.save(path, arr)
+    return path
+
+
+def array_source(path: Path):
+    from mak.data import ArraySource
+
+    return ArraySource(path)
+
+
+# --------------------------------------------------------------------------------------------
+# the loss
+
+def _reference_nt_xent(a: torch.Tensor, b: torch.Tensor, t: float) -> list[float]:
+    """Per-image NT-Xent with plain Python loops (SimCLR's definition)."""
+    n = a.shape[0]
+    z = [v / v.norm() for v in list(a.double()) + list(b.double())]
+    losses = []
+    for i in range(2 * n):
+        pos = i + n if i < n else i - n
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
+        losses.append(-math.log(math.exp(float(z[i] @ z[pos]) / t) / denom))
+    return [0.5 * (losses[i] + losses[i + n]) for i in range(n)]
+
+
+def test_nt_xent_matches_python_reference():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    ref = _reference_nt_xent(a, b, 0.2)
+    got = nt_xent_per_sample(a, b, 0.2)
+    assert torch.allclose(got.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-4)
+    assert abs(float(nt_xent(a, b, 0.2)) - sum(ref) / len(ref)) < 1e-4
+    # one process: the global-negatives variant is the plain loss, gradient included
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    nt_xent(a1, b).backward()
+    nt_xent_global(a2, b).backward()
+    assert torch.allclose(a1.grad, a2.grad)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from mak.pretrain import lr_factor
+
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(f[9:], f[10:]))
+    assert f[-1] < 0.01
+    assert lr_factor(0, 10, 0) == pytest.approx(1.0)
+
+
+def test_channels_last_and_amp_switches():
+    from mak.pretrain import resolve_amp, resolve_channels_last
+
+    cpu = torch.device("cpu")
+    assert resolve_amp(cpu, False) is None
+    assert resolve_amp(cpu, True) in (None, torch.bfloat16)  # tries, falls back to fp32
+    assert resolve_channels_last(cpu, False) is False
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+@pytest.fixture(scope="module")
+def seed_array(tmp_path_factory) -> Path:
+    return fashion_subset(tmp_path_factory.mktemp("seed") / "seed.npy", 128)
+
+
+def _read_log(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _state(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def test_pretrain_loss_falls_and_resume_is_bit_identical(seed_array, tmp_path):
+    from mak.pretrain import load_model, pretrain
+
+    src = array_source(seed_array)
+    kw = dict(epochs=2, batch_size=32, base_lr=1.0, seed=5, num_workers=0, progress=False)
+    full = pretrain(src, tmp_path / "full", **kw)
+    assert full == tmp_path / "full" / "checkpoint.pt"
+    log = _read_log(tmp_path / "full" / "log.csv")
+    assert [int(r["epoch"]) for r in log] == [1, 2]
+    assert float(log[1]["loss"]) < float(log[0]["loss"])
+    assert all(float(r["images_per_s"]) > 0 for r in log)
+
+    # interrupted after one epoch, then resumed
+    part = pretrain(src, tmp_path / "split", stop_after=1, **kw)
+    assert _state(part)["epoch"] == 1
+    with pytest.raises(MakError, match="--resume"):
+        pretrain(src, tmp_path / "split", **kw)
+    pretrain(src, tmp_path / "split", resume=True, **kw)
+    a, b = _state(full), _state(tmp_path / "split" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["log"][1]["loss"] == b["log"][1]["loss"]
+
+    # the checkpoint rebuilds the model for embed/evaluate
+    model, cfg = load_model(full)
+    assert cfg["image_size"] == 28 and cfg["channels"] == 1 and cfg["backbone"]
+    assert not model.training
+    with torch.no_grad():
+        f, z = model(torch.zeros(2, 1, 28, 28))
+    assert f.shape == (2, model.feat_dim) and z.shape[0] == 2
+
+    # a resume with different settings is refused
+    with pytest.raises(MakError, match="batch_size"):
+        pretrain(src, tmp_path / "split", resume=True, **{**kw, "batch_size": 16})
+
+
+def test_unreadable_seed_image_fails_before_training(tmp_path):
+    from PIL import Image
+
+    from mak.data import FolderSource
+    from mak.pretrain import pretrain
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    (d / "3.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(MakError, match="3.png"):
+        pretrain(FolderSource(d), tmp_path / "out", epochs=1, batch_size=4, num_workers=0, progress=False)
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_unreadable_checkpoint_is_one_line_error(tmp_path):
+    from mak.pretrain import load_model
+
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(MakError, match="checkpoint.pt"):
+        load_model(bad)
+    with pytest.raises(MakError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(MakError, match="not a mak"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_cli_pretrain_and_errors(seed_array, tmp_path, cli, capsys):
+    out = tmp_path / "run"
+    assert cli("pretrain", "--array", seed_array, "--epochs", "1", "--batch-size", "64", "--out", out,
+               "--workers", "0", "--no-progress") == 0
+    assert (out / "checkpoint.pt").is_file() and (out / "log.csv").is_file()
+    capsys.readouterr()
+    assert cli("pretrain", "--array", seed_array, "--epochs", "1", "--batch-size", "1000", "--out",
+               tmp_path / "x", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "batch-size" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        cli("pretrain", "--help")
+    assert "--resume" in capsys.readouterr().out
+
+
+def _torchrun(nproc: int, *argv, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mak", *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_ddp_pretrain_two_processes_matches_one(tmp_path):
+    """2 gloo processes: global negatives + synced BatchNorm give the single-process step.
+
+    One optimizer step (64 images, batch 64): early SimCLR training amplifies rounding
+    differences (even 1 vs 2 threads), so only the first step is compared tightly.
+    """
+    from mak.pretrain import pretrain
+
+    arr = fashion_subset(tmp_path / "seed64.npy", 64)
+    args = ["--epochs", "1", "--batch-size", "64", "--lr", "0.5", "--seed", "2", "--workers", "0", "--no-progress"]
+    res = _torchrun(2, "pretrain", "--array", arr, "--out", tmp_path / "ddp", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = _state(tmp_path / "ddp" / "checkpoint.pt")
+    assert ddp["config"]["world_size"] == 2 and ddp["epoch"] == 1
+    assert (tmp_path / "ddp" / "log.csv").is_file()
+
+    pretrain(array_source(arr), tmp_path / "one", epochs=1, batch_size=64, base_lr=0.5, seed=2,
+             num_workers=0, progress=False)
+    one = _state(tmp_path / "one" / "checkpoint.pt")
+    assert abs(ddp["log"][0]["loss"] - one["log"][0]["loss"]) < 1e-4
+    for k, v in one["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(ddp["model"][k], v, atol=1e-4, rtol=1e-4), k

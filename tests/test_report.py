@@ -1,0 +1,228 @@
+"""The HTML run report (mak.report.write_report) on a small fake run."""
+from __future__ import annotations
+
+import csv
+import html
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mak.report import _find_gate, _read_scores, write_report
+
+N_POOL = 240
+BUDGET = 40
+EVIL = "<script>alert(1)</script>"
+
+
+def _pool_items() -> list[str]:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(-1, 5, size=N_POOL)
+    items = [f"images/pool/{i:05d}.png {int(labels[i])}" for i in range(N_POOL)]
+    items[3] = f"images/pool/{EVIL}.png {int(labels[3])}"
+    return items
+
+
+def _write_scores(path: Path, items: list[str], seed: int, with_scores: bool = True) -> list[int]:
+    rng = np.random.default_rng(seed)
+    picks = [int(i) for i in rng.permutation(N_POOL)[:BUDGET]]
+    if 3 not in picks:
+        picks[0] = 3  # the item with markup in its name is the first pick
+    else:
+        picks.remove(3)
+        picks.insert(0, 3)
+    rank = {i: r for r, i in enumerate(picks)}
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "item", "ecle", "distance", "score", "selected", "pick_rank"])
+        for i, it in enumerate(items):
+            e, d, s = (repr(float(v)) for v in rng.normal(size=3)) if with_scores else ("", "", "")
+            r = rank.get(i)
+            w.writerow([i, it, e, d, s, 1 if r is not None else 0, "" if r is None else r])
+    return picks
+
+
+def _counts(items: list[str], rows: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in rows:
+        lab = items[i].split()[-1]
+        out[lab] = out.get(lab, 0) + 1
+    return out
+
+
+@pytest.fixture
+def fake_run(tmp_path: Path) -> dict:
+    items = _pool_items()
+    seed_items = [f"images/seed/{i:04d}.png {c}" for c, n in enumerate((50, 20, 8, 4, 2)) for i in range(n)]
+    seed_counts = _counts(seed_items, list(range(len(seed_items))))
+    strategies = {}
+    for k, name in enumerate(("robust", "random", "mak")):
+        d = tmp_path / "select" / name
+        d.mkdir(parents=True)
+        picks = _write_scores(d / "scores.csv", items, seed=k + 1, with_scores=name != "random")
+        summary: dict = {"strategy": name, "parameters": {"budget": BUDGET, "alpha": 0.5},
+                         "counts": {"pool": N_POOL, "selected": BUDGET}, "info": {}}
+        if name == "robust":
+            rng = np.random.default_rng(7)
+            summary["counts"].update({"gate_rejected": 31, "gate_kept": N_POOL - 31})
+            summary["info"]["gate"] = {"gate_threshold": 0.42, "quantile": 0.99,
+                                       "seed_heldout_distances": rng.random(84).tolist()}
+        strategies[name] = {"scores_csv": d / "scores.csv", "summary": summary,
+                            "class_counts_seed": seed_counts, "class_counts_selected": _counts(items, picks)}
+    logs = {}
+    for name in ("pretrain (seed)", "retrain robust", "retrain random"):
+        p = tmp_path / name.replace(" ", "_") / "log.csv"
+        p.parent.mkdir(parents=True)
+        rows = ["epoch,loss,lr,images_per_s"] + [f"{e},{5.0 - 0.3 * e + 0.01 * len(name):.6f},0.1,100.0"
+                                                   for e in range(1, 6)]
+        p.write_text("\n".join(rows) + "\n")
+        logs[name] = p
+    results = [
+        {"strategy": "none", "ood_rate": None, "few_share": None, "fullshot_acc": 0.801, "fewshot_acc": 0.612,
+         "knn_acc": 0.755, "group_acc": {"many": 0.9, "medium": 0.6, "few": 0.2}, "group_std": 0.287},
+        {"strategy": "robust", "ood_rate": {"mean": 0.012, "std": 0.004}, "few_share": {"mean": 0.153, "std": 0.02},
+         "fullshot_acc": {"mean": 0.8234, "std": 0.0051}, "fewshot_acc": {"mean": 0.6456, "std": 0.0131},
+         "knn_acc": {"mean": 0.7712, "std": 0.003},
+         "group_acc": {"many": {"mean": 0.91, "std": 0.01}, "medium": {"mean": 0.65, "std": 0.02},
+                       "few": {"mean": 0.377, "std": 0.042}},
+         "group_std": {"mean": 0.2174, "std": 0.011}},
+        {"strategy": "random", "ood_rate": 0.506, "few_share": 0.009, "fullshot_acc": 0.81, "fewshot_acc": 0.62,
+         "knn_acc": 0.76, "group_acc": {"many": 0.92, "medium": 0.61, "few": 0.25}, "group_std": 0.27},
+        {"strategy": "mak", "ood_rate": 0.596, "few_share": 0.016},  # no evaluation figures at all
+    ]
+
+    def pool_images(i: int) -> np.ndarray:
+        r = np.random.default_rng(i)
+        return r.integers(0, 256, size=(28, 28) if i % 2 else (28, 28, 3), dtype=np.uint8)
+
+    return {"tmp": tmp_path, "items": items, "seed_items": seed_items, "strategies": strategies,
+            "logs": logs, "results": results, "pool_images": pool_images}
+
+
+def _write(run: dict, **over) -> str:
+    kw = dict(title=f"Fake run {EVIL}", results=run["results"], strategies=run["strategies"],
+              seed_items=run["seed_items"], pool_images=run["pool_images"], pool_items=run["items"],
+              loss_logs=run["logs"], notes=["a note & more"])
+    kw.update(over)
+    out = write_report(run["tmp"] / "out" / "report.html", **kw)
+    assert out == run["tmp"] / "out" / "report.html" and out.is_file()
+    text = out.read_text(encoding="ascii")  # pure ASCII by construction
+    assert not list(out.parent.glob(".*tmp"))  # atomic: no temporary left behind
+    return text
+
+
+def _row(text: str, name: str) -> str:
+    m = re.search(r'<tr class="[a-z]+"><td class="name">(?:(?!</tr>).)*?>' + re.escape(name) + r"<.*?</tr>",
+                  text, re.S)
+    assert m, f"no table row for {name}"
+    return m.group(0)
+
+
+def test_report_full(fake_run: dict) -> None:
+    text = _write(fake_run)
+    assert text.startswith("<!DOCTYPE html>")
+    # self-contained: no external reference of any kind
+    assert "http://" not in text  # inline SVG in HTML needs no xmlns
+    assert "https://" not in text
+    assert not re.search(r"<(script|link)\b", text, re.I)
+    assert not re.search(r'src="(?!data:)', text)
+    # the table: a row per strategy, mean +- std formatted in percent
+    robust = _row(text, "robust")
+    assert "64.6<span class=\"sd\">&plusmn;1.3</span>" in robust  # few-shot all
+    assert "37.7<span class=\"sd\">&plusmn;4.2</span>" in robust  # Few group
+    assert "82.3<span class=\"sd\">&plusmn;0.5</span>" in robust  # full-shot
+    assert "1.2<span class=\"sd\">&plusmn;0.4</span>" in robust  # OOD rate
+    assert "21.7<span class=\"sd\">&plusmn;1.1</span>" in robust  # group std
+    random_row = _row(text, "random")
+    assert ">50.6<" in random_row and ">62.0<" in random_row and ">25.0<" in random_row
+    none_row = _row(text, "none (seed alone)")
+    assert ">80.1<" in none_row and "&ndash;" in none_row  # OOD rate unavailable for the seed alone
+    mak_row = _row(text, "mak")
+    assert mak_row.count("&ndash;") == 7 and ">59.6<" in mak_row
+    # best per column highlighted: robust's Few, lowest OOD rate is robust's, lowest std robust's
+    assert '<td class="best">37.7' in robust and '<td class="best">1.2' in robust
+    assert '<td class="best">21.7' in robust
+    assert '<td class="best">' not in mak_row.replace('<td class="best">1.6', "")  # only Few share, if any
+    # takeaways
+    assert "Best Few-group accuracy" in text and "+17.7 pts vs seed alone" in text
+    assert "Lowest out-of-domain rate" in text
+    # charts and thumbnails
+    assert text.count("<svg") >= 1 + 3 + 2 * 2 + 1  # loss, class bars x3, ecle/distance x2, gate
+    assert text.count("data:image/png;base64,") >= 32 * 3
+    assert "Training loss" in text and "retrain robust" in text
+    # escaping: the item name with markup and the title never appear raw
+    assert EVIL not in text
+    assert html.escape(EVIL) in text
+    assert "a note &amp; more" in text
+    # the gate of robust, with its threshold
+    assert "In-domain gate" in text and "gate 0.42" in text and "31 pool images rejected" in text
+    # in-domain / out-of-domain split of the histograms (items carry labels)
+    assert "in-domain &#183; not selected" in text and "out-of-domain &#183;" in text
+
+
+def test_report_without_images_and_optional_values(fake_run: dict) -> None:
+    results = [{"strategy": "robust", "fewshot_acc": 0.5}, {"strategy": "none"}, {"strategy": "random",
+               "fewshot_acc": None, "group_acc": None, "ood_rate": {"mean": 0.5, "std": None}}]
+    unlabeled = [f"images/pool/{i:05d}.png" for i in range(N_POOL)]
+    unlabeled[3] = f"images/pool/{EVIL}.png"
+    strategies = {}
+    for k, name in enumerate(("robust", "random")):
+        p = fake_run["tmp"] / "unlabeled" / name / "scores.csv"
+        p.parent.mkdir(parents=True)
+        _write_scores(p, unlabeled, seed=k, with_scores=name != "random")
+        strategies[name] = {"scores_csv": p, "summary": {}}
+    text = _write(fake_run, results=results, strategies=strategies, pool_images=None, pool_items=unlabeled,
+                  loss_logs={}, notes=None, seed_items=[])
+    assert "Per-class counts" not in text  # no labels and no counts: no class chart
+    assert "data:image/png" not in text
+    assert "<svg" in text  # the score histograms still come out
+    assert "In-domain gate" not in text
+    assert "in-domain &#183;" not in text and "all pool images" in text  # no labels: no split
+    assert ">50.0<" in _row(text, "robust")
+    assert ">50.0<" in _row(text, "random")
+    assert EVIL not in text  # the first-picks table shows the item, escaped
+    assert html.escape(EVIL) in text
+
+
+def test_report_minimal_inputs(tmp_path: Path) -> None:
+    out = write_report(tmp_path / "r.html", title="empty", results=[], strategies={}, seed_items=[],
+                       pool_images=None, pool_items=[], loss_logs={"missing": tmp_path / "nope.csv"})
+    text = out.read_text()
+    assert "<h1>empty</h1>" in text and "loss log missing" in text
+
+
+def test_failing_image_is_a_placeholder(fake_run: dict) -> None:
+    def bad(i: int) -> np.ndarray:
+        if i % 3 == 0:
+            raise OSError("corrupt")
+        return np.zeros((28, 28), np.uint8)
+
+    text = _write(fake_run, pool_images=bad)
+    assert 'class="miss"' in text and "could not be loaded" in text
+
+
+def test_gate_layouts_and_streaming_reader(fake_run: dict) -> None:
+    # threshold in counts, held-out distances as a list
+    g = _find_gate({"counts": {"gate_threshold": 0.3}, "info": {"seed_heldout_distances": [0.1, 0.2]}})
+    assert g is not None and g.threshold == 0.3 and g.seed_values is not None
+    # the robust strategy's own layout: a binned histogram under info.gate
+    g = _find_gate({"info": {"gate": {"threshold": 0.5, "quantile": 0.99, "rejected": 4,
+                                      "histogram": {"edges": [0, 0.5, 1], "seed_heldout": [3, 1], "pool": [5, 9]}}}})
+    assert g is not None and g.edges is not None and list(g.pool_counts) == [5, 9] and g.rejected == 4
+    assert _find_gate({"info": {"robust": {"alpha": 0.5}}}) is None
+    sc = _read_scores(fake_run["strategies"]["robust"]["scores_csv"], keep_rank=5)
+    assert sc.n == N_POOL and int(sc.selected.sum()) == BUDGET
+    assert sorted(sc.rank[sc.rank >= 0].tolist()) == list(range(BUDGET))
+    assert sc.items[3].startswith("images/pool/<script>") and len(sc.items) == 5
+    assert sc.csv_labels is not None and sc.csv_labels.dtype == np.int64
+
+
+def test_gate_binned_histogram_is_drawn(fake_run: dict) -> None:
+    st = dict(fake_run["strategies"])
+    st["robust"] = {**st["robust"], "summary": {"info": {"gate": {
+        "threshold": 0.6, "rejected": 12, "histogram": {"edges": np.linspace(0, 1, 11).tolist(),
+                                                        "seed_heldout": [1, 4, 9, 4, 1, 0, 0, 0, 0, 0],
+                                                        "pool": [2, 8, 20, 30, 30, 20, 15, 10, 5, 2]}}}}}
+    text = _write(fake_run, strategies=st)
+    assert "In-domain gate" in text and "gate 0.6" in text and "12 pool images rejected" in text

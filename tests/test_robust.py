@@ -1,0 +1,305 @@
+"""Tests of the ``robust`` strategy (issue 6): gate, rank fusion, kNN tail, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mak
+from mak.errors import MakError
+from mak.robust import (DEFAULTS, RobustContext, knn_tail, lof_gate, lof_scores, rank_fusion, rank_normalize,
+                        robust_options, seed_gate)
+from mak.selection import Context
+from mak.store import write_store
+
+D = 16
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_world(rng: np.random.Generator, n_seed: int = 40, n_pool: int = 60, n_junk: int = 150, classes: int = 5,
+               noise: float = 0.12):
+    """Seed and in-domain pool from ``classes`` Gaussian classes; junk: one far blob orthogonal to them all."""
+    centers = unit(rng.standard_normal((classes, D)))
+    seed = np.concatenate([c + noise * rng.standard_normal((n_seed, D)) for c in centers]).astype(np.float32)
+    pool_in = np.concatenate([c + noise * rng.standard_normal((n_pool, D)) for c in centers]).astype(np.float32)
+    q, _ = np.linalg.qr(np.concatenate([centers.T, rng.standard_normal((D, 1))], axis=1))
+    far = q[:, classes]  # orthogonal to every class center
+    junk = (far + noise * rng.standard_normal((n_junk, D))).astype(np.float32)
+    return seed, pool_in, junk
+
+
+def make_views(rng: np.random.Generator, feats: np.ndarray, r: int = 3, sigma: float = 0.2) -> np.ndarray:
+    return (unit(feats)[None] + sigma * rng.standard_normal((r, len(feats), D))).astype(np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These arrays are tiny: one thread avoids the oversubscription of a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(7)
+    seed, pool_in, junk = make_world(rng)
+    pool = np.concatenate([pool_in, junk])
+    views = make_views(rng, pool)
+    return seed, pool_in, junk, pool, views
+
+
+# ------------------------------------------------------------------------------------------ gate
+
+def plain_heldout(seed_feats: np.ndarray, clusters: int, folds: int, seed: int) -> np.ndarray:
+    """Reference held-out distances: folds from the seed's RNG, k-means without the fold, numpy cosine."""
+    m = len(seed_feats)
+    parts = np.array_split(np.random.default_rng(seed).permutation(m), folds)
+    out = np.zeros(m)
+    for held in parts:
+        train = np.array(sorted(set(range(m)) - set(held.tolist())))
+        c = unit(mak.kmeans(seed_feats[train], clusters=clusters, seed=seed).astype(np.float64))
+        x = unit(seed_feats[held].astype(np.float64))
+        for row, i in zip(x, held):
+            out[i] = 1.0 - max(float(row @ cj) for cj in c)
+    return out
+
+
+def test_gate_threshold_is_the_quantile_of_heldout_seed_distances(world):
+    seed = world[0]
+    ref = plain_heldout(seed, clusters=5, folds=4, seed=3)
+    for q in (0.5, 0.9, 0.99, 1.0):
+        threshold, held = seed_gate(seed, clusters=5, quantile=q, folds=4, seed=3)
+        np.testing.assert_allclose(held, ref, atol=1e-5)
+        assert threshold == pytest.approx(float(np.quantile(ref, q)), abs=1e-5)
+    assert threshold == pytest.approx(ref.max(), abs=1e-5)  # q = 1: the farthest held-out seed image
+
+
+def test_lof_gate_threshold_is_the_quantile_of_leave_one_out_ratios(world):
+    seed, k = world[0], 4
+    s = unit(seed.astype(np.float64))
+    dist = 1.0 - s @ s.T
+    np.fill_diagonal(dist, np.inf)
+    nbr = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    dk = np.sort(dist, axis=1)[:, k - 1]
+    ref = dk / dk[nbr].mean(axis=1)
+    threshold, held, seed_dk = lof_gate(seed, k=k, quantile=0.99)
+    np.testing.assert_allclose(seed_dk, dk, atol=1e-5)
+    np.testing.assert_allclose(held, ref, rtol=1e-4)
+    assert threshold == pytest.approx(float(np.quantile(ref, 0.99)), rel=1e-4)
+
+
+@pytest.mark.parametrize("score", ["centroid", "lof"])
+def test_lof_keeps_seed_like_images_and_rejects_a_far_cluster(world, score):
+    seed, pool_in, junk, pool, _ = world
+    jitter = seed + 1e-3 * np.random.default_rng(0).standard_normal(seed.shape).astype(np.float32)
+    test = np.concatenate([jitter, pool_in, junk])
+    if score == "centroid":
+        threshold, _ = seed_gate(seed, clusters=5, quantile=0.99)
+        value = mak.proximity(seed, test, clusters=5)
+    else:
+        threshold, _, dk = lof_gate(seed, k=5, quantile=0.99)
+        value = lof_scores(seed, test, k=5, seed_dk=dk)
+    kept = value <= threshold
+    n_seed, n_in = len(seed), len(pool_in)
+    assert kept[:n_seed].all()  # the seed's own images (jittered) all pass
+    assert kept[n_seed:n_seed + n_in].mean() >= 0.97  # fresh in-domain draws: ~1% lost by construction
+    assert not kept[n_seed + n_in:].any()  # the planted far cluster is rejected entirely
+
+
+def test_gate_in_the_strategy_counts_rejections_and_reports_histograms(world):
+    seed, pool_in, junk, pool, views = world
+    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2)
+    n_in = len(pool_in)
+    assert (sel.indices < n_in).all()
+    info = sel.info
+    assert info["gate_rejected"] + info["gate_kept"] == len(pool)
+    assert len(junk) <= info["gate_rejected"] <= len(junk) + (1.0 - DEFAULTS["gate_quantile"] + 0.04) * n_in
+    g = info["gate"]
+    assert g["quantile"] == DEFAULTS["gate_quantile"] and g["score"] == DEFAULTS["gate_score"]
+    h = g["histogram"]
+    assert len(h["edges"]) == len(h["seed_heldout"]) + 1 == len(h["pool"]) + 1
+    assert sum(h["seed_heldout"]) == len(seed) and sum(h["pool"]) == len(pool)
+    assert h["edges"][0] <= g["threshold"] <= h["edges"][-1]
+    assert np.isneginf(sel.score[n_in:]).sum() >= len(junk)
+    assert info["robust"]["fusion_distance"] == "lof" and info["robust"]["gate_clusters"] >= 5  # auto resolved
+    json.dumps(info)  # lands in summary.json as is
+
+
+def test_too_few_gated_images_are_filled_with_the_least_distant_rejected(world):
+    seed, pool_in, junk, _, _ = world
+    pool = np.concatenate([pool_in[:20], junk])
+    views = make_views(np.random.default_rng(1), pool)
+    sel = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score="centroid",
+                     gate_clusters=5)
+    kept = sel.info["gate_kept"]
+    assert kept <= 20 and sel.info["gate_filled"] == 30 - kept
+    assert "filled" in sel.info["note"]
+    assert len(np.unique(sel.indices)) == 30
+    rejected = np.flatnonzero(~np.isfinite(sel.score))
+    fill = sel.indices[kept:]
+    assert set(fill) <= set(rejected)
+    dist = sel.distance  # gate_clusters == clusters: the gate value is the proximity distance
+    others = np.delete(dist, np.concatenate([sel.indices, np.flatnonzero(np.isfinite(sel.score))]))
+    assert dist[fill].max() <= np.min(others, initial=np.inf)
+
+
+# ------------------------------------------------------------------------------------ fusion
+
+def test_rank_normalize_matches_a_plain_reference_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, size=40).astype(np.float64)
+    mask = rng.random(40) < 0.7
+    got = rank_normalize(x, mask)
+    vals = x[mask]
+    n = len(vals)
+    for i in range(40):
+        if not mask[i]:
+            assert np.isnan(got[i])
+            continue
+        less, equal = np.sum(vals < x[i]), np.sum(vals == x[i])
+        avg_rank = less + (equal + 1) / 2.0
+        assert got[i] == pytest.approx((avg_rank - 0.5) / n)
+    assert rank_normalize(np.array([3.0]))[0] == 0.5
+
+
+def test_rank_fusion_is_invariant_to_a_pile_of_far_junk():
+    rng = np.random.default_rng(1)
+    n, n_junk = 200, 800
+    tail, dist = rng.normal(3.2, 0.3, n), rng.normal(0.17, 0.05, n)
+    junk_tail, junk_dist = rng.normal(5.0, 0.3, n_junk), rng.normal(0.4, 0.03, n_junk)
+    mask = np.r_[np.ones(n, bool), np.zeros(n_junk, bool)]
+    alone = rank_fusion(tail, dist, 0.5)
+    mixed = rank_fusion(np.r_[tail, junk_tail], np.r_[dist, junk_dist], 0.5, mask)
+    np.testing.assert_array_equal(mixed[:n], alone)
+    assert np.isneginf(mixed[n:]).all()
+    # the paper's z-scores over the whole pool do change the in-domain order
+    z_alone = 0.5 * mak.selection.zscore(tail) - 0.5 * mak.selection.zscore(dist)
+    z_mixed = 0.5 * mak.selection.zscore(np.r_[tail, junk_tail]) - 0.5 * mak.selection.zscore(np.r_[dist, junk_dist])
+    assert not np.array_equal(np.argsort(z_alone, kind="stable"), np.argsort(z_mixed[:n], kind="stable"))
+
+
+def test_robust_selection_ignores_junk_that_the_gate_rejects(world):
+    seed, pool_in, junk, pool, views = world
+    kw = dict(strategy="robust", clusters=5, tail="knn", knn_k=5, gate_score="centroid", gate_clusters=5)
+    alone = mak.select(seed, pool_in, views[:, : len(pool_in)], 30, **kw)
+    mixed = mak.select(seed, pool, views, 30, **kw)
+    assert mixed.info["gate_rejected"] - alone.info["gate_rejected"] == len(junk)
+    inside = np.isfinite(alone.score)
+    np.testing.assert_array_equal(mixed.score[: len(pool_in)], alone.score)
+    assert inside.sum() > 0.95 * len(pool_in)
+    np.testing.assert_array_equal(mixed.indices, alone.indices)
+
+
+# --------------------------------------------------------------------------------------- tail
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_knn_tail_matches_brute_force(k):
+    rng = np.random.default_rng(k)
+    seed = rng.standard_normal((75, 6)).astype(np.float32)
+    pool = np.concatenate([rng.standard_normal((90, 6)), seed[:5], seed[:5] * 3]).astype(np.float32)  # ties/dups
+    s, p = unit(seed.astype(np.float64)), unit(pool.astype(np.float64))
+    ref = np.sort(1.0 - p @ s.T, axis=1)[:, k - 1]
+    np.testing.assert_allclose(knn_tail(seed, pool, k=k, chunk=16), ref, atol=1e-5)  # many seed and pool chunks
+    np.testing.assert_allclose(knn_tail(seed, pool, k=k), ref, atol=1e-5)
+    if k == 1:
+        np.testing.assert_allclose(knn_tail(seed, pool, k=1)[90:], 0.0, atol=1e-5)  # nothing excluded
+
+
+def test_knn_tail_rejects_k_larger_than_the_seed():
+    with pytest.raises(MakError, match="larger than the seed"):
+        knn_tail(np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), k=4)
+
+
+# ------------------------------------------------------------------------------- equivalence
+
+@pytest.mark.parametrize("core_ratio", [1.5, 0.8])
+def test_robust_without_gate_with_ecle_and_z_is_mak(world, core_ratio):
+    seed, _, _, pool, views = world
+    kw = dict(clusters=5, core_ratio=core_ratio, partitions=2, seed=4, alpha=0.3)
+    ref = mak.select(seed, pool, views, 25, strategy="mak", **kw)
+    got = mak.select(seed, pool, views, 25, strategy="robust", gate="off", tail="ecle", fusion="z", **kw)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.score, ref.score)
+    np.testing.assert_array_equal(got.candidates, ref.candidates)
+
+
+def test_options_are_validated():
+    assert robust_options({}) == DEFAULTS | {"fusion_distance": "lof"}  # auto: lof with rank fusion
+    assert robust_options({"fusion": "z"})["fusion_distance"] == "centroid"  # auto: the paper's term with z
+    assert robust_options({"fusion": "z", "fusion_distance": "lof"})["fusion_distance"] == "lof"
+    assert robust_options({"gate": "off"})["gate"] is False
+    for bad in ({"gate_quantile": 0.0}, {"gate_quantile": 1.5}, {"tail": "x"}, {"fusion": "x"}, {"knn_k": 0},
+                {"gate_folds": 1}, {"gate": "maybe"}, {"gate_score": "x"}, {"gate_clusters": "many"},
+                {"fusion_distance": "x"}, {"lof_k": 0}):
+        with pytest.raises(MakError):
+            robust_options(bad)
+
+
+def test_a_context_with_foreign_global_operations_is_refused(world):
+    seed, _, _, pool, views = world
+
+    class Sharded(Context):
+        def top_k(self, score, k, largest=True):  # pretends to be distributed
+            return super().top_k(score, k, largest)
+
+    class ShardedRobust(RobustContext):
+        def top_k(self, score, k, largest=True):
+            return super().top_k(score, k, largest)
+
+    with pytest.raises(MakError, match="RobustOps"):
+        mak.select(seed, pool, views, 10, strategy="robust", clusters=5, partitions=1, context_cls=Sharded)
+    sel = mak.select(seed, pool, views, 10, strategy="robust", clusters=5, partitions=1, context_cls=ShardedRobust)
+    assert len(sel) == 10
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+def test_cli_options_parse():
+    from mak.cli import build_parser
+    from mak.commands.select import params_from_args
+
+    args = build_parser().parse_args([
+        "select", "--pool-store", "p", "--budget", "3", "--out", "o", "--strategy", "robust", "--gate", "off",
+        "--gate-quantile", "0.95", "--gate-folds", "3", "--gate-score", "lof", "--lof-k", "7",
+        "--gate-clusters", "auto",
+        "--tail", "knn", "--knn-k", "4", "--fusion", "z", "--fusion-distance", "lof"])
+    params = params_from_args(args)
+    assert {k: params[k] for k in DEFAULTS} == dict(gate="off", gate_quantile=0.95, gate_folds=3, gate_score="lof",
+                                                    lof_k=7, gate_clusters="auto", tail="knn", knn_k=4, fusion="z",
+                                                    fusion_distance="lof")
+    args = build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o",
+                                      "--gate-clusters", "12"])
+    params = params_from_args(args)
+    assert params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
+    for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
+
+
+def test_cli_robust_avoids_a_far_junk_blob(world, tmp_path, cli, capsys):
+    seed, pool_in, junk, pool, views = world
+    write_store(tmp_path / "seed", seed, [f"seed/{i}.png 0" for i in range(len(seed))])
+    items = [f"pool/in_{i}.png" for i in range(len(pool_in))] + [f"pool/junk_{i}.png" for i in range(len(junk))]
+    write_store(tmp_path / "pool", pool.astype(np.float16), items, views=views)
+    out = tmp_path / "out"
+    rc = cli("select", "--seed-store", tmp_path / "seed", "--pool-store", tmp_path / "pool", "--budget", 40,
+             "--strategy", "robust", "--clusters", 5, "--partitions", 2, "--no-progress", "--out", out)
+    assert rc == 0
+    picked = (out / "selection.txt").read_text().splitlines()
+    assert len(picked) == 40 and not any("junk" in line for line in picked)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["gate_rejected"] >= len(junk)
+    assert summary["info"]["gate"]["threshold"] > 0
+    assert summary["info"]["robust"]["tail"] == DEFAULTS["tail"]
+    # a bad option value is one line on stderr and exit code 2
+    rc = cli("select", "--seed-store", tmp_path / "seed", "--pool-store", tmp_path / "pool", "--budget", 5,
+             "--strategy", "robust", "--clusters", 5, "--gate-quantile", 1.5, "--out", tmp_path / "bad")
+    assert rc == 2 and "gate quantile" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "selection.txt").exists()
