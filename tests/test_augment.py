@@ -175,3 +175,16 @@ def test_bad_inputs():
         aug(torch.zeros(2, 1, 28, 28), keys=torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError):
         SimCLRAugment(28, 2)
+
+
+def test_cpu_slicing_and_blur_paths_agree():
+    x = _batch(70, 3, 32, seed=9)
+    keys = view_key(2, 0, torch.arange(70))
+    aug = SimCLRAugment(32, 3)
+    whole = aug(x, keys=keys)
+    sliced = SimCLRAugment(32, 3)
+    sliced.cpu_chunk_elements = 1  # slices of 32 images
+    assert torch.equal(sliced(x, keys=keys), whole)
+    conv = SimCLRAugment(32, 3)
+    conv.cpu_shift_blur_radius = 0  # the depthwise-conv blur used on GPUs and for wide kernels
+    assert torch.allclose(conv(x, keys=keys), whole, atol=1e-5)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mak.errors import MakError
 from mak.store import open_store
@@ -195,12 +194,12 @@ def test_torchrun_embed_equals_single_process(setup, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     res = _torchrun(2, "embed", *common, "--out", tmp_path / "sharded", "--no-merge")
     assert res.returncode == 0, res.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic as the 1-thread ranks: bit-identical stores
-    try:
-        single = _arrays(_embed(d, ckpt, tmp_path / "single", views=2, batch_size=16, dtype="float32"))
-    finally:
-        torch.set_num_threads(threads)
+    # the single-process reference in a fresh process with the ranks' thread count (1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "mak", "embed", *map(str, common), "--out", tmp_path / "single"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = _arrays(tmp_path / "single")
     merged = _arrays(tmp_path / "merged")
     assert merged[2] == single[2]
     assert np.array_equal(merged[0], single[0]) and np.array_equal(merged[1], single[1])

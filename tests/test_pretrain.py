@@ -142,6 +142,20 @@ def test_pretrain_loss_falls_and_resume_is_bit_identical(seed_array, tmp_path):
         pretrain(src, tmp_path / "split", resume=True, **{**kw, "batch_size": 16})
 
 
+def test_streamed_seed_set_trains_like_the_cached_one(seed_array, tmp_path, monkeypatch):
+    """Seed sets too large for the in-memory cache stream through DataLoader workers: same batches."""
+    import mak.pretrain as P
+
+    src = array_source(seed_array)
+    kw = dict(epochs=1, batch_size=64, seed=1, progress=False)
+    cached = P.pretrain(src, tmp_path / "cached", num_workers=0, **kw)
+    monkeypatch.setattr(P, "CACHE_BYTES", 0)
+    streamed = P.pretrain(src, tmp_path / "streamed", num_workers=1, **kw)
+    a, b = _state(cached), _state(streamed)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_unreadable_seed_image_fails_before_training(tmp_path):
     from PIL import Image
 

@@ -96,3 +96,14 @@ def test_far_blob_rejected_by_mak_and_proximity_not_random(rng):
         assert not junk & set(sel.indices.tolist()), strategy
     rnd = mak.select(None, pool, None, 60, strategy="random")
     assert junk & set(rnd.indices.tolist())
+
+
+def test_precomputed_ecle_gives_the_same_selection(data):
+    seed, pool, views = data
+    kw = dict(batch_size=64, partitions=2, seed=2)
+    fresh = mak.select(seed, pool, views, 30, strategy="mak", **kw)
+    e = mak.ecle(views, **kw)
+    reused = mak.select(seed, pool, views, 30, strategy="mak", ecle_scores=e, **kw)
+    assert reused.indices.tolist() == fresh.indices.tolist()
+    with pytest.raises(mak.MakError, match="precomputed ECLE"):
+        mak.select(seed, pool, views, 30, strategy="mak", ecle_scores=e[:-1], **kw)

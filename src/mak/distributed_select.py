@@ -45,9 +45,6 @@ matrix). Padding ``kcenter_greedy``'s matrix the same way would remove that case
 from __future__ import annotations
 
 import csv
-import json
-import math
-import os
 import shutil
 import sys
 import tempfile
@@ -62,7 +59,7 @@ import torch
 from . import distributed as D
 from ._tensor import l2_normalize, resolve_device, to_tensor, top_k as _top_k, zscore as _zscore
 from .errors import MakError
-from .kcenter_scale import covering_radius_sharded, exact_sharded, greedy_sharded, two_round_sharded, angle
+from .kcenter_scale import angle, covering_radius_sharded, exact_sharded, two_round_sharded
 from .proximity import CHUNK as DIST_CHUNK, kmeans, nearest_centroid_distance
 from .selection import NEEDS, STRATEGIES, Context, Selection, select
 from .store import FEATURES, SHARDS, VIEWS, FeatureStore, open_store
@@ -402,6 +399,8 @@ class DistributedContext(RobustOps, Context):
 
     # ---- scores --------------------------------------------------------------------------
     def ecle(self) -> np.ndarray:
+        if self._ecle is not None and self._ecle.shape[0] == self.n_total != self.stop - self.start:
+            self._ecle = np.asarray(self._ecle[self.start: self.stop])  # precomputed for the whole pool
         if self._ecle is None:
             self.need_views()
             t = time.perf_counter()
@@ -579,10 +578,11 @@ def gather_scores(values: np.ndarray | None, n: int) -> np.ndarray | None:
     flag = D.all_reduce_scalar(0 if values is None else 1, "min")
     if not flag:
         return None
-    parts = D.all_gather_varlen(np.asarray(values, dtype=np.float64))
+    box: list | None = [None] * D.world_size() if D.rank() == 0 else None
+    torch.distributed.gather_object(np.asarray(values, dtype=np.float64), box, dst=0)
     if D.rank() != 0:
         return None
-    out = np.concatenate(parts)
+    out = np.concatenate(box)
     assert out.shape[0] == n
     return out
 
@@ -663,13 +663,21 @@ def _fmt(a: np.ndarray | None, present: np.ndarray) -> list[str]:
 
 def _write_scores_part(path: Path, store: FeatureStore, lo: int, hi: int, cols: Sequence[np.ndarray | None],
                        present: np.ndarray, rank: np.ndarray) -> None:
-    """scores.csv rows for pool rows ``[lo, hi)`` (no header); ``cols`` aligned with those rows."""
-    e, d, s = (_fmt(c, present) for c in cols)
+    """scores.csv rows for pool rows ``[lo, hi)`` (no header); ``cols`` aligned with those rows.
+
+    Formatted 65536 rows at a time, so memory stays O(chunk) beyond the columns themselves.
+    """
+    chunk = 65536
+    items = iter_items(store, lo, hi)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        for j, item in enumerate(iter_items(store, lo, hi)):
-            r = int(rank[j])
-            w.writerow([lo + j, item, e[j], d[j], s[j], 1 if r >= 0 else 0, r if r >= 0 else ""])
+        for c0 in range(0, hi - lo, chunk):
+            c1 = min(hi - lo, c0 + chunk)
+            ok = present[c0:c1]
+            e, d, s = (_fmt(None if c is None else c[c0:c1], ok) for c in cols)
+            for j in range(c1 - c0):
+                r = int(rank[c0 + j])
+                w.writerow([lo + c0 + j, next(items), e[j], d[j], s[j], 1 if r >= 0 else 0, r if r >= 0 else ""])
 
 
 def select_stores_scaled(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
@@ -695,7 +703,6 @@ def select_stores_scaled(seed_store: str | Path | None, pool_store: str | Path, 
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,
              progress: bool, dedup: float | None, dedup_clusters: int | None, kcenter: str,
              kcenter_parts: int | None, params: dict[str, Any]) -> Selection:
-    from . import __version__  # noqa: F401
     from .atomic import write_json
     from .select_stores import check_out_dir, publish, versions
 
@@ -730,6 +737,14 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
             raise MakError(f"budget ({budget}) is larger than the pool after --dedup {dedup} "
                            f"({kept.size} of {n_pool} images kept)")
     n_sel = n_pool if kept is None else int(kept.size)
+    ecle_file = params.pop("ecle_file", None)
+    if ecle_file is not None:  # ECLE computed earlier for the whole pool (e.g. by `mak run`)
+        e = np.load(ecle_file, mmap_mode="r", allow_pickle=False)
+        if e.ndim != 1 or e.shape[0] != n_pool:
+            raise MakError(f"{ecle_file}: precomputed ECLE must hold {n_pool} values, found shape {e.shape}")
+        opts_ecle = {"ecle_scores": np.asarray(e if kept is None else e[kept], dtype=np.float32)}
+    else:
+        opts_ecle = {}
     feats, views = store_arrays(pool, kept, views=NEEDS[strategy][1] if strategy in NEEDS else False)
 
     holder: dict[str, DistributedContext] = {}
@@ -746,7 +761,9 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
     if kcenter_parts is not None:
         opts["kcenter_parts"] = int(kcenter_parts)
     sel = select(seed_feats, feats, views, budget, strategy=strategy, progress=progress and me == 0,
-                 context_cls=_Ctx, **params, **opts)
+                 context_cls=_Ctx, **params, **opts, **opts_ecle)
+    if ecle_file is not None:
+        params["ecle_file"] = str(ecle_file)
     ctx = holder.get("ctx")
     picks = sel.indices if kept is None else kept[sel.indices]
     cand = None if sel.candidates is None else (sel.candidates if kept is None else kept[sel.candidates])

@@ -42,7 +42,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -79,16 +78,20 @@ def compute_features(model, source, image_size: int, channels: int, batch_size: 
     """Backbone features of every image of ``source`` without augmentation: float32 N x D.
 
     Centre crop + :func:`mak.augment.center_transform`, ``model.backbone`` in eval mode.
-    An unreadable image raises :class:`mak.data.ImageError` naming it.
+    An unreadable image raises :class:`MakError` naming it.
     """
     from torch.utils.data import DataLoader
 
     from .augment import center_transform
     from .data import ImageDataset
+    from .pretrain import resolve_channels_last
 
-    dev = torch.device(device)
+    dev = torch.device(device or "cpu")
     core = getattr(model, "module", model)
-    core.eval()
+    core.eval().to(dev)
+    use_cl = resolve_channels_last(dev, None)
+    if use_cl:
+        core.to(memory_format=torch.channels_last)
     ds = ImageDataset(source, image_size, channels, mode="center")
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=dev.type == "cuda")
@@ -97,11 +100,11 @@ def compute_features(model, source, image_size: int, channels: int, batch_size: 
         for imgs, idx, ok in loader:
             ok = torch.as_tensor(ok, dtype=torch.bool)
             if not bool(ok.all()):
-                from .data import ImageError
-
                 i = int(torch.as_tensor(idx)[~ok][0])
-                raise ImageError(source.item(i), ds.check(i) or "unreadable image")
+                raise MakError(f"unreadable image {ds.check(i) or source.item(i)}")
             x = center_transform(imgs.to(dev, non_blocking=True), image_size, channels)
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
             f = core.backbone(x).float()
             out[np.asarray(idx)] = f.cpu().numpy()
     return out
@@ -155,6 +158,23 @@ def _read_progress(work: Path) -> tuple[set[int], dict[int, str]]:
                 for row, reason in rec.get("skipped", []):
                     skipped[int(row)] = str(reason)
     return done, skipped
+
+
+class _BlockSampler(torch.utils.data.Sampler):
+    """Batches = the listed blocks of ``batch_size`` source rows, generated lazily, in order."""
+
+    def __init__(self, blocks: list[int], batch_size: int, n: int):
+        self.blocks, self.batch_size, self.n = blocks, batch_size, n
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        for b in self.blocks:
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))
+
+    def rows(self) -> int:
+        return sum(min(self.n, (b + 1) * self.batch_size) - b * self.batch_size for b in self.blocks)
 
 
 class _Progress:
@@ -212,7 +232,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         raise MakError(f"--batch-size must be positive, got {batch_size}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
-    dev = torch.device(device)
+    dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MakError("--device cuda requested but no CUDA device is available")
     D.init(dev)
@@ -300,11 +320,11 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     workers = default_num_workers(dev) if num_workers is None else int(num_workers)
     if _in_memory(source) and num_workers is None:
         workers = 0  # decoded arrays: worker IPC costs more than it saves
-    batches = [list(range(b * batch_size, min(n, (b + 1) * batch_size))) for b in todo]
+    batches = _BlockSampler(todo, batch_size, n)
     loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=dev.type == "cuda",
-                        prefetch_factor=4 if workers > 0 else None) if batches else []
+                        prefetch_factor=4 if workers > 0 else None) if todo else []
     my_rows = min(n, b1 * batch_size) - min(n, b0 * batch_size)
-    bar = _Progress(my_rows, my_rows - sum(len(x) for x in batches), progress and main_proc,
+    bar = _Progress(my_rows, my_rows - batches.rows(), progress and main_proc,
                     desc=f"embedding {getattr(source, 'name', '')}".strip())
     log_path = work / f"progress-{rank}.log"
     pending_blocks: list[int] = []
@@ -400,7 +420,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     bar.close()
     elapsed = time.perf_counter() - t0
     if stats is not None:
-        done_rows = sum(len(x) for x in batches)
+        done_rows = batches.rows()
         stats.update(images=done_rows, seconds=elapsed, images_per_s=done_rows / max(elapsed, 1e-9))
     for f, v, _, _ in arrays.values():
         del f, v
@@ -456,7 +476,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
             shutil.rmtree(work, ignore_errors=True)
     D.barrier()
     if main_proc and progress:
-        rate = sum(len(x) for x in batches) / max(elapsed, 1e-9)
+        rate = batches.rows() / max(elapsed, 1e-9)
         print(f"mak embed: {n_ok} rows -> {out} ({len(skipped)} skipped), {rate:.0f} images/s"
               f"{' per process' if world > 1 else ''}", file=sys.stderr)
     return out
@@ -524,15 +544,3 @@ def _publish(final: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(final, out)
-
-
-def iter_blocks(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    """The ``(start, stop)`` rows of every block (= batch) of an embed over ``n`` rows."""
-    for s in range(0, n, batch_size):
-        yield s, min(n, s + batch_size)
-
-
-def describe_store_params(meta: dict[str, Any]) -> str:
-    """A one-line human summary of a store's ``meta.json`` (for logs)."""
-    return (f"{meta.get('num_rows')} rows, R={meta.get('views')}, {meta.get('dtype')}, seed {meta.get('seed')}, "
-            f"checkpoint {str(meta.get('checkpoint_sha256', ''))[:12]}")

@@ -52,6 +52,7 @@ from .errors import MakError
 from .kcenter import max_similarity
 
 PAD = 64  # rows per block are padded to a multiple of this (see the module docstring)
+SIM_CHUNK = 4096  # rows x centers per similarity block against the init: 4096^2 float32 = 64 MiB
 _INF = float("inf")
 
 
@@ -94,7 +95,7 @@ class _Block:
 
     def init_sim(self, init: Any) -> None:
         if self.n:
-            self.sim[: self.n] = max_similarity(self.x, init)[: self.n]
+            self.sim[: self.n] = max_similarity(self.x, init, chunk=SIM_CHUNK)[: self.n]
 
     def update(self, w: torch.Tensor) -> None:
         torch.maximum(self.sim, self.x @ w, out=self.sim)
@@ -166,7 +167,6 @@ def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: i
 
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
     start = 0
     with torch.inference_mode():
         if init is not None and int(init.shape[0]) > 0:
@@ -201,7 +201,6 @@ def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: i
         radius = blk.radius()
         if comm:
             radius = float(D.all_reduce_scalar(radius, "max"))
-    del t0
     return GreedyResult(picks, radius, per_step)
 
 
@@ -319,9 +318,9 @@ def covering_radius_sharded(x_block: torch.Tensor, centers: Any, init: Any = Non
     """Covering radius (cosine distance) of all ranks' candidate blocks by ``centers`` (+ ``init``)."""
     with torch.inference_mode():
         if x_block.shape[0]:
-            sim = max_similarity(x_block, centers)
+            sim = max_similarity(x_block, centers, chunk=SIM_CHUNK)
             if init is not None and int(init.shape[0]) > 0:
-                torch.maximum(sim, max_similarity(x_block, init), out=sim)
+                torch.maximum(sim, max_similarity(x_block, init, chunk=SIM_CHUNK), out=sim)
             r = max(0.0, 1.0 - float(sim.min()))
         else:
             r = 0.0

@@ -196,7 +196,7 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
             b = data["benchmark"]
             bseed = (b["seed"] if b["seed"] is not None else int(cfg_run["seed"])) + (r if b["vary_with_repeat"] else 0)
             bench = plan.add(Stage(f"bench/r{r}", base / "bench", {"seed": bseed, "scale": b["scale"],
-                                   "data_dir": b["data_dir"], "budget": sel["budget"]}, [], _run_bench,
+                                   "data_dir": b["data_dir"]}, [], _run_bench,
                                    ("benchmark.json", "seed.txt", "pool.txt")))
             roles["bench"] = bench
             deps = [bench]
@@ -214,10 +214,21 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
                                [pretrain], _run_embed, ("features.npy", "items.txt")))
         roles.update(pretrain=pretrain, embed_seed=eseed, embed_pool=epool)
         sp = {k: v for k, v in sel.items() if k != "strategies"}
+        from .selection import NEEDS
+
+        ecle_stage = None
+        if any(NEEDS[s][1] for s in sel["strategies"]):
+            # ECLE is the costly score: computed once per repeat and shared by every strategy.
+            ecle_stage = plan.add(Stage(f"ecle/r{r}", base / "ecle",
+                                        {k: sel[k] for k in ("temperature", "ecle_batch_size", "partitions")}
+                                        | {"seed": seed, "device": device}, [epool], _run_ecle, ("ecle.npy",)))
+        roles["ecle"] = ecle_stage
         for strategy in sel["strategies"]:
+            uses_ecle = NEEDS[strategy][1] and ecle_stage is not None
             s = plan.add(Stage(f"select/r{r}/{strategy}", base / "select" / strategy,
                                {**sp, "strategy": strategy, "seed": seed, "device": device},
-                               [eseed, epool], _run_select, ("selection.txt", "summary.json")))
+                               [eseed, epool, *([ecle_stage] if uses_ecle else [])], _run_select,
+                               ("selection.txt", "summary.json")))
             roles["select"][strategy] = s
         epochs = ret["epochs"] if ret["epochs"] is not None else pre["epochs"]
         for strategy in ["none", *sel["strategies"]]:
@@ -278,12 +289,14 @@ def _run_bench(stage: Stage) -> None:
     from .openworld import build_benchmark
 
     p = stage.params
-    build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], budget=p["budget"],
-                    overwrite=True)
+    build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], overwrite=True)
 
 
-def _pretrain_kwargs(p: dict) -> dict:
-    return dict(backbone=p["backbone"], epochs=int(p["epochs"]), batch_size=p["batch_size"], base_lr=p["lr"],
+def _pretrain_kwargs(p: dict, n_images: int) -> dict:
+    batch = p["batch_size"]
+    if batch is not None and batch > n_images:  # tiny (scaled-down) sets: one batch of everything
+        batch = n_images - n_images % 2
+    return dict(backbone=p["backbone"], epochs=int(p["epochs"]), batch_size=batch, base_lr=p["lr"],
                 warmup_epochs=p["warmup_epochs"], seed=p["seed"], image_size=p["image_size"], device=p["device"],
                 amp=p["amp"], channels_last=p["channels_last"], num_workers=p["workers"])
 
@@ -292,7 +305,8 @@ def _run_pretrain(stage: Stage) -> None:
     from .pretrain import pretrain
 
     src = _sources(stage)["seed"]
-    pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(), **_pretrain_kwargs(stage.params))
+    pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(),
+             **_pretrain_kwargs(stage.params, len(src)))
 
 
 def _run_embed(stage: Stage) -> None:
@@ -309,6 +323,18 @@ def _run_embed(stage: Stage) -> None:
     (stage.path / "store").rmdir()
 
 
+def _run_ecle(stage: Stage) -> None:
+    from .store import open_store
+    from .tailness import ecle
+
+    p = stage.params
+    pool = open_store(_roles(stage)["embed_pool"].path, require_views=True)
+    e = ecle(pool.views() if len(pool.shards) > 1 else pool.shards[0].views, temperature=p["temperature"],
+             batch_size=p["ecle_batch_size"], partitions=p["partitions"], seed=p["seed"], device=p["device"],
+             progress=True)
+    np.save(stage.path / "ecle.npy", e)
+
+
 def _run_select(stage: Stage) -> None:
     from .select_stores import select_stores
 
@@ -321,6 +347,10 @@ def _run_select(stage: Stage) -> None:
     strategy = p.pop("strategy")
     options = p.pop("options") or {}
     p["batch_size"] = p.pop("ecle_batch_size")
+    from .selection import NEEDS
+
+    if NEEDS[strategy][1] and roles.get("ecle") is not None:
+        p["ecle_file"] = roles["ecle"].path / "ecle.npy"
     select_stores(roles["embed_seed"].path, roles["embed_pool"].path, stage.path, int(budget), strategy=strategy,
                   overwrite=True, progress=True, **p, **options)
     analysis = analyse(stage.path, srcs)
@@ -363,7 +393,7 @@ def _run_retrain(stage: Stage) -> None:
     else:
         items = (roles["select"][strategy].path / "selection.txt").read_text().splitlines()
         source = CombinedSource(srcs["seed"], srcs["pool"], pool_rows_for_items(srcs["pool"], items))
-    kw = _pretrain_kwargs(p)
+    kw = _pretrain_kwargs(p, len(source))
     if p["match"] == "steps":
         # Every run takes the optimizer steps of seed + the largest selection at the same epochs.
         budget = max(len((s.path / "selection.txt").read_text().splitlines()) for s in roles["select"].values()) \
@@ -372,7 +402,7 @@ def _run_retrain(stage: Stage) -> None:
         kw["epochs"] = max(1, round(kw["epochs"] * target / len(source)))
     write_json(stage.path / "train_set.json", {"strategy": strategy, "images": len(source), "epochs": kw["epochs"]})
     pre = roles["pretrain"]
-    if strategy == "none" and kw == _pretrain_kwargs(pre.params):
+    if strategy == "none" and kw == _pretrain_kwargs(pre.params, len(srcs["seed"])):
         # The seed-alone run is the pre-training run itself (same data, seed and schedule): reuse it.
         for name in ("checkpoint.pt", "log.csv"):
             if (pre.path / name).exists():

@@ -32,10 +32,13 @@ Checkpoint (``torch.save`` of plain types and tensors only, read back with
      "log": [{"epoch", "loss", "lr", "images_per_s"}, ...]}
 
 Under ``torchrun --nproc_per_node N`` the model is wrapped in DDP (gloo on CPU, NCCL on CUDA),
-BatchNorm synchronised across ranks, each rank takes its part of every global batch
-(a DistributedSampler over the same per-epoch permutation) and the projections are all-gathered
-so the NT-Xent negatives span the global batch. ``batch_size`` is the global batch. Rank 0 writes
-the checkpoint and the log.
+BatchNorm synchronised across ranks (``nn.SyncBatchNorm`` on CUDA; on CPU, where that class
+refuses to run, :func:`mak.distributed.convert_sync_batchnorm`'s all-reduce BatchNorm), each rank
+takes its DistributedSampler-style share (``perm[rank::world]``) of the same per-epoch
+permutation, and the projections are all-gathered (gradient kept for the local part,
+:func:`mak.losses.nt_xent_global`) so the NT-Xent negatives span the global batch; the loss is
+scaled by the world size so DDP's gradient average is the global-batch gradient. ``batch_size``
+is the global batch. Rank 0 writes the checkpoint and the log.
 """
 from __future__ import annotations
 
@@ -52,7 +55,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: F401  (kept for users patching the loss)
 
 from . import distributed as D
 from .atomic import atomic_path, write_text
@@ -190,14 +192,17 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
 
     ckpt = read_checkpoint(checkpoint)
     cfg = dict(ckpt["config"])
+    device = device or "cpu"
     try:
         model = SimCLRModel(cfg["backbone"], int(cfg["channels"]))
         model.load_state_dict(ckpt["model"])
     except MakError:
         raise
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MakError(f"{checkpoint}: checkpoint does not match its model ({msg[:200]})") from None
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise MakError(f"{checkpoint}: checkpoint does not match the {cfg.get('backbone')!r} model of this "
+                       f"mak version ({detail[:200]})") from None
     model.eval()
     return model.to(torch.device(device)), cfg
 
@@ -349,7 +354,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         raise MakError(f"stop_after must be >= 1, got {stop_after}")
     if epochs < 1:
         raise MakError(f"--epochs must be >= 1, got {epochs}")
-    dev = torch.device(device)
+    dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MakError("--device cuda requested but no CUDA device is available")
     D.init(dev)
@@ -419,6 +424,9 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
             print(f"mak pretrain: {ckpt_path} has already finished {start_epoch} epochs", file=sys.stderr)
         return ckpt_path
 
+    torch.manual_seed(seed)
+    model = SimCLRModel(backbone, channels)  # built first: an unknown backbone fails fast
+
     # ---- seed images: validated before training, cached when small -------------------------
     cache_ok = n * channels * image_size * image_size <= CACHE_BYTES
     scan_workers = 0 if _in_memory(source) else workers
@@ -431,8 +439,6 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         _validate(source, progress and main_proc)
 
     # ---- model, optimiser, schedule -------------------------------------------------------
-    torch.manual_seed(seed)
-    model = SimCLRModel(backbone, channels)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     config["feat_dim"] = int(model.feat_dim)
@@ -461,7 +467,8 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+            with contextlib.suppress(Exception):  # another GPU count: CUDA RNG is unused by training
+                torch.cuda.set_rng_state_all(list(rng["cuda"]))
         log_rows = [dict(r) for r in ckpt.get("log", [])]
         del ckpt
 

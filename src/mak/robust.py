@@ -50,10 +50,12 @@ Few-class share 0.22 (random 0.049, mak 0.048, kcenter 0.002) and balance 0.85 (
   gate rejected 78% of the Few-class pool images and the Few share fell from 0.22 to 0.10.
   The ``lof`` gate keeps the tail (0.8% of Few images rejected) but let 9% of junk through
   against 2% (out-of-domain share 0.10): available, not the default.
-* ``gate_quantile = 0.95``: the gate costs ~(1 - q) of the in-domain pool by construction, cheap
-  while the budget is small against the in-domain pool; junk that slips through is over-picked,
-  because junk near the gate also looks "tail" to ECLE and to the kNN distance. 0.99 -> 0.95 cut
-  the out-of-domain share from 0.11 to 0.021. 1.0 lets a single seed outlier set the bar.
+* ``gate_quantile = 0.8``: the gate costs ~(1 - q) of the in-domain pool by construction, and
+  junk that slips through is over-picked (near the gate it also looks "tail" to ECLE and kNN).
+  On the synthetic pools 0.99 -> 0.95 cut the out-of-domain share from 0.11 to 0.021. On the
+  Fashion-MNIST open-world benchmark (tuning seed 7, never a reported seed; budget 4,960 = 61% of
+  the in-domain pool) the share was 0.185 at 0.95, 0.087 at 0.9 and 0.022 at 0.8, so 0.8 it is.
+  The price: 45% of the Few-class pool images fall outside the gate at 0.8 (16% of Many).
 * ``gate_folds = 5``: each fit sees 80% of the seed, close to the full-seed fit that scores the
   pool, and every seed image is held out once.
 * ``fusion = "rank"``: percentile ranks over the gated pool are invariant to anything the gate
@@ -125,7 +127,7 @@ from .selection import Context, Selection, mak_score, register_strategy
 
 DEFAULTS: dict[str, Any] = {
     "gate": True,
-    "gate_quantile": 0.95,
+    "gate_quantile": 0.8,
     "gate_folds": 5,
     "gate_clusters": "auto",
     "gate_score": "centroid",

@@ -116,7 +116,14 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
     views = None
     if pool.has_views and NEEDS[strategy][1]:
         views = pool.shards[0].views if len(pool.shards) == 1 else pool.views()
-    sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress, **params)
+    ecle_file = params.pop("ecle_file", None)
+    if ecle_file is not None:
+        params_ecle = np.load(ecle_file, allow_pickle=False)
+        sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress,
+                     ecle_scores=params_ecle, **params)
+        params["ecle_file"] = str(ecle_file)
+    else:
+        sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress, **params)
     items = pool.items
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -236,13 +236,15 @@ def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget
 def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int, strategy: str = "mak",
            alpha: float = 0.5, clusters: int = 10, core_ratio: float = 1.5, temperature: float = 0.2,
            batch_size: int = 512, partitions: int = 10, seed: int = 0, device: Any = None,
-           progress: bool = False, context_cls: type[Context] | None = None, **options: Any) -> Selection:
+           progress: bool = False, context_cls: type[Context] | None = None, ecle_scores: Any = None,
+           **options: Any) -> Selection:
     """Pick ``budget`` pool images with ``strategy``; returns a :class:`Selection`.
 
     ``seed_features`` (M x D) and ``pool_features`` (N x D): backbone features (arrays, memmaps or
     tensors); ``pool_views`` (R x N x d): projection-head outputs under augmentation. Either may be
     None for strategies that do not use it. Extra keyword ``options`` go to strategies that take them.
-    ``context_cls`` swaps in another :class:`Context` (e.g. the distributed one).
+    ``context_cls`` swaps in another :class:`Context` (e.g. the distributed one). ``ecle_scores``:
+    ECLE already computed with the same parameters (N,), reused instead of recomputed.
     """
     context_cls = context_cls or Context
     check_inputs(seed_features, pool_features, pool_views, budget, strategy, clusters)
@@ -252,6 +254,11 @@ def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int,
         raise MakError(f"core ratio must be > 0, got {core_ratio}")
     ctx = context_cls(seed_features, pool_features, pool_views, int(budget), strategy, alpha, clusters, core_ratio,
                       temperature, batch_size, partitions, seed, device, progress, dict(options))
+    if ecle_scores is not None:
+        e = np.asarray(ecle_scores, dtype=np.float32)
+        if e.shape != (ctx.pool_size,) or not np.isfinite(e).all():
+            raise MakError(f"precomputed ECLE must be {ctx.pool_size} finite values, got shape {e.shape}")
+        ctx._ecle = e
     t0 = time.perf_counter()
     result = STRATEGIES[strategy](ctx)
     result.indices = np.asarray(result.indices, dtype=np.int64)

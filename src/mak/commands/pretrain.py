@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_source_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for checkpoint.pt and log.csv")
     p.add_argument("--backbone", metavar="NAME", default=None,
-                   help="backbone smallconv, smallconv-wide, resnet18, resnet18-small, resnet50, torchvision:NAME, timm:NAME (default: smallconv for images <= 64 px, else resnet18)")
+                   help="smallconv[-wide], resnet18[-small], resnet50, torchvision:NAME or timm:NAME (default: smallconv <= 64 px, else resnet18)")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, metavar="E", help=f"training epochs (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="global batch size over all processes (default: min(256, number of images))")
