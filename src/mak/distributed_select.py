@@ -63,7 +63,7 @@ from .kcenter_scale import angle, covering_radius_sharded, exact_sharded, two_ro
 from .proximity import CHUNK as DIST_CHUNK, kmeans, nearest_centroid_distance
 from .selection import NEEDS, STRATEGIES, Context, Selection, select
 from .store import FEATURES, SHARDS, VIEWS, FeatureStore, open_store
-from .tailness import batch_losses, batch_plan, ecle_sum, iter_batches
+from .tailness import batch_plan, ecle_sum
 
 try:  # the robust strategy (issue 6) needs five more global operations
     from .robust import RobustOps
@@ -190,44 +190,6 @@ def _take(src: Any, rows: np.ndarray) -> np.ndarray | torch.Tensor:
     if isinstance(src, PoolArray):
         return src.take(rows)
     return np.asarray(src[rows])
-
-
-# --------------------------------------------------------------------------------------------
-# ECLE over a lazy views array (same arithmetic as mak.tailness.ecle_sum)
-# --------------------------------------------------------------------------------------------
-
-def _ecle_sum_lazy(views: PoolArray, temperature: float, batch_size: int, partitions: int, seed: int,
-                   device: Any, owner: Any, progress: bool) -> tuple[np.ndarray, int]:
-    r, n, _ = views.shape
-    if r < 2:
-        raise MakError(f"ECLE needs at least 2 augmented views, got R = {r}")
-    if batch_size < 2 and n > 1:
-        raise MakError(f"ECLE batch size must be >= 2, got {batch_size}")
-    if temperature <= 0:
-        raise MakError(f"temperature must be > 0, got {temperature}")
-    dev = resolve_device(device)
-    partitions = 1 if n <= batch_size else partitions
-    acc = np.zeros(n, dtype=np.float64)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(batch_plan(n, batch_size)) * partitions, desc="ECLE", unit="batch", disable=not progress,
-               leave=False)
-    with torch.inference_mode():
-        for p, k, rows, skip in iter_batches(n, batch_size, partitions, seed):
-            if owner is not None and not owner(p, k):
-                bar.update(1)
-                continue
-            scored = rows[skip:]
-            srt = np.sort(rows)
-            z = l2_normalize(to_tensor(views.take(srt), dev).reshape(r * len(srt), -1)).view(r, len(srt), -1)
-            loss = batch_losses(z, temperature).cpu().numpy().astype(np.float64)
-            if skip:
-                acc[scored] += loss[np.searchsorted(srt, scored)]
-            else:
-                acc[srt] += loss
-            bar.update(1)
-    bar.close()
-    return acc, (r * (r - 1) // 2) * partitions
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,13 +371,10 @@ class DistributedContext(RobustOps, Context):
             w, me = self.world, self.me
             owner = (lambda p, k: (p * nb + k) % w == me) if w > 1 else None
             show = self.progress and me == 0
-            if isinstance(views, PoolArray):
-                acc, terms = _ecle_sum_lazy(views, self.temperature, self.batch_size, self.partitions, self.seed,
-                                            self.device, owner, show)
-            else:
-                acc, terms = ecle_sum(views, temperature=self.temperature, batch_size=self.batch_size,
-                                      partitions=self.partitions, seed=self.seed, device=self.device, owner=owner,
-                                      progress=show)
+            # A lazy PoolArray is read batch by batch, like a memmap (views[:, rows, :]).
+            acc, terms = ecle_sum(views, temperature=self.temperature, batch_size=self.batch_size,
+                                  partitions=self.partitions, seed=self.seed, device=self.device, owner=owner,
+                                  progress=show)
             local = D.reduce_to_owners(acc) if w > 1 else acc
             self._ecle = (local / terms).astype(np.float32)
             self.timings["ecle"] = time.perf_counter() - t
@@ -614,27 +573,18 @@ def _first_nonfinite(store: FeatureStore, lo: int, hi: int, chunk: int = 65536) 
 def load_inputs_scaled(seed_store: str | Path | None, pool_store: str | Path, strategy: str
                        ) -> tuple[FeatureStore | None, FeatureStore]:
     """:func:`mak.select_stores.load_inputs`, with the pool's NaN/Inf scan split across ranks."""
-    from .select_stores import load_inputs
+    from .select_stores import load_inputs, open_seed_store
 
     if not D.active():
         return load_inputs(seed_store, pool_store, strategy)
     if strategy not in STRATEGIES:
         raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
-    needs_seed, needs_views = NEEDS[strategy]
-    pool = open_store(pool_store, require_views=needs_views, check_finite=False)
+    pool = open_store(pool_store, require_views=NEEDS[strategy][1], check_finite=False)
     lo, hi = D.shard_range(pool.num_rows)
     msgs = [m for m in D.all_gather_object(_first_nonfinite(pool, lo, hi)) if m]
     if msgs:
         raise MakError(msgs[0])
-    seed = None
-    if seed_store is not None and (needs_seed or strategy == "kcenter"):
-        seed = open_store(seed_store)
-        if seed.feature_dim != pool.feature_dim:
-            raise MakError(f"{Path(seed_store) / 'features.npy'}: feature dimension {seed.feature_dim} "
-                           f"differs from the pool's {pool.feature_dim} ({Path(pool_store) / 'features.npy'})")
-    elif needs_seed:
-        raise MakError(f"strategy '{strategy}' needs --seed-store")
-    return seed, pool
+    return open_seed_store(seed_store, pool, strategy), pool
 
 
 def iter_items(store: FeatureStore, lo: int = 0, hi: int | None = None) -> Iterator[str]:

@@ -16,7 +16,7 @@ import torch
 from ._tensor import l2_normalize, resolve_device, to_tensor
 from .errors import MakError
 
-CHUNK = 16384
+CHUNK = 4096  # chunk x chunk float32 similarity block: 64 MiB
 
 
 def max_similarity(x: torch.Tensor, centers: Any, chunk: int = CHUNK) -> torch.Tensor:

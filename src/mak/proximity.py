@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._tensor import is_tensor, l2_normalize, resolve_device, to_tensor
+from ._tensor import l2_normalize, resolve_device, to_tensor
 from .errors import MakError
 
 CHUNK = 65536

@@ -70,22 +70,27 @@ def write_scores_csv(path: Path, items: list[str], sel: Selection) -> None:
             w.writerow([i, items[i], e[i], d[i], s[i], 1 if r >= 0 else 0, r if r >= 0 else ""])
 
 
-def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str
+def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str, check_finite: bool = True
                 ) -> tuple[FeatureStore | None, FeatureStore]:
     """Open the stores a strategy needs (validating them) and cross-check dimensions."""
     if strategy not in STRATEGIES:
         raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
-    needs_seed, needs_views = NEEDS[strategy]
-    pool = open_store(pool_store, require_views=needs_views)
-    seed = None
+    pool = open_store(pool_store, require_views=NEEDS[strategy][1], check_finite=check_finite)
+    return open_seed_store(seed_store, pool, strategy), pool
+
+
+def open_seed_store(seed_store: str | Path | None, pool: FeatureStore, strategy: str) -> FeatureStore | None:
+    """The seed store when ``strategy`` uses it (validated against the pool's dimension), else None."""
+    needs_seed = NEEDS[strategy][0]
     if seed_store is not None and (needs_seed or strategy == "kcenter"):
         seed = open_store(seed_store)
         if seed.feature_dim != pool.feature_dim:
             raise MakError(f"{Path(seed_store) / 'features.npy'}: feature dimension {seed.feature_dim} "
-                           f"differs from the pool's {pool.feature_dim} ({Path(pool_store) / 'features.npy'})")
-    elif needs_seed:
+                           f"differs from the pool's {pool.feature_dim} ({pool.path / 'features.npy'})")
+        return seed
+    if needs_seed:
         raise MakError(f"strategy '{strategy}' needs --seed-store")
-    return seed, pool
+    return None
 
 
 def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,

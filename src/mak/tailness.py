@@ -89,9 +89,11 @@ def _views_getter(views: Any, device: torch.device) -> tuple[Callable[[np.ndarra
             return views.index_select(1, t).to(device=device, dtype=torch.float32)
 
         return get, r, n, d
-    arr = views if isinstance(views, np.ndarray) else np.asarray(views)
-    if arr.ndim != 3:
-        raise MakError(f"views must be (R, N, d), got shape {arr.shape}")
+    # numpy arrays, memmaps and lazy row readers (anything indexable as views[:, rows, :]) are read
+    # batch by batch; only plain sequences are converted whole.
+    arr = views if hasattr(views, "shape") and hasattr(views, "__getitem__") else np.asarray(views)
+    if len(arr.shape) != 3:
+        raise MakError(f"views must be (R, N, d), got shape {tuple(arr.shape)}")
     r, n, d = arr.shape
 
     def get_np(idx: np.ndarray) -> torch.Tensor:

@@ -8,7 +8,7 @@ DEMO_SETTINGS = {
     "run.name": "demo",
     "data.benchmark.build": True,
     "data.benchmark.scale": 0.25,
-    "pretrain.epochs": 30,
+    "pretrain.epochs": 20,
     "pretrain.batch_size": 256,
     "embed.views": 10,
     "select.strategies": ["robust", "mak", "random"],
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
     p.add_argument("--data-dir", metavar="DIR", help="directory with Fashion-MNIST's IDX files (default: Debian's)")
     p.add_argument("--scale", type=float, default=None, metavar="F", help="benchmark scale (default 0.25)")
-    p.add_argument("--epochs", type=int, default=None, metavar="E", help="SimCLR epochs per training run (default 30)")
+    p.add_argument("--epochs", type=int, default=None, metavar="E", help="SimCLR epochs per training run (default 20)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, as in `mak run`")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
