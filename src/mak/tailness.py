@@ -60,20 +60,22 @@ def batch_losses(z: torch.Tensor, temperature: float) -> torch.Tensor:
     zw = z.to(work)
     flat = zw.reshape(r * b, -1)
     s = torch.empty((r, r, b), dtype=work, device=z.device)  # S[a, c, i]
-    pos = torch.empty((r, r, b), dtype=work, device=z.device)  # cos(a_i, c_i)
-    eye = torch.eye(b, dtype=torch.bool, device=z.device)
+    pos = torch.empty((r, r, b), dtype=work, device=z.device)  # (cos(a_i, c_i) - 1) / t
+    shift = torch.full((1,), -inv_t, dtype=work, device=z.device)
     for a in range(r):
-        g = zw[a] @ flat.T  # (B, R*B): block row a of the Gram matrix
-        g = g.view(b, r, b)  # [i, c, j] = cos(a_i, c_j)
-        pos[a] = torch.diagonal(g, dim1=0, dim2=2)  # [c, i] = cos(a_i, c_i)
-        e = torch.exp((g - 1.0) * inv_t)
-        e[:, a, :].masked_fill_(eye, 0.0)  # exclude k = a_i itself
-        s[a] = e.sum(dim=2).T  # [c, i]
+        # Block row a of the Gram matrix as logits (cos - 1) / t, in one fused matmul; then
+        # exponentiated in place: one (B, R*B) buffer per block row, no temporaries.
+        g = torch.addmm(shift, zw[a], flat.T, alpha=inv_t)  # (B, R*B)
+        gv = g.view(b, r, b)  # [i, c, j]
+        pos[a] = torch.diagonal(gv, dim1=0, dim2=2)  # [c, i]
+        g.exp_()
+        torch.diagonal(gv[:, a, :]).zero_()  # exclude k = a_i itself
+        s[a] = gv.sum(dim=2).T  # [c, i]
     total = torch.zeros(b, dtype=work, device=z.device)
     for a in range(r):
         for c in range(a + 1, r):
-            la = torch.log(s[a, a] + s[a, c]) - (pos[a, c] - 1.0) * inv_t
-            lc = torch.log(s[c, c] + s[c, a]) - (pos[c, a] - 1.0) * inv_t
+            la = torch.log(s[a, a] + s[a, c]) - pos[a, c]
+            lc = torch.log(s[c, c] + s[c, a]) - pos[c, a]
             total += 0.5 * (la + lc)
     return total.float()
 
