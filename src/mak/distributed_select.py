@@ -127,7 +127,7 @@ class PoolArray:
         rows = self._pool_rows(pos)
         if self.kind == "features":
             return self.store.rows(rows, dtype=np.float32)
-        return _view_rows(self.store, rows)
+        return self.store.view_rows(rows)
 
     def __getitem__(self, key: Any) -> Any:
         if self.kind == "views":
@@ -156,20 +156,6 @@ class PoolArray:
         else:
             out = self.take(np.arange(self.n))
         return out if dtype is None else out.astype(dtype, copy=False)
-
-
-def _view_rows(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
-    """Views (R, k, d) float32 of pool ``rows`` (any order) across shards."""
-    idx = np.asarray(rows, dtype=np.int64)
-    out = np.empty((store.num_views, idx.size, store.view_dim), dtype=np.float32)
-    for sh in store.shards:
-        n = sh.features.shape[0]
-        mask = (idx >= sh.start) & (idx < sh.start + n)
-        if mask.any():
-            local = idx[mask] - sh.start
-            order = np.argsort(local, kind="stable")
-            out[:, np.flatnonzero(mask)[order]] = np.asarray(sh.views[:, local[order]], dtype=np.float32)
-    return out
 
 
 def store_arrays(store: FeatureStore, index: np.ndarray | None = None, views: bool = True) -> tuple[Any, Any]:

@@ -126,18 +126,30 @@ class FeatureStore:
         return [sh.features for sh in self.shards]
 
     def rows(self, indices: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:
-        """Feature rows at arbitrary global ``indices`` (any order)."""
+        """Feature rows at arbitrary global ``indices`` (any order), (k, D)."""
+        return self._gather(indices, dtype, views=False)
+
+    def view_rows(self, indices: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Views of rows at arbitrary global ``indices`` (any order), (R, k, d)."""
+        if not self.has_views:
+            raise MakError(f"{self.path}: store has no {VIEWS}")
+        return self._gather(indices, dtype, views=True)
+
+    def _gather(self, indices: Sequence[int] | np.ndarray, dtype, views: bool) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64)
-        out = np.empty((idx.size, self.feature_dim), dtype=dtype)
+        shape = (self.num_views, idx.size, self.view_dim) if views else (idx.size, self.feature_dim)
+        out = np.empty(shape, dtype=dtype)
         for sh in self.shards:
             n = sh.features.shape[0]
             mask = (idx >= sh.start) & (idx < sh.start + n)
             if mask.any():
                 local = idx[mask] - sh.start
-                order = np.argsort(local, kind="stable")
-                got = np.asarray(sh.features[local[order]], dtype=dtype)
+                order = np.argsort(local, kind="stable")  # read each shard in row order
                 pos = np.flatnonzero(mask)[order]
-                out[pos] = got
+                if views:
+                    out[:, pos] = np.asarray(sh.views[:, local[order]], dtype=dtype)
+                else:
+                    out[pos] = np.asarray(sh.features[local[order]], dtype=dtype)
         return out
 
     def iter_chunks(self, chunk: int = 65536) -> Iterator[tuple[int, int]]:
