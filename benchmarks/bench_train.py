@@ -39,6 +39,16 @@ from mak.models import SimCLRModel
 from mak.pretrain import autocast_context, pretrain, resolve_amp, resolve_channels_last
 
 
+def _images_per_s(step, steps: int, batch: int, dev: torch.device) -> float:
+    """images/s of ``steps`` calls of ``step`` (each ``batch`` images), timed between device syncs."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(dev)
+    return steps * batch / (time.perf_counter() - t0)
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -67,12 +77,7 @@ def bare_train(name: str, size: int, channels: int, batch: int, steps: int, dev:
 
     step()
     step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(dev)
-    return steps * batch / (time.perf_counter() - t0)
+    return _images_per_s(step, steps, batch, dev)
 
 
 def bare_embed(model, size: int, channels: int, batch: int, steps: int, views: int, dev: torch.device,
@@ -91,12 +96,7 @@ def bare_embed(model, size: int, channels: int, batch: int, steps: int, views: i
                 model(xv[r % len(xv)])
 
     step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(dev)
-    return steps * batch / (time.perf_counter() - t0)
+    return _images_per_s(step, steps, batch, dev)
 
 
 def run_backbone(name: str, args, dev: torch.device, work: Path) -> dict:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,3 +26,11 @@ def run_cli(*argv: str) -> int:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def torchrun(nproc: int, *argv, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``python -m mak ARGV`` under ``torch.distributed.run`` with ``nproc`` CPU processes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mak", *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

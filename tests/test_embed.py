@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import torchrun as _torchrun
+
 from mak.errors import MakError
 from mak.store import open_store
 
@@ -176,13 +178,6 @@ def test_killed_run_resumes_from_finished_chunks(setup, tmp_path):
     got = _arrays(tmp_path / "r")
     assert np.array_equal(got[0], fresh[0]) and np.array_equal(got[1], fresh[1]) and got[2] == fresh[2]
     assert not (tmp_path / ".r.partial").exists()
-
-
-def _torchrun(nproc: int, *argv, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "mak", *map(str, argv)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow

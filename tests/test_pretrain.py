@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import torchrun as _torchrun
 import torch
 
 from mak.errors import MakError
@@ -200,13 +199,6 @@ def test_cli_pretrain_and_errors(seed_array, tmp_path, cli, capsys):
     with pytest.raises(SystemExit):
         cli("pretrain", "--help")
     assert "--resume" in capsys.readouterr().out
-
-
-def _torchrun(nproc: int, *argv, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "mak", *map(str, argv)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
