@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +33,35 @@ def fmt(values: list[float], pct: bool = True) -> str:
     return f"{m:.1f}±{s:.1f}" if pct else f"{m:.3f}±{s:.3f}"
 
 
+SHARED = ("bench", "pretrain", "embed-seed", "embed-pool", "ecle", "select")
+
+
+def run_steps_none(steps, epochs, seed: int):
+    """The matched-steps plan of one seed, running only the seed-alone re-train and its evaluation.
+
+    The stages both plans share (benchmark, pretrain, embeddings, ECLE, selections) are hard-linked
+    from the matched-epochs run, whose keys they carry. Every pick has the budget's size, so seed +
+    pick trains for the same steps under either matching and only 'none' needs a run of its own.
+    """
+    by_name = {st.name: st for st in epochs.stages}
+    for st in steps.stages:
+        src = by_name.get(st.name)
+        if st.name.split("/")[0] in SHARED and src is not None and src.key == st.key and src.cached() \
+                and not st.cached():
+            shutil.rmtree(st.path, ignore_errors=True)
+            shutil.copytree(src.path, st.path, copy_function=os.link)
+    roles = steps.repeats[0]
+    sizes = {len((s.path / "selection.txt").read_text().splitlines()) for s in roles["select"].values()}
+    if len(sizes) > 1:
+        raise SystemExit(f"selections of different sizes {sorted(sizes)}: matched steps differ per strategy")
+    for name in ("retrain", "eval"):
+        st = roles[name]["none"]
+        if not st.cached():
+            print(f"[seed {seed}] {st.name} (matched steps) ...", flush=True)
+            st.run()
+    return steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench-openworld", help="run directory (cached stages)")
@@ -39,7 +70,9 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=ALL)
     ap.add_argument("--epochs", type=int, default=30, help="SimCLR epochs (pretrain and re-train)")
     ap.add_argument("--backbone", default="smallconv")
-    ap.add_argument("--match", choices=["epochs", "steps"], default="epochs")
+    ap.add_argument("--match", choices=["epochs", "steps", "both"], default="both",
+                    help="re-train at matched epochs, matched optimizer steps, or both (default). Every pick has "
+                         "the budget's size, so only the seed-alone run ('none') differs between the two")
     ap.add_argument("--selection-only", action="store_true", help="stop after selection (no re-training)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
@@ -47,13 +80,19 @@ def main() -> None:
     t0 = time.perf_counter()
     rows: dict[str, dict[str, list]] = {}
     plans = []
-    for seed in args.seeds:
+    steps_plans = []
+    first = "steps" if args.match == "steps" else "epochs"
+
+    def make_plan(seed: int, match: str):
         cfg = load_config(None, [
             "data.benchmark.build=true", f"data.benchmark.scale={args.scale}", f"data.benchmark.seed={seed}",
             f"run.seed={seed}", f"pretrain.epochs={args.epochs}", f"pretrain.backbone={args.backbone}",
-            f"select.strategies={json.dumps(args.strategies)}", f"retrain.match={args.match}", "run.name=openworld",
+            f"select.strategies={json.dumps(args.strategies)}", f"retrain.match={match}", "run.name=openworld",
             *args.overrides])
-        plan = build_plan(cfg, Path(args.out) / f"seed{seed}-{args.match}")
+        return build_plan(cfg, Path(args.out) / f"seed{seed}-{match}")
+
+    for seed in args.seeds:
+        plan = make_plan(seed, first)
         plans.append(plan)
         for st in plan.stages:
             if args.selection_only and st.name.split("/")[0] in ("retrain", "eval"):
@@ -61,6 +100,8 @@ def main() -> None:
             if not st.cached():
                 print(f"[seed {seed}] {st.name} ...", flush=True)
                 st.run()
+        if args.match == "both" and not args.selection_only:
+            steps_plans.append(run_steps_none(make_plan(seed, "steps"), plan, seed))
         for name in args.strategies:
             an = json.loads((plan.repeats[0]["select"][name].path / "analysis.json").read_text())
             r = rows.setdefault(name, {k: [] for k in ("ood", "few", "many", "entropy")})
@@ -82,7 +123,17 @@ def main() -> None:
                     d.setdefault(key, []).append(res[key])
                 for g in ("many", "medium", "few"):
                     d.setdefault(g, []).append(res["group_acc"][g])
-        print(f"\nAfter re-training on seed + pick ({args.match} matched; few-shot = mean of draws; %)")
+        for plan in steps_plans:
+            for res in collect_results(plan, strategies=["none"]):
+                d = per.setdefault("none (steps)", {})
+                for key in ("fewshot_acc", "fullshot_acc", "knn_acc", "group_std"):
+                    d.setdefault(key, []).append(res[key])
+                for g in ("many", "medium", "few"):
+                    d.setdefault(g, []).append(res["group_acc"][g])
+        what = "epochs matched" if args.match != "steps" else "steps matched"
+        if args.match == "both":
+            what += "; 'none (steps)' = the seed alone for as many steps as seed + pick"
+        print(f"\nAfter re-training on seed + pick ({what}; few-shot = mean of draws; %)")
         cols = ["fewshot_acc", "many", "medium", "few", "group_std", "fullshot_acc", "knn_acc"]
         print(f"{'strategy':<20}" + "".join(f"{c:>14}" for c in cols))
         for name, d in per.items():

@@ -226,3 +226,16 @@ def test_gate_binned_histogram_is_drawn(fake_run: dict) -> None:
                                                         "pool": [2, 8, 20, 30, 30, 20, 15, 10, 5, 2]}}}}}
     text = _write(fake_run, strategies=st)
     assert "In-domain gate" in text and "gate 0.6" in text and "12 pool images rejected" in text
+
+
+def test_seed_share_histogram_is_drawn_next_to_the_gate(fake_run: dict) -> None:
+    st = dict(fake_run["strategies"])
+    st["robust"] = {**st["robust"], "summary": {"info": {"seed_share": {
+        "threshold": 0.08, "k": 50, "rejected": 7, "histogram": {"edges": np.linspace(0, 1, 6).tolist(),
+                                                                  "seed_heldout": [1, 3, 9, 4, 1],
+                                                                  "pool": [20, 8, 30, 30, 2]}}}}}
+    text = _write(fake_run, strategies=st)
+    assert "Seed-share gate" in text and "gate 0.08" in text and "7 pool images below it" in text
+    # a malformed histogram is skipped, not drawn and not a crash
+    st["robust"]["summary"]["info"]["seed_share"]["histogram"]["pool"] = [1, 2]
+    assert "Seed-share gate" not in _write(fake_run, strategies=st)

@@ -10,6 +10,7 @@ import torch
 import mak
 from mak.errors import MakError
 from mak.robust import (DEFAULTS, RobustContext, knn_tail, lof_gate, lof_scores, rank_fusion, rank_normalize,
+                        seed_share, share_gate,
                         robust_options, seed_gate)
 from mak.selection import Context
 from mak.store import write_store
@@ -235,9 +236,12 @@ def test_options_are_validated():
     assert robust_options({"fusion": "z"})["fusion_distance"] == "centroid"  # auto: the paper's term with z
     assert robust_options({"fusion": "z", "fusion_distance": "lof"})["fusion_distance"] == "lof"
     assert robust_options({"gate": "off"})["gate"] is False
+    assert robust_options({"tail": "both"})["tail"] == "ecle+knn"  # the old name of the pair
+    assert robust_options({"tail": "share+ecle"})["tail"] == "ecle+share"  # canonical order
     for bad in ({"gate_quantile": 0.0}, {"gate_quantile": 1.5}, {"tail": "x"}, {"fusion": "x"}, {"knn_k": 0},
                 {"gate_folds": 1}, {"gate": "maybe"}, {"gate_score": "x"}, {"gate_clusters": "many"},
-                {"fusion_distance": "x"}, {"lof_k": 0}):
+                {"fusion_distance": "x"}, {"lof_k": 0}, {"share_k": 0}, {"share_reference": "all"},
+                {"gate_core_ratio": 0}, {"tail": "ecle+ecle"}, {"tail": "ecle+x"}):
         with pytest.raises(MakError):
             robust_options(bad)
 
@@ -269,16 +273,19 @@ def test_cli_options_parse():
         "select", "--pool-store", "p", "--budget", "3", "--out", "o", "--strategy", "robust", "--gate", "off",
         "--gate-quantile", "0.95", "--gate-folds", "3", "--gate-score", "lof", "--lof-k", "7",
         "--gate-clusters", "auto",
-        "--tail", "knn", "--knn-k", "4", "--fusion", "z", "--fusion-distance", "lof"])
+        "--tail", "knn", "--knn-k", "4", "--fusion", "z", "--fusion-distance", "lof", "--share-k", "20",
+        "--share-reference", "5000", "--gate-core-ratio", "1.25"])
     params = params_from_args(args)
     assert {k: params[k] for k in DEFAULTS} == dict(gate="off", gate_quantile=0.95, gate_folds=3, gate_score="lof",
                                                     lof_k=7, gate_clusters="auto", tail="knn", knn_k=4, fusion="z",
-                                                    fusion_distance="lof")
+                                                    fusion_distance="lof", share_k=20, share_reference=5000,
+                                                    gate_core_ratio=1.25)
     args = build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o",
                                       "--gate-clusters", "12"])
     params = params_from_args(args)
     assert params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
-    for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"]):
+    for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"],
+                ["--share-reference", "x"], ["--gate-core-ratio", "x"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
 
@@ -303,3 +310,81 @@ def test_cli_robust_avoids_a_far_junk_blob(world, tmp_path, cli, capsys):
              "--strategy", "robust", "--clusters", 5, "--gate-quantile", 1.5, "--out", tmp_path / "bad")
     assert rc == 2 and "gate quantile" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "selection.txt").exists()
+
+
+# ------------------------------------------------------------------------------ seed share
+
+def brute_share(queries: np.ndarray, seed: np.ndarray, ref: np.ndarray, k: int, self_index=None) -> np.ndarray:
+    """Slow reference: sort every bank row by cosine similarity (stable), drop the query's own row."""
+    bank = unit(np.concatenate([seed, ref]).astype(np.float64))
+    q = unit(queries.astype(np.float64))
+    out = []
+    for i in range(len(q)):
+        sims = bank @ q[i]
+        order = [j for j in np.argsort(-sims, kind="stable") if self_index is None or j != self_index[i]]
+        out.append(np.mean(np.array(order[:k]) < len(seed)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_seed_share_matches_brute_force_and_excludes_the_query_itself(k):
+    rng = np.random.default_rng(k)
+    seed = rng.standard_normal((40, 5)).astype(np.float32)
+    near_copies = seed[:4] * 2 + 1e-3 * rng.standard_normal((4, 5))  # near, not exact (exact ties are ambiguous)
+    pool = np.concatenate([rng.standard_normal((60, 5)) + 1.5, near_copies]).astype(np.float32)
+    ref_rows = np.arange(0, len(pool), 2)  # a sample of the pool: every other row
+    self_index = np.full(len(pool), -1)
+    self_index[ref_rows] = len(seed) + np.arange(len(ref_rows))
+    want = brute_share(pool, seed, pool[ref_rows], k, self_index)
+    got = seed_share(pool, seed, pool[ref_rows], k=k, self_index=self_index, chunk=16)  # many chunks
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    held_t, held = share_gate(seed, pool[ref_rows], k=k, quantile=0.9)
+    want_held = brute_share(seed, seed, pool[ref_rows], k, np.arange(len(seed)))
+    np.testing.assert_allclose(held, want_held, atol=1e-6)
+    assert held_t == pytest.approx(np.quantile(want_held, 0.1))  # the (1 - q) quantile of held-out shares
+    if k == 1:  # pool rows next to a seed image find it first
+        assert (got[60:] == 1.0).all()
+
+
+def test_share_gate_keeps_seed_like_images_and_rejects_a_planted_far_cluster(world):
+    seed, pool_in, junk, pool, _ = world
+    threshold, held = share_gate(seed, pool, k=10, quantile=0.98)
+    share = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool)))
+    kept = share >= threshold
+    assert kept[: len(pool_in)].mean() >= 0.95
+    assert not kept[len(pool_in):].any()
+    assert (held >= threshold).mean() >= 0.98 - 1e-9
+
+
+def test_share_k_larger_than_the_bank_is_an_error():
+    with pytest.raises(MakError, match="share k"):
+        seed_share(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), np.ones((1, 3), np.float32), k=3)
+
+
+@pytest.mark.parametrize("gate_score", ["share", "centroid+share"])
+def test_robust_with_the_share_gate_and_tail_reports_both_and_avoids_junk(world, gate_score):
+    seed, pool_in, junk, pool, views = world
+    sel = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score=gate_score,
+                     tail="ecle+share", share_k=10)
+    assert (sel.indices < len(pool_in)).all() and len(set(sel.indices.tolist())) == 30
+    sg = sel.info["seed_share"]
+    assert sg["reference"] == len(pool) and sg["k"] == 10 and sg["rejected"] >= len(junk)
+    assert sel.info["gate_kept"] + sel.info["gate_rejected"] == len(pool)
+    # a subsampled reference (deterministic from the seed) gives the same kind of answer
+    sub = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score=gate_score,
+                     share_k=10, share_reference=len(pool) // 2)
+    again = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score=gate_score,
+                       share_k=10, share_reference=len(pool) // 2)
+    assert sub.info["seed_share"]["reference"] == len(pool) // 2
+    np.testing.assert_array_equal(sub.indices, again.indices)
+    assert (sub.indices < len(pool_in)).all()
+
+
+def test_gate_core_ratio_runs_kcenter_behind_the_gate(world):
+    seed, pool_in, junk, pool, views = world
+    top = mak.select(seed, pool, views, 20, strategy="robust", clusters=5, partitions=1, share_k=10)
+    kc = mak.select(seed, pool, views, 20, strategy="robust", clusters=5, partitions=1, share_k=10,
+                    gate_core_ratio=2.0)
+    assert len(top.candidates) == 20 and len(kc.candidates) == 40
+    np.testing.assert_array_equal(np.sort(top.indices), np.sort(top.candidates))  # ratio 1: the top-scored
+    assert set(kc.indices.tolist()) <= set(kc.candidates.tolist())

@@ -224,8 +224,13 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
         roles["ecle"] = ecle_stage
         for strategy in sel["strategies"]:
             uses_ecle = NEEDS[strategy][1] and ecle_stage is not None
+            opts = dict(sp.get("options") or {})
+            if strategy == "robust":  # key on the effective settings, so new defaults re-run the stage
+                from .robust import robust_options
+
+                opts.update(robust_options(opts))
             s = plan.add(Stage(f"select/r{r}/{strategy}", base / "select" / strategy,
-                               {**sp, "strategy": strategy, "seed": seed, "device": device},
+                               {**sp, "options": opts, "strategy": strategy, "seed": seed, "device": device},
                                [eseed, epool, *([ecle_stage] if uses_ecle else [])], _run_select,
                                ("selection.txt", "summary.json")))
             roles["select"][strategy] = s
@@ -443,9 +448,11 @@ def _run_eval(stage: Stage) -> None:
 FIGURES = ("ood_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_std", "balance_entropy")
 
 
-def collect_results(plan: Plan) -> list[dict]:
-    """One entry per strategy (and "none"): figures per repeat, then mean and std over repeats."""
-    names = ["none", *plan.config["select"]["strategies"]]
+def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dict]:
+    """One entry per strategy (and "none"): figures per repeat, then mean and std over repeats.
+
+    ``strategies`` limits the entries (default: "none" and every strategy of the plan)."""
+    names = strategies if strategies is not None else ["none", *plan.config["select"]["strategies"]]
     out = []
     for name in names:
         per_rep = []

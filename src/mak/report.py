@@ -1160,6 +1160,35 @@ class _Report:
                  f"<span>{_esc(sub)}</span></figcaption>{svg}{_legend(leg)}</figure>")
         return html_, text
 
+    def share_hist(self, name: str, summary: Any) -> tuple[str, str]:
+        """(chart html, one-line text) for robust's seed-share gate, if the summary holds one."""
+        info = summary.get("info") if isinstance(summary, Mapping) else None
+        share = info.get("seed_share") if isinstance(info, Mapping) else None
+        hist = share.get("histogram") if isinstance(share, Mapping) else None
+        thr = _num(share.get("threshold")) if isinstance(share, Mapping) else None
+        if not isinstance(hist, Mapping) or thr is None:
+            return "", ""
+        try:
+            edges = np.asarray(hist["edges"], dtype=np.float64)
+            seed_counts = np.asarray(hist["seed_heldout"], dtype=np.float64)
+            pool_counts = np.asarray(hist["pool"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError):
+            return "", ""
+        if edges.ndim != 1 or seed_counts.shape != pool_counts.shape or edges.size != seed_counts.size + 1:
+            return "", ""
+        rejected = share.get("rejected")
+        text = (f"seed-share gate: threshold {thr:.3g} (k {share.get('k')}), "
+                f"{_count(rejected) if rejected is not None else '?'} pool images below it")
+        series = [_Series(f"pool (n={_count(pool_counts.sum())})", self.colors[name], pool_counts, filled=True),
+                  _Series(f"held-out seed (n={_count(seed_counts.sum())})", "#111827", seed_counts, filled=True)]
+        svg = _svg_histogram(edges, [("", series)], "share of seed images among the nearest neighbours",
+                             f"seed-share histogram {name}", threshold=thr, threshold_label=f"gate {thr:.3g}")
+        leg = [(x.label, x.color, "fill") for x in series] + [("threshold", "#111827", "thr")]
+        html_ = (f'<figure class="gate"><figcaption><b>Seed-share gate: held-out seed vs pool</b>'
+                 f"<span>pool images left of the line have too little seed around them and are rejected"
+                 f"</span></figcaption>{svg}{_legend(leg)}</figure>")
+        return html_, text
+
     def grid(self, title: str, sub: str, entries: Sequence[tuple[int, int | None, str]],
              sc: _Scores | None) -> str:
         """A thumbnail grid of ``(pool index, label or None, tooltip details)`` entries."""
@@ -1251,6 +1280,10 @@ class _Report:
         gate_chart, gate_text = self.gate_hist(name, summary, sc)
         if gate_text:
             facts.append(gate_text)
+        share_chart, share_text = self.share_hist(name, summary)
+        if share_text:
+            facts.append(share_text)
+        gate_chart += share_chart
         timings = summary.get("timings_s") if isinstance(summary.get("timings_s"), Mapping) else {}
         tsum = sum(v for v in (_num(x) for x in timings.values()) if v is not None)
         if tsum > 0:

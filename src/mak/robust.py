@@ -7,74 +7,77 @@ MAK's pipeline (score -> candidates -> k-center seeded with the seed set) and ch
 each usable alone and each an option of ``mak select``:
 
 1. **Seed-calibrated in-domain gate** (``--gate on|off``, ``--gate-quantile``, ``--gate-score``).
-   The seed says how far an in-domain image lies from the seed: every seed image's gate score,
+   The seed says how an in-domain image looks from the seed: every seed image's gate score,
    computed *held out* (the seed image is not part of what it is compared with), is a sample of
-   the score of an unseen in-domain image. Pool images whose score exceeds the ``gate_quantile``
-   of the held-out seed scores are rejected. No labels, nothing tuned on the pool. Two scores:
+   the score of an unseen in-domain image. No labels, nothing tuned on the pool. Scores:
 
    * ``centroid`` (:func:`seed_gate`): cosine distance to k-means centroids of the seed; held out
-     by k-fold (``--gate-folds``), the pool scored against centroids of the full seed
-     (``ctx.distance()`` when ``--gate-clusters`` equals ``--clusters``).
-   * ``lof`` (:func:`lof_gate`, :func:`lof_scores`): a local outlier ratio, the distance to the
-     k-th nearest seed image (``--lof-k``) divided by the mean of the same distance of those k
-     seed neighbours (leave-one-out for seed images). It is ~1 anywhere inside the seed's support,
-     dense or sparse, and large outside it.
+     by k-fold (``--gate-folds``). Rejected above the ``gate_quantile`` of the held-out distances.
+   * ``share`` (:func:`share_gate`, :func:`seed_share`): the fraction of seed images among the
+     ``--share-k`` nearest neighbours in seed + pool (the pool itself, or a uniform sample of
+     ``--share-reference`` rows of it: O(N x (M + reference)), linear in the pool). A label-free
+     density ratio: high where the seed is dense, low but non-zero in its sparse tail, ~0 where
+     the seed has no support -- which is what junk looks like. Held out = leave-one-out for seed
+     images; rejected below the ``1 - gate_quantile`` quantile of the held-out shares.
+   * ``centroid+share`` (default): both gates, same quantile.
+   * ``lof`` (:func:`lof_gate`, :func:`lof_scores`): the distance to the k-th nearest seed image
+     (``--lof-k``) divided by the mean of the same distance of those k seed neighbours.
 2. **Rank fusion** (:func:`rank_normalize`, :func:`rank_fusion`, ``--fusion rank|z``). Each term
    is turned into a percentile over the *gated* pool, so the scale of a term no longer depends on
    how much junk the pool holds: ``score = alpha*pct(tail) - (1-alpha)*pct(distance)``. The
    distance term (``--fusion-distance``) is mak's centroid distance or the lof ratio; ``auto``
    (default) takes the lof ratio with rank fusion and the centroid distance with z-scores.
-3. **kNN tail score** (:func:`knn_tail`, ``--tail ecle|knn|both``, ``--knn-k``). The cosine
-   distance from a pool image to its k-th nearest seed image: tail classes live where the seed is
-   sparse. ``both`` averages the two tail terms after normalisation (percentile ranks, or z-scores
-   with ``--fusion z``); the mean is not re-ranked.
+3. **Tail scores beyond ECLE** (``--tail``, terms joined by ``+``, their normalised values
+   averaged): ``ecle``; ``knn`` (:func:`knn_tail`, ``--knn-k``), the cosine distance to the k-th
+   nearest seed image; ``share``, a *low* seed share: the pool has images of this kind, the seed
+   has few. ``both`` is the old name of ``ecle+knn``.
 
-Then the top ``ceil(core_ratio*budget)`` gated images by score are the candidates, and greedy
-k-center over them with the seed features as initial centers picks the budget, as in ``mak``.
-``robust`` with ``gate=off, tail=ecle, fusion=z`` (the distance term then resolves to the
-centroid distance) is exactly ``mak``: same score vector, same candidates, same indices.
+Then the top ``ceil(gate_core_ratio*budget)`` gated images by score are the candidates and greedy
+k-center over them with the seed features as initial centers picks the budget, as in ``mak``
+(with ``--gate off`` the ratio is mak's ``--core-ratio``). ``robust`` with ``gate=off,
+tail=ecle, fusion=z`` (the distance term then resolves to the centroid distance) is exactly
+``mak``: same score vector, same candidates, same indices.
 
 Choice of defaults
 ------------------
-To be confirmed on the real open-world benchmark (choose there on a ``--seed`` that is not
-reported). Until then each default is principled and checked on
-``benchmarks/bench_robust_synthetic.py``: 10 Gaussian classes in 32-d, seed long-tailed 400 -> 4
-per class, pool 400 -> 40 per class plus 50% (or 90%) junk, half of it leaning towards the
-classes; budget 300; 3 data seeds; "Few" = the 3 rarest seed classes. Numbers are for 50% junk
-(mean over seeds). There, defaults give out-of-domain share 0.021 (mak 0.68, random 0.49),
-Few-class share 0.22 (random 0.049, mak 0.048, kcenter 0.002) and balance 0.85 (mak 0.77).
+Chosen on the Fashion-MNIST open-world benchmark (``benchmarks/bench_openworld.py``) with
+benchmark seed 7, which is never reported; pool 16,350 (half junk), budget 4,960 = 61% of the
+in-domain pool, 792 Few-class pool images. Share of the pick (out-of-domain / Few / Many) and
+balance H of seed + pick, on seed 7:
 
-* ``gate_score = "centroid"`` with ``gate_clusters = "auto"`` = max(clusters, round(sqrt(M/2)))
-  (22 for a seed of 994): the issue's gate, but with a finer k-means than proximity's K, so that
-  smaller modes of a long-tailed seed get their own centroid. With K = ``--clusters`` (10) the
-  gate rejected 78% of the Few-class pool images and the Few share fell from 0.22 to 0.10.
-  The ``lof`` gate keeps the tail (0.8% of Few images rejected) but let 9% of junk through
-  against 2% (out-of-domain share 0.10): available, not the default.
-* ``gate_quantile = 0.8``: the gate costs ~(1 - q) of the in-domain pool by construction, and
-  junk that slips through is over-picked (near the gate it also looks "tail" to ECLE and kNN).
-  On the synthetic pools 0.99 -> 0.95 cut the out-of-domain share from 0.11 to 0.021. On the
-  Fashion-MNIST open-world benchmark (tuning seed 7, never a reported seed; budget 4,960 = 61% of
-  the in-domain pool) the share was 0.185 at 0.95, 0.087 at 0.9 and 0.022 at 0.8, so 0.8 it is.
-  The price: 45% of the Few-class pool images fall outside the gate at 0.8 (16% of Many).
-* ``gate_folds = 5``: each fit sees 80% of the seed, close to the full-seed fit that scores the
-  pool, and every seed image is held out once.
-* ``fusion = "rank"``: percentile ranks over the gated pool are invariant to anything the gate
-  removed and to monotone rescaling of either term, so ``alpha`` means the same on any pool
-  (z-scores over the gated pool: out-of-domain share 0.038 instead of 0.021).
-* ``fusion_distance = "auto"`` = ``lof`` with rank fusion (``centroid`` with ``--fusion z``, which
-  keeps ``gate off, tail ecle, fusion z`` == mak). Behind the gate, the centroid distance mostly
-  measures "far from the head classes' centroids" and pushes the tail out; the lof ratio is ~1
-  across the seed's support whatever its density. Few share 0.086 -> 0.22, balance 0.80 -> 0.85,
-  for out-of-domain share 0.011 -> 0.021. ``lof_k = 5``: a few neighbours for a stable ratio.
-* ``tail = "both"``: ECLE is the model-aware signal of the paper but separates Few from Many
-  classes only weakly inside the domain (AUROC 0.63 on the Fashion-MNIST benchmark); the kNN
-  distance is a label-free density estimate of the seed. Their mean keeps the model's view and
-  adds the density one. (Synthetic ECLE is simulated, so it cannot decide: ecle, knn and both
-  gave the same Few share there, 0.22.)
-* ``knn_k = 10``: a seed class with fewer than ~k images has its k-th nearest seed image outside
-  the class, so k sets the seed-class size below which a region counts as sparse; 10 is at the
-  scale of "Few" classes in long-tailed benchmarks (ImageNet-LT: < 20 images), and k > 1 makes the
-  estimate robust to near-duplicates in the seed. (Synthetic: 5, 10 and 20 alike.)
+====================================================  ======  =====  =====  =====
+setting                                               OOD     Few    Many   H
+====================================================  ======  =====  =====  =====
+random                                                0.495   0.048  0.290  0.825
+session-1 robust (centroid gate q0.8, ecle+knn, 1.5)  0.022   0.072  0.578  0.817
+**defaults** (centroid+share q0.98, ecle+share, 1.0)  0.018   0.092  0.556  0.860
+gate off                                              0.424   0.084  0.303  0.836
+gate centroid only                                    0.204   0.087  0.436  0.863
+gate share only                                       0.022   0.102  0.548  0.864
+gate quantile 0.95 / 0.99                             0.011 / 0.030  0.079 / 0.100
+tail ecle+knn / share alone                           0.019 / 0.022  0.080 / 0.096  (H 0.834 / 0.876)
+gate core ratio 1.5 (k-center over 1.5 x budget)      0.035   0.084  0.546  0.821
+fusion z / fusion distance centroid                   0.021 / 0.026  0.083 / 0.090
+share k 20 / 100                                      0.036 / 0.018  0.095 / 0.088
+====================================================  ======  =====  =====  =====
+
+* The share gate does the junk removal: the seed share tells out-of-domain from in-domain images
+  with AUROC 0.988 (centroid distance 0.94, ECLE 0.75), and unlike a distance threshold it keeps
+  the seed's sparse classes (at q0.98 the combined gate keeps 76% of Few-class pool images; the
+  session-1 centroid gate at q0.8 kept 55%). The centroid gate adds little on top of it but costs
+  little; it guards pools whose junk sits next to seed images.
+* ``share`` as a tail term is the main mover of the Few share and the balance: a low seed share
+  separates Few- from Many-class pool images with AUROC 0.83 (ECLE 0.68, kNN distance 0.62).
+  ``ecle`` stays in the default as the model-aware term of the paper at a small cost in Few share.
+* ``gate_core_ratio = 1.0``: behind a clean gate, k-center over 1.5 x budget spreads the pick over
+  the broad head classes (Few 0.092 -> 0.084, balance 0.860 -> 0.821) and lets the junk that
+  slipped through in (it lies at the edge of the domain, far from every center).
+* Junk that slips past the gate is over-picked (it looks "tail" to every tail score), so the
+  out-of-domain share of the pick is about (junk kept by the gate) / budget.
+* ``gate_clusters = "auto"`` = max(clusters, round(sqrt(M/2))): a finer k-means than proximity's
+  K, so that smaller modes of a long-tailed seed get their own centroid. ``gate_folds = 5``.
+* ``share_k = 50``: k/M small (2% of this seed) but enough neighbours for the count to be stable;
+  ``share_reference = auto`` = max(10 x M, 10,000) pool rows, all of them here.
 
 Details fixed here (tests rely on them)
 ---------------------------------------
@@ -127,18 +130,22 @@ from .selection import Context, Selection, mak_score, register_strategy
 
 DEFAULTS: dict[str, Any] = {
     "gate": True,
-    "gate_quantile": 0.8,
+    "gate_quantile": 0.98,
     "gate_folds": 5,
     "gate_clusters": "auto",
-    "gate_score": "centroid",
+    "gate_score": "centroid+share",
     "lof_k": 5,
-    "tail": "both",
+    "share_k": 50,
+    "share_reference": "auto",
+    "tail": "ecle+share",
     "knn_k": 10,
     "fusion": "rank",
     "fusion_distance": "auto",
+    "gate_core_ratio": 1.0,
 }
-TAILS = ("ecle", "knn", "both")
-GATE_SCORES = ("centroid", "lof")
+TAIL_TERMS = ("ecle", "knn", "share")
+TAILS = ("ecle", "knn", "share", "both", "ecle+share", "knn+share", "ecle+knn", "ecle+knn+share")
+GATE_SCORES = ("centroid", "lof", "share", "centroid+share")
 FUSION_DISTANCES = ("auto", "centroid", "lof")
 FUSIONS = ("rank", "z")
 HIST_BINS = 50
@@ -189,7 +196,7 @@ def seed_gate(seed_features: Any, clusters: int = 10, quantile: float = 0.99, fo
 
 
 def knn_chunks(queries: Any, seed_features: Any, k: int, exclude_self: bool = False,
-               device: str | torch.device | None = None, chunk: int = CHUNK
+               device: str | torch.device | None = None, chunk: int = CHUNK, self_index: np.ndarray | None = None
                ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """The ``k`` nearest seed images of each query row, one query chunk at a time.
 
@@ -197,9 +204,15 @@ def knn_chunks(queries: Any, seed_features: Any, k: int, exclude_self: bool = Fa
     indices they belong to. A running top-k per query row is merged with each seed chunk by
     ``torch.topk``, so memory is O(chunk x (chunk + k)) beyond what the caller keeps.
     ``exclude_self``: the queries are the seed itself and row i never matches seed image i
-    (leave-one-out; an exact duplicate elsewhere in the seed still counts).
+    (leave-one-out; an exact duplicate elsewhere in the seed still counts). ``self_index``
+    generalises it: query row i never matches seed row ``self_index[i]`` (-1: nothing excluded).
     """
     m = int(seed_features.shape[0])
+    n = int(queries.shape[0])
+    if exclude_self:
+        self_index = np.arange(n, dtype=np.int64)
+    excl = None if self_index is None else np.asarray(self_index, dtype=np.int64)
+    exclude_self = excl is not None and bool((excl >= 0).any())
     if k < 1:
         raise MakError(f"knn k must be >= 1, got {k}")
     if k > m - int(exclude_self):
@@ -208,7 +221,7 @@ def knn_chunks(queries: Any, seed_features: Any, k: int, exclude_self: bool = Fa
     if seed_features.shape[1] != queries.shape[1]:
         raise MakError(f"seed feature dimension {seed_features.shape[1]} differs from pool's {queries.shape[1]}")
     dev = resolve_device(device, queries)
-    n = int(queries.shape[0])
+    excl_t = torch.from_numpy(excl).to(dev) if exclude_self else None
     resident = m <= 8 * chunk  # a small seed stays on the device; a big one is re-streamed per query chunk
     seed_chunks = [l2_normalize(to_tensor(seed_features[lo : lo + chunk], dev)) for lo in range(0, m, chunk)] \
         if resident else None
@@ -221,8 +234,7 @@ def knn_chunks(queries: Any, seed_features: Any, k: int, exclude_self: bool = Fa
                 s = seed_chunks[i] if resident else l2_normalize(to_tensor(seed_features[slo : slo + chunk], dev))
                 sim = q @ s.T
                 if exclude_self:
-                    rows = torch.arange(q.shape[0], device=dev) + qlo
-                    cols = rows - slo
+                    cols = excl_t[qlo: qlo + q.shape[0]] - slo
                     hit = (cols >= 0) & (cols < s.shape[0])
                     sim[hit.nonzero().flatten(), cols[hit]] = -float("inf")
                 cand = torch.cat([best, sim], dim=1)
@@ -292,6 +304,50 @@ def lof_gate(seed_features: Any, k: int = 5, quantile: float = 0.99, device: str
     dk, nbr = seed_knn(seed_features, k, device=device)
     held = _lof_ratio(dk, dk[nbr])
     return float(np.quantile(held.astype(np.float64), quantile)), held, dk
+
+
+def share_reference_size(option: Any, seed_size: int) -> int:
+    """Pool rows in the seed-share reference: ``auto`` = max(10 x seed size, 10,000), else the integer."""
+    if option == "auto":
+        return max(10 * int(seed_size), 10_000)
+    return int(option)
+
+
+def seed_share(queries: Any, seed_features: Any, reference: Any, k: int = 50,
+               self_index: np.ndarray | None = None, device: str | torch.device | None = None,
+               chunk: int = CHUNK) -> np.ndarray:
+    """Fraction of seed images among each query's ``k`` nearest neighbours in seed + reference. (n,) float32.
+
+    ``reference`` is the pool (or a uniform sample of it). A label-free density ratio: about
+    ``k * p_seed / (p_seed + c * p_pool)``, high where the seed is dense, low in the seed's sparse
+    tail, and ~0 where the seed has no support at all (out-of-domain images). ``self_index[i]``
+    is the row of seed + reference that query ``i`` itself occupies (-1: none), never counted
+    as its own neighbour. Memory O(n + chunk x (chunk + k)) beyond the bank (seed + reference).
+    """
+    m = int(seed_features.shape[0])
+    bank = np.concatenate([np.asarray(seed_features, dtype=np.float32), np.asarray(reference, dtype=np.float32)])
+    if k > bank.shape[0] - 1:
+        raise MakError(f"share k ({k}) is larger than the seed plus the pool reference ({bank.shape[0]} images, "
+                       "less the image itself)")
+    out = np.empty(int(queries.shape[0]), dtype=np.float32)
+    for lo, hi, _, idx in knn_chunks(queries, bank, k, device=device, chunk=chunk, self_index=self_index):
+        out[lo:hi] = (idx < m).sum(dim=1).cpu().numpy().astype(np.float32) / np.float32(k)
+    return out
+
+
+def share_gate(seed_features: Any, reference: Any, k: int = 50, quantile: float = 0.98,
+               device: str | torch.device | None = None) -> tuple[float, np.ndarray]:
+    """The seed-share gate: (threshold, held-out seed shares (M,)).
+
+    Each seed image's share is computed leave-one-out against seed + reference; the threshold is
+    their ``1 - quantile`` quantile (``np.quantile``, linear). Pool images with a share strictly
+    below it are rejected: the seed itself says how little seed support an in-domain image can have.
+    """
+    _check_quantile(quantile)
+    m = int(seed_features.shape[0])
+    held = seed_share(seed_features, seed_features, reference, k=k, self_index=np.arange(m, dtype=np.int64),
+                      device=device)
+    return float(np.quantile(held.astype(np.float64), 1.0 - quantile)), held
 
 
 def rank_normalize(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -421,6 +477,14 @@ def _check_quantile(q: float) -> None:
         raise MakError(f"gate quantile must be in (0, 1], got {q}")
 
 
+def _parse_tail(value: Any) -> str:
+    """A tail spec: terms of ``TAIL_TERMS`` joined by '+' (``both`` = ecle+knn), in canonical order."""
+    terms = str(value).split("+") if value != "both" else ["ecle", "knn"]
+    if not terms or any(t not in TAIL_TERMS for t in terms) or len(set(terms)) != len(terms):
+        raise MakError(f"unknown tail score '{value}' (choose from: {', '.join(TAILS)})")
+    return "+".join(t for t in TAIL_TERMS if t in terms)
+
+
 def _parse_gate(value: Any) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
@@ -438,8 +502,17 @@ def robust_options(options: dict[str, Any]) -> dict[str, Any]:
     o["gate_quantile"] = float(o["gate_quantile"])
     if not isinstance(o["gate_folds"], (int, np.integer)) or o["gate_folds"] < 2:
         raise MakError(f"gate folds must be an integer >= 2, got {o['gate_folds']}")
-    if o["tail"] not in TAILS:
-        raise MakError(f"unknown tail score '{o['tail']}' (choose from: {', '.join(TAILS)})")
+    o["tail"] = _parse_tail(o["tail"])
+    if not isinstance(o["share_k"], (int, np.integer)) or isinstance(o["share_k"], bool) or o["share_k"] < 1:
+        raise MakError(f"share k must be an integer >= 1, got {o['share_k']}")
+    o["share_k"] = int(o["share_k"])
+    sr = o["share_reference"]
+    if not (sr == "auto" or (isinstance(sr, (int, np.integer)) and not isinstance(sr, bool) and sr >= 1)):
+        raise MakError(f"share reference must be 'auto' or an integer >= 1, got {sr!r}")
+    gcr = o["gate_core_ratio"]
+    if not (isinstance(gcr, (int, float, np.floating)) and not isinstance(gcr, bool) and gcr > 0):
+        raise MakError(f"gate core ratio must be a number > 0, got {gcr!r}")
+    o["gate_core_ratio"] = float(gcr)
     if not isinstance(o["knn_k"], (int, np.integer)) or o["knn_k"] < 1:
         raise MakError(f"knn k must be an integer >= 1, got {o['knn_k']}")
     if o["fusion"] not in FUSIONS:
@@ -499,11 +572,46 @@ def robust_select(ctx: Context) -> Selection:
             ctx.timings["lof"] = time.perf_counter() - t
         return lof_cache["pool"]
 
+    share_cache: dict[str, Any] = {}
+
+    def share_values() -> np.ndarray:  # per pool row; computed once for the gate and the tail
+        if "pool" not in share_cache:
+            t = time.perf_counter()
+            n_ref = share_reference_size(opt["share_reference"], int(seed_feats.shape[0]))
+            ref_rows = np.arange(ctx.pool_size, dtype=np.int64) if n_ref >= ctx.pool_size \
+                else np.sort(ctx.random_subset(n_ref))
+            everything = getattr(ctx, "global_features", ctx.pool_features)  # a distributed context's whole pool
+            reference = np.asarray(everything[ref_rows], dtype=np.float32)
+            lo, hi = getattr(ctx, "local_rows", (0, ctx.pool_size))
+            own = np.arange(lo, hi, dtype=np.int64)
+            pos = np.minimum(np.searchsorted(ref_rows, own), len(ref_rows) - 1)
+            self_index = np.where(ref_rows[pos] == own, int(seed_feats.shape[0]) + pos, -1)
+            share_cache["gate"] = share_gate(seed_feats, reference, k=opt["share_k"], quantile=opt["gate_quantile"],
+                                             device=ctx.device)
+            share_cache["pool"] = seed_share(ctx.pool_features, seed_feats, reference, k=opt["share_k"],
+                                             self_index=self_index, device=ctx.device)
+            share_cache["reference"] = len(ref_rows)
+            ctx.timings["share"] = time.perf_counter() - t
+        return share_cache["pool"]
+
     mask: np.ndarray | None = None
     n_gated = ctx.pool_size
     if opt["gate"]:
         t = time.perf_counter()
-        if opt["gate_score"] == "centroid":
+        share_mask = None
+        if opt["gate_score"] in ("share", "centroid+share"):
+            share = share_values()
+            share_threshold, share_held = share_cache["gate"]
+            share_mask = share >= share_threshold
+            info["seed_share"] = {"threshold": share_threshold, "quantile": 1.0 - opt["gate_quantile"],
+                                  "k": opt["share_k"], "reference": share_cache["reference"],
+                                  "rejected": ctx.pool_size - o.count(share_mask),
+                                  "histogram": _histograms(o, share_held, share, share_threshold)}
+        if opt["gate_score"] == "share":
+            gate_value = -share
+            threshold, held = -share_threshold, -share_held
+            params = {"k": opt["share_k"], "reference": share_cache["reference"]}
+        elif opt["gate_score"] in ("centroid", "centroid+share"):
             m = int(seed_feats.shape[0])
             gk = opt["gate_clusters"]
             gk = auto_gate_clusters(ctx.clusters, m, opt["gate_folds"]) if gk == "auto" else int(gk)
@@ -521,6 +629,8 @@ def robust_select(ctx: Context) -> Selection:
             threshold, held, _ = lof_cache["gate"]
             params = {"k": opt["lof_k"]}
         mask = np.asarray(gate_value) <= threshold
+        if share_mask is not None:
+            mask &= share_mask
         n_gated = o.count(mask)
         ctx.timings["gate"] = time.perf_counter() - t
         info["gate_rejected"] = ctx.pool_size - n_gated
@@ -531,13 +641,16 @@ def robust_select(ctx: Context) -> Selection:
 
     tails: list[np.ndarray] = []
     ecle = None
-    if opt["tail"] in ("ecle", "both"):
+    terms = opt["tail"].split("+")
+    if "ecle" in terms:
         ecle = ctx.ecle()
         tails.append(ecle)
-    if opt["tail"] in ("knn", "both"):
+    if "knn" in terms:
         t = time.perf_counter()
         tails.append(knn_tail(seed_feats, ctx.pool_features, k=opt["knn_k"], device=ctx.device))
         ctx.timings["knn_tail"] = time.perf_counter() - t
+    if "share" in terms:
+        tails.append(-share_values().astype(np.float64))  # a low seed share is the seed's sparse tail
 
     if opt["fusion_distance"] == "lof":
         distance_term = lof_values()
@@ -562,7 +675,8 @@ def robust_select(ctx: Context) -> Selection:
         info["note"] = (f"only {n_gated} pool images pass the gate for a budget of {budget}: "
                         f"filled with the {need} least-distant rejected ones")
     else:
-        n_cand = min(n_gated, math.ceil(ctx.core_ratio * budget))
+        ratio = opt["gate_core_ratio"] if mask is not None else ctx.core_ratio
+        n_cand = min(n_gated, math.ceil(ratio * budget))
         if n_cand <= budget:
             picks = cand = ctx.top_k(score, budget)
         else:
@@ -608,17 +722,29 @@ def _register_cli_options() -> None:
                                       f"(default {d['gate_folds']})"),
          "gate_folds"),
         (("--gate-score",), dict(choices=GATE_SCORES, default=None,
-                                 help="robust: gate on the distance to the seed's centroids or on the local outlier "
-                                      f"ratio of k-NN distances (default {d['gate_score']})"), "gate_score"),
+                                 help="robust: gate on the distance to the seed's centroids, the local outlier "
+                                      "ratio of k-NN distances, the seed share of k-NN in seed + pool, or both "
+                                      f"centroid and share (default {d['gate_score']})"), "gate_score"),
         (("--lof-k",), dict(type=int, default=None, metavar="K",
                             help=f"robust: neighbours of the lof ratio, as gate score or distance term "
                                  f"(default {d['lof_k']})"), "lof_k"),
         (("--gate-clusters",), dict(type=_int_or_auto, default=None, metavar="K",
                                     help="robust: k-means centroids of the centroid gate, or auto = max(--clusters, "
                                          "sqrt(seed size / 2)) (default auto)"), "gate_clusters"),
+        (("--share-k",), dict(type=int, default=None, metavar="K",
+                              help="robust: neighbours (in seed + pool reference) of the seed-share gate and tail "
+                                   f"(default {d['share_k']})"), "share_k"),
+        (("--share-reference",), dict(type=_int_or_auto, default=None, metavar="N",
+                                      help="robust: pool rows the seed share compares against (a uniform sample "
+                                           "when the pool is larger); auto = max(10 x seed size, 10000)"),
+         "share_reference"),
+        (("--gate-core-ratio",), dict(type=float, default=None, metavar="R",
+                                      help="robust: candidates = R x budget of the gated pool before k-center "
+                                           f"(default {d['gate_core_ratio']}; --core-ratio applies with --gate off)"),
+         "gate_core_ratio"),
         (("--tail",), dict(choices=TAILS, default=None,
-                           help=f"robust: tail score, ECLE, kNN distance to the seed, or both averaged "
-                                f"(default {d['tail']})"), "tail"),
+                           help=f"robust: tail score(s), averaged after normalisation: ECLE, kNN distance to the "
+                                f"seed, low seed share; both = ecle+knn (default {d['tail']})"), "tail"),
         (("--knn-k",), dict(type=int, default=None, metavar="K",
                             help=f"robust: the kNN tail uses the K-th nearest seed image (default {d['knn_k']})"),
          "knn_k"),
@@ -658,4 +784,7 @@ __all__ = [
     "seed_folds",
     "seed_gate",
     "seed_knn",
+    "seed_share",
+    "share_gate",
+    "share_reference_size",
 ]
