@@ -189,25 +189,3 @@ def test_cpu_slicing_and_blur_paths_agree():
     conv.cpu_shift_blur_radius = 0  # the depthwise-conv blur used on GPUs and for wide kernels
     assert torch.allclose(conv(x, keys=keys), whole, atol=1e-5)
 
-
-def test_resampling_matrices_equal_grid_sample():
-    # the crop + flip is grid_sample's bilinear, border-padded resampling written as Ry @ x @ Rx^T
-    import torch.nn.functional as F
-
-    from mak.augment import _resampling_matrix
-
-    g = torch.Generator().manual_seed(0)
-    bsz, c, h, w, size = 9, 3, 40, 30, 24
-    x = torch.rand(bsz, c, h, w, generator=g)
-    x0, y0 = torch.rand(bsz, 1, generator=g) * w - 3, torch.rand(bsz, 1, generator=g) * h - 3  # some past the border
-    cw, ch = torch.rand(bsz, 1, generator=g) * w + 1, torch.rand(bsz, 1, generator=g) * h + 1
-    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    flip = torch.rand(bsz, 1, generator=g) > 0.5
-    tx = torch.where(flip, 1 - t[None], t[None])
-    got = torch.matmul(torch.matmul(_resampling_matrix(y0 - 0.5 + ch * t[None], h)[:, None], x),
-                       _resampling_matrix(x0 - 0.5 + cw * tx, w).transpose(1, 2)[:, None])
-    gx = 2 * (x0 + cw * tx) / w - 1
-    gy = 2 * (y0 + ch * t[None]) / h - 1
-    grid = torch.stack([gx[:, None, :].expand(bsz, size, size), gy[:, :, None].expand(bsz, size, size)], dim=-1)
-    want = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    assert torch.allclose(got, want, atol=1e-5)

@@ -51,6 +51,24 @@ def test_user_data_requires_sources():
         load_config(None, ["select.budget=5"])
 
 
+def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
+    # a new robust default must re-run the stage: the key holds the resolved settings, not just the overrides
+    from mak.pipeline import build_plan
+    from mak.robust import DEFAULTS
+
+    def key(*extra):
+        cfg = load_config(None, TINY + ["select.strategies=[robust,mak]", *extra])
+        plan = build_plan(cfg, tmp_path / "run")
+        return {n: plan.repeats[0]["select"][n].key for n in ("robust", "mak")}
+
+    base = key()
+    same = key(f"select.options={{gate_quantile: {DEFAULTS['gate_quantile']}}}")
+    other = key("select.options={gate_quantile: 0.5}")
+    assert base["robust"] == same["robust"] != other["robust"]
+    with pytest.raises(MakError, match="gate quantile"):
+        key("select.options={gate_quantile: 2}")  # validated when the plan is made, before any work
+
+
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_dry_run_every_config(cli, config, tmp_path, capsys):
     assert cli("run", config, "--dry-run", "--out", tmp_path / "run") == 0
