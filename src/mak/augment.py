@@ -413,7 +413,7 @@ class SimCLRAugment:
         grid = torch.stack([gx[:, None, :].expand(bsz, size, size),
                             gy[:, :, None].expand(bsz, size, size)], dim=-1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        x = to_channels(x.contiguous(), self.channels).clamp_(0.0, 1.0)
+        x = to_channels(x.contiguous(), self.channels)  # convex weights: in [0, 1] up to rounding (clamped next)
 
         # 2. colour jitter (identity for images not jittered): brightness, contrast, then
         #    saturation + hue (+ grayscale) as one per-image 3x3 matrix; clamps after each step
@@ -422,24 +422,27 @@ class SimCLRAugment:
         if self.channels == 3:
             cmean = cmean[:, 0:1] * _LUMA[0] + cmean[:, 1:2] * _LUMA[1] + cmean[:, 2:3] * _LUMA[2]
         c = q[:, 6, None, None, None]
-        x = x.mul_(c).add_((1.0 - c) * cmean[:, :, None, None]).clamp_(0.0, 1.0)
+        x = torch.addcmul((1.0 - c) * cmean[:, :, None, None], x, c, out=x).clamp_(0.0, 1.0)
         if self.channels == 3:
             x = torch.bmm(q[:, 7:16].reshape(bsz, 3, 3), x.reshape(bsz, 3, size * size))
             x = x.clamp_(0.0, 1.0).reshape(bsz, 3, size, size)
 
-        # 4. Gaussian blur, separable depthwise conv, one kernel per image (a delta if not blurred)
+        # 4. Gaussian blur, separable depthwise conv, one kernel per image (a delta if not blurred),
+        # 5. and the normalisation (x - MEAN) / STD, whose 1 / STD rides on the vertical pass's
+        #    kernel (in place where possible: ``x`` is ours since grid_sample)
         if blur:
-            x = self._blur(x, q[:, -self.kernel_size:])
-
-        # 5. normalise (in place: ``x`` is ours since grid_sample)
+            return self._blur(x, q[:, -self.kernel_size:], 1.0 / STD).sub_(MEAN / STD)
         return x.sub_(MEAN).div_(STD)
 
-    def _blur(self, x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    def _blur(self, x: torch.Tensor, kern: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """Separable blur with per-image ``kern`` (B, k); the result is multiplied by ``gain``."""
         bsz, c, hh, ww = x.shape
         rad = self.kernel_size // 2
+        kern_v = kern * gain if gain != 1.0 else kern  # the gain is applied once, on the second pass
         if x.device.type == "cpu" and rad <= self.cpu_shift_blur_radius and rad < min(hh, ww):
-            return self._blur_shift(x, kern)
+            return self._blur_shift(x, kern, kern_v)
         kern = kern.repeat_interleave(c, dim=0)  # (B*C, k)
+        kern_v = kern_v.repeat_interleave(c, dim=0)
         mode = "reflect" if rad < min(hh, ww) else "replicate"
         y = F.pad(x, (rad, rad, rad, rad), mode=mode).reshape(1, bsz * c, hh + 2 * rad, ww + 2 * rad)
         groups = bsz * c
@@ -447,16 +450,17 @@ class SimCLRAugment:
             # a one-group conv takes another code path than the depthwise one (different
             # rounding); keep results independent of the batch by always running depthwise
             y, kern, groups = y.expand(1, 2, -1, -1), kern.expand(2, -1), 2
+            kern_v = kern_v.expand(2, -1)
         y = F.conv2d(y, kern[:, None, None, :], groups=groups)   # horizontal
-        y = F.conv2d(y, kern[:, None, :, None], groups=groups)   # vertical
+        y = F.conv2d(y, kern_v[:, None, :, None], groups=groups)  # vertical
         return y[:, : bsz * c].reshape(bsz, c, hh, ww)
 
-    def _blur_shift(self, x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    def _blur_shift(self, x: torch.Tensor, kern: torch.Tensor, kern_v: torch.Tensor) -> torch.Tensor:
         """The same blur as shifted, weighted adds (faster than a depthwise conv on CPUs for
         3-tap kernels); elementwise, so per image and independent of the batch."""
         rad = self.kernel_size // 2
         y = F.pad(x, (rad, rad, rad, rad), mode="reflect")
-        return _shift_pass(_shift_pass(y, kern, 3, rad), kern, 2, rad)
+        return _shift_pass(_shift_pass(y, kern, 3, rad), kern_v, 2, rad)
 
 
 def _shift_pass(z: torch.Tensor, kern: torch.Tensor, dim: int, rad: int) -> torch.Tensor:
@@ -464,7 +468,8 @@ def _shift_pass(z: torch.Tensor, kern: torch.Tensor, dim: int, rad: int) -> torc
     n = z.shape[dim] - 2 * rad
     out = z.narrow(dim, rad, n) * kern[:, rad, None, None, None]
     for j in range(1, rad + 1):
-        out += (z.narrow(dim, rad - j, n) + z.narrow(dim, rad + j, n)) * kern[:, rad + j, None, None, None]
+        out = torch.addcmul(out, z.narrow(dim, rad - j, n) + z.narrow(dim, rad + j, n),
+                            kern[:, rad + j, None, None, None], out=out)
     return out
 
 
