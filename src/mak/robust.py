@@ -313,19 +313,26 @@ def share_reference_size(option: Any, seed_size: int) -> int:
     return int(option)
 
 
+def share_bank(seed_features: Any, reference: Any) -> np.ndarray:
+    """Seed rows then reference rows, float32: what :func:`seed_share` searches (build it once per pool)."""
+    return np.concatenate([np.asarray(seed_features, dtype=np.float32), np.asarray(reference, dtype=np.float32)])
+
+
 def seed_share(queries: Any, seed_features: Any, reference: Any, k: int = 50,
                self_index: np.ndarray | None = None, device: str | torch.device | None = None,
-               chunk: int = CHUNK) -> np.ndarray:
+               chunk: int = CHUNK, *, bank: np.ndarray | None = None) -> np.ndarray:
     """Fraction of seed images among each query's ``k`` nearest neighbours in seed + reference. (n,) float32.
 
     ``reference`` is the pool (or a uniform sample of it). A label-free density ratio: about
     ``k * p_seed / (p_seed + c * p_pool)``, high where the seed is dense, low in the seed's sparse
     tail, and ~0 where the seed has no support at all (out-of-domain images). ``self_index[i]``
     is the row of seed + reference that query ``i`` itself occupies (-1: none), never counted
-    as its own neighbour. Memory O(n + chunk x (chunk + k)) beyond the bank (seed + reference).
+    as its own neighbour. Memory O(n + chunk x (chunk + k)) beyond the bank (seed + reference);
+    pass ``bank`` (:func:`share_bank`) to reuse one across calls.
     """
     m = int(seed_features.shape[0])
-    bank = np.concatenate([np.asarray(seed_features, dtype=np.float32), np.asarray(reference, dtype=np.float32)])
+    if bank is None:
+        bank = share_bank(seed_features, reference)
     if k > bank.shape[0] - 1:
         raise MakError(f"share k ({k}) is larger than the seed plus the pool reference ({bank.shape[0]} images, "
                        "less the image itself)")
@@ -336,7 +343,8 @@ def seed_share(queries: Any, seed_features: Any, reference: Any, k: int = 50,
 
 
 def share_gate(seed_features: Any, reference: Any, k: int = 50, quantile: float = 0.98,
-               device: str | torch.device | None = None) -> tuple[float, np.ndarray]:
+               device: str | torch.device | None = None, *, bank: np.ndarray | None = None
+               ) -> tuple[float, np.ndarray]:
     """The seed-share gate: (threshold, held-out seed shares (M,)).
 
     Each seed image's share is computed leave-one-out against seed + reference; the threshold is
@@ -346,7 +354,7 @@ def share_gate(seed_features: Any, reference: Any, k: int = 50, quantile: float 
     _check_quantile(quantile)
     m = int(seed_features.shape[0])
     held = seed_share(seed_features, seed_features, reference, k=k, self_index=np.arange(m, dtype=np.int64),
-                      device=device)
+                      device=device, bank=bank)
     return float(np.quantile(held.astype(np.float64), 1.0 - quantile)), held
 
 
@@ -586,10 +594,11 @@ def robust_select(ctx: Context) -> Selection:
             own = np.arange(lo, hi, dtype=np.int64)
             pos = np.minimum(np.searchsorted(ref_rows, own), len(ref_rows) - 1)
             self_index = np.where(ref_rows[pos] == own, int(seed_feats.shape[0]) + pos, -1)
+            bank = share_bank(seed_feats, reference)
             share_cache["gate"] = share_gate(seed_feats, reference, k=opt["share_k"], quantile=opt["gate_quantile"],
-                                             device=ctx.device)
+                                             device=ctx.device, bank=bank)
             share_cache["pool"] = seed_share(ctx.pool_features, seed_feats, reference, k=opt["share_k"],
-                                             self_index=self_index, device=ctx.device)
+                                             self_index=self_index, device=ctx.device, bank=bank)
             share_cache["reference"] = len(ref_rows)
             ctx.timings["share"] = time.perf_counter() - t
         return share_cache["pool"]
@@ -785,6 +794,7 @@ __all__ = [
     "seed_gate",
     "seed_knn",
     "seed_share",
+    "share_bank",
     "share_gate",
     "share_reference_size",
 ]
