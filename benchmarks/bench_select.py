@@ -3,8 +3,12 @@
 1. kcenter_greedy vs a recompute-everything reference (distances to all centers at every step).
 2. kcenter_greedy time per pick vs the time to read the N x d matrix once (bandwidth floor).
 3. ecle vs bare matmuls of the same FLOPs (the Gram blocks ECLE forms).
+4. robust's seed share (k nearest in seed + pool reference) vs the bare similarity matmuls it needs.
 
-Prints ratios; nothing here asserts a time. Usage: python benchmarks/bench_select.py [--quick]
+Prints ratios; nothing here asserts a time. Usage::
+
+    python benchmarks/bench_select.py [--quick]          # CPU sizes
+    python benchmarks/bench_select.py --device cuda      # GPU: pools 10-20x larger
 """
 from __future__ import annotations
 
@@ -13,17 +17,28 @@ import os
 import platform
 import time
 
+import numpy as np
 import torch
 
 import mak
 from mak.tailness import batch_plan
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def best_of(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -45,27 +60,40 @@ def naive_kcenter(x: torch.Tensor, budget: int, init: torch.Tensor) -> list[int]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (tensors live there; GPU sizes are larger)")
     args = ap.parse_args()
-    n, m, d, budget = (2000, 400, 128, 100) if args.quick else (10_000, 2_000, 128, 500)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    global DEVICE
+    DEVICE = dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    n, m, d, budget = (2000, 400, 128, 100) if args.quick else ((100_000, 20_000, 128, 500) if gpu else (10_000, 2_000, 128, 500))
+    name = torch.cuda.get_device_name(dev) if gpu else (platform.processor() or platform.machine())
+    print(f"machine: {name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {dev}")
     g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
-    init = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dev)
+    init = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1).to(dev)
 
     # 1. fast vs naive
     t_fast = best_of(lambda: mak.kcenter_greedy(x, budget, init=init))
     t0 = time.perf_counter()
     ref = naive_kcenter(x, budget, init)
     t_naive = time.perf_counter() - t0
-    same = mak.kcenter_greedy(x, budget, init=init).tolist() == ref
+    fast = mak.kcenter_greedy(x, budget, init=init)
+    same = fast.tolist() == ref
+    first_diff = next((i for i, (a, b) in enumerate(zip(fast.tolist(), ref)) if a != b), None)
+    from mak.kcenter import covering_radius
+
+    r_fast = covering_radius(x, fast, init=init)
+    r_ref = covering_radius(x, np.asarray(ref), init=init)
     print(f"\n[1] k-center N={n} init={m} d={d} budget={budget}")
     print(f"    mak.kcenter_greedy {t_fast * 1e3:9.1f} ms   recompute-everything {t_naive * 1e3:9.1f} ms   "
-          f"speed-up {t_naive / t_fast:7.1f}x   identical picks: {same}")
+          f"speed-up {t_naive / t_fast:7.1f}x   identical picks: {same}"
+          + ("" if same else f" (first difference at pick {first_diff}: float rounding of near-ties)"))
+    print(f"    covering radius: mak {r_fast:.6f}, reference {r_ref:.6f}")
 
     # 2. per pick vs bandwidth floor
-    big_n = 200_000 if not args.quick else 50_000
-    xb = torch.nn.functional.normalize(torch.randn(big_n, d, generator=g), dim=1)
+    big_n = 50_000 if args.quick else (4_000_000 if gpu else 200_000)
+    xb = torch.nn.functional.normalize(torch.randn(big_n, d, generator=g), dim=1).to(dev)
     steps = 200
     t_total = best_of(lambda: mak.kcenter_greedy(xb, steps + 1, seed=0), repeats=2)
     t_prep = best_of(lambda: mak.kcenter_greedy(xb, 1, seed=0), repeats=2)
@@ -76,11 +104,11 @@ def main() -> None:
           f"ratio {per_pick / floor:5.2f}x")
 
     # 3. ECLE vs matmul floor
-    r, nv, dv, bs, parts = (10, 4096, 128, 512, 1) if not args.quick else (4, 2048, 128, 512, 1)
-    views = torch.randn(r, nv, dv, generator=g)
+    r, nv, dv, bs, parts = (4, 2048, 128, 512, 1) if args.quick else ((10, 200_000, 128, 512, 1) if gpu else (10, 4096, 128, 512, 1))
+    views = torch.randn(r, nv, dv, generator=g).to(dev)
     t_ecle = best_of(lambda: mak.ecle(views, batch_size=bs, partitions=parts), repeats=2)
     nb = len(batch_plan(nv, bs)) * parts
-    zb = torch.nn.functional.normalize(torch.randn(r * bs, dv, generator=g), dim=1)
+    zb = torch.nn.functional.normalize(torch.randn(r * bs, dv, generator=g), dim=1).to(dev)
 
     def gram_floor():
         for _ in range(nb):
@@ -96,6 +124,29 @@ def main() -> None:
     print(f"    (scoring each view pair separately would need {pairwise / 1e9:.1f} GFLOP, "
           f"{pairwise / flops:.2f}x the shared-Gram FLOPs)")
     print(f"    {t_ecle / (nv * parts) * 1e6:.1f} us per pool image per ordering")
+
+    # 4. seed share (robust's gate and tail): k nearest among seed + reference for every query
+    from mak.robust import seed_share, share_bank
+
+    nq, ms, nref, k = (5_000, 1_000, 10_000, 50) if args.quick else ((1_000_000, 20_000, 200_000, 50) if gpu
+                                                                  else (50_000, 2_000, 20_000, 50))
+    q = torch.nn.functional.normalize(torch.randn(nq, d, generator=g), dim=1).numpy()
+    sd = torch.nn.functional.normalize(torch.randn(ms, d, generator=g), dim=1).numpy()
+    ref = q[:nref]
+    bank = share_bank(sd, ref)
+    t_share = best_of(lambda: seed_share(q, sd, ref, k=k, device=dev, bank=bank), repeats=1)
+    bank_t = torch.from_numpy(bank).to(dev)
+    qt = torch.from_numpy(q).to(dev)
+    step = 8192
+
+    def sim_floor():
+        for lo in range(0, nq, step):
+            qt[lo:lo + step] @ bank_t.T
+
+    t_sim = best_of(sim_floor, repeats=1)
+    print(f"\n[4] seed share N={nq} seed={ms} reference={nref} d={d} k={k}")
+    print(f"    seed_share {t_share:8.2f} s   bare similarity matmuls {t_sim:8.2f} s   ratio {t_share / t_sim:5.2f}x   "
+          f"{t_share / nq * 1e6:.2f} us per pool image")
 
 
 if __name__ == "__main__":

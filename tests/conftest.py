@@ -4,12 +4,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# native kernels are built once per test session into a private cache, not the user's ~/.cache
+os.environ.setdefault("MAK_CACHE_DIR", tempfile.mkdtemp(prefix="mak-test-cache-"))
 
 
 @pytest.fixture

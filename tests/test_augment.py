@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -186,6 +188,26 @@ def test_cpu_slicing_and_blur_paths_agree():
     sliced.cpu_chunk_elements = 1  # slices of 32 images
     assert torch.equal(sliced(x, keys=keys), whole)
     conv = SimCLRAugment(32, 3)
-    conv.cpu_shift_blur_radius = 0  # the depthwise-conv blur used on GPUs and for wide kernels
+    conv.cpu_shift_blur_radius = 0  # the depthwise-conv blur used on CPUs for wide kernels
     assert torch.allclose(conv(x, keys=keys), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,channels,k", [(28, 1, 3), (96, 3, 9), (224, 3, 23), (4, 1, 5), (2, 1, 5)])
+def test_gpu_blur_matmul_equals_depthwise_conv(size, channels, k):
+    """The GPU blur (banded matrices holding the padding) against the padded depthwise conv,
+    reflect padding and, for images smaller than the kernel's radius, replicate."""
+    from mak.augment import _blur_matmul
+
+    aug = SimCLRAugment(max(size, 3), channels)
+    aug.kernel_size, aug.cpu_shift_blur_radius = k, -1  # force the conv path
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(6, channels, size, size, generator=g)
+    sigma = np.linspace(0.1, 2.0, 6)
+    kern = torch.from_numpy(aug._blur_kernels(sigma, np.array([True, False, True, True, True, True]))).float()
+    ref = aug._blur(x, kern, 2.0)
+    got = _blur_matmul(x, kern, kern * 2.0, k // 2)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=2e-6), float((got - ref).abs().max())
+    half = _blur_matmul(x, kern, kern * 2.0, k // 2, torch.float16)  # the GPU's precision
+    assert half.dtype == torch.float32 and torch.allclose(half, ref, atol=4e-3)
 

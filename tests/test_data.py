@@ -326,3 +326,22 @@ def test_folder_symlink_loop(tmp_path, rng):
     (root / "sub" / "back").symlink_to(root, target_is_directory=True)
     src = FolderSource(root)
     assert "sub/a.png" in src.items() and len(src) <= 2
+
+
+@pytest.mark.parametrize("shape,channels,size,fits", [
+    ((20, 28, 28), 1, 28, True),      # grey at the working size
+    ((20, 28, 28), 3, 28, True),      # grey array, RGB model: channels repeated
+    ((20, 16, 16, 3), 3, 16, True),   # RGB at the working size
+    ((20, 16, 16, 3), 1, 16, False),  # RGB -> grey needs the luma conversion of fit()
+    ((20, 28, 28), 1, 32, False),     # needs a resize
+])
+def test_fit_rows_equals_fit_image_by_image(tmp_path, rng, shape, channels, size, fits):
+    np.save(tmp_path / "a.npy", rng.integers(0, 256, shape, dtype=np.uint8))
+    ds = ImageDataset(ArraySource(tmp_path / "a.npy"), size, channels, mode="center")
+    assert ds.fits_rows() is fits
+    if fits:
+        got = ds.fit_rows(3, 11)
+        assert got.dtype == torch.uint8 and got.shape == (8, channels, size, size)
+        assert torch.equal(got, torch.stack([ds.fit(i) for i in range(3, 11)]))
+    with pytest.raises(MakError, match="out of range"):
+        ArraySource(tmp_path / "a.npy").load_rows(5, 21)

@@ -12,8 +12,24 @@ def is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def auto_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or ``None``) -> the first CUDA device when one is available, else CPU; any
+    other name as ``torch.device``. A CUDA request without CUDA is a :class:`MakError`."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import MakError
+
+        raise MakError("--device cuda requested but no CUDA device is available")
+    return dev
+
+
 def resolve_device(device: str | torch.device | None, like: Any = None) -> torch.device:
-    """``device`` if given, else the device of ``like`` when it is a tensor, else CPU."""
+    """``device`` if given (``"auto"``: CUDA when available), else the device of ``like`` when it
+    is a tensor, else CPU."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return auto_device(device)
     if device is not None:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():

@@ -17,7 +17,8 @@ device:
 4. Gaussian blur with p 0.5: kernel ``k`` = 10% of the output side rounded down to odd, at least
    3 (23 at 224 px, 3 at 28-32 px), sigma U(0.1, 2.0) px, reflect padding, as a separable
    depthwise convolution with one kernel per image (on CPUs, 3-tap kernels use shifted adds,
-   which are faster there, and batches run in cache-sized slices);
+   which are faster there, and batches run in cache-sized slices; on GPUs two batched float16
+   matmuls with per-image banded matrices that also hold the padding);
 5. conversion to ``channels`` (RGB -> grey with ITU-R 601-2 luma, grey -> RGB by copying) and
    normalisation ``(x - 0.5) / 0.5``: outputs are float32 in [-1, 1].
 
@@ -41,12 +42,15 @@ anti-aliasing, which is right when the crop is no larger than the output.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 __all__ = [
     "MEAN",
@@ -86,6 +90,7 @@ _U_GRAY = _U_HUE + 1
 _U_BLUR = _U_GRAY + 1
 _U_SIGMA = _U_BLUR + 1
 NUM_UNIFORMS = 32  # a few spare
+_RING = 8  # pinned upload buffers per SimCLRAugment (GPU)
 
 
 def _signed(v: int) -> int:
@@ -142,10 +147,13 @@ def _mix_np(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U64(31))
 
 
+_STEPS = np.array([((j + 1) * _GAMMA) & _MASK for j in range(NUM_UNIFORMS)], dtype=np.uint64)
+
+
 def _uniforms_np(keys: torch.Tensor, n: int) -> np.ndarray:
     k = torch.as_tensor(keys).detach().to(device="cpu", dtype=torch.int64).reshape(-1).numpy()
     state = _mix_np(k.astype(np.uint64))  # two's complement reinterpretation
-    steps = np.array([((j + 1) * _GAMMA) & _MASK for j in range(n)], dtype=np.uint64)
+    steps = _STEPS[:n] if n <= len(_STEPS) else np.array([((j + 1) * _GAMMA) & _MASK for j in range(n)], dtype=np.uint64)
     with np.errstate(over="ignore"):
         z = _mix_np(state[:, None] + steps[None, :])  # splitmix64's counter, wrapping
     return (z >> _U64(11)).astype(np.float64) * (2.0 ** -53)
@@ -201,18 +209,25 @@ _YIQ = np.array([[0.299, 0.587, 0.114],
 _YIQ_INV = np.linalg.inv(_YIQ)
 
 
+def _colour_basis() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Constant 3x3 pieces of ``YIQ^-1 @ rot(hue) @ YIQ @ sat(s)``, which is
+    ``s * (A + cos(h) Bc + sin(h) Bs) + (1 - s) * G``: A keeps luma, Bc/Bs rotate the I-Q plane
+    and G maps a colour to its grey (grey stays grey, so the rotation does not act on it)."""
+    a = _YIQ_INV[:, :1] @ _YIQ[:1, :]
+    bc = _YIQ_INV[:, 1:] @ _YIQ[1:, :]
+    bs = _YIQ_INV[:, 1:] @ np.array([[0.0, -1.0], [1.0, 0.0]]) @ _YIQ[1:, :]
+    g = np.outer((a + bc) @ np.ones(3), np.asarray(_LUMA, dtype=np.float64))
+    return a, bc, bs, g
+
+
+_COLOUR_BASIS = _colour_basis()
+
+
 def _colour_matrices_np(saturation: np.ndarray, hue: np.ndarray) -> np.ndarray:
-    n = saturation.shape[0]
-    w = np.asarray(_LUMA, dtype=np.float64)
-    sat = saturation[:, None, None] * np.eye(3) + (1.0 - saturation)[:, None, None] * w[None, None, :]
+    a, bc, bs, g = _COLOUR_BASIS
     ang = 2.0 * math.pi * hue
-    rot = np.zeros((n, 3, 3), dtype=np.float64)
-    rot[:, 0, 0] = 1.0
-    rot[:, 1, 1] = np.cos(ang)
-    rot[:, 1, 2] = -np.sin(ang)
-    rot[:, 2, 1] = np.sin(ang)
-    rot[:, 2, 2] = np.cos(ang)
-    return _YIQ_INV[None] @ rot @ _YIQ[None] @ sat
+    sat = saturation[:, None, None]
+    return sat * (a + np.cos(ang)[:, None, None] * bc + np.sin(ang)[:, None, None] * bs) + (1.0 - sat) * g
 
 
 def colour_matrices(saturation: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
@@ -260,6 +275,8 @@ class SimCLRAugment:
         self.kernel_size = blur_kernel_size(self.size)
 
     cpu_shift_blur_radius = 1     # on CPUs, kernels up to this radius use shifted adds, not conv
+    native = True                 # uint8 CPU batches: the fused C kernel of mak.native when it builds
+    gpu_blur_matmul = True        # on GPUs, blur with banded matmuls (False: depthwise conv)
     cpu_chunk_elements = 1 << 21  # pixel values per slice of a CPU batch (8 MB of float32; a 256-batch at 28 px is one slice)
 
     def describe(self) -> dict[str, Any]:
@@ -321,9 +338,13 @@ class SimCLRAugment:
         sat = factor(_U_SAT, js)
         hue = np.where(apply, (2.0 * u[:, _U_HUE] - 1.0) * jh, 0.0)
         gray = u[:, _U_GRAY] < self.gray_p
-        colour = np.where(apply[:, None, None], _colour_matrices_np(sat, hue), np.eye(3)[None])
-        grey_m = np.repeat(np.asarray(_LUMA, dtype=np.float64)[None, :], 3, axis=0)
-        colour = np.where(gray[:, None, None], grey_m[None] @ colour, colour)
+        if self.channels == 3:
+            colour = np.where(apply[:, None, None], _colour_matrices_np(sat, hue), np.eye(3)[None])
+            # grayscale: every output channel becomes the luma of the jittered colour
+            luma = np.einsum("j,njk->nk", np.asarray(_LUMA, dtype=np.float64), colour)
+            colour = np.where(gray[:, None, None], np.repeat(luma[:, None, :], 3, axis=1), colour)
+        else:  # saturation, hue and grayscale do nothing to one channel
+            colour = np.broadcast_to(np.eye(3), (n, 3, 3))
         return {
             "crop": np.stack([x0, y0, w, h], axis=1),
             "flip": u[:, _U_FLIP] < self.flip_p,
@@ -351,6 +372,11 @@ class SimCLRAugment:
                 raise ValueError(f"expected keys of shape ({bsz},), got {tuple(keys.shape)}")
         with torch.autocast(images.device.type, enabled=False):
             p = self._params_np(keys, height, width)
+            if (self.native and bsz and images.device.type == "cpu" and images.dtype == torch.uint8
+                    and self.kernel_size <= native.MAX_TAPS and native.available()):
+                blur = self.blur and bool(p["blur"].any())
+                return native.simclr_augment(images, self._pack(p, height, width, blur), self.channels, self.size,
+                                             self.kernel_size if blur else 0, MEAN, STD)
             if images.device.type != "cpu" or bsz == 0:
                 return self._apply(_as_float(images), p)
             # on CPUs the pipeline is memory-bound: run it on cache-sized slices of the batch
@@ -366,6 +392,32 @@ class SimCLRAugment:
                 out[start:stop] = self._apply(_as_float(images[start:stop]), part)
             return out
 
+    def _upload(self, arr: np.ndarray, dev: torch.device) -> torch.Tensor:
+        """Copy ``arr`` to the GPU through a ring of pinned buffers, asynchronously.
+
+        A fresh ``pin_memory()`` per call can allocate page-locked memory (slow, and it may wait
+        for the device), and a copy from pageable memory may wait for the stream: either stalls
+        the host while the GPU still has the previous views' forward passes queued. A slot is
+        reused only after the copy that last used it has finished (``_RING`` calls ago).
+        """
+        ring = self.__dict__.setdefault("_ring", [[None, None] for _ in range(_RING)])
+        pos = self.__dict__["_ring_pos"] = (self.__dict__.get("_ring_pos", -1) + 1) % _RING
+        buf, done = ring[pos]
+        if done is not None:
+            done.synchronize()
+        flat = arr.reshape(-1)
+        if buf is None or buf.numel() < flat.size:
+            buf = torch.empty(max(flat.size, 4096), dtype=torch.float32, pin_memory=True)
+        buf[:flat.size].copy_(torch.from_numpy(flat))
+        out = buf[:flat.size].view(arr.shape).to(dev, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(dev))
+        ring[pos] = [buf, done]
+        return out
+
+    def __getstate__(self) -> dict:  # pinned buffers and CUDA events stay with their process
+        return {k: v for k, v in self.__dict__.items() if k not in ("_ring", "_ring_pos")}
+
     def _blur_kernels(self, sigma: np.ndarray, apply: np.ndarray) -> np.ndarray:
         """(B, k) float64 normalised Gaussian kernels; a delta where ``apply`` is False."""
         k = self.kernel_size
@@ -377,13 +429,11 @@ class SimCLRAugment:
         delta[rad] = 1.0
         return np.where(apply[:, None], kern, delta[None, :])
 
-    def _apply(self, x: torch.Tensor, p: dict[str, np.ndarray]) -> torch.Tensor:
-        dev = x.device
-        bsz, _, height, width = x.shape
-        size = self.size
-        blur = self.blur and bool(p["blur"].any())
-
-        # every per-image number goes to the device in one float32 copy
+    def _pack(self, p: dict[str, np.ndarray], height: int, width: int, blur: bool) -> np.ndarray:
+        """Every per-image number as one float32 (B, P) array (one copy to the device; also the
+        native kernel's layout): crop/flip in grid units, brightness, contrast, the colour matrix
+        (3 channels), the blur taps (when ``blur``)."""
+        bsz = p["crop"].shape[0]
         crop = p["crop"]
         cols = [
             2.0 * crop[:, 2] / width,            # 0 ax: crop width in grid units
@@ -399,11 +449,18 @@ class SimCLRAugment:
             packed.append(p["colour"].reshape(bsz, 9))               # 7 .. 15
         if blur:
             packed.append(self._blur_kernels(p["sigma"], p["blur"]))  # last k columns
-        q = torch.from_numpy(np.concatenate(packed, axis=1).astype(np.float32))
+        return np.concatenate(packed, axis=1).astype(np.float32)
+
+    def _apply(self, x: torch.Tensor, p: dict[str, np.ndarray]) -> torch.Tensor:
+        dev = x.device
+        bsz, _, height, width = x.shape
+        size = self.size
+        blur = self.blur and bool(p["blur"].any())
+        q_np = self._pack(p, height, width, blur)
         if dev.type == "cuda":
-            q = q.pin_memory().to(dev, non_blocking=True)
-        elif dev.type != "cpu":
-            q = q.to(dev)
+            q = self._upload(q_np, dev)
+        else:
+            q = torch.from_numpy(q_np).to(dev)
 
         # 1. crop + flip in one grid_sample: output pixel j samples x0 + w * (j + 0.5) / size
         t = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) / size
@@ -441,6 +498,8 @@ class SimCLRAugment:
         kern_v = kern * gain if gain != 1.0 else kern  # the gain is applied once, on the second pass
         if x.device.type == "cpu" and rad <= self.cpu_shift_blur_radius and rad < min(hh, ww):
             return self._blur_shift(x, kern, kern_v)
+        if x.device.type != "cpu" and self.gpu_blur_matmul:
+            return _blur_matmul(x, kern, kern_v, rad, torch.float16 if x.device.type == "cuda" else None)
         kern = kern.repeat_interleave(c, dim=0)  # (B*C, k)
         kern_v = kern_v.repeat_interleave(c, dim=0)
         mode = "reflect" if rad < min(hh, ww) else "replicate"
@@ -461,6 +520,40 @@ class SimCLRAugment:
         rad = self.kernel_size // 2
         y = F.pad(x, (rad, rad, rad, rad), mode="reflect")
         return _shift_pass(_shift_pass(y, kern, 3, rad), kern_v, 2, rad)
+
+
+@functools.lru_cache(maxsize=16)
+def _tap_matrices(size: int, rad: int, device: torch.device) -> torch.Tensor:
+    """(k, size, size) 0/1: ``T[j, o, i] = 1`` where output ``o``'s tap ``j`` reads input ``i``
+    (reflect padding, or replicate when the image is smaller than the kernel's radius)."""
+    o = torch.arange(size, device=device)[:, None]
+    j = torch.arange(2 * rad + 1, device=device)[None, :]
+    i = o + j - rad  # (size, k)
+    if rad < size:
+        i = torch.where(i < 0, -i, i)
+        i = torch.where(i > size - 1, 2 * (size - 1) - i, i)
+    else:
+        i = i.clamp(0, size - 1)
+    t = torch.zeros(2 * rad + 1, size, size, device=device)
+    t.index_put_((j.expand(size, -1), o.expand(-1, 2 * rad + 1), i), torch.ones((), device=device), accumulate=True)
+    return t
+
+
+def _blur_matmul(x: torch.Tensor, kern: torch.Tensor, kern_v: torch.Tensor, rad: int,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The separable blur as two batched matmuls with per-image banded matrices that hold the
+    padding: no padded copy, no depthwise conv with long kernels. ``dtype`` (GPUs: float16, on
+    tensor cores; images in [0, 1] and convex weights cannot overflow it) is the matmuls' type."""
+    bsz, c, hh, ww = x.shape
+    k = 2 * rad + 1
+    dt = dtype or x.dtype
+    th, tw = _tap_matrices(hh, rad, x.device), _tap_matrices(ww, rad, x.device)
+    mh = (kern @ tw.reshape(k, -1)).reshape(bsz, ww, ww).to(dt)  # [b, o, i], horizontal
+    kv = kern_v.repeat_interleave(c, dim=0) if c > 1 else kern_v
+    mv = (kv @ th.reshape(k, -1)).reshape(bsz * c, hh, hh).to(dt)  # [b*c, o, i], vertical (with the gain)
+    y = torch.bmm(x.to(dt).reshape(bsz, c * hh, ww), mh.transpose(1, 2))  # rows of every channel
+    y = torch.bmm(mv, y.view(bsz * c, hh, ww))  # columns
+    return y.view(bsz, c, hh, ww).to(x.dtype)
 
 
 def _shift_pass(z: torch.Tensor, kern: torch.Tensor, dim: int, rad: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ DEFAULTS: dict[str, Any] = {
         "name": "mak-run",
         "seed": 0,              # base seed; repeat r uses seed + r
         "repeats": 1,
-        "device": "cpu",
+        "device": "auto",       # auto: CUDA when available, else cpu
     },
     "data": {
         # Either build the open-world benchmark from Fashion-MNIST ...

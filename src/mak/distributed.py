@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ._tensor import auto_device
+
 
 def launched_by_torchrun() -> bool:
     """True when the environment variables torchrun sets are present with WORLD_SIZE > 1."""
@@ -19,18 +21,42 @@ def launched_by_torchrun() -> bool:
 def init(device: str | torch.device = "cpu") -> bool:
     """Initialise the default process group if launched by torchrun; return whether it is active.
 
-    gloo on CPU, NCCL when ``device`` is CUDA. Safe to call more than once.
+    gloo on CPU, NCCL when ``device`` is CUDA; the environment variable ``MAK_DIST_BACKEND``
+    (``gloo`` or ``nccl``) overrides the choice. NCCL needs one GPU per process; with more
+    processes than GPUs on a node (testing DDP on one GPU, say) use ``MAK_DIST_BACKEND=gloo``,
+    which shares the GPUs round-robin. Safe to call more than once.
     """
     if dist.is_available() and dist.is_initialized():
         return True
     if not launched_by_torchrun():
         return False
-    dev = torch.device(device)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dev = auto_device(device)
+    backend = backend_for(dev)
     if dev.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        count = torch.cuda.device_count()
+        nlocal = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if backend == "nccl" and nlocal > count:
+            from .errors import MakError
+
+            raise MakError(f"NCCL needs one GPU per process: {nlocal} processes on this node but "
+                           f"{count} GPU(s); use fewer processes or MAK_DIST_BACKEND=gloo")
+        torch.cuda.set_device(local % max(1, count))
     dist.init_process_group(backend=backend)
     return True
+
+
+def backend_for(device: str | torch.device) -> str:
+    """The process-group backend for ``device``: ``MAK_DIST_BACKEND`` if set, else NCCL on CUDA
+    and gloo otherwise."""
+    forced = os.environ.get("MAK_DIST_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in ("gloo", "nccl"):
+            from .errors import MakError
+
+            raise MakError(f"MAK_DIST_BACKEND must be gloo or nccl, not {forced!r}")
+        return forced
+    return "nccl" if auto_device(device).type == "cuda" else "gloo"
 
 
 def active() -> bool:
@@ -47,9 +73,10 @@ def world_size() -> int:
 
 def local_device(device: str) -> torch.device:
     """The device this rank should use: ``cuda:LOCAL_RANK`` under torchrun with CUDA."""
-    dev = torch.device(device)
+    dev = auto_device(device)
     if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % max(1, torch.cuda.device_count()))
     return dev
 
 
@@ -187,10 +214,12 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def convert_sync_batchnorm(module: torch.nn.Module, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Make every BatchNorm of ``module`` synchronise its statistics across ranks.
 
-    CUDA: ``torch.nn.SyncBatchNorm``; CPU (gloo): a BatchNorm subclass with an all-reduce.
-    Parameters and buffers are kept (same state-dict keys), so checkpoints stay plain.
+    NCCL: ``torch.nn.SyncBatchNorm``; gloo (CPU, or CUDA with ``MAK_DIST_BACKEND=gloo``): a
+    BatchNorm subclass with an all-reduce. Parameters and buffers are kept (same state-dict
+    keys), so checkpoints stay plain.
     """
-    if torch.device(device).type != "cpu":
+    nccl = (dist.is_initialized() and dist.get_backend() == "nccl") if dist.is_available() else False
+    if torch.device(device).type == "cuda" and (nccl or not dist.is_initialized()):
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _convert_bn_cpu(module)
 

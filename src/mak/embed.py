@@ -41,14 +41,18 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import distributed as D
+from . import native
 from .atomic import write_json
+from ._tensor import auto_device
 from .errors import MakError
 from .store import FEATURES, ITEMS, META, VIEWS, write_shards_index
 
@@ -86,7 +90,7 @@ def compute_features(model, source, image_size: int, channels: int, batch_size: 
     from .data import ImageDataset
     from .pretrain import resolve_channels_last
 
-    dev = torch.device(device or "cpu")
+    dev = auto_device(device or "cpu")
     core = getattr(model, "module", model)
     core.eval().to(dev)
     use_cl = resolve_channels_last(dev, None)
@@ -177,6 +181,28 @@ class _BlockSampler(torch.utils.data.Sampler):
         return sum(min(self.n, (b + 1) * self.batch_size) - b * self.batch_size for b in self.blocks)
 
 
+def _commit_blocks(files: list[str], log_path: Path, record: str) -> None:
+    """fsync the store's memmapped files (their dirty pages), then append ``record`` to the log."""
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(record)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _row_blocks(ds: Any, blocks: list[int], batch_size: int, n: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """What the DataLoader yields for each block, read as one slice of an in-memory array."""
+    for b in blocks:
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        yield ds.fit_rows(lo, hi), torch.arange(lo, hi), torch.ones(hi - lo, dtype=torch.bool)
+
+
 class _Progress:
     """Live throughput on rank 0 (tqdm), counting this rank's rows."""
 
@@ -232,9 +258,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         raise MakError(f"--batch-size must be positive, got {batch_size}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MakError("--device cuda requested but no CUDA device is available")
+    dev = auto_device(device or "cpu")
     D.init(dev)
     world, rank = D.world_size(), D.rank()
     dev = D.local_device(str(dev))
@@ -265,6 +289,8 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         "views": f"SimCLRAugment({size}, {channels}) of the centre crop, keys view_key(seed, r, row)",
         "views_normalized": True,
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32",
+        # the fused C kernel (CPU) and the torch code agree to ~1e-6, not bit for bit
+        "augment_impl": "native" if (views and dev.type == "cpu" and native.available()) else "torch",
     }
     params = {
         "checkpoint_sha256": ckpt_sha, "source": describe, "num_images": n, "views": int(views),
@@ -317,12 +343,18 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         raise AssertionError(row)  # pragma: no cover
 
     aug = SimCLRAugment(size, channels) if views else None
+    view_group = 1
+    if dev.type == "cpu" and views:  # views per augmentation call: up to ~32 MB of output
+        view_group = max(1, min(views, (32 << 20) // max(1, 4 * batch_size * channels * size * size)))
     workers = default_num_workers(dev) if num_workers is None else int(num_workers)
     if _in_memory(source) and num_workers is None:
         workers = 0  # decoded arrays: worker IPC costs more than it saves
     batches = _BlockSampler(todo, batch_size, n)
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=dev.type == "cuda",
-                        prefetch_factor=4 if workers > 0 else None) if todo else []
+    if workers == 0 and todo and ds.fits_rows():  # decoded arrays at the working size: whole blocks at once
+        loader: Any = _row_blocks(ds, todo, batch_size, n)
+    else:
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=dev.type == "cuda",
+                            prefetch_factor=4 if workers > 0 else None) if todo else []
     my_rows = min(n, b1 * batch_size) - min(n, b0 * batch_size)
     bar = _Progress(my_rows, my_rows - batches.rows(), progress and main_proc,
                     desc=f"embedding {getattr(source, 'name', '')}".strip())
@@ -331,19 +363,23 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     pending_skips: list[tuple[int, str]] = []
     pending_rows = 0
 
-    def commit() -> None:
+    array_files = [str(a.filename) for f, v, _, _ in arrays.values() for a in (f, v) if a is not None]
+    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mak-embed-commit")
+    last_commit: list[Future] = []
+
+    def commit(wait: bool = False) -> None:
+        """Make the finished blocks durable, then log them (the resume record), in a background
+        thread: ``os.fsync`` releases the GIL where ``mmap.flush`` does not, so the disk writes
+        overlap the next batches. Commits run in order; ``wait`` waits for all of them."""
         nonlocal pending_blocks, pending_skips, pending_rows
-        if not pending_blocks:
-            return
-        for f, v, _, _ in arrays.values():
-            f.flush()
-            if v is not None:
-                v.flush()
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"blocks": pending_blocks, "skipped": pending_skips}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        pending_blocks, pending_skips, pending_rows = [], [], 0
+        if pending_blocks:
+            record = json.dumps({"blocks": pending_blocks, "skipped": pending_skips}) + "\n"
+            if last_commit:
+                last_commit.pop().result()  # at most one in flight; raises its error here
+            last_commit.append(committer.submit(_commit_blocks, array_files, log_path, record))
+            pending_blocks, pending_skips, pending_rows = [], [], 0
+        if wait and last_commit:
+            last_commit.pop().result()
 
     torch_dtype = torch.float16 if np_dtype == np.float16 else torch.float32
     writes: list[tuple] = []  # results whose device->host copy may still be in flight
@@ -375,11 +411,17 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = model.backbone(x).to(torch_dtype)
             zs = []
-            for r in range(views):
-                xv = aug(imgs, keys=view_key(seed, r, idx))
-                if use_cl:
-                    xv = xv.contiguous(memory_format=torch.channels_last)
-                zs.append(F.normalize(model(xv)[1].float(), dim=1).to(torch_dtype))
+            for r0 in range(0, views, view_group):
+                # on CPUs several views in one augmentation call (one parameter pass, one kernel
+                # call); on GPUs one view at a time (memory; launches are asynchronous anyway)
+                rs = range(r0, min(views, r0 + view_group))
+                keys = torch.cat([view_key(seed, r, idx) for r in rs])
+                xa = aug(imgs.repeat(len(rs), 1, 1, 1) if len(rs) > 1 else imgs, keys=keys)
+                for j in range(len(rs)):
+                    xv = xa[j * len(idx):(j + 1) * len(idx)]
+                    if use_cl:
+                        xv = xv.contiguous(memory_format=torch.channels_last)
+                    zs.append(F.normalize(model(xv)[1].float(), dim=1).to(torch_dtype))
         vz = torch.stack(zs) if zs else None
         event = None
         if dev.type == "cuda":  # copy back asynchronously; written once the next batch is queued
@@ -396,29 +438,40 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         drain()
         writes.append((event, feats_h, views_h, f_arr, v_arr, local, int(local[0]), int(local[-1]) + 1))
 
+    def _embed_loop() -> None:
+        nonlocal pending_rows
+        with torch.inference_mode():
+            for block, (imgs, idx, ok) in zip(todo, loader):
+                idx = torch.as_tensor(idx, dtype=torch.int64)
+                ok = torch.as_tensor(ok, dtype=torch.bool)
+                if not bool(ok.all()):
+                    for i in idx[~ok].tolist():
+                        reason = ds.check(i) or f"{source.item(i)}: unreadable image"
+                        print(f"mak embed: skipping {reason}", file=sys.stderr)
+                        pending_skips.append((i, reason))
+                    imgs, idx = imgs[ok], idx[ok]
+                if idx.numel():
+                    embed_batch(imgs, idx)
+                pending_blocks.append(block)
+                pending_rows += min(n, (block + 1) * batch_size) - block * batch_size
+                bar.update(min(n, (block + 1) * batch_size) - block * batch_size)
+                if pending_rows >= flush_rows:
+                    drain()
+                    commit()
+            drain()
+
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for block, (imgs, idx, ok) in zip(todo, loader):
-            idx = torch.as_tensor(idx, dtype=torch.int64)
-            ok = torch.as_tensor(ok, dtype=torch.bool)
-            if not bool(ok.all()):
-                for i in idx[~ok].tolist():
-                    reason = ds.check(i) or f"{source.item(i)}: unreadable image"
-                    print(f"mak embed: skipping {reason}", file=sys.stderr)
-                    pending_skips.append((i, reason))
-                imgs, idx = imgs[ok], idx[ok]
-            if idx.numel():
-                embed_batch(imgs, idx)
-            pending_blocks.append(block)
-            pending_rows += min(n, (block + 1) * batch_size) - block * batch_size
-            bar.update(min(n, (block + 1) * batch_size) - block * batch_size)
-            if pending_rows >= flush_rows:
-                drain()
-                commit()
-        drain()
-    commit()
+    try:
+        _embed_loop()
+    except BaseException:
+        committer.shutdown(wait=True)  # an in-flight commit lands before anyone resumes
+        raise
+    elapsed = time.perf_counter() - t0  # the loop; the last commit is part of publishing
+    try:
+        commit(wait=True)
+    finally:
+        committer.shutdown(wait=True)
     bar.close()
-    elapsed = time.perf_counter() - t0
     if stats is not None:
         done_rows = batches.rows()
         stats.update(images=done_rows, seconds=elapsed, images_per_s=done_rows / max(elapsed, 1e-9))

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .atomic import write_json, write_text
+from ._tensor import auto_device
 from .errors import MakError
 
 STAMP = ".stage.json"
@@ -185,7 +186,9 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
     plan = Plan(run_dir, config)
     cfg_run, data, sel = config["run"], config["data"], config["select"]
     pre, emb, ret, ev = config["pretrain"], config["embed"], config["retrain"], config["evaluate"]
-    device = cfg_run["device"]
+    device = str(cfg_run["device"])
+    if device.strip().lower() == "auto":  # resolved here, so stage keys name the real device
+        device = str(auto_device(device))
     for r in range(int(cfg_run["repeats"])):
         seed = int(cfg_run["seed"]) + r
         base = run_dir / f"r{r}"

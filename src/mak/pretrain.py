@@ -58,6 +58,7 @@ import torch
 
 from . import distributed as D
 from .atomic import atomic_path, write_text
+from ._tensor import auto_device
 from .errors import MakError
 from .losses import nt_xent_global
 
@@ -192,7 +193,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
 
     ckpt = read_checkpoint(checkpoint)
     cfg = dict(ckpt["config"])
-    device = device or "cpu"
+    device = auto_device(device or "cpu")
     try:
         model = SimCLRModel(cfg["backbone"], int(cfg["channels"]))
         model.load_state_dict(ckpt["model"])
@@ -354,9 +355,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         raise MakError(f"stop_after must be >= 1, got {stop_after}")
     if epochs < 1:
         raise MakError(f"--epochs must be >= 1, got {epochs}")
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MakError("--device cuda requested but no CUDA device is available")
+    dev = auto_device(device or "cpu")
     D.init(dev)
     world, rank = D.world_size(), D.rank()
     dev = D.local_device(str(dev))

@@ -71,12 +71,13 @@ def batch_losses(z: torch.Tensor, temperature: float) -> torch.Tensor:
         g.exp_()
         torch.diagonal(gv[:, a, :]).zero_()  # exclude k = a_i itself
         s[a] = gv.sum(dim=2).T  # [c, i]
-    total = torch.zeros(b, dtype=work, device=z.device)
-    for a in range(r):
-        for c in range(a + 1, r):
-            la = torch.log(s[a, a] + s[a, c]) - pos[a, c]
-            lc = torch.log(s[c, c] + s[c, a]) - pos[c, a]
-            total += 0.5 * (la + lc)
+    # loss of a_i in pair (a, c): log(S[a,a,i] + S[a,c,i]) - pos[a,c,i]; image i's sum over the
+    # unordered pairs of the mean of both directions is half the sum over ordered pairs a != c
+    # (all pairs in a few batched kernels: one launch per op, not per pair, matters on GPUs)
+    diag = torch.diagonal(s, dim1=0, dim2=1).T  # (R, B): S[a, a, i]
+    loss = torch.log(s + diag[:, None, :]).sub_(pos)  # (R, R, B)
+    torch.diagonal(loss, dim1=0, dim2=1).zero_()  # a == c is not a pair
+    total = loss.sum(dim=(0, 1)).mul_(0.5)
     return total.float()
 
 
@@ -139,10 +140,16 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
         raise MakError(f"temperature must be > 0, got {temperature}")
     partitions = 1 if n <= batch_size else partitions  # one batch of all: orderings are all equal
     acc = np.zeros(n, dtype=np.float64)
+    # on GPUs the sums stay on the device (no host sync per batch); float64 either way
+    acc_dev = torch.zeros(n, dtype=torch.float64, device=dev) if dev.type != "cpu" else None
     total = len(batch_plan(n, batch_size)) * partitions
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="ECLE", unit="batch", disable=not progress, leave=False)
+    if acc_dev is not None and is_tensor(views) and views.device == dev:
+        _ecle_sum_resident(views, acc_dev, temperature, batch_size, partitions, seed, owner, bar)
+        bar.close()
+        return acc_dev.cpu().numpy(), (r * (r - 1) // 2) * partitions
     with torch.inference_mode():
         for p, k, rows, skip in iter_batches(n, batch_size, partitions, seed):
             if owner is not None and not owner(p, k):
@@ -151,7 +158,16 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
             scored = rows[skip:]
             srt = np.sort(rows)  # within a batch, order does not change any loss: read rows in order
             z = l2_normalize(get(srt).reshape(r * len(srt), -1)).view(r, len(srt), -1)
-            loss = batch_losses(z, temperature).cpu().numpy().astype(np.float64)
+            loss_t = batch_losses(z, temperature)
+            if acc_dev is not None:
+                if skip:
+                    pos = torch.from_numpy(np.searchsorted(srt, scored)).to(dev)
+                    acc_dev.index_add_(0, torch.from_numpy(scored).to(dev), loss_t[pos].double())
+                else:
+                    acc_dev.index_add_(0, torch.from_numpy(srt).to(dev), loss_t.double())
+                bar.update(1)
+                continue
+            loss = loss_t.numpy().astype(np.float64)
             if skip:
                 pos = np.searchsorted(srt, scored)
                 acc[scored] += loss[pos]
@@ -159,7 +175,35 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
                 acc[srt] += loss
             bar.update(1)
     bar.close()
+    if acc_dev is not None:
+        acc = acc_dev.cpu().numpy()
     return acc, (r * (r - 1) // 2) * partitions
+
+
+def _ecle_sum_resident(views: torch.Tensor, acc: torch.Tensor, temperature: float, batch_size: int,
+                       partitions: int, seed: int, owner: Callable[[int, int], bool] | None, bar) -> None:
+    """:func:`ecle_sum`'s loop for views already on the GPU: the same batches as
+    :func:`iter_batches`, with orderings, sorting and scatter-adds on the device (no host round
+    trip per batch)."""
+    r, n, _ = views.shape
+    dev = views.device
+    plan = batch_plan(n, batch_size)
+    with torch.inference_mode():
+        for p in range(partitions):
+            order = (torch.arange(n, device=dev) if n <= batch_size
+                     else partition_order(n, seed, p).to(dev, non_blocking=True))
+            for k, (lo, hi, first) in enumerate(plan):
+                bar.update(1)
+                if owner is not None and not owner(p, k):
+                    continue
+                srt = torch.sort(order[lo:hi]).values
+                z = l2_normalize(views.index_select(1, srt).float().reshape(r * (hi - lo), -1)).view(r, hi - lo, -1)
+                loss = batch_losses(z, temperature).double()
+                if first > lo:
+                    scored = order[first:hi]
+                    acc.index_add_(0, scored, loss[torch.searchsorted(srt, scored)])
+                else:
+                    acc.index_add_(0, srt, loss)
 
 
 def ecle(views: Any, temperature: float = 0.2, batch_size: int = 512, partitions: int = 10, seed: int = 0,

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="augmentation seed: same seed, same store (default 0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision (default float16)")
     p.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass (default 256)")
-    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="temperature of the kNN's exp(cos/T) vote weights (default 0.07)")
     p.add_argument("--l2", type=float, default=1e-3, metavar="L", help="L2 penalty of the linear probes (default 1e-3)")
     p.add_argument("--max-iter", type=int, default=200, metavar="N", help="L-BFGS iterations of the linear probes (default 200)")
-    p.add_argument("--device", default="cpu", metavar="DEV", help="device for feature extraction (default cpu)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="device for feature extraction (default auto: CUDA when available)")
     p.add_argument("--batch-size", type=int, default=256, metavar="B", help="feature extraction batch size (default 256)")
     p.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader workers (default 0)")
     p.set_defaults(func=run)

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="working image size in pixels (default: the images' typical size)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="working channels, 1 or 3 (default: 3 if the images have colour)")
-    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--no-amp", action="store_true",
                    help="train in float32 (default: bf16/fp16 mixed precision where the device supports it)")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format (default: channels_last)")

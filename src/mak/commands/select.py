@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .._tensor import auto_device
 from ..selection import STRATEGIES
 
 # Extra options other modules contribute: (flags, argparse kwargs, parameter name passed to select).
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ecle-batch-size", type=int, default=512, metavar="B", help="batch size of the ECLE contrastive problems (default 512)")
     p.add_argument("--partitions", type=int, default=10, metavar="P", help="random batch orderings averaged in ECLE (default 10)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same selection (default 0)")
-    p.add_argument("--device", default=None, metavar="DEV", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -46,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def params_from_args(args: argparse.Namespace) -> dict:
     params = dict(alpha=args.alpha, clusters=args.clusters, core_ratio=args.core_ratio, temperature=args.temperature,
-                  batch_size=args.ecle_batch_size, partitions=args.partitions, seed=args.seed, device=args.device)
+                  batch_size=args.ecle_batch_size, partitions=args.partitions, seed=args.seed,
+                  device=str(auto_device(args.device)))  # resolved: summary.json names the real device
     for _, kwargs, name in EXTRA_OPTIONS:
         value = getattr(args, kwargs.get("dest", name))
         if value is not None:
