@@ -3,6 +3,8 @@
 For a batch of ``--batch`` uint8 images at ``--size`` px it times (best of ``--reps``):
 
 - **augment**: :class:`mak.augment.SimCLRAugment` on the batch (keys given, as ``mak embed`` does);
+- **augment, torch ops**: the same in plain torch ops instead of the fused C kernel of
+  :mod:`mak.native` (CPU only; the naive reference);
 - **augment, conv blur**: the same with the depthwise-conv blur instead of the GPU's banded matmuls
   (GPU only);
 - **copy floor**: one float32 read + write of the output-sized batch (the memory-traffic unit);
@@ -22,6 +24,7 @@ import time
 
 import torch
 
+from mak import native
 from mak.augment import SimCLRAugment, view_key
 from mak.models import SimCLRModel
 from mak.pretrain import autocast_context, resolve_amp
@@ -61,7 +64,11 @@ def main(argv=None) -> int:
     keys = view_key(0, 1, torch.arange(a.batch))
     aug = SimCLRAugment(size, ch)
     t_aug = timed(lambda: aug(imgs, keys=keys), dev, a.reps)
-    rows = [("augment", t_aug)]
+    rows = [("augment" + (" (native C kernel)" if not gpu and native.available() else ""), t_aug)]
+    if not gpu:
+        ref = SimCLRAugment(size, ch)
+        ref.native = False
+        rows.append(("augment, torch ops (reference)", timed(lambda: ref(imgs, keys=keys), dev, a.reps)))
     if gpu:
         conv = SimCLRAugment(size, ch)
         conv.gpu_blur_matmul = False

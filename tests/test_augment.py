@@ -96,6 +96,29 @@ def test_view_key_and_uniforms():
     assert torch.equal(key_uniforms(k[:3], 16), u[:3])
 
 
+def test_view_key_against_plain_splitmix64():
+    """CPU keys (numpy) and the int64-tensor path used on GPUs both equal splitmix64 written out
+    on Python integers."""
+    from mak.augment import _mix, _signed
+
+    mask = (1 << 64) - 1
+
+    def mix(x: int) -> int:
+        x &= mask
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    for seed, view, epoch in [(0, 0, 0), (7, 3, 2), (-5, 11, 1)]:
+        h = mix(mix(mix(seed ^ 0x5EED) ^ (view & mask)) ^ (epoch & mask))
+        rows = [0, 1, 2, 12345, 2**40 + 17]
+        want = [_signed(mix(r ^ h)) for r in rows]
+        assert view_key(seed, view, torch.tensor(rows), epoch=epoch).tolist() == want
+        assert _mix(torch.tensor(rows) ^ _signed(h)).tolist() == want  # the device path
+
+
 def test_parameter_distributions():
     aug = SimCLRAugment(32, 3)
     p = aug.params(view_key(1, 0, torch.arange(20000)), 32, 32)

@@ -104,3 +104,16 @@ def test_build_is_cached_per_source_and_cpu(tmp_path):
     mtime = built[0].stat().st_mtime_ns
     assert _probe(env).stdout.split()[0] == "True"
     assert sorted(tmp_path.glob("augment-*.so")) == built and built[0].stat().st_mtime_ns == mtime
+
+
+@needs_native
+def test_native_key_uniforms_bit_identical_to_numpy():
+    from mak.augment import _uniforms_reference
+
+    rng = np.random.default_rng(5)
+    keys = np.concatenate([rng.integers(-(2**63), 2**63 - 1, 500, dtype=np.int64),
+                           np.array([0, -1, 2**63 - 1, -(2**63)], dtype=np.int64)])
+    got = native.key_uniforms(keys, 32)
+    assert got.dtype == np.float64 and got.shape == (504, 32)
+    assert np.array_equal(got, _uniforms_reference(keys, 32))
+    assert np.array_equal(native.key_uniforms(keys, 40), _uniforms_reference(keys, 40))  # longer streams too

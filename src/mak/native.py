@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MAX_TAPS", "available", "cache_dir", "simclr_augment"]
+__all__ = ["MAX_TAPS", "available", "cache_dir", "key_uniforms", "simclr_augment"]
 
 MAX_TAPS = 63  # longest blur kernel the C code takes (10% of a 639 px side)
 
@@ -93,6 +93,9 @@ def _build() -> ctypes.CDLL:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
                        ctypes.c_void_p, ctypes.c_int]
+        uni = lib.mak_key_uniforms
+        uni.restype = None
+        uni.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         return lib
     raise OSError(f"compiling {_SOURCE.name} failed: {last}")
 
@@ -142,4 +145,16 @@ def simclr_augment(images: torch.Tensor, params: np.ndarray, channels: int, size
                                 blur_taps, mean, 1.0 / std, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError("native augmentation could not allocate its scratch buffers")
+    return out
+
+
+def key_uniforms(keys: np.ndarray, m: int) -> np.ndarray:
+    """(n, m) float64: the splitmix64 uniforms of :func:`mak.augment.key_uniforms` (same bits),
+    computed in C. ``keys``: int64 array."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {_error}")
+    k = np.ascontiguousarray(keys, dtype=np.int64).reshape(-1)
+    out = np.empty((k.size, int(m)), dtype=np.float64)
+    lib.mak_key_uniforms(k.ctypes.data, k.size, int(m), out.ctypes.data)
     return out

@@ -211,3 +211,23 @@ int mak_simclr_augment(const uint8_t *img, int B, int cin, int H, int W, const f
     free(t);
     return failed ? -1 : 0;
 }
+
+/* splitmix64 streams: out[i * m + j] = the (j+1)-th number of the stream seeded with mix(keys[i]),
+ * 53 bits as a double in [0, 1) -- bit for bit what mak.augment.key_uniforms computes in numpy. */
+static inline uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ULL;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+void mak_key_uniforms(const int64_t *keys, int n, int m, double *out) {
+    for (int i = 0; i < n; i++) {
+        const uint64_t state = mix64((uint64_t)keys[i]);
+        for (int j = 0; j < m; j++) {
+            const uint64_t z = mix64(state + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL);
+            out[(size_t)i * m + j] = (double)(z >> 11) * 0x1.0p-53;
+        }
+    }
+}
