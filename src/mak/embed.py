@@ -482,6 +482,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
 
     # ---- publish -------------------------------------------------------------------------------
     done, skipped = _read_progress(work)
+    D.barrier()  # every rank has read the logs before rank 0 publishes and removes the work dir
     missing = [b for b in range(nblocks) if b not in done]
     if missing:
         raise MakError(f"{work}: blocks {missing[:3]} were not embedded (under torchrun with merge, "
