@@ -12,10 +12,15 @@ def is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
+def is_auto(device: Any) -> bool:
+    """Whether ``device`` is the name ``"auto"`` (any case, spaces ignored)."""
+    return isinstance(device, str) and device.strip().lower() == "auto"
+
+
 def auto_device(device: str | torch.device | None) -> torch.device:
     """``"auto"`` (or ``None``) -> the first CUDA device when one is available, else CPU; any
     other name as ``torch.device``. A CUDA request without CUDA is a :class:`MakError`."""
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+    if device is None or is_auto(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -28,15 +33,8 @@ def auto_device(device: str | torch.device | None) -> torch.device:
 def resolve_device(device: str | torch.device | None, like: Any = None) -> torch.device:
     """``device`` if given (``"auto"``: CUDA when available), else the device of ``like`` when it
     is a tensor, else CPU."""
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return auto_device(device)
     if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            from .errors import MakError
-
-            raise MakError("--device cuda requested but no CUDA device is available")
-        return dev
+        return auto_device(device)
     if is_tensor(like):
         return like.device
     return torch.device("cpu")

@@ -151,7 +151,12 @@ def _mix_np(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U64(31))
 
 
-_STEPS = np.array([((j + 1) * _GAMMA) & _MASK for j in range(NUM_UNIFORMS)], dtype=np.uint64)
+def _counter_steps(n: int) -> np.ndarray:
+    """splitmix64's counter increments (j + 1) * gamma mod 2^64, j < n, as uint64."""
+    return np.array([((j + 1) * _GAMMA) & _MASK for j in range(n)], dtype=np.uint64)
+
+
+_STEPS = _counter_steps(NUM_UNIFORMS)
 
 
 def _uniforms_np(keys: torch.Tensor, n: int) -> np.ndarray:
@@ -164,7 +169,7 @@ def _uniforms_np(keys: torch.Tensor, n: int) -> np.ndarray:
 def _uniforms_reference(k: np.ndarray, n: int) -> np.ndarray:
     """splitmix64 in numpy (the fallback, and the tests' reference for the C version)."""
     state = _mix_np(k.astype(np.uint64))  # two's complement reinterpretation
-    steps = _STEPS[:n] if n <= len(_STEPS) else np.array([((j + 1) * _GAMMA) & _MASK for j in range(n)], dtype=np.uint64)
+    steps = _STEPS[:n] if n <= len(_STEPS) else _counter_steps(n)
     with np.errstate(over="ignore"):
         z = _mix_np(state[:, None] + steps[None, :])  # splitmix64's counter, wrapping
     return (z >> _U64(11)).astype(np.float64) * (2.0 ** -53)

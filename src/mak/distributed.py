@@ -33,7 +33,6 @@ def init(device: str | torch.device = "cpu") -> bool:
     dev = auto_device(device)
     backend = backend_for(dev)
     if dev.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         count = torch.cuda.device_count()
         nlocal = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if backend == "nccl" and nlocal > count:
@@ -41,7 +40,7 @@ def init(device: str | torch.device = "cpu") -> bool:
 
             raise MakError(f"NCCL needs one GPU per process: {nlocal} processes on this node but "
                            f"{count} GPU(s); use fewer processes or MAK_DIST_BACKEND=gloo")
-        torch.cuda.set_device(local % max(1, count))
+        torch.cuda.set_device(local_device(torch.device("cuda")))
     dist.init_process_group(backend=backend)
     return True
 

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from ._tensor import auto_device, l2_normalize, resolve_device, to_tensor, top_k as _top_k, zscore as _zscore
+from ._tensor import auto_device, is_auto, l2_normalize, resolve_device, to_tensor, top_k as _top_k, zscore as _zscore
 from .errors import MakError
 from .kcenter_scale import angle, covering_radius_sharded, exact_sharded, two_round_sharded
 from .proximity import CHUNK as DIST_CHUNK, kmeans, nearest_centroid_distance
@@ -624,7 +624,7 @@ def select_stores_scaled(seed_store: str | Path | None, pool_store: str | Path, 
     plus ``dedup.csv`` with ``dedup``. Initialises the process group under torchrun (gloo on CPU,
     NCCL with ``device='cuda'``) and tears it down again when it started it."""
     device = params.get("device")
-    if isinstance(device, str) and device.strip().lower() == "auto":
+    if is_auto(device):
         device = params["device"] = str(auto_device(device))
     was = torch.distributed.is_available() and torch.distributed.is_initialized()
     started = D.init(device or "cpu")

@@ -452,9 +452,10 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
                     imgs, idx = imgs[ok], idx[ok]
                 if idx.numel():
                     embed_batch(imgs, idx)
+                rows = min(n, (block + 1) * batch_size) - block * batch_size
                 pending_blocks.append(block)
-                pending_rows += min(n, (block + 1) * batch_size) - block * batch_size
-                bar.update(min(n, (block + 1) * batch_size) - block * batch_size)
+                pending_rows += rows
+                bar.update(rows)
                 if pending_rows >= flush_rows:
                     drain()
                     commit()

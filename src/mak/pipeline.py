@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .atomic import write_json, write_text
-from ._tensor import auto_device
+from ._tensor import auto_device, is_auto
 from .errors import MakError
 
 STAMP = ".stage.json"
@@ -187,7 +187,7 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
     cfg_run, data, sel = config["run"], config["data"], config["select"]
     pre, emb, ret, ev = config["pretrain"], config["embed"], config["retrain"], config["evaluate"]
     device = str(cfg_run["device"])
-    if device.strip().lower() == "auto":  # resolved here, so stage keys name the real device
+    if is_auto(device):  # resolved here, so stage keys name the real device
         device = str(auto_device(device))
     for r in range(int(cfg_run["repeats"])):
         seed = int(cfg_run["seed"]) + r

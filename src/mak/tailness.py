@@ -140,13 +140,13 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
         raise MakError(f"temperature must be > 0, got {temperature}")
     partitions = 1 if n <= batch_size else partitions  # one batch of all: orderings are all equal
     acc = np.zeros(n, dtype=np.float64)
-    # on GPUs the sums stay on the device (no host sync per batch); float64 either way
-    acc_dev = torch.zeros(n, dtype=torch.float64, device=dev) if dev.type != "cpu" else None
     total = len(batch_plan(n, batch_size)) * partitions
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="ECLE", unit="batch", disable=not progress, leave=False)
-    if acc_dev is not None and is_tensor(views) and views.device == dev:
+    if dev.type != "cpu" and is_tensor(views) and views.device == dev:
+        # views already on the GPU: the sums stay there too (no host round trip per batch)
+        acc_dev = torch.zeros(n, dtype=torch.float64, device=dev)
         _ecle_sum_resident(views, acc_dev, temperature, batch_size, partitions, seed, owner, bar)
         bar.close()
         return acc_dev.cpu().numpy(), (r * (r - 1) // 2) * partitions
@@ -158,16 +158,7 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
             scored = rows[skip:]
             srt = np.sort(rows)  # within a batch, order does not change any loss: read rows in order
             z = l2_normalize(get(srt).reshape(r * len(srt), -1)).view(r, len(srt), -1)
-            loss_t = batch_losses(z, temperature)
-            if acc_dev is not None:
-                if skip:
-                    pos = torch.from_numpy(np.searchsorted(srt, scored)).to(dev)
-                    acc_dev.index_add_(0, torch.from_numpy(scored).to(dev), loss_t[pos].double())
-                else:
-                    acc_dev.index_add_(0, torch.from_numpy(srt).to(dev), loss_t.double())
-                bar.update(1)
-                continue
-            loss = loss_t.numpy().astype(np.float64)
+            loss = batch_losses(z, temperature).cpu().numpy().astype(np.float64)
             if skip:
                 pos = np.searchsorted(srt, scored)
                 acc[scored] += loss[pos]
@@ -175,8 +166,6 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
                 acc[srt] += loss
             bar.update(1)
     bar.close()
-    if acc_dev is not None:
-        acc = acc_dev.cpu().numpy()
     return acc, (r * (r - 1) // 2) * partitions
 
 
