@@ -345,3 +345,35 @@ def test_fit_rows_equals_fit_image_by_image(tmp_path, rng, shape, channels, size
         assert torch.equal(got, torch.stack([ds.fit(i) for i in range(3, 11)]))
     with pytest.raises(MakError, match="out of range"):
         ArraySource(tmp_path / "a.npy").load_rows(5, 21)
+
+
+def test_pool_mix_rows_is_a_seeded_uniform_sample_without_replacement():
+    from mak.data import pool_mix_rows
+
+    rows = pool_mix_rows(10_000, 100, "auto", seed=3)
+    assert len(rows) == 800 and np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < 10_000  # 8 x seed
+    np.testing.assert_array_equal(rows, pool_mix_rows(10_000, 100, "auto", seed=3))
+    assert not np.array_equal(rows, pool_mix_rows(10_000, 100, "auto", seed=4))
+    np.testing.assert_array_equal(pool_mix_rows(50, 100, "auto"), np.arange(50))  # capped by the pool
+    assert len(pool_mix_rows(50, 1, 7)) == 7 and len(pool_mix_rows(50, 1, 0)) == 0
+    # uniform: over many seeds every decile of the pool gets its share
+    hits = np.concatenate([pool_mix_rows(1000, 10, 100, seed=s) for s in range(200)])
+    per_decile = np.bincount(hits // 100, minlength=10)
+    assert per_decile.min() > 0.9 * 2000 and per_decile.max() < 1.1 * 2000
+    for bad in (-1, "many", 2.5, True):
+        with pytest.raises(MakError, match="pool mix count"):
+            pool_mix_rows(10, 1, bad)
+
+
+def test_combined_source_reads_seed_rows_then_chosen_pool_rows(tmp_path, rng):
+    from mak.data import CombinedSource, open_source
+
+    a = rng.integers(0, 255, (4, 8, 8), dtype=np.uint8)
+    b = rng.integers(0, 255, (6, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    src = CombinedSource(open_source("array", tmp_path / "a.npy"), open_source("array", tmp_path / "b.npy"),
+                         np.array([5, 1]))
+    assert len(src) == 6
+    for i, want in enumerate([*a, b[5], b[1]]):
+        np.testing.assert_array_equal(np.asarray(src.load(i)).reshape(want.shape), want)

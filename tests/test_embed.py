@@ -73,6 +73,11 @@ def test_store_format_and_meta(setup, tmp_path):
 
     assert meta["checkpoint_sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
     assert meta["source"]["kind"] == "array"
+    assert meta["model_trained_on"]["pool_rows"] == 0  # a seed-only model (what `robust` warns about)
+    from mak.embed import model_trained_on
+
+    assert model_trained_on({"num_images": 30, "source": {"kind": "combined", "pool_rows": 20}}) == {
+        "images": 30, "pool_rows": 20}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work dir left behind
 
     # features are the evaluation features (no augmentation)

@@ -69,6 +69,38 @@ def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
         key("select.options={gate_quantile: 2}")  # validated when the plan is made, before any work
 
 
+def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp_path):
+    from mak.pipeline import build_plan
+
+    def plan_of(*extra):
+        return build_plan(load_config(None, TINY + ["select.strategies=[robust,mak,random]", *extra]), tmp_path / "r")
+
+    plan = plan_of()
+    names = {s.name for s in plan.stages}
+    assert {"pretrain-mix/r0", "embed-seed-mix/r0", "embed-pool-mix/r0"} <= names
+    assert "ecle-mix/r0" not in names  # robust's default tail needs no views, so no ECLE on the mixed model
+    roles = plan.repeats[0]
+    deps = {n: {d.name for d in roles["select"][n].deps} for n in ("robust", "mak", "random")}
+    assert deps["robust"] == {"embed-seed-mix/r0", "embed-pool-mix/r0"}
+    assert deps["mak"] == {"embed-seed/r0", "embed-pool/r0", "ecle/r0"}  # the paper's model, unchanged
+    by = {s.name: s for s in plan.stages}
+    assert by["embed-pool-mix/r0"].params["views"] == 0 and by["embed-pool/r0"].params["views"] == 2
+    assert by["pretrain-mix/r0"].params["pool_mix"] == "auto" and "pool_mix" not in by["pretrain/r0"].params
+    # the seed-only stages do not depend on pool_mix: changing it re-runs only the mixed chain and robust
+    other = plan_of("pretrain.pool_mix=100")
+    changed = {s.name for s in other.stages if s.key != by[s.name].key}
+    assert changed == {"pretrain-mix/r0", "embed-seed-mix/r0", "embed-pool-mix/r0", "select/r0/robust",
+                       "retrain/r0/robust", "eval/r0/robust"}
+    off = plan_of("pretrain.pool_mix=0")
+    assert not any("mix" in s.name for s in off.stages)
+    assert {d.name for d in off.repeats[0]["select"]["robust"].deps} == {"embed-seed/r0", "embed-pool/r0"}
+    with_ecle = plan_of("select.options={tail: ecle+share}")
+    assert {d.name for d in with_ecle.repeats[0]["select"]["robust"].deps} == {
+        "embed-seed-mix/r0", "embed-pool-mix/r0", "ecle-mix/r0"}
+    with pytest.raises(MakError, match="pool_mix"):
+        plan_of("pretrain.pool_mix=-3")
+
+
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_dry_run_every_config(cli, config, tmp_path, capsys):
     assert cli("run", config, "--dry-run", "--out", tmp_path / "run") == 0
@@ -148,3 +180,9 @@ def test_demo_smallest_scale(cli, tmp_path, capsys):
     assert "robust" in html and "random" in html and "http://" not in html
     results = json.loads((out / "results.json").read_text())["results"]
     assert {r["strategy"] for r in results} == {"none", "robust", "mak", "random"}
+    assert "pool-aware model" in html and "pretrain (seed + pool sample)" in html
+    mixed = json.loads((out / "r0" / "pretrain-mix" / "train_set.json").read_text())
+    n_seed = len((out / "r0" / "bench" / "seed.txt").read_text().splitlines())
+    n_pool = len((out / "r0" / "bench" / "pool.txt").read_text().splitlines())
+    assert mixed == {"seed": n_seed, "pool_rows": min(n_pool, 8 * n_seed), "images": n_seed + min(n_pool, 8 * n_seed)}
+    assert not (out / "r0" / "embed-pool-mix" / "views.npy").exists()  # robust's default needs no views

@@ -201,6 +201,35 @@ def test_cli_pretrain_and_errors(seed_array, tmp_path, cli, capsys):
     assert "--resume" in capsys.readouterr().out
 
 
+def test_cli_pretrain_mixes_a_pool_sample_into_the_seed(seed_array, tmp_path, cli, capsys):
+    from PIL import Image
+
+    from mak.data import pool_mix_rows
+    from mak.pretrain import read_checkpoint
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(pool / f"{i:02d}.png")
+    out = tmp_path / "mixed"
+    assert cli("pretrain", "--array", seed_array, "--mix-folder", pool, "--mix-count", "5", "--epochs", "1",
+               "--batch-size", "64", "--out", out, "--workers", "0", "--no-progress", "--seed", "3") == 0
+    cfg = read_checkpoint(out / "checkpoint.pt")["config"]
+    n_seed = len(np.load(seed_array))
+    assert cfg["num_images"] == n_seed + 5
+    assert cfg["source"]["kind"] == "combined" and cfg["source"]["pool_rows"] == 5
+    assert len(pool_mix_rows(12, n_seed, 5, 3)) == 5
+    capsys.readouterr()
+    assert cli("pretrain", "--array", seed_array, "--mix-count", "5", "--out", tmp_path / "y", "--no-progress") == 2
+    assert "--mix-split or --mix-folder" in capsys.readouterr().err
+    assert cli("pretrain", "--array", seed_array, "--mix-folder", pool, "--mix-count", "lots", "--out",
+               tmp_path / "z", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "--mix-count" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
 @pytest.mark.slow
 def test_ddp_pretrain_two_processes_matches_one(tmp_path):
     """2 gloo processes: global negatives + synced BatchNorm give the single-process step.

@@ -129,7 +129,7 @@ def test_gate_in_the_strategy_counts_rejections_and_reports_histograms(world):
     assert sum(h["seed_heldout"]) == len(seed) and sum(h["pool"]) == len(pool)
     assert h["edges"][0] <= g["threshold"] <= h["edges"][-1]
     assert np.isneginf(sel.score[n_in:]).sum() >= len(junk)
-    assert info["robust"]["fusion_distance"] == "lof" and info["robust"]["gate_clusters"] >= 5  # auto resolved
+    assert info["robust"]["fusion_distance"] == "none" and info["robust"]["gate_clusters"] >= 5  # auto resolved
     json.dumps(info)  # lands in summary.json as is
 
 
@@ -232,7 +232,7 @@ def test_robust_without_gate_with_ecle_and_z_is_mak(world, core_ratio):
 
 
 def test_options_are_validated():
-    assert robust_options({}) == DEFAULTS | {"fusion_distance": "lof"}  # auto: lof with rank fusion
+    assert robust_options({}) == DEFAULTS | {"fusion_distance": "none"}  # auto: no distance term behind the gate
     assert robust_options({"fusion": "z"})["fusion_distance"] == "centroid"  # auto: the paper's term with z
     assert robust_options({"fusion": "z", "fusion_distance": "lof"})["fusion_distance"] == "lof"
     assert robust_options({"gate": "off"})["gate"] is False
@@ -274,18 +274,18 @@ def test_cli_options_parse():
         "--gate-quantile", "0.95", "--gate-folds", "3", "--gate-score", "lof", "--lof-k", "7",
         "--gate-clusters", "auto",
         "--tail", "knn", "--knn-k", "4", "--fusion", "z", "--fusion-distance", "lof", "--share-k", "20",
-        "--share-reference", "5000", "--gate-core-ratio", "1.25"])
+        "--share-reference", "5000", "--gate-core-ratio", "1.25", "--share-smooth", "6"])
     params = params_from_args(args)
     assert {k: params[k] for k in DEFAULTS} == dict(gate="off", gate_quantile=0.95, gate_folds=3, gate_score="lof",
                                                     lof_k=7, gate_clusters="auto", tail="knn", knn_k=4, fusion="z",
                                                     fusion_distance="lof", share_k=20, share_reference=5000,
-                                                    gate_core_ratio=1.25)
+                                                    gate_core_ratio=1.25, share_smooth=6)
     args = build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o",
                                       "--gate-clusters", "12"])
     params = params_from_args(args)
     assert params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
     for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"],
-                ["--share-reference", "x"], ["--gate-core-ratio", "x"]):
+                ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--share-smooth", "x"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
 
@@ -365,16 +365,16 @@ def test_share_k_larger_than_the_bank_is_an_error():
 def test_robust_with_the_share_gate_and_tail_reports_both_and_avoids_junk(world, gate_score):
     seed, pool_in, junk, pool, views = world
     sel = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score=gate_score,
-                     tail="ecle+share", share_k=10)
+                     tail="ecle+share", share_k=20)
     assert (sel.indices < len(pool_in)).all() and len(set(sel.indices.tolist())) == 30
     sg = sel.info["seed_share"]
-    assert sg["reference"] == len(pool) and sg["k"] == 10 and sg["rejected"] >= len(junk)
+    assert sg["reference"] == len(pool) and sg["k"] == 20 and sg["rejected"] >= len(junk)
     assert sel.info["gate_kept"] + sel.info["gate_rejected"] == len(pool)
     # a subsampled reference (deterministic from the seed) gives the same kind of answer
     sub = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score=gate_score,
-                     share_k=10, share_reference=len(pool) // 2)
+                     share_k=20, share_reference=len(pool) // 2)
     again = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score=gate_score,
-                       share_k=10, share_reference=len(pool) // 2)
+                       share_k=20, share_reference=len(pool) // 2)
     assert sub.info["seed_share"]["reference"] == len(pool) // 2
     np.testing.assert_array_equal(sub.indices, again.indices)
     assert (sub.indices < len(pool_in)).all()
@@ -388,3 +388,106 @@ def test_gate_core_ratio_runs_kcenter_behind_the_gate(world):
     assert len(top.candidates) == 20 and len(kc.candidates) == 40
     np.testing.assert_array_equal(np.sort(top.indices), np.sort(top.candidates))  # ratio 1: the top-scored
     assert set(kc.indices.tolist()) <= set(kc.candidates.tolist())
+
+
+# ------------------------------------------------------------------- defaults: share tail, no views
+
+def test_default_robust_score_is_the_gated_rank_of_a_low_seed_share(world):
+    seed, _, _, pool, views = world
+    o = robust_options({})
+    assert o["tail"] == "share" and o["fusion_distance"] == "none"
+    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10)
+    share = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool)))
+    gated = np.isfinite(sel.score)
+    # the score is the percentile rank of -share over the gated rows, alpha and the distance unused
+    np.testing.assert_allclose(sel.score[gated], rank_normalize(-share.astype(np.float64), gated)[gated])
+    again = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10, alpha=0.1)
+    np.testing.assert_array_equal(again.indices, sel.indices)
+
+
+def test_robust_without_ecle_needs_no_views_and_with_ecle_says_so(world):
+    seed, _, _, pool, views = world
+    from mak.selection import strategy_needs
+
+    assert strategy_needs("robust", {}) == (True, False)
+    assert strategy_needs("robust", {"tail": "ecle+share"}) == (True, True)
+    assert strategy_needs("mak") == (True, True)
+    no_views = mak.select(seed, pool, None, 40, strategy="robust", clusters=5, share_k=10)
+    with_views = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, share_k=10)
+    np.testing.assert_array_equal(no_views.indices, with_views.indices)
+    with pytest.raises(MakError, match="needs the pool's augmented views"):
+        mak.select(seed, pool, None, 40, strategy="robust", clusters=5, tail="ecle")
+
+
+def test_select_stores_runs_robust_on_a_store_without_views(world, tmp_path):
+    from mak.select_stores import select_stores
+
+    seed, pool_in, _, pool, _ = world
+    write_store(tmp_path / "seed", seed, [f"s{i}" for i in range(len(seed))])
+    write_store(tmp_path / "pool", pool, [f"p{i}" for i in range(len(pool))])
+    sel = select_stores(tmp_path / "seed", tmp_path / "pool", tmp_path / "out", 30, strategy="robust", clusters=5,
+                        progress=False, share_k=10)
+    assert len(sel) == 30 and (sel.indices < len(pool_in)).all()
+    with pytest.raises(MakError, match="views"):
+        select_stores(tmp_path / "seed", tmp_path / "pool", tmp_path / "out2", 30, strategy="robust", clusters=5,
+                      progress=False, tail="ecle")
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("pool_rows", [0, 25])
+def test_robust_on_a_seed_only_model_store_says_so(world, tmp_path, capsys, pool_rows):
+    from mak.select_stores import select_stores
+
+    seed, _, _, pool, _ = world
+    write_store(tmp_path / "seed", seed, [f"s{i}" for i in range(len(seed))])
+    write_store(tmp_path / "pool", pool, [f"p{i}" for i in range(len(pool))],
+                meta={"model_trained_on": {"images": 100, "pool_rows": pool_rows}})
+    select_stores(tmp_path / "seed", tmp_path / "pool", tmp_path / "out", 30, strategy="robust", clusters=5,
+                  progress=False, share_k=10)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    err = capsys.readouterr().err
+    if pool_rows == 0:
+        assert "seed-only model" in err and "seed-only model" in summary["note"]
+    else:
+        assert "seed-only model" not in err and "note" not in summary
+
+
+def test_smooth_share_matches_brute_force(world):
+    from mak.robust import smooth_share
+
+    seed, _, _, pool, _ = world
+    rng = np.random.default_rng(3)
+    ref = pool[::2]
+    ref_share = rng.random(len(ref)).astype(np.float32)
+    values = rng.random(len(pool)).astype(np.float32)
+    self_index = np.where(np.arange(len(pool)) % 2 == 0, np.arange(len(pool)) // 2, -1)  # even rows are in ref
+    m = 4
+    got = smooth_share(values, pool, ref, ref_share, m, self_index=self_index, chunk=32)
+    sims = unit(pool.astype(np.float64)) @ unit(ref.astype(np.float64)).T
+    want = np.empty(len(pool))
+    for i in range(len(pool)):
+        s = sims[i].copy()
+        if self_index[i] >= 0:
+            s[self_index[i]] = -np.inf
+        nn = np.argsort(-s, kind="stable")[:m]
+        want[i] = (values[i] + ref_share[nn].sum()) / (m + 1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(smooth_share(values, pool, ref, ref_share, 0), values)  # m = 0: unchanged
+
+
+def test_share_smoothing_calibrates_the_gate_on_smoothed_seed_shares(world):
+    seed, pool_in, junk, pool, views = world
+    sel = mak.select(seed, pool, None, 30, strategy="robust", clusters=5, gate_score="share", share_k=20,
+                     share_smooth=5)
+    g = sel.info["seed_share"]
+    from mak.robust import DEFAULTS as RD, smooth_share
+
+    _, held = share_gate(seed, pool, k=20)
+    ref_share = seed_share(pool, seed, pool, k=20, self_index=len(seed) + np.arange(len(pool)))
+    smoothed = smooth_share(held, seed, pool, ref_share, 5)
+    assert g["threshold"] == pytest.approx(np.quantile(smoothed.astype(np.float64), 1 - RD["gate_quantile"]))
+    assert not np.allclose(smoothed, held)  # smoothing moved the seed's own values, not only the pool's
+    assert np.asarray(g["histogram"]["seed_heldout"]).sum() == len(seed)
+    assert (sel.indices < len(pool_in)).all() and g["rejected"] >= len(junk)
+    with pytest.raises(MakError, match="share smooth"):
+        mak.select(seed, pool, None, 30, strategy="robust", clusters=5, share_smooth=-1)

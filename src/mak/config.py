@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
         "amp": None,
         "channels_last": None,
         "workers": None,
+        # robust scores with a second, pool-aware model: SimCLR on the seed + this many pool images
+        # (uniform sample; auto = min(pool, 8 x seed)); 0 = robust uses the seed-only model like mak
+        "pool_mix": "auto",
     },
     "embed": {
         "views": 10,
@@ -145,6 +148,9 @@ def validate(config: dict) -> None:
         raise MakError(f"config: retrain.match must be 'epochs' or 'steps', got {config['retrain']['match']!r}")
     if int(config["run"]["repeats"]) < 1:
         raise MakError("config: run.repeats must be >= 1")
+    mix = config["pretrain"]["pool_mix"]
+    if not (mix == "auto" or (isinstance(mix, int) and not isinstance(mix, bool) and mix >= 0)):
+        raise MakError(f"config: pretrain.pool_mix must be 'auto' or an integer >= 0, got {mix!r}")
     from .selection import STRATEGIES
 
     strategies = config["select"]["strategies"]

@@ -505,6 +505,67 @@ class FashionMNISTSource(_ArrayBacked):
 # --------------------------------------------------------------------------------------------
 # command-line plumbing
 
+class CombinedSource:
+    """Seed images followed by chosen pool rows: a re-train set (seed + pick) or a pool-aware pre-train set."""
+
+    kind = "combined"
+
+    def __init__(self, seed_source, pool_source, pool_rows: np.ndarray) -> None:
+        self.seed = seed_source
+        self.pool = pool_source
+        self.rows = np.asarray(pool_rows, dtype=np.int64)
+        self.name = f"{seed_source.name}+{len(self.rows)} from {pool_source.name}"
+
+    def __len__(self) -> int:
+        return len(self.seed) + len(self.rows)
+
+    def _where(self, i: int):
+        i = int(i)
+        if i < len(self.seed):
+            return self.seed, i
+        return self.pool, int(self.rows[i - len(self.seed)])
+
+    def item(self, i: int) -> str:
+        src, j = self._where(i)
+        return src.item(j)
+
+    def load(self, i: int) -> np.ndarray:
+        src, j = self._where(i)
+        return src.load(j)
+
+    def open_image(self, i: int, draft=None):
+        src, j = self._where(i)
+        return src.open_image(j, draft)
+
+    def in_memory(self) -> bool:
+        return self.seed.in_memory() and self.pool.in_memory()
+
+    def items(self) -> list[str]:
+        return [self.item(i) for i in range(len(self))]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "count": len(self), "seed": self.seed.describe(),
+                "pool": self.pool.describe(), "pool_rows": int(len(self.rows))}
+
+
+def pool_mix_rows(pool_size: int, seed_size: int, count: int | str = "auto", seed: int = 0) -> np.ndarray:
+    """Sorted pool rows to mix into a pool-aware pre-training set: a uniform sample without replacement.
+
+    ``count``: how many (capped by the pool); ``auto`` = min(pool, 8 x seed). The same arguments
+    give the same rows.
+    """
+    if count == "auto":
+        n = min(int(pool_size), 8 * int(seed_size))
+    elif isinstance(count, (int, np.integer)) and not isinstance(count, bool) and count >= 0:
+        n = min(int(pool_size), int(count))
+    else:
+        raise MakError(f"pool mix count must be 'auto' or an integer >= 0, got {count!r}")
+    if n >= pool_size:
+        return np.arange(pool_size, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), 0x6D6978])  # "mix": a stream of its own
+    return np.sort(rng.choice(int(pool_size), size=n, replace=False)).astype(np.int64)
+
+
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     """Add the image-source options: exactly one of --split/--folder/--array/--fashion-mnist."""
     group = parser.add_argument_group("image source (exactly one)")

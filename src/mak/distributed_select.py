@@ -61,7 +61,7 @@ from ._tensor import auto_device, is_auto, l2_normalize, resolve_device, to_tens
 from .errors import MakError
 from .kcenter_scale import angle, covering_radius_sharded, exact_sharded, two_round_sharded
 from .proximity import CHUNK as DIST_CHUNK, kmeans, nearest_centroid_distance
-from .selection import NEEDS, STRATEGIES, Context, Selection, select
+from .selection import NEEDS, Context, Selection, select, strategy_needs
 from .store import FEATURES, SHARDS, VIEWS, FeatureStore, open_store
 from .tailness import batch_plan, ecle_sum
 
@@ -556,16 +556,14 @@ def _first_nonfinite(store: FeatureStore, lo: int, hi: int, chunk: int = 65536) 
     return None
 
 
-def load_inputs_scaled(seed_store: str | Path | None, pool_store: str | Path, strategy: str
-                       ) -> tuple[FeatureStore | None, FeatureStore]:
+def load_inputs_scaled(seed_store: str | Path | None, pool_store: str | Path, strategy: str,
+                       options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
     """:func:`mak.select_stores.load_inputs`, with the pool's NaN/Inf scan split across ranks."""
     from .select_stores import load_inputs, open_seed_store
 
     if not D.active():
-        return load_inputs(seed_store, pool_store, strategy)
-    if strategy not in STRATEGIES:
-        raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
-    pool = open_store(pool_store, require_views=NEEDS[strategy][1], check_finite=False)
+        return load_inputs(seed_store, pool_store, strategy, options=options)
+    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False)
     lo, hi = D.shard_range(pool.num_rows)
     msgs = [m for m in D.all_gather_object(_first_nonfinite(pool, lo, hi)) if m]
     if msgs:
@@ -652,7 +650,7 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
     if kcenter_parts is not None and kcenter_parts < 1:
         raise MakError(f"--kcenter-parts must be >= 1, got {kcenter_parts}")
     t0 = time.perf_counter()
-    seed, pool = load_inputs_scaled(seed_store, pool_store, strategy)
+    seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
     n_pool = pool.num_rows
     if budget > n_pool:
         raise MakError(f"budget ({budget}) is larger than the pool ({n_pool} images in {pool_store})")
@@ -683,7 +681,7 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
         opts_ecle = {"ecle_scores": np.asarray(e if kept is None else e[kept], dtype=np.float32)}
     else:
         opts_ecle = {}
-    feats, views = store_arrays(pool, kept, views=NEEDS[strategy][1] if strategy in NEEDS else False)
+    feats, views = store_arrays(pool, kept, views=strategy_needs(strategy, params)[1] if strategy in NEEDS else False)
 
     holder: dict[str, DistributedContext] = {}
 

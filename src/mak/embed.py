@@ -64,6 +64,12 @@ FLUSH_ROWS = 8192
 COPY_ROWS = 65536
 
 
+
+def model_trained_on(config: dict) -> dict:
+    """What the checkpoint's model was trained on: images, and pool rows mixed in (0: the seed alone)."""
+    src = config.get("source") or {}
+    return {"images": config.get("num_images"), "pool_rows": int(src.get("pool_rows", 0) or 0)}
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -501,6 +507,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         "views_normalized": True, "dtype": dtype, "seed": int(seed), "num_images": n,
         "num_rows": n_ok, "feature_dim": feat_dim, "view_dim": view_dim if views else 0,
         "skipped": len(skipped), "skipped_items": skipped_items[:1000],
+        "model_trained_on": model_trained_on(cfg),
     }
     if merge:
         if main_proc:

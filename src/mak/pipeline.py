@@ -32,9 +32,13 @@ import numpy as np
 
 from .atomic import write_json, write_text
 from ._tensor import auto_device, is_auto
+from .data import CombinedSource, pool_mix_rows
 from .errors import MakError
 
 STAMP = ".stage.json"
+# Strategies scored with the pool-aware model (SimCLR on seed + a pool sample) when pretrain.pool_mix != 0;
+# every other strategy, mak included, uses the seed-only model of the paper.
+POOL_AWARE = ("robust",)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -46,49 +50,6 @@ def _source_from(spec: dict, what: str):
     if spec.get("folder"):
         return open_source("folder", spec["folder"])
     raise MakError(f"config: data.{what} needs a split or a folder")
-
-
-class CombinedSource:
-    """Seed images followed by selected pool rows: the training set of a re-train stage."""
-
-    kind = "combined"
-
-    def __init__(self, seed_source, pool_source, pool_rows: np.ndarray) -> None:
-        self.seed = seed_source
-        self.pool = pool_source
-        self.rows = np.asarray(pool_rows, dtype=np.int64)
-        self.name = f"{seed_source.name}+{len(self.rows)} from {pool_source.name}"
-
-    def __len__(self) -> int:
-        return len(self.seed) + len(self.rows)
-
-    def _where(self, i: int):
-        i = int(i)
-        if i < len(self.seed):
-            return self.seed, i
-        return self.pool, int(self.rows[i - len(self.seed)])
-
-    def item(self, i: int) -> str:
-        src, j = self._where(i)
-        return src.item(j)
-
-    def load(self, i: int) -> np.ndarray:
-        src, j = self._where(i)
-        return src.load(j)
-
-    def open_image(self, i: int, draft=None):
-        src, j = self._where(i)
-        return src.open_image(j, draft)
-
-    def in_memory(self) -> bool:
-        return self.seed.in_memory() and self.pool.in_memory()
-
-    def items(self) -> list[str]:
-        return [self.item(i) for i in range(len(self))]
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "count": len(self), "seed": self.seed.describe(),
-                "pool": self.pool.describe(), "pool_rows": int(len(self.rows))}
 
 
 def pool_rows_for_items(pool_source, selected_items: list[str]) -> np.ndarray:
@@ -207,40 +168,66 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
             data_params = {k: data[k] for k in ("seed", "pool", "eval")}
             data_params["fingerprint"] = _user_data_fingerprint(data)
         roles["data"] = data_params
-        pp = {**pre, "seed": seed, "device": device, "data": data_params}
+        pre_model = {k: v for k, v in pre.items() if k != "pool_mix"}  # how to train; pool_mix: on what
+        pp = {**pre_model, "seed": seed, "device": device, "data": data_params}
         pretrain = plan.add(Stage(f"pretrain/r{r}", base / "pretrain", pp, deps, _run_pretrain, ("checkpoint.pt",)))
         ep = {**emb, "seed": seed, "device": device}
-        eseed = plan.add(Stage(f"embed-seed/r{r}", base / "embed-seed", {**ep, "part": "seed", "views": 0},
-                               [pretrain], _run_embed, ("features.npy", "items.txt")))
-        epool = plan.add(Stage(f"embed-pool/r{r}", base / "embed-pool", {**ep, "part": "pool"},
-                               [pretrain], _run_embed, ("features.npy", "items.txt")))
-        roles.update(pretrain=pretrain, embed_seed=eseed, embed_pool=epool)
-        sp = {k: v for k, v in sel.items() if k != "strategies"}
-        from .selection import NEEDS
+        ecle_params = {k: sel[k] for k in ("temperature", "ecle_batch_size", "partitions")} | {"seed": seed,
+                                                                                             "device": device}
+        from .selection import strategy_needs
 
-        ecle_stage = None
-        if any(NEEDS[s][1] for s in sel["strategies"]):
-            # ECLE is the costly score: computed once per repeat and shared by every strategy.
-            ecle_stage = plan.add(Stage(f"ecle/r{r}", base / "ecle",
-                                        {k: sel[k] for k in ("temperature", "ecle_batch_size", "partitions")}
-                                        | {"seed": seed, "device": device}, [epool], _run_ecle, ("ecle.npy",)))
-        roles["ecle"] = ecle_stage
+        sp = {k: v for k, v in sel.items() if k != "strategies"}
+        opts_of = {}
         for strategy in sel["strategies"]:
-            uses_ecle = NEEDS[strategy][1] and ecle_stage is not None
             opts = dict(sp.get("options") or {})
             if strategy == "robust":  # key on the effective settings, so new defaults re-run the stage
                 from .robust import robust_options
 
                 opts.update(robust_options(opts))
+            opts_of[strategy] = opts
+        mix = pre.get("pool_mix", 0)
+        mixed = [s for s in sel["strategies"] if s in POOL_AWARE and mix != 0]
+        models = {"seed": [s for s in sel["strategies"] if s not in mixed], "mix": mixed}
+        inputs: dict[str, tuple] = {}
+        for model, users in models.items():
+            if model == "seed":
+                tag, trained = "", pretrain
+            elif users:
+                tag = "-mix"
+                trained = plan.add(Stage(f"pretrain-mix/r{r}", base / "pretrain-mix", {**pp, "pool_mix": mix},
+                                         deps, _run_pretrain, ("checkpoint.pt",)))
+                roles["pretrain_mix"] = trained
+            else:
+                continue
+            with_views = any(strategy_needs(s, opts_of[s])[1] for s in users)
+            eseed = plan.add(Stage(f"embed-seed{tag}/r{r}", base / f"embed-seed{tag}",
+                                   {**ep, "part": "seed", "views": 0},
+                                   [trained], _run_embed, ("features.npy", "items.txt")))
+            epool = plan.add(Stage(f"embed-pool{tag}/r{r}", base / f"embed-pool{tag}",
+                                   {**ep, "part": "pool", **({} if with_views else {"views": 0})},
+                                   [trained], _run_embed, ("features.npy", "items.txt")))
+            ecle_stage = None
+            if with_views:
+                # ECLE is the costly score: computed once per model and shared by every strategy.
+                ecle_stage = plan.add(Stage(f"ecle{tag}/r{r}", base / f"ecle{tag}", ecle_params, [epool], _run_ecle,
+                                            ("ecle.npy",)))
+            if model == "seed":
+                roles.update(pretrain=pretrain, embed_seed=eseed, embed_pool=epool, ecle=ecle_stage)
+            for strategy in users:
+                inputs[strategy] = (eseed, epool, ecle_stage if strategy_needs(strategy, opts_of[strategy])[1] else None)
+        roles["inputs"] = inputs
+        for strategy in sel["strategies"]:
+            eseed, epool, ecle_stage = inputs[strategy]
             s = plan.add(Stage(f"select/r{r}/{strategy}", base / "select" / strategy,
-                               {**sp, "options": opts, "strategy": strategy, "seed": seed, "device": device},
-                               [eseed, epool, *([ecle_stage] if uses_ecle else [])], _run_select,
+                               {**sp, "options": opts_of[strategy], "strategy": strategy, "seed": seed,
+                                "device": device},
+                               [eseed, epool, *([ecle_stage] if ecle_stage is not None else [])], _run_select,
                                ("selection.txt", "summary.json")))
             roles["select"][strategy] = s
         epochs = ret["epochs"] if ret["epochs"] is not None else pre["epochs"]
         for strategy in ["none", *sel["strategies"]]:
             src = [roles["select"][strategy]] if strategy != "none" else []
-            rp = {**pre, "epochs": epochs, "match": ret["match"], "seed": seed, "device": device,
+            rp = {**pre_model, "epochs": epochs, "match": ret["match"], "seed": seed, "device": device,
                   "data": data_params, "strategy": strategy,
                   "budget": sel["budget"] if ret["match"] == "steps" else None}
             t = plan.add(Stage(f"retrain/r{r}/{strategy}", base / "retrain" / strategy, rp, [*deps, *src],
@@ -311,7 +298,13 @@ def _pretrain_kwargs(p: dict, n_images: int) -> dict:
 def _run_pretrain(stage: Stage) -> None:
     from .pretrain import pretrain
 
-    src = _sources(stage)["seed"]
+    srcs = _sources(stage)
+    src = srcs["seed"]
+    if "pool_mix" in stage.params:  # the pool-aware model: seed + a uniform sample of the pool
+        rows = pool_mix_rows(len(srcs["pool"]), len(src), stage.params["pool_mix"], stage.params["seed"])
+        src = CombinedSource(src, srcs["pool"], rows)
+        write_json(stage.path / "train_set.json", {"seed": len(srcs["seed"]), "pool_rows": len(rows),
+                                                   "images": len(src)})
     pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(),
              **_pretrain_kwargs(stage.params, len(src)))
 
@@ -320,9 +313,8 @@ def _run_embed(stage: Stage) -> None:
     from .embed import embed
 
     p = stage.params
-    roles = _roles(stage)
     src = _sources(stage)[p["part"]]
-    ckpt = roles["pretrain"].path / "checkpoint.pt"
+    ckpt = stage.deps[0].path / "checkpoint.pt"  # the seed-only or the pool-aware model
     embed(src, ckpt, stage.path / "store", views=int(p["views"]), seed=p["seed"], dtype=p["dtype"],
           batch_size=p["batch_size"], device=p["device"], overwrite=True)
     for f in (stage.path / "store").iterdir():
@@ -335,7 +327,7 @@ def _run_ecle(stage: Stage) -> None:
     from .tailness import ecle
 
     p = stage.params
-    pool = open_store(_roles(stage)["embed_pool"].path, require_views=True)
+    pool = open_store(stage.deps[0].path, require_views=True)
     e = ecle(pool.views() if len(pool.shards) > 1 else pool.shards[0].views, temperature=p["temperature"],
              batch_size=p["ecle_batch_size"], partitions=p["partitions"], seed=p["seed"], device=p["device"],
              progress=True)
@@ -354,11 +346,10 @@ def _run_select(stage: Stage) -> None:
     strategy = p.pop("strategy")
     options = p.pop("options") or {}
     p["batch_size"] = p.pop("ecle_batch_size")
-    from .selection import NEEDS
-
-    if NEEDS[strategy][1] and roles.get("ecle") is not None:
-        p["ecle_file"] = roles["ecle"].path / "ecle.npy"
-    select_stores(roles["embed_seed"].path, roles["embed_pool"].path, stage.path, int(budget), strategy=strategy,
+    eseed, epool, ecle_stage = roles["inputs"][strategy]
+    if ecle_stage is not None:
+        p["ecle_file"] = ecle_stage.path / "ecle.npy"
+    select_stores(eseed.path, epool.path, stage.path, int(budget), strategy=strategy,
                   overwrite=True, progress=True, **p, **options)
     analysis = analyse(stage.path, srcs)
     if analysis is not None:
@@ -517,11 +508,18 @@ def _write_report(plan: Plan, results: list[dict]) -> Path:
                             "class_counts_seed": an.get("seed_counts", {}),
                             "class_counts_selected": {**an.get("counts", {}), "-1": an.get("ood_count", 0)} if an else {}}
     logs = {"pretrain (seed)": roles["pretrain"].path / "log.csv"}
+    notes = [f"{len(plan.repeats)} repeat(s); figures from repeat 0 in the per-strategy sections"]
+    if "pretrain_mix" in roles:
+        logs["pretrain (seed + pool sample)"] = roles["pretrain_mix"].path / "log.csv"
+        ts = roles["pretrain_mix"].path / "train_set.json"
+        mixed = json.loads(ts.read_text()).get("pool_rows") if ts.is_file() else "?"
+        users = [s for s, (e, _, _) in roles["inputs"].items() if "mix" in e.name]
+        notes.append(f"{', '.join(users)} scored with a pool-aware model (SimCLR on the seed + {mixed} pool images); "
+                     "the other strategies with the seed-only model")
     logs.update({f"retrain {k}": v.path / "log.csv" for k, v in roles["retrain"].items() if k != "none"})
     pool = srcs["pool"]
     store_items = (roles["embed_pool"].path / "items.txt").read_text().splitlines()
     rows = pool_rows_for_items(pool, store_items)
-    notes = [f"{len(plan.repeats)} repeat(s); figures from repeat 0 in the per-strategy sections"]
     return write_report(plan.run_dir / "report.html", title=plan.config["run"]["name"], results=results,
                         strategies=strategies, seed_items=srcs["seed"].items(),
                         pool_images=lambda i: pool.load(int(rows[i])), pool_items=store_items,

@@ -148,6 +148,18 @@ def candidates_then_kcenter(ctx: Context, score: np.ndarray) -> tuple[np.ndarray
 StrategyFn = Callable[[Context], Selection]
 STRATEGIES: dict[str, StrategyFn] = {}
 NEEDS: dict[str, tuple[bool, bool]] = {}  # strategy -> (needs seed features, needs views)
+# strategy -> options -> needs views, for strategies whose options decide it (robust without ECLE needs none)
+VIEWS_BY_OPTIONS: dict[str, Callable[[dict[str, Any]], bool]] = {}
+
+
+def strategy_needs(strategy: str, options: dict[str, Any] | None = None) -> tuple[bool, bool]:
+    """(needs seed features, needs the pool's views) of ``strategy`` run with ``options``."""
+    if strategy not in STRATEGIES:
+        raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
+    needs_seed, needs_views = NEEDS[strategy]
+    if strategy in VIEWS_BY_OPTIONS:
+        needs_views = VIEWS_BY_OPTIONS[strategy](dict(options or {}))
+    return needs_seed, needs_views
 
 
 def register_strategy(name: str, needs_seed: bool, needs_views: bool) -> Callable[[StrategyFn], StrategyFn]:
@@ -197,7 +209,7 @@ def _tailness_proximity(ctx: Context) -> Selection:
 
 
 def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget: int, strategy: str,
-                 clusters: int) -> None:
+                 clusters: int, options: dict[str, Any] | None = None) -> None:
     """Validate shapes and parameters; raise :class:`MakError` with one line naming the problem."""
     if strategy not in STRATEGIES:
         raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
@@ -210,7 +222,7 @@ def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget
         raise MakError(f"budget must be a positive integer, got {budget}")
     if budget > n:
         raise MakError(f"budget ({budget}) is larger than the pool ({n} images)")
-    needs_seed, needs_views = NEEDS[strategy]
+    needs_seed, needs_views = strategy_needs(strategy, options)
     if seed_features is not None:
         if seed_features.ndim != 2:
             raise MakError("seed features must be a 2-D array (M x D)")
@@ -247,7 +259,7 @@ def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int,
     ECLE already computed with the same parameters (N,), reused instead of recomputed.
     """
     context_cls = context_cls or Context
-    check_inputs(seed_features, pool_features, pool_views, budget, strategy, clusters)
+    check_inputs(seed_features, pool_features, pool_views, budget, strategy, clusters, options)
     if not 0.0 <= alpha <= 1.0:
         raise MakError(f"alpha must be in [0, 1], got {alpha}")
     if core_ratio <= 0:

@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format (default: channels_last)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader workers decoding images (default: half the CPU cores, 8 with CUDA)")
+    mix = p.add_argument_group("pool-aware model (what `robust` scores with in `mak run`)")
+    mx = mix.add_mutually_exclusive_group()
+    mx.add_argument("--mix-split", metavar="FILE", help="also train on a uniform sample of this pool split file")
+    mx.add_argument("--mix-folder", metavar="DIR", help="also train on a uniform sample of this pool image folder")
+    mix.add_argument("--mix-root", metavar="DIR", help="directory the --mix-split paths are relative to")
+    mix.add_argument("--mix-count", default="auto", metavar="N",
+                     help="pool images in the sample (default auto: min(pool, 8 x seed images))")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -47,6 +54,23 @@ def run(args: argparse.Namespace) -> int:
     from ..pretrain import pretrain
 
     source = source_from_args(args)
+    if args.mix_split or args.mix_folder:
+        from ..data import CombinedSource, open_source, pool_mix_rows
+        from ..errors import MakError
+
+        pool = open_source("split", args.mix_split, root=args.mix_root) if args.mix_split \
+            else open_source("folder", args.mix_folder)
+        count = args.mix_count
+        if count != "auto":
+            try:
+                count = int(count)
+            except ValueError:
+                raise MakError(f"--mix-count must be 'auto' or an integer >= 0, got {count!r}") from None
+        source = CombinedSource(source, pool, pool_mix_rows(len(pool), len(source), count, args.seed))
+    elif args.mix_root or args.mix_count != "auto":
+        from ..errors import MakError
+
+        raise MakError("--mix-root and --mix-count need --mix-split or --mix-folder")
     ckpt = pretrain(source, args.out, backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size,
                     base_lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed,
                     image_size=args.image_size, channels=args.channels, device=args.device,
