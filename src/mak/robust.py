@@ -71,6 +71,7 @@ gate share only                                                 0.015  0.129  0.
 gate core ratio 1.2 (k-center over 1.2 x budget)                0.011  0.126  0.502  0.884
 model: seed + 4,960 pool images (2 x seed), defaults            0.019  0.124  0.443  0.901  714 / 97
 model: seed + whole pool, 10 epochs, q0.995                     0.016  0.124  0.455  0.899  698 / 81
+model: seed + whole pool, 60 epochs, defaults                   0.006  0.123  0.448  0.900  697 / 33
 model: seed only (the paper's), defaults                        0.052  0.115  0.422  0.899  658 / 291
 model: seed only, old defaults                                  0.018  0.092  0.556  0.860  604 / 188
 share smoothed over 10 pool neighbours, q0.995                  0.007  0.120  0.447  0.900  677 / 33
