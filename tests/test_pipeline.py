@@ -91,6 +91,12 @@ def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp
     changed = {s.name for s in other.stages if s.key != by[s.name].key}
     assert changed == {"pretrain-mix/r0", "embed-seed-mix/r0", "embed-pool-mix/r0", "select/r0/robust",
                        "retrain/r0/robust", "eval/r0/robust"}
+    shorter = plan_of("pretrain.pool_mix_epochs=3")
+    changed = {s.name for s in shorter.stages if s.key != by[s.name].key}
+    assert "pretrain/r0" not in changed and "pretrain-mix/r0" in changed
+    assert {s.name: s for s in shorter.stages}["pretrain-mix/r0"].params["epochs"] == 3
+    with pytest.raises(MakError, match="pool_mix_epochs"):
+        plan_of("pretrain.pool_mix_epochs=0")
     off = plan_of("pretrain.pool_mix=0")
     assert not any("mix" in s.name for s in off.stages)
     assert {d.name for d in off.repeats[0]["select"]["robust"].deps} == {"embed-seed/r0", "embed-pool/r0"}

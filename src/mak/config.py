@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
         # robust scores with a second, pool-aware model: SimCLR on the seed + this many pool images
         # (uniform sample; auto = min(pool, 8 x seed)); 0 = robust uses the seed-only model like mak
         "pool_mix": "auto",
+        "pool_mix_epochs": None,  # epochs of the pool-aware model (default: epochs); its set is ~9x the seed's
     },
     "embed": {
         "views": 10,
@@ -151,6 +152,9 @@ def validate(config: dict) -> None:
     mix = config["pretrain"]["pool_mix"]
     if not (mix == "auto" or (isinstance(mix, int) and not isinstance(mix, bool) and mix >= 0)):
         raise MakError(f"config: pretrain.pool_mix must be 'auto' or an integer >= 0, got {mix!r}")
+    me = config["pretrain"]["pool_mix_epochs"]
+    if not (me is None or (isinstance(me, int) and not isinstance(me, bool) and me >= 1)):
+        raise MakError(f"config: pretrain.pool_mix_epochs must be null or an integer >= 1, got {me!r}")
     from .selection import STRATEGIES
 
     strategies = config["select"]["strategies"]

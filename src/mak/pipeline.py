@@ -168,7 +168,7 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
             data_params = {k: data[k] for k in ("seed", "pool", "eval")}
             data_params["fingerprint"] = _user_data_fingerprint(data)
         roles["data"] = data_params
-        pre_model = {k: v for k, v in pre.items() if k != "pool_mix"}  # how to train; pool_mix: on what
+        pre_model = {k: v for k, v in pre.items() if k not in ("pool_mix", "pool_mix_epochs")}  # the seed model
         pp = {**pre_model, "seed": seed, "device": device, "data": data_params}
         pretrain = plan.add(Stage(f"pretrain/r{r}", base / "pretrain", pp, deps, _run_pretrain, ("checkpoint.pt",)))
         ep = {**emb, "seed": seed, "device": device}
@@ -194,8 +194,11 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
                 tag, trained = "", pretrain
             elif users:
                 tag = "-mix"
-                trained = plan.add(Stage(f"pretrain-mix/r{r}", base / "pretrain-mix", {**pp, "pool_mix": mix},
-                                         deps, _run_pretrain, ("checkpoint.pt",)))
+                mp = {**pp, "pool_mix": mix}
+                if pre.get("pool_mix_epochs") is not None:
+                    mp["epochs"] = int(pre["pool_mix_epochs"])
+                trained = plan.add(Stage(f"pretrain-mix/r{r}", base / "pretrain-mix", mp, deps, _run_pretrain,
+                                         ("checkpoint.pt",)))
                 roles["pretrain_mix"] = trained
             else:
                 continue
