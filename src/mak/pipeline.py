@@ -516,7 +516,7 @@ def _write_report(plan: Plan, results: list[dict]) -> Path:
         logs["pretrain (seed + pool sample)"] = roles["pretrain_mix"].path / "log.csv"
         ts = roles["pretrain_mix"].path / "train_set.json"
         mixed = json.loads(ts.read_text()).get("pool_rows") if ts.is_file() else "?"
-        users = [s for s, (e, _, _) in roles["inputs"].items() if "mix" in e.name]
+        users = [s for s, (e, _, _) in roles["inputs"].items() if e is not roles["embed_seed"]]
         notes.append(f"{', '.join(users)} scored with a pool-aware model (SimCLR on the seed + {mixed} pool images); "
                      "the other strategies with the seed-only model")
     logs.update({f"retrain {k}": v.path / "log.csv" for k, v in roles["retrain"].items() if k != "none"})

@@ -662,9 +662,12 @@ def robust_select(ctx: Context) -> Selection:
             sm = opt["share_smooth"]
             if sm > 0:  # average over each image's sm nearest reference images, seed (held out) and pool alike
                 m_seed = int(seed_feats.shape[0])
-                ref_self = m_seed + np.arange(len(ref_rows), dtype=np.int64)
-                ref_share = seed_share(reference, seed_feats, reference, k=opt["share_k"], self_index=ref_self,
-                                       device=ctx.device, bank=bank)
+                if np.array_equal(own, ref_rows):  # the reference is this process's pool: its shares are known
+                    ref_share = share_cache["pool"]
+                else:
+                    ref_self = m_seed + np.arange(len(ref_rows), dtype=np.int64)
+                    ref_share = seed_share(reference, seed_feats, reference, k=opt["share_k"], self_index=ref_self,
+                                           device=ctx.device, bank=bank)
                 held = smooth_share(share_cache["gate"][1], seed_feats, reference, ref_share, sm, device=ctx.device)
                 threshold = float(np.quantile(held.astype(np.float64), 1.0 - opt["gate_quantile"]))
                 share_cache["gate"] = (threshold, held)

@@ -50,14 +50,12 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from .. import distributed as D
-    from ..data import source_from_args
+    from ..data import CombinedSource, open_source, pool_mix_rows, source_from_args
+    from ..errors import MakError
     from ..pretrain import pretrain
 
     source = source_from_args(args)
     if args.mix_split or args.mix_folder:
-        from ..data import CombinedSource, open_source, pool_mix_rows
-        from ..errors import MakError
-
         pool = open_source("split", args.mix_split, root=args.mix_root) if args.mix_split \
             else open_source("folder", args.mix_folder)
         count = args.mix_count
@@ -68,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
                 raise MakError(f"--mix-count must be 'auto' or an integer >= 0, got {count!r}") from None
         source = CombinedSource(source, pool, pool_mix_rows(len(pool), len(source), count, args.seed))
     elif args.mix_root or args.mix_count != "auto":
-        from ..errors import MakError
-
         raise MakError("--mix-root and --mix-count need --mix-split or --mix-folder")
     ckpt = pretrain(source, args.out, backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size,
                     base_lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed,
