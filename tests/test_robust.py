@@ -274,18 +274,21 @@ def test_cli_options_parse():
         "--gate-quantile", "0.95", "--gate-folds", "3", "--gate-score", "lof", "--lof-k", "7",
         "--gate-clusters", "auto",
         "--tail", "knn", "--knn-k", "4", "--fusion", "z", "--fusion-distance", "lof", "--share-k", "20",
-        "--share-reference", "5000", "--gate-core-ratio", "1.25", "--share-smooth", "6"])
+        "--share-reference", "5000", "--gate-core-ratio", "1.25", "--share-smooth", "6",
+        "--ratio-folds", "3", "--ratio-hidden", "16", "--ratio-epochs", "9"])
     params = params_from_args(args)
     assert {k: params[k] for k in DEFAULTS} == dict(gate="off", gate_quantile=0.95, gate_folds=3, gate_score="lof",
                                                     lof_k=7, gate_clusters="auto", tail="knn", knn_k=4, fusion="z",
                                                     fusion_distance="lof", share_k=20, share_reference=5000,
-                                                    gate_core_ratio=1.25, share_smooth=6)
+                                                    gate_core_ratio=1.25, share_smooth=6, ratio_folds=3,
+                                                    ratio_hidden=16, ratio_epochs=9)
     args = build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o",
                                       "--gate-clusters", "12"])
     params = params_from_args(args)
     assert params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
     for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"],
-                ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--share-smooth", "x"]):
+                ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--share-smooth", "x"],
+                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
 
@@ -390,19 +393,33 @@ def test_gate_core_ratio_runs_kcenter_behind_the_gate(world):
     assert set(kc.indices.tolist()) <= set(kc.candidates.tolist())
 
 
-# ------------------------------------------------------------------- defaults: share tail, no views
+# ------------------------------------------------------------------- defaults: ratio tail, no views
 
-def test_default_robust_score_is_the_gated_rank_of_a_low_seed_share(world):
+def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
+    from mak.density_ratio import ratio_logits
+
     seed, _, _, pool, views = world
     o = robust_options({})
-    assert o["tail"] == "share" and o["fusion_distance"] == "none"
-    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10)
+    assert o["tail"] == "ratio" and o["fusion_distance"] == "none"
+    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10,
+                     ratio_epochs=5, seed=3)
+    logit = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), folds=5, hidden=256, epochs=5, seed=3)
+    gated = np.isfinite(sel.score)
+    # the score is the percentile rank of -logit over the gated rows, alpha and the distance unused
+    np.testing.assert_allclose(sel.score[gated], rank_normalize(-logit.astype(np.float64), gated)[gated])
+    assert sel.info["ratio"] == {"reference": len(pool), "folds": 5, "hidden": 256, "epochs": 5}
+    again = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10,
+                       ratio_epochs=5, seed=3, alpha=0.1)
+    np.testing.assert_array_equal(again.indices, sel.indices)
+
+
+def test_share_tail_score_is_the_gated_rank_of_a_low_seed_share(world):
+    seed, _, _, pool, views = world
+    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10, tail="share")
     share = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool)))
     gated = np.isfinite(sel.score)
-    # the score is the percentile rank of -share over the gated rows, alpha and the distance unused
     np.testing.assert_allclose(sel.score[gated], rank_normalize(-share.astype(np.float64), gated)[gated])
-    again = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10, alpha=0.1)
-    np.testing.assert_array_equal(again.indices, sel.indices)
+    assert "ratio" not in sel.info
 
 
 def test_robust_without_ecle_needs_no_views_and_with_ecle_says_so(world):

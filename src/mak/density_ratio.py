@@ -1,0 +1,173 @@
+"""Classifier density ratio: how much more of an image's kind the pool holds than the seed.
+
+``robust``'s ``ratio`` tail term. A small MLP is trained to tell seed features (label 1) from pool
+features (label 0), the two classes weighted equally; its logit is then ``log p_seed(x) / p_pool(x)``
+up to a constant, and a *low* logit marks an image whose kind the pool has far more of than the
+seed: the seed's tail, or what the seed lacks entirely (the gate removes the latter). It estimates
+the same ratio as the k-NN seed share (:func:`mak.robust.seed_share`), but a classifier learns
+which directions of the feature space tell seed from pool, where a k-NN ball weighs every
+direction alike; on the Fashion-MNIST open-world benchmark that finds tail classes that share a
+neighbourhood with a head class (T-shirt among Shirts).
+
+Cross-fitting keeps an image out of the model that scores it: the reference (the pool or a
+uniform sample of it) is cut into ``folds``; model ``f`` is trained on the seed and every reference
+fold but ``f`` and scores the rows of fold ``f``. Queries that are not reference rows get the mean
+logit of all fold models. Training costs O((seed + reference) x epochs x folds) and scoring is
+chunked, O(chunk) memory beyond the inputs. Under ``torchrun`` rank 0 trains and broadcasts the
+weights, so every rank scores with the same models.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from ._tensor import resolve_device, to_tensor
+from .errors import MakError
+
+CHUNK = 65536
+BATCH = 1024
+LR = 3e-3
+WEIGHT_DECAY = 1e-4
+DEFAULT_FOLDS = 5
+DEFAULT_HIDDEN = 256
+DEFAULT_EPOCHS = 60
+
+
+class RatioMLP(torch.nn.Module):
+    """Linear(d, hidden) - ReLU - Linear(hidden, 1) on L2-normalised features; output: the seed-vs-pool logit."""
+
+    def __init__(self, dim: int, hidden: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.utils.skip_init(torch.nn.Linear, dim, hidden)  # no draw from the global RNG
+        self.fc2 = torch.nn.utils.skip_init(torch.nn.Linear, hidden, 1)
+        with torch.no_grad():  # PyTorch's default Linear init, drawn from our own generator
+            for layer in (self.fc1, self.fc2):
+                bound = 1.0 / math.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                layer.bias.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(F.normalize(x, dim=1)))).squeeze(1)
+
+
+def _check(folds: int, hidden: int, epochs: int) -> None:
+    for name, v, lo in (("ratio folds", folds, 2), ("ratio hidden", hidden, 1), ("ratio epochs", epochs, 1)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+            raise MakError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def train_ratio_model(seed_features: Any, pool_features: Any, hidden: int = DEFAULT_HIDDEN,
+                      epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                      device: str | torch.device | None = None) -> RatioMLP:
+    """One seed-vs-pool classifier: Adam (lr 3e-3, weight decay 1e-4), balanced BCE, batches of 1,024.
+
+    Deterministic for a fixed ``seed`` on one machine (its own generator for the weights and the
+    batch order; the global RNG is untouched).
+    """
+    s = np.asarray(seed_features, dtype=np.float32)
+    p = np.asarray(pool_features, dtype=np.float32)
+    if s.ndim != 2 or p.ndim != 2 or s.shape[1] != p.shape[1]:
+        raise MakError(f"density ratio: seed features {s.shape} and pool features {p.shape} do not match")
+    if s.shape[0] == 0 or p.shape[0] == 0:
+        raise MakError("density ratio: the seed and the pool reference must both be non-empty")
+    dev = resolve_device(device, s)
+    g = torch.Generator().manual_seed(int(seed))
+    model = RatioMLP(s.shape[1], int(hidden), g).to(dev)
+    x = torch.cat([to_tensor(s, dev), to_tensor(p, dev)])
+    y = torch.cat([torch.ones(s.shape[0], device=dev), torch.zeros(p.shape[0], device=dev)])
+    n = x.shape[0]
+    w = torch.where(y > 0, n / (2.0 * s.shape[0]), n / (2.0 * p.shape[0]))  # both classes weigh the same
+    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    for _ in range(int(epochs)):
+        order = torch.randperm(n, generator=g).to(dev)
+        for lo in range(0, n, BATCH):
+            j = order[lo: lo + BATCH]
+            loss = (F.binary_cross_entropy_with_logits(model(x[j]), y[j], reduction="none") * w[j]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def _broadcast(model: torch.nn.Module) -> None:
+    if distributed.active():
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
+
+
+def reference_folds(n: int, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold of each of ``n`` reference rows: a seeded permutation cut by ``np.array_split``. (n,) int64."""
+    fold_of = np.empty(n, dtype=np.int64)
+    for f, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), folds)):
+        fold_of[rows] = f
+    return fold_of
+
+
+def ratio_models(seed_features: Any, reference: Any, folds: int = DEFAULT_FOLDS, hidden: int = DEFAULT_HIDDEN,
+                 epochs: int = DEFAULT_EPOCHS, seed: int = 0, device: str | torch.device | None = None
+                 ) -> tuple[list[RatioMLP], np.ndarray]:
+    """The cross-fitted classifiers: (one model per fold, fold of each reference row)."""
+    _check(folds, hidden, epochs)
+    ref = np.asarray(reference, dtype=np.float32)
+    if ref.shape[0] < folds:
+        raise MakError(f"density ratio: {ref.shape[0]} pool reference rows cannot be cut into {folds} folds")
+    fold_of = reference_folds(ref.shape[0], folds, seed)
+    models = []
+    for f in range(folds):
+        keep = ref[fold_of != f]
+        if distributed.active() and distributed.rank() != 0:  # rank 0 trains; the others receive its weights
+            model = RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0))
+            model = model.to(resolve_device(device, ref)).eval()
+        else:
+            model = train_ratio_model(seed_features, keep, hidden=hidden, epochs=epochs, seed=seed * 1000 + f,
+                                      device=device)
+        _broadcast(model)
+        models.append(model)
+    return models, fold_of
+
+
+def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: np.ndarray | None = None,
+                 folds: int = DEFAULT_FOLDS, hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS,
+                 seed: int = 0, device: str | torch.device | None = None, chunk: int = CHUNK,
+                 *, models: tuple[list[RatioMLP], np.ndarray] | None = None) -> np.ndarray:
+    """Cross-fitted seed-vs-pool logit of each query (high: seed-like; low: the pool has more of it). (n,) float32.
+
+    ``self_index[i]`` is the reference row query ``i`` itself is (-1: none): such a query is scored
+    by the one model that never saw it; any other query by the mean of all fold models. Pass
+    ``models`` (:func:`ratio_models`) to score several query sets with the same classifiers.
+    """
+    mods, fold_of = models if models is not None else ratio_models(
+        seed_features, reference, folds=folds, hidden=hidden, epochs=epochs, seed=seed, device=device)
+    n = int(queries.shape[0])
+    if self_index is not None and len(self_index) != n:
+        raise MakError(f"density ratio: self_index has {len(self_index)} rows for {n} queries")
+    dev = next(mods[0].parameters()).device
+    # float64 scoring: a row's logit then does not depend on which rows share its batch (chunking,
+    # torchrun shards) beyond float64 rounding, far below the float32 it is stored in
+    mods = [copy.deepcopy(m).double() for m in mods]
+    out = np.empty(n, dtype=np.float32)
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            xb = to_tensor(np.asarray(queries[lo:hi], dtype=np.float32), dev, dtype=torch.float64)
+            logits = torch.stack([m(xb) for m in mods], dim=1)  # (b, folds)
+            val = logits.mean(dim=1)
+            if self_index is not None:
+                own = np.asarray(self_index[lo:hi], dtype=np.int64)
+                inside = np.flatnonzero(own >= 0)
+                if inside.size:
+                    f = torch.as_tensor(fold_of[own[inside]], device=dev)
+                    idx = torch.as_tensor(inside, device=dev)
+                    val[idx] = logits[idx, f]
+            out[lo:hi] = val.cpu().numpy().astype(np.float32)
+    return out
+
+
+__all__ = ["RatioMLP", "ratio_logits", "ratio_models", "reference_folds", "train_ratio_model"]

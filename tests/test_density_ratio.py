@@ -1,0 +1,103 @@
+"""The classifier density ratio (robust's ``ratio`` tail): cross-fitting, determinism, what it ranks, errors."""
+import numpy as np
+import pytest
+import torch
+
+import mak
+from mak.density_ratio import ratio_logits, ratio_models, reference_folds, train_ratio_model
+from mak.errors import MakError
+from mak.robust import robust_options
+
+
+def blobs(rng, centers, counts, dim=8, spread=0.15):
+    return np.concatenate([c + spread * rng.normal(size=(n, dim)) for c, n in zip(centers, counts)]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centers = [np.eye(8)[i] * 2.0 for i in range(3)]
+    # seed: head A 120, B 60, tail C 6; pool: A 120, B 60, C 60 -- C is what the pool has more of
+    seed = blobs(rng, centers, [120, 60, 6])
+    pool = blobs(rng, centers, [120, 60, 60])
+    labels = np.repeat([0, 1, 2], [120, 60, 60])
+    return seed, pool, labels
+
+
+def test_reference_folds_partition_the_rows():
+    f = reference_folds(23, 4, seed=5)
+    assert f.shape == (23,) and sorted(np.bincount(f).tolist()) == [5, 6, 6, 6]
+    np.testing.assert_array_equal(f, reference_folds(23, 4, seed=5))
+
+
+def test_cross_fitted_logits_equal_a_model_per_fold(data):
+    seed, pool, _ = data
+    ref = pool[::2]  # a reference sample: even pool rows
+    self_index = np.where(np.arange(len(pool)) % 2 == 0, np.arange(len(pool)) // 2, -1)
+    got = ratio_logits(pool, seed, ref, self_index=self_index, folds=3, hidden=16, epochs=4, seed=2)
+    fold_of = reference_folds(len(ref), 3, seed=2)
+    models = [train_ratio_model(seed, ref[fold_of != f], hidden=16, epochs=4, seed=2000 + f) for f in range(3)]
+    with torch.no_grad():
+        each = np.stack([m.double()(torch.from_numpy(pool).double()).numpy() for m in models], axis=1)
+    want = each.mean(axis=1)  # rows outside the reference: every model
+    inside = self_index >= 0
+    want[inside] = each[inside, fold_of[self_index[inside]]]  # reference rows: the model that never saw them
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_chunking_and_seed_determinism(data):
+    seed, pool, _ = data
+    kw = dict(folds=2, hidden=8, epochs=3, seed=1)
+    a = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), **kw)
+    b = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), chunk=7, **kw)
+    np.testing.assert_array_equal(a, b)
+    state = torch.random.get_rng_state()
+    c = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), **kw)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
+    np.testing.assert_array_equal(a, c)
+    d = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), **{**kw, "seed": 9})
+    assert not np.array_equal(a, d)
+    models = ratio_models(seed, pool, **kw)
+    np.testing.assert_array_equal(a, ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), models=models))
+
+
+def test_the_kind_the_pool_has_more_of_gets_the_lowest_logit(data):
+    seed, pool, labels = data
+    logit = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), folds=5, hidden=32, epochs=30, seed=0)
+    means = [float(logit[labels == c].mean()) for c in range(3)]
+    assert means[2] < means[0] - 0.5 and means[2] < means[1] - 0.5
+    # the 60 tail images are (nearly) the 60 lowest
+    assert np.isin(np.argsort(logit)[:60], np.flatnonzero(labels == 2)).mean() >= 0.95
+
+
+def test_robust_ratio_tail_picks_every_gated_tail_image(data):
+    seed, pool, labels = data
+    sel = mak.select(seed, pool, None, 60, strategy="robust", clusters=3, share_k=10, ratio_epochs=30)
+    tail_kept = np.flatnonzero(np.isfinite(sel.score) & (labels == 2))
+    assert len(tail_kept) >= 45  # the seed has 6 tail images; the gate keeps most of the pool's 60
+    assert np.isin(tail_kept, sel.indices).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(folds=1), "ratio folds must be an integer >= 2"),
+    (dict(hidden=0), "ratio hidden must be an integer >= 1"),
+    (dict(epochs=1.5), "ratio epochs must be an integer >= 1"),
+    (dict(folds=50), "cannot be cut into 50 folds"),
+])
+def test_bad_settings(data, kwargs, match):
+    seed, pool, _ = data
+    with pytest.raises(MakError, match=match):
+        ratio_logits(pool[:40], seed, pool[:40], **kwargs)
+
+
+def test_bad_inputs(data):
+    seed, pool, _ = data
+    with pytest.raises(MakError, match="do not match"):
+        ratio_logits(pool, seed[:, :4], pool, folds=2, epochs=1)
+    with pytest.raises(MakError, match="non-empty"):
+        train_ratio_model(seed[:0], pool, epochs=1)
+    with pytest.raises(MakError, match="self_index has 3 rows"):
+        ratio_logits(pool, seed, pool, self_index=np.arange(3), folds=2, epochs=1)
+    for key, bad in (("ratio_folds", 1), ("ratio_hidden", 0), ("ratio_epochs", "x")):
+        with pytest.raises(MakError, match=key.replace("_", " ")):
+            robust_options({key: bad})
