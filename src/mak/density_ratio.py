@@ -56,7 +56,8 @@ class RatioMLP(torch.nn.Module):
         return self.fc2(F.relu(self.fc1(F.normalize(x, dim=1)))).squeeze(1)
 
 
-def _check(folds: int, hidden: int, epochs: int) -> None:
+def check_settings(folds: Any, hidden: Any, epochs: Any) -> None:
+    """Raise MakError unless folds >= 2, hidden >= 1 and epochs >= 1 are integers."""
     for name, v, lo in (("ratio folds", folds, 2), ("ratio hidden", hidden, 1), ("ratio epochs", epochs, 1)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
             raise MakError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -114,20 +115,19 @@ def ratio_models(seed_features: Any, reference: Any, folds: int = DEFAULT_FOLDS,
                  epochs: int = DEFAULT_EPOCHS, seed: int = 0, device: str | torch.device | None = None
                  ) -> tuple[list[RatioMLP], np.ndarray]:
     """The cross-fitted classifiers: (one model per fold, fold of each reference row)."""
-    _check(folds, hidden, epochs)
+    check_settings(folds, hidden, epochs)
     ref = np.asarray(reference, dtype=np.float32)
     if ref.shape[0] < folds:
         raise MakError(f"density ratio: {ref.shape[0]} pool reference rows cannot be cut into {folds} folds")
     fold_of = reference_folds(ref.shape[0], folds, seed)
     models = []
     for f in range(folds):
-        keep = ref[fold_of != f]
         if distributed.active() and distributed.rank() != 0:  # rank 0 trains; the others receive its weights
             model = RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0))
             model = model.to(resolve_device(device, ref)).eval()
         else:
-            model = train_ratio_model(seed_features, keep, hidden=hidden, epochs=epochs, seed=seed * 1000 + f,
-                                      device=device)
+            model = train_ratio_model(seed_features, ref[fold_of != f], hidden=hidden, epochs=epochs,
+                                      seed=seed * 1000 + f, device=device)
         _broadcast(model)
         models.append(model)
     return models, fold_of
@@ -170,4 +170,4 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
     return out
 
 
-__all__ = ["RatioMLP", "ratio_logits", "ratio_models", "reference_folds", "train_ratio_model"]
+__all__ = ["RatioMLP", "check_settings", "ratio_logits", "ratio_models", "reference_folds", "train_ratio_model"]

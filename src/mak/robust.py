@@ -175,7 +175,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .density_ratio import ratio_logits
+from .density_ratio import check_settings as check_ratio_settings, ratio_logits
 from ._tensor import l2_normalize, resolve_device, to_tensor, zscore
 from .errors import MakError
 from .proximity import kmeans, nearest_centroid_distance
@@ -617,11 +617,9 @@ def robust_options(options: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(o["lof_k"], (int, np.integer)) or o["lof_k"] < 1:
         raise MakError(f"lof k must be an integer >= 1, got {o['lof_k']}")
     o["lof_k"] = int(o["lof_k"])
-    for key in ("ratio_folds", "ratio_hidden", "ratio_epochs"):
-        v, lo = o[key], 2 if key == "ratio_folds" else 1
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-            raise MakError(f"{key.replace('_', ' ')} must be an integer >= {lo}, got {v!r}")
-        o[key] = int(v)
+    check_ratio_settings(o["ratio_folds"], o["ratio_hidden"], o["ratio_epochs"])
+    o["ratio_folds"], o["ratio_hidden"], o["ratio_epochs"] = (int(o[k]) for k in ("ratio_folds", "ratio_hidden",
+                                                                                 "ratio_epochs"))
     gk = o["gate_clusters"]
     if not (gk == "auto" or (isinstance(gk, (int, np.integer)) and not isinstance(gk, bool) and gk >= 1)):
         raise MakError(f"gate clusters must be 'auto' or an integer >= 1, got {gk!r}")
