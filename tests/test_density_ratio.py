@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mak
-from mak.density_ratio import ratio_logits, ratio_models, reference_folds, train_ratio_model
+from mak.density_ratio import (ratio_logits, ratio_models, reference_folds, seed_folds_of, seed_heldout_logits,
+                                train_ratio_model)
 from mak.errors import MakError
 from mak.robust import robust_options
 
@@ -36,13 +37,24 @@ def test_cross_fitted_logits_equal_a_model_per_fold(data):
     self_index = np.where(np.arange(len(pool)) % 2 == 0, np.arange(len(pool)) // 2, -1)
     got = ratio_logits(pool, seed, ref, self_index=self_index, folds=3, hidden=16, epochs=4, seed=2)
     fold_of = reference_folds(len(ref), 3, seed=2)
-    models = [train_ratio_model(seed, ref[fold_of != f], hidden=16, epochs=4, seed=2000 + f) for f in range(3)]
+    seed_fold = reference_folds(len(seed), 3, seed=3)  # the seed's folds: the next stream
+    models = [train_ratio_model(seed[seed_fold != f], ref[fold_of != f], hidden=16, epochs=4, seed=2000 + f)
+              for f in range(3)]
     with torch.no_grad():
         each = np.stack([m.double()(torch.from_numpy(pool).double()).numpy() for m in models], axis=1)
     want = each.mean(axis=1)  # rows outside the reference: every model
     inside = self_index >= 0
     want[inside] = each[inside, fold_of[self_index[inside]]]  # reference rows: the model that never saw them
     np.testing.assert_array_equal(got, want.astype(np.float32))
+    # each seed image's held-out logit comes from the one model that never saw it
+    fitted = ratio_models(seed, ref, folds=3, hidden=16, epochs=4, seed=2)
+    np.testing.assert_array_equal(fitted.seed_fold, seed_fold)
+    np.testing.assert_array_equal(seed_folds_of(len(seed), 3, seed=2), seed_fold)
+    with torch.no_grad():
+        own = np.stack([m.double()(torch.from_numpy(seed).double()).numpy() for m in models], axis=1)
+    np.testing.assert_array_equal(seed_heldout_logits(seed, fitted),
+                                  own[np.arange(len(seed)), seed_fold].astype(np.float32))
+    np.testing.assert_array_equal(seed_heldout_logits(seed, fitted, chunk=5), seed_heldout_logits(seed, fitted))
 
 
 def test_chunking_and_seed_determinism(data):
@@ -96,6 +108,10 @@ def test_bad_inputs(data):
         ratio_logits(pool, seed[:, :4], pool, folds=2, epochs=1)
     with pytest.raises(MakError, match="non-empty"):
         train_ratio_model(seed[:0], pool, epochs=1)
+    with pytest.raises(MakError, match="4 seed images cannot be cut into 5 folds"):
+        ratio_logits(pool, seed[:4], pool, folds=5, epochs=1)
+    with pytest.raises(MakError, match="fitted on 186 seed images, not 10"):
+        seed_heldout_logits(seed[:10], ratio_models(seed, pool, folds=2, hidden=4, epochs=1))
     with pytest.raises(MakError, match="self_index has 3 rows"):
         ratio_logits(pool, seed, pool, self_index=np.arange(3), folds=2, epochs=1)
     for key, bad in (("ratio_folds", 1), ("ratio_hidden", 0), ("ratio_epochs", "x")):

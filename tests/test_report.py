@@ -239,3 +239,9 @@ def test_seed_share_histogram_is_drawn_next_to_the_gate(fake_run: dict) -> None:
     # a malformed histogram is skipped, not drawn and not a crash
     st["robust"]["summary"]["info"]["seed_share"]["histogram"]["pool"] = [1, 2]
     assert "Seed-share gate" not in _write(fake_run, strategies=st)
+    # the classifier gate gets its own chart
+    st["robust"]["summary"]["info"]["seed_ratio"] = {
+        "threshold": -1.5, "rejected": 9, "histogram": {"edges": np.linspace(-8, 2, 6).tolist(),
+                                                       "seed_heldout": [0, 0, 1, 5, 12], "pool": [40, 3, 2, 9, 30]}}
+    text = _write(fake_run, strategies=st)
+    assert "Seed-vs-pool classifier gate" in text and "gate -1.5" in text and "9 pool images below it" in text

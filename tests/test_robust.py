@@ -238,10 +238,12 @@ def test_options_are_validated():
     assert robust_options({"gate": "off"})["gate"] is False
     assert robust_options({"tail": "both"})["tail"] == "ecle+knn"  # the old name of the pair
     assert robust_options({"tail": "share+ecle"})["tail"] == "ecle+share"  # canonical order
+    assert robust_options({"gate_score": "ratio+lof"})["gate_score"] == "ratio+lof"  # gate terms: order kept
     for bad in ({"gate_quantile": 0.0}, {"gate_quantile": 1.5}, {"tail": "x"}, {"fusion": "x"}, {"knn_k": 0},
                 {"gate_folds": 1}, {"gate": "maybe"}, {"gate_score": "x"}, {"gate_clusters": "many"},
                 {"fusion_distance": "x"}, {"lof_k": 0}, {"share_k": 0}, {"share_reference": "all"},
-                {"gate_core_ratio": 0}, {"tail": "ecle+ecle"}, {"tail": "ecle+x"}):
+                {"gate_core_ratio": 0}, {"tail": "ecle+ecle"}, {"tail": "ecle+x"}, {"gate_score": "share+share"},
+                {"gate_score": "share+x"}, {"gate_score": ""}):
         with pytest.raises(MakError):
             robust_options(bad)
 
@@ -288,7 +290,7 @@ def test_cli_options_parse():
     assert params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
     for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"],
                 ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--share-smooth", "x"],
-                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"]):
+                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"], ["--gate-score", "share+x"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
 
@@ -413,13 +415,56 @@ def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
     np.testing.assert_array_equal(again.indices, sel.indices)
 
 
+def test_default_gate_is_every_term_at_its_own_held_out_seed_quantile(world):
+    """centroid + share + ratio: each term's threshold is its held-out seed quantile; kept = all three pass."""
+    from mak.density_ratio import ratio_logits, ratio_models, seed_heldout_logits
+
+    seed, pool_in, junk, pool, views = world
+    q = DEFAULTS["gate_quantile"]
+    kw = dict(strategy="robust", clusters=5, partitions=2, share_k=10, ratio_epochs=5, seed=3, gate_clusters=5)
+    sel = mak.select(seed, pool, views, 40, **kw)
+    assert DEFAULTS["gate_score"] == "centroid+share+ratio"
+    c_thr, _ = seed_gate(seed, clusters=5, quantile=q, folds=5, seed=3)
+    c_keep = mak.proximity(seed, pool, clusters=5, seed=3) <= c_thr
+    s_thr, _ = share_gate(seed, pool, k=10, quantile=q)
+    s_keep = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool))) >= s_thr
+    models = ratio_models(seed, pool, folds=5, hidden=256, epochs=5, seed=3)
+    held = seed_heldout_logits(seed, models)
+    r_thr = float(np.quantile(held.astype(np.float64), 1.0 - q))
+    r_keep = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), models=models) >= r_thr
+    np.testing.assert_array_equal(np.isfinite(sel.score), c_keep & s_keep & r_keep)
+    info = sel.info
+    assert info["seed_ratio"]["threshold"] == pytest.approx(r_thr, rel=0, abs=0)
+    assert info["seed_ratio"]["rejected"] == int((~r_keep).sum())
+    assert info["seed_share"]["threshold"] == s_thr and info["gate"]["threshold"] == c_thr  # the report's plots
+    h = info["seed_ratio"]["histogram"]
+    assert sum(h["seed_heldout"]) == len(seed) and sum(h["pool"]) == len(pool)
+    assert info["gate_kept"] == int((c_keep & s_keep & r_keep).sum())
+    assert (sel.indices < len(pool_in)).all()
+    # the term order only changes which term info["gate"] and the fill order describe, not the gate
+    other = mak.select(seed, pool, views, 40, **kw, gate_score="ratio+share+centroid")
+    np.testing.assert_array_equal(other.indices, sel.indices)
+    json.dumps(info)
+
+
+def test_ratio_gate_alone_rejects_a_planted_far_cluster(world):
+    seed, pool_in, junk, pool, views = world
+    sel = mak.select(seed, pool, None, 40, strategy="robust", clusters=5, gate_score="ratio", gate_quantile=0.99,
+                     ratio_epochs=20, seed=1)
+    kept = np.isfinite(sel.score)
+    assert not kept[len(pool_in):].any()  # no junk passes
+    assert kept[:len(pool_in)].mean() >= 0.9  # in-domain pool images, drawn like the seed, pass
+    assert sel.info["gate"]["score"] == "ratio" and sel.info["gate"]["threshold"] == -sel.info["seed_ratio"]["threshold"]
+
+
 def test_share_tail_score_is_the_gated_rank_of_a_low_seed_share(world):
     seed, _, _, pool, views = world
-    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10, tail="share")
+    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10, tail="share",
+                     gate_score="centroid+share")
     share = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool)))
     gated = np.isfinite(sel.score)
     np.testing.assert_allclose(sel.score[gated], rank_normalize(-share.astype(np.float64), gated)[gated])
-    assert "ratio" not in sel.info
+    assert "ratio" not in sel.info and "seed_ratio" not in sel.info  # no classifier is trained when nothing needs it
 
 
 def test_robust_without_ecle_needs_no_views_and_with_ecle_says_so(world):

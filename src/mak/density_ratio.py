@@ -10,9 +10,13 @@ direction alike; on the Fashion-MNIST open-world benchmark that finds tail class
 neighbourhood with a head class (T-shirt among Shirts).
 
 Cross-fitting keeps an image out of the model that scores it: the reference (the pool or a
-uniform sample of it) is cut into ``folds``; model ``f`` is trained on the seed and every reference
-fold but ``f`` and scores the rows of fold ``f``. Queries that are not reference rows get the mean
-logit of all fold models. Training costs O((seed + reference) x epochs x folds) and scoring is
+uniform sample of it) and the seed are each cut into ``folds``; model ``f`` is trained on every
+seed fold and every reference fold but ``f`` and scores the rows of fold ``f``. Queries that are
+not reference rows get the mean logit of all fold models. The seed's own held-out logits
+(:func:`seed_heldout_logits`) are a sample of an unseen in-domain image's logit: ``robust``'s
+``ratio`` gate rejects pool images below their ``1 - gate_quantile`` quantile. Junk has almost
+no seed density at all (logits far below any seed image's), the seed's tail classes only a low
+one, so the same logit ranks the tail (low) and, at a loose quantile, gates the junk (lowest). Training costs O((seed + reference) x epochs x folds) and scoring is
 chunked, O(chunk) memory beyond the inputs. Under ``torchrun`` rank 0 trains and broadcasts the
 weights, so every rank scores with the same models.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -111,47 +115,87 @@ def reference_folds(n: int, folds: int, seed: int = 0) -> np.ndarray:
     return fold_of
 
 
+class RatioModels(NamedTuple):
+    """The cross-fitted classifiers of :func:`ratio_models`."""
+
+    models: list[RatioMLP]
+    reference_fold: np.ndarray  # (n_reference,) fold of each reference row
+    seed_fold: np.ndarray       # (M,) fold of each seed row
+
+
+def seed_folds_of(m: int, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold of each of ``m`` seed rows: :func:`reference_folds` with the stream ``seed + 1``."""
+    return reference_folds(m, folds, seed + 1)
+
+
 def ratio_models(seed_features: Any, reference: Any, folds: int = DEFAULT_FOLDS, hidden: int = DEFAULT_HIDDEN,
                  epochs: int = DEFAULT_EPOCHS, seed: int = 0, device: str | torch.device | None = None
-                 ) -> tuple[list[RatioMLP], np.ndarray]:
-    """The cross-fitted classifiers: (one model per fold, fold of each reference row)."""
+                 ) -> RatioModels:
+    """The cross-fitted classifiers: model ``f`` never sees seed fold ``f`` nor reference fold ``f``."""
     check_settings(folds, hidden, epochs)
     ref = np.asarray(reference, dtype=np.float32)
+    s = np.asarray(seed_features, dtype=np.float32)
     if ref.shape[0] < folds:
         raise MakError(f"density ratio: {ref.shape[0]} pool reference rows cannot be cut into {folds} folds")
+    if s.shape[0] < folds:
+        raise MakError(f"density ratio: {s.shape[0]} seed images cannot be cut into {folds} folds; "
+                       "use fewer --ratio-folds")
     fold_of = reference_folds(ref.shape[0], folds, seed)
+    seed_fold = seed_folds_of(s.shape[0], folds, seed)
     models = []
     for f in range(folds):
         if distributed.active() and distributed.rank() != 0:  # rank 0 trains; the others receive its weights
             model = RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0))
             model = model.to(resolve_device(device, ref)).eval()
         else:
-            model = train_ratio_model(seed_features, ref[fold_of != f], hidden=hidden, epochs=epochs,
+            model = train_ratio_model(s[seed_fold != f], ref[fold_of != f], hidden=hidden, epochs=epochs,
                                       seed=seed * 1000 + f, device=device)
         _broadcast(model)
         models.append(model)
-    return models, fold_of
+    return RatioModels(models, fold_of, seed_fold)
+
+
+def _float64(models: list[RatioMLP]) -> list[RatioMLP]:
+    # float64 scoring: a row's logit then does not depend on which rows share its batch (chunking,
+    # torchrun shards) beyond float64 rounding, far below the float32 it is stored in
+    return [copy.deepcopy(m).double() for m in models]
+
+
+def seed_heldout_logits(seed_features: Any, models: RatioModels, chunk: int = CHUNK) -> np.ndarray:
+    """Each seed image's logit from the one fold model that never saw it. (M,) float32."""
+    s = np.asarray(seed_features, dtype=np.float32)
+    if len(models.seed_fold) != s.shape[0]:
+        raise MakError(f"density ratio: the models were fitted on {len(models.seed_fold)} seed images, not {s.shape[0]}")
+    mods = _float64(models.models)
+    dev = next(mods[0].parameters()).device
+    out = np.empty(s.shape[0], dtype=np.float32)
+    with torch.no_grad():
+        for f, m in enumerate(mods):
+            rows = np.flatnonzero(models.seed_fold == f)
+            for lo in range(0, len(rows), chunk):
+                r = rows[lo: lo + chunk]
+                out[r] = m(to_tensor(s[r], dev, dtype=torch.float64)).cpu().numpy().astype(np.float32)
+    return out
 
 
 def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: np.ndarray | None = None,
                  folds: int = DEFAULT_FOLDS, hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS,
                  seed: int = 0, device: str | torch.device | None = None, chunk: int = CHUNK,
-                 *, models: tuple[list[RatioMLP], np.ndarray] | None = None) -> np.ndarray:
+                 *, models: RatioModels | None = None) -> np.ndarray:
     """Cross-fitted seed-vs-pool logit of each query (high: seed-like; low: the pool has more of it). (n,) float32.
 
     ``self_index[i]`` is the reference row query ``i`` itself is (-1: none): such a query is scored
     by the one model that never saw it; any other query by the mean of all fold models. Pass
     ``models`` (:func:`ratio_models`) to score several query sets with the same classifiers.
     """
-    mods, fold_of = models if models is not None else ratio_models(
+    fitted = models if models is not None else ratio_models(
         seed_features, reference, folds=folds, hidden=hidden, epochs=epochs, seed=seed, device=device)
+    fold_of = fitted.reference_fold
     n = int(queries.shape[0])
     if self_index is not None and len(self_index) != n:
         raise MakError(f"density ratio: self_index has {len(self_index)} rows for {n} queries")
+    mods = _float64(fitted.models)
     dev = next(mods[0].parameters()).device
-    # float64 scoring: a row's logit then does not depend on which rows share its batch (chunking,
-    # torchrun shards) beyond float64 rounding, far below the float32 it is stored in
-    mods = [copy.deepcopy(m).double() for m in mods]
     out = np.empty(n, dtype=np.float32)
     with torch.no_grad():
         for lo in range(0, n, chunk):
@@ -170,4 +214,5 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
     return out
 
 
-__all__ = ["RatioMLP", "check_settings", "ratio_logits", "ratio_models", "reference_folds", "train_ratio_model"]
+__all__ = ["RatioMLP", "RatioModels", "check_settings", "ratio_logits", "ratio_models", "reference_folds",
+           "seed_folds_of", "seed_heldout_logits", "train_ratio_model"]

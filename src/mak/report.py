@@ -1160,12 +1160,24 @@ class _Report:
                  f"<span>{_esc(sub)}</span></figcaption>{svg}{_legend(leg)}</figure>")
         return html_, text
 
-    def share_hist(self, name: str, summary: Any) -> tuple[str, str]:
-        """(chart html, one-line text) for robust's seed-share gate, if the summary holds one."""
+    # robust's density-ratio gate terms: info key -> (title, x label, one-line text, side note)
+    RATIO_GATES = {
+        "seed_share": ("Seed-share gate", "share of seed images among the nearest neighbours",
+                       "seed-share gate: threshold {thr:.3g} (k {k}), {rejected} pool images below it",
+                       "pool images left of the line have too little seed around them and are rejected"),
+        "seed_ratio": ("Seed-vs-pool classifier gate", "cross-fitted seed-vs-pool logit",
+                       "classifier gate: threshold {thr:.3g}, {rejected} pool images below it",
+                       "pool images left of the line are far less seed-like than any but the rarest seed "
+                       "images and are rejected"),
+    }
+
+    def ratio_gate_hist(self, name: str, summary: Any, key: str) -> tuple[str, str]:
+        """(chart html, one-line text) for one of robust's density-ratio gates (``RATIO_GATES``), if present."""
+        title, xlabel, line, note = self.RATIO_GATES[key]
         info = summary.get("info") if isinstance(summary, Mapping) else None
-        share = info.get("seed_share") if isinstance(info, Mapping) else None
-        hist = share.get("histogram") if isinstance(share, Mapping) else None
-        thr = _num(share.get("threshold")) if isinstance(share, Mapping) else None
+        gate = info.get(key) if isinstance(info, Mapping) else None
+        hist = gate.get("histogram") if isinstance(gate, Mapping) else None
+        thr = _num(gate.get("threshold")) if isinstance(gate, Mapping) else None
         if not isinstance(hist, Mapping) or thr is None:
             return "", ""
         try:
@@ -1176,17 +1188,15 @@ class _Report:
             return "", ""
         if edges.ndim != 1 or seed_counts.shape != pool_counts.shape or edges.size != seed_counts.size + 1:
             return "", ""
-        rejected = share.get("rejected")
-        text = (f"seed-share gate: threshold {thr:.3g} (k {share.get('k')}), "
-                f"{_count(rejected) if rejected is not None else '?'} pool images below it")
+        rejected = gate.get("rejected")
+        text = line.format(thr=thr, k=gate.get("k"), rejected=_count(rejected) if rejected is not None else "?")
         series = [_Series(f"pool (n={_count(pool_counts.sum())})", self.colors[name], pool_counts, filled=True),
                   _Series(f"held-out seed (n={_count(seed_counts.sum())})", "#111827", seed_counts, filled=True)]
-        svg = _svg_histogram(edges, [("", series)], "share of seed images among the nearest neighbours",
-                             f"seed-share histogram {name}", threshold=thr, threshold_label=f"gate {thr:.3g}")
+        svg = _svg_histogram(edges, [("", series)], xlabel, f"{title} histogram {name}", threshold=thr,
+                             threshold_label=f"gate {thr:.3g}")
         leg = [(x.label, x.color, "fill") for x in series] + [("threshold", "#111827", "thr")]
-        html_ = (f'<figure class="gate"><figcaption><b>Seed-share gate: held-out seed vs pool</b>'
-                 f"<span>pool images left of the line have too little seed around them and are rejected"
-                 f"</span></figcaption>{svg}{_legend(leg)}</figure>")
+        html_ = (f'<figure class="gate"><figcaption><b>{_esc(title)}: held-out seed vs pool</b>'
+                 f"<span>{_esc(note)}</span></figcaption>{svg}{_legend(leg)}</figure>")
         return html_, text
 
     def grid(self, title: str, sub: str, entries: Sequence[tuple[int, int | None, str]],
@@ -1280,10 +1290,11 @@ class _Report:
         gate_chart, gate_text = self.gate_hist(name, summary, sc)
         if gate_text:
             facts.append(gate_text)
-        share_chart, share_text = self.share_hist(name, summary)
-        if share_text:
-            facts.append(share_text)
-        gate_chart += share_chart
+        for key in self.RATIO_GATES:
+            chart, text = self.ratio_gate_hist(name, summary, key)
+            if text:
+                facts.append(text)
+            gate_chart += chart
         timings = summary.get("timings_s") if isinstance(summary.get("timings_s"), Mapping) else {}
         tsum = sum(v for v in (_num(x) for x in timings.values()) if v is not None)
         if tsum > 0:
