@@ -69,6 +69,26 @@ def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
         key("select.options={gate_quantile: 2}")  # validated when the plan is made, before any work
 
 
+def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_path, monkeypatch):
+    from mak import pipeline
+    from mak.selection import STRATEGY_VERSIONS
+
+    def keys():
+        cfg = load_config(None, TINY + ["select.strategies=[robust,mak]"])
+        return {s.name: s.key for s in pipeline.build_plan(cfg, tmp_path / "run").stages}
+
+    base = keys()
+    monkeypatch.setitem(STRATEGY_VERSIONS, "robust", 2)  # robust picks differently: its chain re-runs
+    assert {n for n, k in keys().items() if k != base[n]} == {"select/r0/robust", "retrain/r0/robust",
+                                                              "eval/r0/robust"}
+    monkeypatch.setitem(STRATEGY_VERSIONS, "robust", 1)
+    assert keys() == base  # version 1 is not in the key: caches made before versions existed stay valid
+    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "embed-pool", 2)  # the seed-only model's pool store
+    changed = {n for n, k in keys().items() if k != base[n]}
+    assert "embed-pool/r0" in changed and "select/r0/mak" in changed and "eval/r0/none" not in changed
+    assert not any(n.endswith("-mix/r0") or n.endswith("/robust") for n in changed)
+
+
 def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp_path):
     from mak.pipeline import build_plan
 

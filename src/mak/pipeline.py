@@ -4,8 +4,10 @@ pretrain on the seed -> embed seed and pool -> select (one or several strategies
 scratch on seed + each selection (and on the seed alone: "none") -> evaluate -> results + report.
 
 Every stage writes into its own directory of the run and records a *key*: a hash of its
-parameters and of the keys of the stages it reads. A stage whose recorded key matches is skipped;
-a changed parameter changes the keys of that stage and of everything downstream only. A stage
+parameters, of the behaviour version of its code (:data:`STAGE_VERSIONS`, and for a selection the
+strategy's :data:`mak.selection.STRATEGY_VERSIONS`) and of the keys of the stages it reads. A stage
+whose recorded key matches is skipped; a changed parameter or version changes the keys of that
+stage and of everything downstream only. A stage
 interrupted half-way resumes (pretrain and embed pick up their own checkpoints).
 
 Layout (repeat r uses seed ``run.seed + r``)::
@@ -74,6 +76,27 @@ def labels_or_none(items: list[str]) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------- stages
+#: Behaviour version of each kind of stage. Bump one when the code gives different outputs for the
+#: same parameters, so that runs made with the old code re-run that stage (and what reads it)
+#: instead of reusing a stale cached result. Version 1 is not written into the key: caches made
+#: before versions existed stay valid.
+STAGE_VERSIONS: dict[str, int] = {"bench": 1, "pretrain": 1, "pretrain-mix": 1, "embed-seed": 1, "embed-pool": 1,
+                                  "embed-seed-mix": 1, "embed-pool-mix": 1, "ecle": 1, "ecle-mix": 1, "select": 1,
+                                  "retrain": 1, "eval": 1}
+
+
+def stage_version(kind: str, strategy: str | None = None) -> dict[str, int]:
+    """The versions that go into a stage's key: {} while everything is at version 1."""
+    from .selection import STRATEGY_VERSIONS
+
+    out = {}
+    if STAGE_VERSIONS.get(kind, 1) != 1:
+        out["stage"] = STAGE_VERSIONS[kind]
+    if strategy is not None and STRATEGY_VERSIONS.get(strategy, 1) != 1:
+        out["strategy"] = STRATEGY_VERSIONS[strategy]
+    return out
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -90,8 +113,13 @@ class Stage:
     ran: bool = False
 
     def __post_init__(self) -> None:
-        self.key = _digest({"stage": self.name.split("/")[0], "params": self.params,
-                            "deps": [d.key for d in self.deps]})
+        kind = self.name.split("/")[0]
+        parts = self.name.split("/")
+        key: dict[str, Any] = {"stage": kind, "params": self.params, "deps": [d.key for d in self.deps]}
+        version = stage_version(kind, parts[2] if kind == "select" and len(parts) > 2 else None)
+        if version:
+            key["version"] = version
+        self.key = _digest(key)
 
     def cached(self) -> bool:
         stamp = self.path / STAMP

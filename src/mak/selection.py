@@ -150,6 +150,9 @@ STRATEGIES: dict[str, StrategyFn] = {}
 NEEDS: dict[str, tuple[bool, bool]] = {}  # strategy -> (needs seed features, needs views)
 # strategy -> options -> needs views, for strategies whose options decide it (robust without ECLE needs none)
 VIEWS_BY_OPTIONS: dict[str, Callable[[dict[str, Any]], bool]] = {}
+# strategy -> behaviour version (default 1): bump it when a strategy picks differently for the same
+# inputs and options, so that `mak run` re-runs its cached select stage (mak.pipeline.stage_version)
+STRATEGY_VERSIONS: dict[str, int] = {}
 
 
 def strategy_needs(strategy: str, options: dict[str, Any] | None = None) -> tuple[bool, bool]:
