@@ -9,7 +9,7 @@ import torch
 
 import mak
 from mak.errors import MakError
-from mak.robust import (DEFAULTS, RobustContext, knn_tail, lof_gate, lof_scores, rank_fusion, rank_normalize,
+from mak.robust import (DEFAULTS, RobustContext, auto_gate_quantile, knn_tail, lof_gate, lof_scores, rank_fusion, rank_normalize,
                         seed_share, share_gate,
                         robust_options, seed_gate)
 from mak.selection import Context
@@ -121,9 +121,11 @@ def test_gate_in_the_strategy_counts_rejections_and_reports_histograms(world):
     assert (sel.indices < n_in).all()
     info = sel.info
     assert info["gate_rejected"] + info["gate_kept"] == len(pool)
-    assert len(junk) <= info["gate_rejected"] <= len(junk) + (1.0 - DEFAULTS["gate_quantile"] + 0.04) * n_in
+    q = auto_gate_quantile(len(seed))
+    assert DEFAULTS["gate_quantile"] == "auto" and q == min(0.998, 1 - 5 / len(seed)) == 0.975
+    assert len(junk) <= info["gate_rejected"] <= len(junk) + 3 * (1.0 - q + 0.04) * n_in  # three terms
     g = info["gate"]
-    assert g["quantile"] == DEFAULTS["gate_quantile"] and g["score"] == DEFAULTS["gate_score"]
+    assert g["quantile"] == q and info["robust"]["gate_quantile"] == q and g["score"] == DEFAULTS["gate_score"]
     h = g["histogram"]
     assert len(h["edges"]) == len(h["seed_heldout"]) + 1 == len(h["pool"]) + 1
     assert sum(h["seed_heldout"]) == len(seed) and sum(h["pool"]) == len(pool)
@@ -285,12 +287,13 @@ def test_cli_options_parse():
                                                     gate_core_ratio=1.25, share_smooth=6, ratio_folds=3,
                                                     ratio_hidden=16, ratio_epochs=9)
     args = build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o",
-                                      "--gate-clusters", "12"])
+                                      "--gate-clusters", "12", "--gate-quantile", "auto"])
     params = params_from_args(args)
-    assert params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
+    assert params["gate_quantile"] == "auto" and params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
     for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"],
                 ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--share-smooth", "x"],
-                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"], ["--gate-score", "share+x"]):
+                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"], ["--gate-score", "share+x"],
+                ["--gate-quantile", "x"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
 
@@ -420,7 +423,7 @@ def test_default_gate_is_every_term_at_its_own_held_out_seed_quantile(world):
     from mak.density_ratio import ratio_logits, ratio_models, seed_heldout_logits
 
     seed, pool_in, junk, pool, views = world
-    q = DEFAULTS["gate_quantile"]
+    q = auto_gate_quantile(len(seed))
     kw = dict(strategy="robust", clusters=5, partitions=2, share_k=10, ratio_epochs=5, seed=3, gate_clusters=5)
     sel = mak.select(seed, pool, views, 40, **kw)
     assert DEFAULTS["gate_score"] == "centroid+share+ratio"
@@ -445,6 +448,18 @@ def test_default_gate_is_every_term_at_its_own_held_out_seed_quantile(world):
     other = mak.select(seed, pool, views, 40, **kw, gate_score="ratio+share+centroid")
     np.testing.assert_array_equal(other.indices, sel.indices)
     json.dumps(info)
+
+
+def test_auto_gate_quantile_keeps_five_seed_images_beyond_each_threshold(world):
+    assert auto_gate_quantile(100_000) == 0.998 and auto_gate_quantile(2500) == pytest.approx(0.998)
+    assert auto_gate_quantile(620) == pytest.approx(1 - 5 / 620) and auto_gate_quantile(200) == pytest.approx(0.975)
+    seed, _, _, pool, _ = world
+    with pytest.raises(MakError, match="needs more than 5 seed images"):
+        mak.select(seed[:5], pool, None, 10, strategy="robust", clusters=2, gate_folds=2)
+    fixed = mak.select(seed, pool, None, 40, strategy="robust", clusters=5, share_k=10, ratio_epochs=5,
+                       gate_quantile=auto_gate_quantile(len(seed)))
+    auto = mak.select(seed, pool, None, 40, strategy="robust", clusters=5, share_k=10, ratio_epochs=5)
+    np.testing.assert_array_equal(auto.indices, fixed.indices)
 
 
 def test_ratio_gate_alone_rejects_a_planted_far_cluster(world):
@@ -547,7 +562,9 @@ def test_share_smoothing_calibrates_the_gate_on_smoothed_seed_shares(world):
     _, held = share_gate(seed, pool, k=20)
     ref_share = seed_share(pool, seed, pool, k=20, self_index=len(seed) + np.arange(len(pool)))
     smoothed = smooth_share(held, seed, pool, ref_share, 5)
-    assert g["threshold"] == pytest.approx(np.quantile(smoothed.astype(np.float64), 1 - RD["gate_quantile"]))
+    q = auto_gate_quantile(len(seed))
+    assert RD["gate_quantile"] == "auto" and g["quantile"] == pytest.approx(1 - q)
+    assert g["threshold"] == pytest.approx(np.quantile(smoothed.astype(np.float64), 1 - q))
     assert not np.allclose(smoothed, held)  # smoothing moved the seed's own values, not only the pool's
     assert np.asarray(g["histogram"]["seed_heldout"]).sum() == len(seed)
     assert (sel.indices < len(pool_in)).all() and g["rejected"] >= len(junk)
