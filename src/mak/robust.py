@@ -228,7 +228,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -934,26 +934,22 @@ VIEWS_BY_OPTIONS["robust"] = lambda options: "ecle" in robust_options(options)["
 # Command-line options of `mak select`
 # --------------------------------------------------------------------------------------------
 
-def _float_or_auto(text: str) -> float | str:
+def _or_auto(cast: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse type: the string 'auto', or ``cast`` of the text."""
     import argparse
 
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'auto', got {text!r}") from None
+    return parse
 
 
-def _int_or_auto(text: str) -> int | str:
-    import argparse
-
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+_float_or_auto = _or_auto(float, "a number")
+_int_or_auto = _or_auto(int, "an integer")
 
 
 def _gate_score_arg(text: str) -> str:
