@@ -14,13 +14,18 @@ Few-class share (the 3 rarest seed classes), Many-class share (the 3 most freque
 (normalised entropy of the class counts of seed + in-domain picks), plus, for gated strategies,
 the share of in-domain pool images the gate rejected and of Few-class pool images it rejected.
 
-    python benchmarks/bench_robust_synthetic.py            # ~1-3 minutes on 2 cores
+These features mimic a *seed-only* model, one that has never seen the junk (half of which sits
+near in-domain classes): ``robust``'s defaults are chosen for a pool-aware model and are not
+meant for this regime (session 6, 90% junk, 2 runs: defaults 92% junk in the pick, session 5's
+centroid+share gate at q0.99 88%, the issue's literal design 28%; the gate rejects 93% of the junk,
+which still leaves more junk than in-domain images when junk is 9 in 10).
+
+    python benchmarks/bench_robust_synthetic.py            # ~5-10 minutes on 2 cores
     python benchmarks/bench_robust_synthetic.py --junk 0.5 0.9 --runs 3 --budget 300
 """
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 import mak
-from mak.robust import RobustContext, lof_scores
+from mak.robust import RobustContext
 
 torch.set_num_threads(1)  # small matrices: one thread beats oversubscribing a shared machine
 
@@ -109,7 +114,9 @@ STRATEGIES: list[tuple[str, str, dict]] = [
     # one part at a time on top of mak (ecle tail, z-scores, centroid distance term)
     ("mak + centroid gate K=clusters .99", "robust", dict(gate_clusters=10, gate_quantile=0.99, tail="ecle",
                                                           fusion="z", fusion_distance="centroid")),
-    ("mak + centroid gate (default)", "robust", dict(tail="ecle", fusion="z", fusion_distance="centroid")),
+    ("mak + centroid gate (auto q)", "robust", dict(gate_score="centroid", tail="ecle", fusion="z",
+                                                    fusion_distance="centroid")),
+    ("mak + default gate", "robust", dict(tail="ecle", fusion="z", fusion_distance="centroid")),
     ("mak + lof gate", "robust", dict(gate_score="lof", tail="ecle", fusion="z", fusion_distance="centroid")),
     ("mak + rank fusion", "robust", dict(gate="off", tail="ecle", fusion_distance="centroid")),
     ("mak + knn tail", "robust", dict(gate="off", tail="both", fusion="z", fusion_distance="centroid")),
@@ -119,6 +126,7 @@ STRATEGIES: list[tuple[str, str, dict]] = [
     ("defaults, gate q=0.99", "robust", dict(gate_quantile=0.99)),
     ("defaults, gate K=clusters", "robust", dict(gate_clusters=10)),
     ("defaults, lof gate", "robust", dict(gate_score="lof")),
+    ("defaults, gate centroid+share (session 5)", "robust", dict(gate_score="centroid+share", gate_quantile=0.99)),
     ("defaults, z fusion", "robust", dict(fusion="z", fusion_distance="lof")),
     ("defaults, centroid distance term", "robust", dict(fusion_distance="centroid")),
     ("defaults, tail ecle", "robust", dict(tail="ecle")),
@@ -162,7 +170,6 @@ def main() -> None:
         for run in range(args.runs):
             world = make_world(np.random.default_rng(1000 + run), junk, noise=args.noise)
             _CACHE.clear()
-            gate_in = gate_few = None
             for name, strat, opts in STRATEGIES:
                 opts = dict(opts)
                 alpha = opts.pop("alpha", 0.5)
@@ -171,12 +178,7 @@ def main() -> None:
                                  context_cls=CachedContext, **opts)
                 m = metrics(world, sel.indices)
                 if "gate" in sel.info:
-                    g = sel.info["gate"]
-                    if g["score"] == "centroid":
-                        value = mak.proximity(world.seed, world.pool, clusters=g["clusters"], seed=run)
-                    else:
-                        value = lof_scores(world.seed, world.pool, k=g["k"])
-                    rej = value > g["threshold"]
+                    rej = ~np.isfinite(sel.score)  # every gate term at once: rejected rows score -inf
                     seed_counts = np.bincount(world.seed_labels, minlength=world.classes)
                     few = np.argsort(seed_counts, kind="stable")[:3]
                     inn = world.pool_labels >= 0
