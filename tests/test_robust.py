@@ -523,10 +523,20 @@ def test_robust_on_a_seed_only_model_store_says_so(world, tmp_path, capsys, pool
                   progress=False, share_k=10)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     err = capsys.readouterr().err
-    if pool_rows == 0:
+    if pool_rows == 0:  # auto means 0.98 on a seed-only model's features
         assert "seed-only model" in err and "seed-only model" in summary["note"]
+        assert summary["parameters"]["gate_quantile"] == 0.98 == summary["info"]["gate"]["quantile"]
+        select_stores(tmp_path / "seed", tmp_path / "pool", tmp_path / "out2", 30, strategy="robust", clusters=5,
+                      progress=False, share_k=10, gate_quantile=0.95)  # an explicit setting is kept
+        summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+        assert summary["info"]["gate"]["quantile"] == 0.95 and "consider --gate-quantile 0.98" in summary["note"]
+        select_stores(tmp_path / "seed", tmp_path / "pool", tmp_path / "out3", 30, strategy="robust", clusters=5,
+                      progress=False, share_k=10, dedup=0.999)  # the scaled path (dedup) resolves it the same way
+        summary = json.loads((tmp_path / "out3" / "summary.json").read_text())
+        assert summary["info"]["gate"]["quantile"] == 0.98 and "seed-only model" in summary["note"]
     else:
         assert "seed-only model" not in err and "note" not in summary
+        assert summary["info"]["gate"]["quantile"] == auto_gate_quantile(len(seed))
 
 
 def test_smooth_share_matches_brute_force(world):

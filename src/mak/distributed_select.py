@@ -651,6 +651,9 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
         raise MakError(f"--kcenter-parts must be >= 1, got {kcenter_parts}")
     t0 = time.perf_counter()
     seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
+    from .select_stores import model_note
+
+    note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
     n_pool = pool.num_rows
     if budget > n_pool:
         raise MakError(f"budget ({budget}) is larger than the pool ({n_pool} images in {pool_store})")
@@ -742,7 +745,8 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
         if me == 0:
             _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
                     params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
-                                 kcenter_parts=kcenter_parts), timings, t1, w, write_json, versions, publish)
+                                 kcenter_parts=kcenter_parts), timings, t1, w, write_json, versions, publish,
+                    note=note)
     except BaseException:
         if me == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -756,7 +760,8 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
 def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None, sel: Selection, picks: np.ndarray,
             cand: np.ndarray | None, dd: Any, ctx: DistributedContext | None, strategy: str, budget: int,
             seed_store: Any, pool_store: Any, params: dict[str, Any], scaled: dict[str, Any],
-            timings: dict[str, float], t1: float, w: int, write_json: Any, versions: Any, publish: Any) -> None:
+            timings: dict[str, float], t1: float, w: int, write_json: Any, versions: Any, publish: Any,
+            note: str | None = None) -> None:
     """Rank 0: scores.csv from the parts, selection.txt, dedup.csv, summary.json; then publish."""
     with open(tmp / "scores.csv", "wb") as fh:
         fh.write(b"index,item,ecle,distance,score,selected,pick_rank\r\n")
@@ -820,6 +825,7 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
         "info": info,
         "versions": versions(),
         "command": " ".join(sys.argv),
+        **({"note": note} if note else {}),
     }
     write_json(tmp / "summary.json", summary)
     publish(tmp, out)

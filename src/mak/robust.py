@@ -193,7 +193,9 @@ Details fixed here (tests rely on them)
   ``folds`` parts; fold f's held-out images get their distance to ``kmeans(seed minus fold f,
   clusters, seed=seed)`` centroids (:func:`mak.proximity.kmeans`, cosine, L2-normalised).
 * ``gate_quantile = "auto"`` resolves to :func:`auto_gate_quantile` of the seed size (recorded in
-  ``info["robust"]``); a seed of 5 images or fewer is an error with the gate on.
+  ``info["robust"]``); a seed of 5 images or fewer is an error with the gate on. On stores whose
+  ``meta.json`` shows a seed-only model, :func:`mak.select_stores.model_note` turns auto into 0.98
+  before the strategy runs.
 * Threshold: ``np.quantile(heldout, gate_quantile)`` with numpy's default linear interpolation;
   a pool image is rejected when its score is strictly greater than the threshold.
 * lof: ``d_k`` is 1 - the k-th largest cosine similarity; a seed image never counts as its own

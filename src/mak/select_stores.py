@@ -91,19 +91,28 @@ def open_seed_store(seed_store: str | Path | None, pool: FeatureStore, strategy:
     return None
 
 
+SEED_MODEL_GATE_QUANTILE = 0.98
 SEED_MODEL_NOTE = ("robust's defaults were chosen for features of a pool-aware model (SimCLR on seed + a pool "
-                   "sample: `mak pretrain --mix-split`); {store} was embedded with a seed-only model, on which "
-                   "they let more junk in (16.8% vs 1.3% on the benchmark's tuning seed; there use "
-                   "--gate-quantile 0.98: 1.2% junk)")
+                   "sample: `mak pretrain --mix-split`); {store} was embedded with a seed-only model, which does "
+                   "not push junk away, so {what} (benchmark tuning seed 7, seed-only model: q0.98 1.2% junk, "
+                   "the pool-aware setting 16.8%; a pool-aware model does better still)")
 
 
-def model_note(pool: FeatureStore, strategy: str) -> str | None:
-    """A warning (printed to stderr, returned) when ``robust`` runs on features of a seed-only model."""
+def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any] | None = None,
+               echo: bool = True) -> str | None:
+    """For ``robust`` on features of a seed-only model: a note (printed to stderr when ``echo``, returned),
+    and ``gate_quantile`` auto (or unset) in ``params`` resolved to :data:`SEED_MODEL_GATE_QUANTILE`."""
     trained = (pool.meta or {}).get("model_trained_on")
     if strategy != "robust" or not isinstance(trained, dict) or trained.get("pool_rows", 0) != 0:
         return None
-    note = SEED_MODEL_NOTE.format(store=pool.path)
-    print(f"mak select: note: {note}", file=sys.stderr)
+    if params is not None and params.get("gate_quantile", "auto") in (None, "auto"):
+        params["gate_quantile"] = SEED_MODEL_GATE_QUANTILE
+        what = f"the gate quantile auto is {SEED_MODEL_GATE_QUANTILE} here"
+    else:
+        what = f"consider --gate-quantile {SEED_MODEL_GATE_QUANTILE} (the default here)"
+    note = SEED_MODEL_NOTE.format(store=pool.path, what=what)
+    if echo:
+        print(f"mak select: note: {note}", file=sys.stderr)
     return note
 
 
@@ -130,7 +139,7 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
     if budget > pool.num_rows:
         raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
     t_load = time.perf_counter() - t0
-    note = model_note(pool, strategy)
+    note = model_note(pool, strategy, params)
     seed_feats = seed.features() if seed is not None else None
     pool_feats = pool.shards[0].features if len(pool.shards) == 1 else pool.features()
     views = None
