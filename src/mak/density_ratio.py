@@ -16,8 +16,9 @@ not reference rows get the mean logit of all fold models. The seed's own held-ou
 (:func:`seed_heldout_logits`) are a sample of an unseen in-domain image's logit: ``robust``'s
 ``ratio`` gate rejects pool images below their ``1 - gate_quantile`` quantile. Junk has almost
 no seed density at all (logits far below any seed image's), the seed's tail classes only a low
-one, so the same logit ranks the tail (low) and, at a loose quantile, gates the junk (lowest). Training costs O((seed + reference) x epochs x folds) and scoring is
-chunked, O(chunk) memory beyond the inputs. Under ``torchrun`` rank 0 trains and broadcasts the
+one, so the same logit ranks the tail (low) and, at a loose quantile, gates the junk (lowest).
+Training costs O((seed + reference) x epochs x folds) and scoring is chunked, O(chunk) memory
+beyond the inputs. Under ``torchrun`` rank 0 trains and broadcasts the
 weights, so every rank scores with the same models.
 """
 from __future__ import annotations
@@ -155,27 +156,38 @@ def ratio_models(seed_features: Any, reference: Any, folds: int = DEFAULT_FOLDS,
     return RatioModels(models, fold_of, seed_fold)
 
 
-def _float64(models: list[RatioMLP]) -> list[RatioMLP]:
-    # float64 scoring: a row's logit then does not depend on which rows share its batch (chunking,
-    # torchrun shards) beyond float64 rounding, far below the float32 it is stored in
-    return [copy.deepcopy(m).double() for m in models]
+def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | None, chunk: int) -> np.ndarray:
+    """Each query's logit from the model of its ``own_fold`` (-1 or None: the mean of all models). (n,) float32.
+
+    Scored in float64, so a row's logit does not depend on which rows share its batch (chunking,
+    torchrun shards) beyond float64 rounding, far below the float32 it is stored in.
+    """
+    mods = [copy.deepcopy(m).double() for m in models]
+    dev = next(mods[0].parameters()).device
+    n = int(queries.shape[0])
+    out = np.empty(n, dtype=np.float32)
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            xb = to_tensor(np.asarray(queries[lo:hi], dtype=np.float32), dev, dtype=torch.float64)
+            logits = torch.stack([m(xb) for m in mods], dim=1)  # (b, folds)
+            val = logits.mean(dim=1)
+            if own_fold is not None:
+                f = np.asarray(own_fold[lo:hi], dtype=np.int64)
+                inside = np.flatnonzero(f >= 0)
+                if inside.size:
+                    idx = torch.as_tensor(inside, device=dev)
+                    val[idx] = logits[idx, torch.as_tensor(f[inside], device=dev)]
+            out[lo:hi] = val.cpu().numpy().astype(np.float32)
+    return out
 
 
 def seed_heldout_logits(seed_features: Any, models: RatioModels, chunk: int = CHUNK) -> np.ndarray:
     """Each seed image's logit from the one fold model that never saw it. (M,) float32."""
-    s = np.asarray(seed_features, dtype=np.float32)
-    if len(models.seed_fold) != s.shape[0]:
-        raise MakError(f"density ratio: the models were fitted on {len(models.seed_fold)} seed images, not {s.shape[0]}")
-    mods = _float64(models.models)
-    dev = next(mods[0].parameters()).device
-    out = np.empty(s.shape[0], dtype=np.float32)
-    with torch.no_grad():
-        for f, m in enumerate(mods):
-            rows = np.flatnonzero(models.seed_fold == f)
-            for lo in range(0, len(rows), chunk):
-                r = rows[lo: lo + chunk]
-                out[r] = m(to_tensor(s[r], dev, dtype=torch.float64)).cpu().numpy().astype(np.float32)
-    return out
+    m = int(seed_features.shape[0])
+    if len(models.seed_fold) != m:
+        raise MakError(f"density ratio: the models were fitted on {len(models.seed_fold)} seed images, not {m}")
+    return _fold_logits(models.models, seed_features, models.seed_fold, chunk)
 
 
 def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: np.ndarray | None = None,
@@ -190,28 +202,14 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
     """
     fitted = models if models is not None else ratio_models(
         seed_features, reference, folds=folds, hidden=hidden, epochs=epochs, seed=seed, device=device)
-    fold_of = fitted.reference_fold
     n = int(queries.shape[0])
-    if self_index is not None and len(self_index) != n:
-        raise MakError(f"density ratio: self_index has {len(self_index)} rows for {n} queries")
-    mods = _float64(fitted.models)
-    dev = next(mods[0].parameters()).device
-    out = np.empty(n, dtype=np.float32)
-    with torch.no_grad():
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            xb = to_tensor(np.asarray(queries[lo:hi], dtype=np.float32), dev, dtype=torch.float64)
-            logits = torch.stack([m(xb) for m in mods], dim=1)  # (b, folds)
-            val = logits.mean(dim=1)
-            if self_index is not None:
-                own = np.asarray(self_index[lo:hi], dtype=np.int64)
-                inside = np.flatnonzero(own >= 0)
-                if inside.size:
-                    f = torch.as_tensor(fold_of[own[inside]], device=dev)
-                    idx = torch.as_tensor(inside, device=dev)
-                    val[idx] = logits[idx, f]
-            out[lo:hi] = val.cpu().numpy().astype(np.float32)
-    return out
+    own_fold = None
+    if self_index is not None:
+        if len(self_index) != n:
+            raise MakError(f"density ratio: self_index has {len(self_index)} rows for {n} queries")
+        own = np.asarray(self_index, dtype=np.int64)
+        own_fold = np.where(own >= 0, fitted.reference_fold[np.maximum(own, 0)], -1)
+    return _fold_logits(fitted.models, queries, own_fold, chunk)
 
 
 __all__ = ["RatioMLP", "RatioModels", "check_settings", "ratio_logits", "ratio_models", "reference_folds",

@@ -7,8 +7,8 @@ Every stage writes into its own directory of the run and records a *key*: a hash
 parameters, of the behaviour version of its code (:data:`STAGE_VERSIONS`, and for a selection the
 strategy's :data:`mak.selection.STRATEGY_VERSIONS`) and of the keys of the stages it reads. A stage
 whose recorded key matches is skipped; a changed parameter or version changes the keys of that
-stage and of everything downstream only. A stage
-interrupted half-way resumes (pretrain and embed pick up their own checkpoints).
+stage and of everything downstream only. A stage interrupted half-way resumes (pretrain and embed
+pick up their own checkpoints).
 
 Layout (repeat r uses seed ``run.seed + r``)::
 
@@ -113,8 +113,8 @@ class Stage:
     ran: bool = False
 
     def __post_init__(self) -> None:
-        kind = self.name.split("/")[0]
-        parts = self.name.split("/")
+        parts = self.name.split("/")  # kind/rR[/strategy]
+        kind = parts[0]
         key: dict[str, Any] = {"stage": kind, "params": self.params, "deps": [d.key for d in self.deps]}
         version = stage_version(kind, parts[2] if kind == "select" and len(parts) > 2 else None)
         if version:

@@ -266,7 +266,6 @@ TAILS = ("ecle", "knn", "share", "ratio", "both", "ecle+share", "knn+share", "ec
 GATE_TERMS = ("centroid", "share", "ratio", "lof")
 GATE_QUANTILE_MAX = 0.998  # gate_quantile auto = min(this, 1 - GATE_TAIL_IMAGES / seed size)
 GATE_TAIL_IMAGES = 5
-GATE_SCORES = ("centroid", "lof", "share", "ratio", "centroid+share", "centroid+share+ratio")  # common; any + join works
 FUSION_DISTANCES = ("auto", "centroid", "lof", "none")
 FUSIONS = ("rank", "z")
 HIST_BINS = 50
