@@ -147,6 +147,30 @@ seed 8 and dropped: a SimCLR crop scale of (0.3, 1) instead of (0.08, 1) for the
 (9.6% Few, no change); the ratio classifier on raw pixels (10.1% Few as a tail, 0.965 AUROC as a
 gate); a fine-tuned convnet discriminator (6.4% Few as a tail, 12 min on 2 cores).
 
+Session 7 re-ranked the same gated pool with other tails (``benchmarks/explore_robust_tail.py``).
+Seed 7's pool-aware model was trained afresh by the benchmark pipeline (session 6's by hand, same
+data and epochs): 13.4% Few and 2.3% junk at the defaults against 12.8% and 1.3%, so two trainings
+of one model differ by about half a point. Few % at full scale seed 7 / 8, then at scale 0.25
+seed 7 / 8 (junk moves by 0.3 point at most):
+
+=====================================================================  ==========================
+tail (gate unchanged)                                                  Few 7 / 8 full, 7 / 8 0.25
+=====================================================================  ==========================
+**ratio vs the whole pool (default)**                                  13.4 / 11.1, 10.8 / 11.4
+ratio vs the gated pool only                                           13.9 / 11.4,  9.8 /  9.3
+default averaged over its 10 nearest gated pool images                 13.8 / 10.9, 11.1 / 11.8
+mean percentile with the ratio on the seed-only model's features       13.6 / 11.0, 11.3 / 11.8
+mean percentile with a 2nd pool-aware model (other training seed)      13.6 / 11.6, 11.0 / 11.2
+mean percentile with a model on seed + gated pool (a 2nd round)        13.7 / 11.4, 11.6 / 11.6
+=====================================================================  ==========================
+
+None is consistently ahead by more than the model-to-model spread, so the default stays. Also
+measured and worse: the seed share of k-means clusters of seed + gated pool (K 20-100, 5
+clusterings) as the tail or mixed in; self-training a tail-vs-head classifier on the top and
+bottom 20-40% of the default's ranking; one classifier on the concatenated features of both
+models. A second model's ratio as an extra gate term cuts junk (seed 7: 2.3% -> 1.4%) and the Few
+share with it (13.4% -> 13.0%): the same trade as a tighter quantile.
+
 Session 5 replaced the tail ``share`` by ``ratio`` (a cross-fitted seed-vs-pool MLP, see
 :mod:`mak.density_ratio`). Few share on seeds 7 / 8, same gate: share 12.4 / 8.2%, ratio 12.4 /
 9.4%, share+ratio 12.7 / 9.0%; with the share gate alone (junk 1.5 / 1.4% instead of 1.1 / 0.6%):
