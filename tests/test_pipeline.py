@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import torchrun
 
 from mak.config import load_config
 from mak.errors import MakError
@@ -167,6 +169,46 @@ def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys):
     capsys.readouterr()
     run_pipeline(load_config(None, TINY + ["select.budget=20"]), run_dir, dry_run=True)
     assert "0 to run" in capsys.readouterr().out
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for kv in overrides for a in ("--set", kv)]
+
+
+@needs_fmnist
+def test_run_under_torchrun_matches_one_process(tmp_path):
+    """`mak run` under torchrun (2 CPU ranks): a whole run, stage records that one process takes as
+    cached, and selections byte-identical to one process's on the same feature stores."""
+    from mak.pipeline import run_pipeline
+
+    cfg = TINY + ["select.strategies=[robust,mak,random]"]
+    run_dir = tmp_path / "run"
+    res = torchrun(2, "run", "--out", run_dir, *_sets(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["results"][0]["strategy"] == "none"
+    assert (run_dir / "report.html").is_file() and not list(run_dir.rglob(".pending.json"))
+    assert res.stdout.count("[mak run] select/r0/robust ...") == 1  # rank 0 alone reports progress
+    assert ran(run_pipeline(load_config(None, cfg), run_dir)) == set()
+
+    one = tmp_path / "one"
+    shutil.copytree(run_dir, one)
+    shutil.rmtree(one / "r0" / "select")
+    plan = run_pipeline(load_config(None, cfg), one)
+    assert ran(plan) == {"select/r0/robust", "select/r0/mak", "select/r0/random"}  # same keys downstream
+    for strategy in ("robust", "mak", "random"):
+        for name in ("selection.txt", "scores.csv", "analysis.json"):
+            assert (one / "r0/select" / strategy / name).read_bytes() == \
+                (run_dir / "r0/select" / strategy / name).read_bytes(), (strategy, name)
+
+
+@needs_fmnist
+def test_run_under_torchrun_stops_every_rank_on_a_rank0_error(tmp_path):
+    res = torchrun(2, "run", "--out", tmp_path / "run", *_sets(TINY + ["data.benchmark.data_dir=/nonexistent"]),
+                   timeout=120)
+    assert res.returncode != 0
+    assert "mak run: error: bench/r0 failed on rank 0: Fashion-MNIST not found in /nonexistent" in res.stderr
+    assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr
+    assert not (tmp_path / "run/r0/bench/.stage.json").exists()
 
 
 @needs_fmnist

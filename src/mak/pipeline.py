@@ -10,6 +10,14 @@ whose recorded key matches is skipped; a changed parameter or version changes th
 stage and of everything downstream only. A stage interrupted half-way resumes (pretrain and embed
 pick up their own checkpoints).
 
+Under ``torchrun`` (``torchrun --nproc_per_node G -m mak run ...``; several nodes need a shared run
+directory) the stages that split their work across ranks run on every rank: pre-training and
+re-training (DDP), embedding (one shard per rank, published as one store) and selection (the
+scaled job of :mod:`mak.distributed_select`). The others (benchmark build, ECLE, evaluation,
+results and report) run on rank 0 while the other ranks wait. Rank 0 alone decides what is cached
+and writes the stage records, so a run started under torchrun continues in one process and
+vice versa (the stage keys do not depend on the number of processes).
+
 Layout (repeat r uses seed ``run.seed + r``)::
 
     RUN/config.yaml            resolved config        RUN/results.json   RUN/report.html
@@ -32,6 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import distributed as D
 from .atomic import write_json, write_text
 from ._tensor import auto_device, is_auto
 from .data import CombinedSource, pool_mix_rows
@@ -41,6 +50,9 @@ STAMP = ".stage.json"
 # Strategies scored with the pool-aware model (SimCLR on seed + a pool sample) when pretrain.pool_mix != 0;
 # every other strategy, mak included, uses the seed-only model of the paper.
 POOL_AWARE = ("robust",)
+# Stage kinds whose function runs on every rank under torchrun: they split the work themselves.
+DISTRIBUTED_KINDS = ("pretrain", "pretrain-mix", "retrain", "embed-seed", "embed-pool", "embed-seed-mix",
+                     "embed-pool-mix", "select")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -140,20 +152,50 @@ class Stage:
             return "partial: will resume" if self.resumable() else "will run"
         return "will run"
 
+    def _run_on_rank0(self) -> None:
+        """Rank 0 runs the function; its error, if any, reaches every rank, so all stop with one line."""
+        failure: Exception | None = None
+        if D.rank() == 0:
+            try:
+                self.fn(self)
+            except Exception as e:  # noqa: BLE001 -- told to the other ranks, then raised again here
+                failure = e
+        message = D.broadcast_object(None if failure is None else str(failure) or type(failure).__name__)
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise MakError(f"{self.name} failed on rank 0: {message}")
+
     def resumable(self) -> bool:
         pend = self.path / ".pending.json"
         return pend.is_file() and json.loads(pend.read_text()).get("key") == self.key
 
+    @property
+    def kind(self) -> str:
+        """The stage kind: the first part of its name (``pretrain``, ``embed-pool``, ``select``, ...)."""
+        return self.name.split("/")[0]
+
     def run(self) -> None:
-        if self.path.exists() and not self.resumable():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / ".pending.json", {"key": self.key})
+        """Run the stage and record its key. Under torchrun call it on every rank: rank 0 prepares the
+        directory and writes the record; the function runs on every rank for :data:`DISTRIBUTED_KINDS`,
+        on rank 0 alone otherwise."""
+        main = D.rank() == 0
+        if main:
+            if self.path.exists() and not self.resumable():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.path / ".pending.json", {"key": self.key})
+        D.barrier()
         t = time.perf_counter()
-        self.fn(self)
-        write_json(self.path / STAMP, {"key": self.key, "stage": self.name, "params": self.params,
-                                       "seconds": round(time.perf_counter() - t, 2)})
-        (self.path / ".pending.json").unlink(missing_ok=True)
+        if self.kind in DISTRIBUTED_KINDS or not D.active():
+            self.fn(self)
+        else:
+            self._run_on_rank0()
+        D.barrier()
+        if main:
+            write_json(self.path / STAMP, {"key": self.key, "stage": self.name, "params": self.params,
+                                           "seconds": round(time.perf_counter() - t, 2)})
+            (self.path / ".pending.json").unlink(missing_ok=True)
         self.ran = True
 
 
@@ -334,8 +376,9 @@ def _run_pretrain(stage: Stage) -> None:
     if "pool_mix" in stage.params:  # the pool-aware model: seed + a uniform sample of the pool
         rows = pool_mix_rows(len(srcs["pool"]), len(src), stage.params["pool_mix"], stage.params["seed"])
         src = CombinedSource(src, srcs["pool"], rows)
-        write_json(stage.path / "train_set.json", {"seed": len(srcs["seed"]), "pool_rows": len(rows),
-                                                   "images": len(src)})
+        if D.rank() == 0:
+            write_json(stage.path / "train_set.json", {"seed": len(srcs["seed"]), "pool_rows": len(rows),
+                                                       "images": len(src)})
     pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(),
              **_pretrain_kwargs(stage.params, len(src)))
 
@@ -348,6 +391,8 @@ def _run_embed(stage: Stage) -> None:
     ckpt = stage.deps[0].path / "checkpoint.pt"  # the seed-only or the pool-aware model
     embed(src, ckpt, stage.path / "store", views=int(p["views"]), seed=p["seed"], dtype=p["dtype"],
           batch_size=p["batch_size"], device=p["device"], overwrite=True)
+    if D.rank() != 0:  # under torchrun rank 0 has published the one store (embed waits for every shard)
+        return
     for f in (stage.path / "store").iterdir():
         f.replace(stage.path / f.name)
     (stage.path / "store").rmdir()
@@ -382,6 +427,8 @@ def _run_select(stage: Stage) -> None:
         p["ecle_file"] = ecle_stage.path / "ecle.npy"
     select_stores(eseed.path, epool.path, stage.path, int(budget), strategy=strategy,
                   overwrite=True, progress=True, **p, **options)
+    if D.rank() != 0:
+        return
     analysis = analyse(stage.path, srcs)
     if analysis is not None:
         write_json(stage.path / "analysis.json", analysis)
@@ -429,11 +476,14 @@ def _run_retrain(stage: Stage) -> None:
             if roles["select"] else 0
         target = len(srcs["seed"]) + budget
         kw["epochs"] = max(1, round(kw["epochs"] * target / len(source)))
-    write_json(stage.path / "train_set.json", {"strategy": strategy, "images": len(source), "epochs": kw["epochs"]})
+    main = D.rank() == 0
+    if main:
+        write_json(stage.path / "train_set.json", {"strategy": strategy, "images": len(source),
+                                                   "epochs": kw["epochs"]})
     pre = roles["pretrain"]
     if strategy == "none" and kw == _pretrain_kwargs(pre.params, len(srcs["seed"])):
         # The seed-alone run is the pre-training run itself (same data, seed and schedule): reuse it.
-        for name in ("checkpoint.pt", "log.csv"):
+        for name in ("checkpoint.pt", "log.csv") if main else ():
             if (pre.path / name).exists():
                 shutil.copyfile(pre.path / name, stage.path / name)
         return
@@ -576,16 +626,32 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
     if dry_run:
         log(describe_plan(plan))
         return plan
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(plan.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    for st in plan.stages:
-        if st.cached():
-            continue
-        log(f"[mak run] {st.name} ...")
-        t = time.perf_counter()
-        st.run()
-        log(f"[mak run] {st.name} done in {time.perf_counter() - t:.1f}s")
-    out = write_outputs(plan)
-    log(f"[mak run] results: {plan.run_dir / 'results.json'}")
-    log(f"[mak run] report: {out}")
+    import torch.distributed
+
+    # Under torchrun every rank walks the same plan; see the module docstring for who runs what.
+    was = torch.distributed.is_available() and torch.distributed.is_initialized()
+    started = D.init(str(auto_device(config["run"]["device"]))) and not was
+    try:
+        main = D.rank() == 0
+        if main:
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(plan.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        todo = D.broadcast_object([not st.cached() for st in plan.stages] if main else None)
+        for st, pending in zip(plan.stages, todo):
+            if not pending:
+                continue
+            if main:
+                log(f"[mak run] {st.name} ...")
+            t = time.perf_counter()
+            st.run()
+            if main:
+                log(f"[mak run] {st.name} done in {time.perf_counter() - t:.1f}s")
+        if main:
+            out = write_outputs(plan)
+            log(f"[mak run] results: {plan.run_dir / 'results.json'}")
+            log(f"[mak run] report: {out}")
+        D.barrier()
+    finally:
+        if started:
+            D.cleanup()
     return plan

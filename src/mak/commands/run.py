@@ -7,7 +7,9 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the whole MAK loop from a config, with cached stages",
                        description="pretrain -> embed -> select -> re-train -> evaluate -> report, "
-                                   "skipping stages whose inputs and parameters did not change.")
+                                   "skipping stages whose inputs and parameters did not change. Under "
+                                   "torchrun (torchrun --nproc_per_node G -m mak run ...) pre-training, "
+                                   "embedding and selection use every process; the rest runs on rank 0.")
     p.add_argument("config", nargs="?", help="YAML config (see configs/); defaults apply to keys it omits")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<run.name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
