@@ -93,8 +93,13 @@ def shard_range(n: int, r: int | None = None, w: int | None = None) -> tuple[int
     return start, start + base + (1 if r < extra else 0)
 
 
-def cleanup() -> None:
+def cleanup(sync: bool = True) -> None:
+    """Tear down the process group. With ``sync`` every rank first waits for the others, so that no
+    rank drops its connections while a peer still talks to it (gloo can abort the process then).
+    Error paths pass ``sync=False``: a rank that failed alone must not wait for ranks that never come."""
     if dist.is_available() and dist.is_initialized():
+        if sync and active():
+            dist.barrier()
         dist.destroy_process_group()
 
 

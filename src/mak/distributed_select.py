@@ -628,12 +628,15 @@ def select_stores_scaled(seed_store: str | Path | None, pool_store: str | Path, 
     started = D.init(device or "cpu")
     if started and device and torch.device(device).type == "cuda":
         params["device"] = str(D.local_device(device))
+    ok = False
     try:
-        return _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
-                        dedup_clusters, kcenter, kcenter_parts, params)
+        sel = _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
+                       dedup_clusters, kcenter, kcenter_parts, params)
+        ok = True
+        return sel
     finally:
         if started and not was:
-            D.cleanup()
+            D.cleanup(sync=ok)
 
 
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,

@@ -631,6 +631,7 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
     # Under torchrun every rank walks the same plan; see the module docstring for who runs what.
     was = torch.distributed.is_available() and torch.distributed.is_initialized()
     started = D.init(str(auto_device(config["run"]["device"]))) and not was
+    ok = False
     try:
         main = D.rank() == 0
         if main:
@@ -650,8 +651,8 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
             out = write_outputs(plan)
             log(f"[mak run] results: {plan.run_dir / 'results.json'}")
             log(f"[mak run] report: {out}")
-        D.barrier()
+        ok = True
     finally:
         if started:
-            D.cleanup()
+            D.cleanup(sync=ok)
     return plan
