@@ -3,7 +3,8 @@
 #   1. the environment (GPU, driver, torch);
 #   2. benchmarks/bench_augment.py --device cuda --profile: augmentation vs the forward it feeds;
 #   3. tests/test_cuda.py: GPU results against CPU ones, bf16 pretrain + resume, embed, select,
-#      torchrun with 2 ranks sharing the GPU over gloo, the NCCL one-GPU-per-rank error;
+#      torchrun with 2 ranks sharing the GPU over gloo (pretrain, embed, and `mak run` on image
+#      folders), the NCCL one-GPU-per-rank error;
 #   4. benchmarks/bench_train.py --device cuda: ResNet-50, 224 px, batch 256, bf16;
 #   5. benchmarks/bench_select.py --device cuda: k-center, ECLE and the seed share at GPU sizes.
 # Each step has its own time limit, so one failure does not lose the others. Logs go to $OUT
@@ -27,6 +28,7 @@ step() {  # step NAME SECONDS CMD...
   tail -n "${TAIL:-14}" "$OUT/$name.txt"
 }
 step bench_augment_cuda 50 "$PY" benchmarks/bench_augment.py --device cuda --profile
-step test_cuda 110 "$PY" -m pytest -q -p no:cacheprovider -rs -s tests/test_cuda.py
+step test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider -rs -s tests/test_cuda.py \
+  tests/test_pipeline.py::test_run_under_torchrun_on_image_folders
 step bench_train_cuda 100 "$PY" benchmarks/bench_train.py --device cuda --steps 20 --reps 2
 step bench_select_cuda 80 "$PY" benchmarks/bench_select.py --device cuda

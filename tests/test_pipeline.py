@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import torchrun
 
@@ -209,6 +210,41 @@ def test_run_under_torchrun_stops_every_rank_on_a_rank0_error(tmp_path):
     assert "mak run: error: bench/r0 failed on rank 0: Fashion-MNIST not found in /nonexistent" in res.stderr
     assert "[rank1]: Traceback" not in res.stderr and "[rank0]: Traceback" not in res.stderr
     assert not (tmp_path / "run/r0/bench/.stage.json").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device"))])
+def test_run_under_torchrun_on_image_folders(tmp_path, monkeypatch, device):
+    """`mak run` on the user's own image folders (no labels, no evaluation splits) with 2 ranks; on
+    CUDA the two ranks share one GPU over gloo. The selection equals one process's on the same stores."""
+    from PIL import Image
+
+    from mak.pipeline import run_pipeline
+
+    rng = np.random.default_rng(3)
+    for part, n in (("seed", 40), ("pool", 120)):
+        (tmp_path / part).mkdir()
+        for i in range(n):
+            img = (rng.random((28, 28)) * (60 + 190 * (i % 3 == 0))).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / part / f"{i:03d}.png")
+    cfg = [f"data.seed.folder={tmp_path / 'seed'}", f"data.pool.folder={tmp_path / 'pool'}", f"run.device={device}",
+           "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.workers=0", "embed.views=2",
+           "embed.batch_size=64", "select.budget=15", "select.strategies=[robust,mak]", "select.partitions=1",
+           "select.ecle_batch_size=32", "run.name=folders"]
+    monkeypatch.setenv("MAK_DIST_BACKEND", "gloo")
+    res = torchrun(2, "run", "--out", tmp_path / "run", *_sets(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "run/results.json").read_text())["results"]
+    assert [r["strategy"] for r in results] == ["none", "robust", "mak"]
+    assert json.loads((tmp_path / "run/r0/eval/mak/eval.json").read_text())["skipped"].startswith("no labeled")
+    picked = (tmp_path / "run/r0/select/robust/selection.txt").read_text().splitlines()
+    assert len(picked) == 15 == len(set(picked))
+    shutil.copytree(tmp_path / "run", tmp_path / "one")
+    shutil.rmtree(tmp_path / "one/r0/select")
+    assert ran(run_pipeline(load_config(None, cfg), tmp_path / "one")) == {"select/r0/robust", "select/r0/mak"}
+    for strategy in ("robust", "mak"):
+        assert (tmp_path / "one/r0/select" / strategy / "selection.txt").read_bytes() == \
+            (tmp_path / "run/r0/select" / strategy / "selection.txt").read_bytes()
 
 
 @needs_fmnist
