@@ -179,7 +179,7 @@ def _sets(overrides: list[str]) -> list[str]:
 @needs_fmnist
 def test_run_under_torchrun_matches_one_process(tmp_path):
     """`mak run` under torchrun (2 CPU ranks): a whole run, stage records that one process takes as
-    cached, and selections byte-identical to one process's on the same feature stores."""
+    cached, and ECLE and selections byte-identical to one process's on the same feature stores."""
     from mak.pipeline import run_pipeline
 
     cfg = TINY + ["select.strategies=[robust,mak,random]"]
@@ -194,8 +194,10 @@ def test_run_under_torchrun_matches_one_process(tmp_path):
     one = tmp_path / "one"
     shutil.copytree(run_dir, one)
     shutil.rmtree(one / "r0" / "select")
+    shutil.rmtree(one / "r0" / "ecle")
     plan = run_pipeline(load_config(None, cfg), one)
-    assert ran(plan) == {"select/r0/robust", "select/r0/mak", "select/r0/random"}  # same keys downstream
+    assert ran(plan) == {"ecle/r0", "select/r0/robust", "select/r0/mak", "select/r0/random"}  # same keys after
+    assert (one / "r0/ecle/ecle.npy").read_bytes() == (run_dir / "r0/ecle/ecle.npy").read_bytes()
     for strategy in ("robust", "mak", "random"):
         for name in ("selection.txt", "scores.csv", "analysis.json"):
             assert (one / "r0/select" / strategy / name).read_bytes() == \

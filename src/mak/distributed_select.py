@@ -51,7 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -314,6 +314,17 @@ def global_top_k(score: np.ndarray, k: int, offset: int, n_total: int, largest: 
 # The context
 # --------------------------------------------------------------------------------------------
 
+def ecle_batch_owner(n: int, batch_size: int) -> Callable[[int, int], bool] | None:
+    """Which ECLE batches this rank scores (:func:`mak.tailness.ecle_sum`'s ``owner``): batch ``k`` of
+    ordering ``p`` goes to rank ``(p * batches + k) % world``; None (all) on one process. The float64
+    sums are exact, so adding the ranks' sums gives one process's ECLE bit for bit."""
+    w, me = D.world_size(), D.rank()
+    if w <= 1:
+        return None
+    nb = len(batch_plan(n, batch_size)) if batch_size >= 2 else 1
+    return lambda p, k: (p * nb + k) % w == me
+
+
 @dataclass(eq=False)
 class DistributedContext(RobustOps, Context):
     """A :class:`~mak.selection.Context` whose rows are split across the ranks of a process group.
@@ -353,9 +364,8 @@ class DistributedContext(RobustOps, Context):
             self.need_views()
             t = time.perf_counter()
             views, n = self.global_views, self.n_total
-            nb = len(batch_plan(n, self.batch_size)) if self.batch_size >= 2 else 1
             w, me = self.world, self.me
-            owner = (lambda p, k: (p * nb + k) % w == me) if w > 1 else None
+            owner = ecle_batch_owner(n, self.batch_size)
             show = self.progress and me == 0
             # A lazy PoolArray is read batch by batch, like a memmap (views[:, rows, :]).
             acc, terms = ecle_sum(views, temperature=self.temperature, batch_size=self.batch_size,

@@ -12,9 +12,10 @@ pick up their own checkpoints).
 
 Under ``torchrun`` (``torchrun --nproc_per_node G -m mak run ...``; several nodes need a shared run
 directory) the stages that split their work across ranks run on every rank: pre-training and
-re-training (DDP), embedding (one shard per rank, published as one store) and selection (the
-scaled job of :mod:`mak.distributed_select`). The others (benchmark build, ECLE, evaluation,
-results and report) run on rank 0 while the other ranks wait. Rank 0 alone decides what is cached
+re-training (DDP), embedding (one shard per rank, published as one store), ECLE (each rank scores
+a share of the batches; the exact sums add up to one process's values) and selection (the scaled
+job of :mod:`mak.distributed_select`). The others (benchmark build, evaluation, results and
+report) run on rank 0 while the other ranks wait. Rank 0 alone decides what is cached
 and writes the stage records, so a run started under torchrun continues in one process and
 vice versa (the stage keys do not depend on the number of processes).
 
@@ -52,7 +53,7 @@ STAMP = ".stage.json"
 POOL_AWARE = ("robust",)
 # Stage kinds whose function runs on every rank under torchrun: they split the work themselves.
 DISTRIBUTED_KINDS = ("pretrain", "pretrain-mix", "retrain", "embed-seed", "embed-pool", "embed-seed-mix",
-                     "embed-pool-mix", "select")
+                     "embed-pool-mix", "ecle", "ecle-mix", "select")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -399,15 +400,21 @@ def _run_embed(stage: Stage) -> None:
 
 
 def _run_ecle(stage: Stage) -> None:
+    from .distributed_select import ecle_batch_owner
     from .store import open_store
-    from .tailness import ecle
+    from .tailness import ecle_sum
 
     p = stage.params
     pool = open_store(stage.deps[0].path, require_views=True)
-    e = ecle(pool.views() if len(pool.shards) > 1 else pool.shards[0].views, temperature=p["temperature"],
-             batch_size=p["ecle_batch_size"], partitions=p["partitions"], seed=p["seed"], device=p["device"],
-             progress=True)
-    np.save(stage.path / "ecle.npy", e)
+    views = pool.views() if len(pool.shards) > 1 else pool.shards[0].views
+    device = str(D.local_device(p["device"])) if D.active() else p["device"]
+    # under torchrun each rank scores its share of the batches; the exact float64 sums add up on rank 0
+    acc, terms = ecle_sum(views, temperature=p["temperature"], batch_size=p["ecle_batch_size"],
+                          partitions=p["partitions"], seed=p["seed"], device=device,
+                          owner=ecle_batch_owner(pool.num_rows, p["ecle_batch_size"]), progress=D.rank() == 0)
+    acc = D.all_reduce_array(acc, "sum")
+    if D.rank() == 0:
+        np.save(stage.path / "ecle.npy", (acc / terms).astype(np.float32))
 
 
 def _run_select(stage: Stage) -> None:
