@@ -16,8 +16,8 @@ re-training (DDP), embedding (one shard per rank, published as one store), ECLE 
 a share of the batches; the exact sums add up to one process's values) and selection (the scaled
 job of :mod:`mak.distributed_select`). The others (benchmark build, evaluation, results and
 report) run on rank 0 while the other ranks wait. Rank 0 alone decides what is cached
-and writes the stage records, so a run started under torchrun continues in one process and
-vice versa (the stage keys do not depend on the number of processes).
+and writes the stage records, so the finished stages of a run under torchrun are reused by one
+process and vice versa (the stage keys do not depend on the number of processes).
 
 Layout (repeat r uses seed ``run.seed + r``)::
 
