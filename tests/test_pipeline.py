@@ -190,6 +190,8 @@ def test_run_under_torchrun_matches_one_process(tmp_path):
     assert (run_dir / "report.html").is_file() and not list(run_dir.rglob(".pending.json"))
     assert res.stdout.count("[mak run] select/r0/robust ...") == 1  # rank 0 alone reports progress
     assert ran(run_pipeline(load_config(None, cfg), run_dir)) == set()
+    dry = torchrun(2, "run", "--out", run_dir, "--dry-run", *_sets(cfg))
+    assert dry.returncode == 0 and dry.stdout.count("0 to run") == 1, dry.stdout + dry.stderr[-2000:]
 
     one = tmp_path / "one"
     shutil.copytree(run_dir, one)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -631,7 +632,8 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
 
     plan = build_plan(config, run_dir)
     if dry_run:
-        log(describe_plan(plan))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one plan, not one per rank
+            log(describe_plan(plan))
         return plan
     import torch.distributed
 
