@@ -6,6 +6,8 @@ and the collectives are no-ops.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -91,6 +93,24 @@ def shard_range(n: int, r: int | None = None, w: int | None = None) -> tuple[int
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return start, start + base + (1 if r < extra else 0)
+
+
+@contextmanager
+def process_group(device: str | torch.device = "cpu") -> Iterator[bool]:
+    """:func:`init` for the duration of a block; yields whether a process group is active.
+
+    At the end the group is torn down only if this block started it, waiting for the other ranks
+    first unless the block raised (see :func:`cleanup`); a group that was already up stays up.
+    """
+    was = dist.is_available() and dist.is_initialized()
+    on = init(device)
+    ok = False
+    try:
+        yield on
+        ok = True
+    finally:
+        if on and not was:
+            cleanup(sync=ok)
 
 
 def cleanup(sync: bool = True) -> None:

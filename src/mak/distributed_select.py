@@ -634,19 +634,11 @@ def select_stores_scaled(seed_store: str | Path | None, pool_store: str | Path, 
     device = params.get("device")
     if is_auto(device):
         device = params["device"] = str(auto_device(device))
-    was = torch.distributed.is_available() and torch.distributed.is_initialized()
-    started = D.init(device or "cpu")
-    if started and device and torch.device(device).type == "cuda":
-        params["device"] = str(D.local_device(device))
-    ok = False
-    try:
-        sel = _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
-                       dedup_clusters, kcenter, kcenter_parts, params)
-        ok = True
-        return sel
-    finally:
-        if started and not was:
-            D.cleanup(sync=ok)
+    with D.process_group(device or "cpu") as on:
+        if on and device and torch.device(device).type == "cuda":
+            params["device"] = str(D.local_device(device))
+        return _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
+                        dedup_clusters, kcenter, kcenter_parts, params)
 
 
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,

@@ -635,13 +635,8 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one plan, not one per rank
             log(describe_plan(plan))
         return plan
-    import torch.distributed
-
     # Under torchrun every rank walks the same plan; see the module docstring for who runs what.
-    was = torch.distributed.is_available() and torch.distributed.is_initialized()
-    started = D.init(str(auto_device(config["run"]["device"]))) and not was
-    ok = False
-    try:
+    with D.process_group(str(auto_device(config["run"]["device"]))):
         main = D.rank() == 0
         if main:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -660,8 +655,4 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
             out = write_outputs(plan)
             log(f"[mak run] results: {plan.run_dir / 'results.json'}")
             log(f"[mak run] report: {out}")
-        ok = True
-    finally:
-        if started:
-            D.cleanup(sync=ok)
     return plan
