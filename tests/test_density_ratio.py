@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import mak
-from mak.density_ratio import (ratio_logits, ratio_models, reference_folds, seed_folds_of, seed_heldout_logits,
-                                train_ratio_model)
+from mak.density_ratio import (BAG_SEED_STRIDE, ratio_ensemble, ratio_logits, ratio_models, reference_folds,
+                                seed_folds_of, seed_heldout_logits, train_ratio_model)
 from mak.errors import MakError
 from mak.robust import robust_options
 
@@ -73,6 +73,29 @@ def test_chunking_and_seed_determinism(data):
     np.testing.assert_array_equal(a, ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), models=models))
 
 
+def test_bags_average_independent_fits(data):
+    seed, pool, _ = data
+    ref = pool[1::2]
+    self_index = np.where(np.arange(len(pool)) % 2 == 1, np.arange(len(pool)) // 2, -1)
+    kw = dict(folds=3, hidden=8, epochs=3)
+    # one bag is the unbagged fit, bit for bit
+    one = ratio_logits(pool, seed, ref, self_index=self_index, seed=4, **kw)
+    np.testing.assert_array_equal(ratio_logits(pool, seed, ref, self_index=self_index, seed=4, bags=1, **kw), one)
+    # three bags: the float64 mean of three fits with seeds 4, 4 + stride, 4 + 2 x stride
+    fits = [ratio_models(seed, ref, seed=4 + b * BAG_SEED_STRIDE, **kw) for b in range(3)]
+    each = [ratio_logits(pool, seed, ref, self_index=self_index, models=f) for f in fits]
+    want = (np.sum([e.astype(np.float64) for e in each], axis=0) / 3).astype(np.float32)
+    got = ratio_logits(pool, seed, ref, self_index=self_index, seed=4, bags=3, **kw)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, one)
+    ens = ratio_ensemble(seed, ref, bags=3, seed=4, **kw)
+    np.testing.assert_array_equal(ratio_logits(pool, seed, ref, self_index=self_index, models=ens), got)
+    held = [seed_heldout_logits(seed, f) for f in fits]
+    np.testing.assert_array_equal(seed_heldout_logits(seed, ens),
+                                  (np.sum([h.astype(np.float64) for h in held], axis=0) / 3).astype(np.float32))
+    np.testing.assert_array_equal(seed_heldout_logits(seed, ens[:1]), held[0])
+
+
 def test_the_kind_the_pool_has_more_of_gets_the_lowest_logit(data):
     seed, pool, labels = data
     logit = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), folds=5, hidden=32, epochs=30, seed=0)
@@ -98,6 +121,7 @@ def test_robust_ratio_tail_picks_every_gated_tail_image(data):
     (dict(hidden=0), "ratio hidden must be an integer >= 1"),
     (dict(epochs=1.5), "ratio epochs must be an integer >= 1"),
     (dict(folds=50), "cannot be cut into 50 folds"),
+    (dict(bags=0), "ratio bags must be an integer >= 1"),
 ])
 def test_bad_settings(data, kwargs, match):
     seed, pool, _ = data
@@ -117,6 +141,8 @@ def test_bad_inputs(data):
         seed_heldout_logits(seed[:10], ratio_models(seed, pool, folds=2, hidden=4, epochs=1))
     with pytest.raises(MakError, match="self_index has 3 rows"):
         ratio_logits(pool, seed, pool, self_index=np.arange(3), folds=2, epochs=1)
-    for key, bad in (("ratio_folds", 1), ("ratio_hidden", 0), ("ratio_epochs", "x")):
+    with pytest.raises(MakError, match="at least one fitted bag"):
+        ratio_logits(pool, seed, pool, models=[])
+    for key, bad in (("ratio_folds", 1), ("ratio_hidden", 0), ("ratio_epochs", "x"), ("ratio_bags", 0)):
         with pytest.raises(MakError, match=key.replace("_", " ")):
             robust_options({key: bad})

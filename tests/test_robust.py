@@ -279,20 +279,20 @@ def test_cli_options_parse():
         "--gate-clusters", "auto",
         "--tail", "knn", "--knn-k", "4", "--fusion", "z", "--fusion-distance", "lof", "--share-k", "20",
         "--share-reference", "5000", "--gate-core-ratio", "1.25", "--share-smooth", "6",
-        "--ratio-folds", "3", "--ratio-hidden", "16", "--ratio-epochs", "9"])
+        "--ratio-folds", "3", "--ratio-hidden", "16", "--ratio-epochs", "9", "--ratio-bags", "2"])
     params = params_from_args(args)
     assert {k: params[k] for k in DEFAULTS} == dict(gate="off", gate_quantile=0.95, gate_folds=3, gate_score="lof",
                                                     lof_k=7, gate_clusters="auto", tail="knn", knn_k=4, fusion="z",
                                                     fusion_distance="lof", share_k=20, share_reference=5000,
                                                     gate_core_ratio=1.25, share_smooth=6, ratio_folds=3,
-                                                    ratio_hidden=16, ratio_epochs=9)
+                                                    ratio_hidden=16, ratio_epochs=9, ratio_bags=2)
     args = build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o",
                                       "--gate-clusters", "12", "--gate-quantile", "auto"])
     params = params_from_args(args)
     assert params["gate_quantile"] == "auto" and params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
     for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"],
                 ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--share-smooth", "x"],
-                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"], ["--gate-score", "share+x"],
+                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"], ["--ratio-bags", "x"], ["--gate-score", "share+x"],
                 ["--gate-quantile", "x"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
@@ -408,11 +408,13 @@ def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
     assert o["tail"] == "ratio" and o["fusion_distance"] == "none"
     sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10,
                      ratio_epochs=5, seed=3)
-    logit = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), folds=5, hidden=256, epochs=5, seed=3)
+    assert o["ratio_bags"] == 5  # the logit: the mean of 5 independent cross-fitted fits
+    logit = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), folds=5, hidden=256, epochs=5, seed=3,
+                         bags=5)
     gated = np.isfinite(sel.score)
     # the score is the percentile rank of -logit over the gated rows, alpha and the distance unused
     np.testing.assert_allclose(sel.score[gated], rank_normalize(-logit.astype(np.float64), gated)[gated])
-    assert sel.info["ratio"] == {"reference": len(pool), "folds": 5, "hidden": 256, "epochs": 5}
+    assert sel.info["ratio"] == {"reference": len(pool), "folds": 5, "hidden": 256, "epochs": 5, "bags": 5}
     again = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10,
                        ratio_epochs=5, seed=3, alpha=0.1)
     np.testing.assert_array_equal(again.indices, sel.indices)
@@ -420,7 +422,7 @@ def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
 
 def test_default_gate_is_every_term_at_its_own_held_out_seed_quantile(world):
     """centroid + share + ratio: each term's threshold is its held-out seed quantile; kept = all three pass."""
-    from mak.density_ratio import ratio_logits, ratio_models, seed_heldout_logits
+    from mak.density_ratio import BAG_SEED_STRIDE, ratio_logits, ratio_models, seed_heldout_logits
 
     seed, pool_in, junk, pool, views = world
     q = auto_gate_quantile(len(seed))
@@ -431,7 +433,8 @@ def test_default_gate_is_every_term_at_its_own_held_out_seed_quantile(world):
     c_keep = mak.proximity(seed, pool, clusters=5, seed=3) <= c_thr
     s_thr, _ = share_gate(seed, pool, k=10, quantile=q)
     s_keep = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool))) >= s_thr
-    models = ratio_models(seed, pool, folds=5, hidden=256, epochs=5, seed=3)
+    models = [ratio_models(seed, pool, folds=5, hidden=256, epochs=5, seed=3 + b * BAG_SEED_STRIDE)
+              for b in range(DEFAULTS["ratio_bags"])]  # the ratio term: the bags' mean logit
     held = seed_heldout_logits(seed, models)
     r_thr = float(np.quantile(held.astype(np.float64), 1.0 - q))
     r_keep = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), models=models) >= r_thr

@@ -17,15 +17,19 @@ not reference rows get the mean logit of all fold models. The seed's own held-ou
 ``ratio`` gate rejects pool images below their ``1 - gate_quantile`` quantile. Junk has almost
 no seed density at all (logits far below any seed image's), the seed's tail classes only a low
 one, so the same logit ranks the tail (low) and, at a loose quantile, gates the junk (lowest).
-Training costs O((seed + reference) x epochs x folds) and scoring is chunked, O(chunk) memory
-beyond the inputs. Under ``torchrun`` rank 0 trains and broadcasts the
-weights, so every rank scores with the same models.
+Bagging (``bags``, :func:`ratio_ensemble`) repeats the whole cross-fitted fit with other fold
+cuts and initial weights and averages the logits: each image's logit otherwise comes from the one
+fold model that never saw it, and that model's own noise moves the ranking of images whose seed
+and pool densities are close -- the tail classes. Training costs
+O(bags x (seed + reference) x epochs x folds) and scoring is chunked, O(chunk) memory beyond the
+inputs. Under ``torchrun`` the ranks share the ``bags x folds`` models out (rank ``r`` trains
+every ``world``-th one) and broadcast the weights, so every rank scores with the same models.
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +46,7 @@ WEIGHT_DECAY = 1e-4
 DEFAULT_FOLDS = 5
 DEFAULT_HIDDEN = 256
 DEFAULT_EPOCHS = 60
+BAG_SEED_STRIDE = 7919  # bag b is fitted with seed + b * BAG_SEED_STRIDE (bag 0: the seed itself)
 
 
 class RatioMLP(torch.nn.Module):
@@ -61,9 +66,10 @@ class RatioMLP(torch.nn.Module):
         return self.fc2(F.relu(self.fc1(F.normalize(x, dim=1)))).squeeze(1)
 
 
-def check_settings(folds: Any, hidden: Any, epochs: Any) -> None:
-    """Raise MakError unless folds >= 2, hidden >= 1 and epochs >= 1 are integers."""
-    for name, v, lo in (("ratio folds", folds, 2), ("ratio hidden", hidden, 1), ("ratio epochs", epochs, 1)):
+def check_settings(folds: Any, hidden: Any, epochs: Any, bags: Any = 1) -> None:
+    """Raise MakError unless folds >= 2, hidden >= 1, epochs >= 1 and bags >= 1 are integers."""
+    for name, v, lo in (("ratio folds", folds, 2), ("ratio hidden", hidden, 1), ("ratio epochs", epochs, 1),
+                        ("ratio bags", bags, 1)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
             raise MakError(f"{name} must be an integer >= {lo}, got {v!r}")
 
@@ -102,12 +108,6 @@ def train_ratio_model(seed_features: Any, pool_features: Any, hidden: int = DEFA
     return model
 
 
-def _broadcast(model: torch.nn.Module) -> None:
-    if distributed.active():
-        for t in model.state_dict().values():
-            torch.distributed.broadcast(t, src=0)
-
-
 def reference_folds(n: int, folds: int, seed: int = 0) -> np.ndarray:
     """Fold of each of ``n`` reference rows: a seeded permutation cut by ``np.array_split``. (n,) int64."""
     fold_of = np.empty(n, dtype=np.int64)
@@ -133,7 +133,21 @@ def ratio_models(seed_features: Any, reference: Any, folds: int = DEFAULT_FOLDS,
                  epochs: int = DEFAULT_EPOCHS, seed: int = 0, device: str | torch.device | None = None
                  ) -> RatioModels:
     """The cross-fitted classifiers: model ``f`` never sees seed fold ``f`` nor reference fold ``f``."""
-    check_settings(folds, hidden, epochs)
+    return ratio_ensemble(seed_features, reference, bags=1, folds=folds, hidden=hidden, epochs=epochs, seed=seed,
+                          device=device)[0]
+
+
+def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int = DEFAULT_FOLDS,
+                   hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                   device: str | torch.device | None = None) -> list[RatioModels]:
+    """``bags`` independent cross-fitted fits (:func:`ratio_models`), bag ``b`` with seed ``seed + b * 7919``.
+
+    Bag 0 is ``ratio_models(..., seed=seed)`` itself, so one bag scores exactly as an unbagged fit.
+    Under ``torchrun`` the ``bags x folds`` models are shared out over the ranks (model ``j`` is
+    trained by rank ``j % world``) and each is broadcast from the rank that trained it, so every
+    rank scores with the same weights, trained as on one process.
+    """
+    check_settings(folds, hidden, epochs, bags)
     ref = np.asarray(reference, dtype=np.float32)
     s = np.asarray(seed_features, dtype=np.float32)
     if ref.shape[0] < folds:
@@ -141,19 +155,43 @@ def ratio_models(seed_features: Any, reference: Any, folds: int = DEFAULT_FOLDS,
     if s.shape[0] < folds:
         raise MakError(f"density ratio: {s.shape[0]} seed images cannot be cut into {folds} folds; "
                        "use fewer --ratio-folds")
-    fold_of = reference_folds(ref.shape[0], folds, seed)
-    seed_fold = seed_folds_of(s.shape[0], folds, seed)
-    models = []
-    for f in range(folds):
-        if distributed.active() and distributed.rank() != 0:  # rank 0 trains; the others receive its weights
-            model = RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0))
-            model = model.to(resolve_device(device, ref)).eval()
-        else:
-            model = train_ratio_model(s[seed_fold != f], ref[fold_of != f], hidden=hidden, epochs=epochs,
-                                      seed=seed * 1000 + f, device=device)
-        _broadcast(model)
-        models.append(model)
-    return RatioModels(models, fold_of, seed_fold)
+    world = distributed.world_size() if distributed.active() else 1
+    me = distributed.rank() if distributed.active() else 0
+    plans, models = [], []
+    for b in range(int(bags)):
+        bag_seed = int(seed) + b * BAG_SEED_STRIDE
+        fold_of, seed_fold = reference_folds(ref.shape[0], folds, bag_seed), seed_folds_of(s.shape[0], folds, bag_seed)
+        plans.append((fold_of, seed_fold))
+        for f in range(folds):
+            if len(models) % world == me:
+                model = train_ratio_model(s[seed_fold != f], ref[fold_of != f], hidden=hidden, epochs=epochs,
+                                          seed=bag_seed * 1000 + f, device=device)
+            else:  # another rank trains it; its weights arrive below
+                model = RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0))
+                model = model.to(resolve_device(device, ref)).eval()
+            models.append(model)
+    if distributed.active():
+        for j, model in enumerate(models):
+            for t in model.state_dict().values():
+                torch.distributed.broadcast(t, src=j % world)
+    return [RatioModels(models[b * folds:(b + 1) * folds], fold_of, seed_fold)
+            for b, (fold_of, seed_fold) in enumerate(plans)]
+
+
+def _members(models: RatioModels | Sequence[RatioModels]) -> list[RatioModels]:
+    if isinstance(models, RatioModels):
+        return [models]
+    members = list(models)
+    if not members:
+        raise MakError("density ratio: an ensemble needs at least one fitted bag")
+    return members
+
+
+def _bag_mean(parts: list[np.ndarray]) -> np.ndarray:
+    """Mean of the bags' float32 logits, summed in float64 (one bag: that bag's logits, bit for bit)."""
+    if len(parts) == 1:
+        return parts[0]
+    return (np.sum([p.astype(np.float64) for p in parts], axis=0) / len(parts)).astype(np.float32)
 
 
 def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | None, chunk: int) -> np.ndarray:
@@ -182,35 +220,44 @@ def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | No
     return out
 
 
-def seed_heldout_logits(seed_features: Any, models: RatioModels, chunk: int = CHUNK) -> np.ndarray:
-    """Each seed image's logit from the one fold model that never saw it. (M,) float32."""
+def seed_heldout_logits(seed_features: Any, models: RatioModels | Sequence[RatioModels],
+                        chunk: int = CHUNK) -> np.ndarray:
+    """Each seed image's logit from the one fold model that never saw it (bags: their mean). (M,) float32."""
     m = int(seed_features.shape[0])
-    if len(models.seed_fold) != m:
-        raise MakError(f"density ratio: the models were fitted on {len(models.seed_fold)} seed images, not {m}")
-    return _fold_logits(models.models, seed_features, models.seed_fold, chunk)
+    parts = []
+    for fitted in _members(models):
+        if len(fitted.seed_fold) != m:
+            raise MakError(f"density ratio: the models were fitted on {len(fitted.seed_fold)} seed images, not {m}")
+        parts.append(_fold_logits(fitted.models, seed_features, fitted.seed_fold, chunk))
+    return _bag_mean(parts)
 
 
 def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: np.ndarray | None = None,
                  folds: int = DEFAULT_FOLDS, hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS,
                  seed: int = 0, device: str | torch.device | None = None, chunk: int = CHUNK,
-                 *, models: RatioModels | None = None) -> np.ndarray:
+                 *, models: RatioModels | Sequence[RatioModels] | None = None, bags: int = 1) -> np.ndarray:
     """Cross-fitted seed-vs-pool logit of each query (high: seed-like; low: the pool has more of it). (n,) float32.
 
     ``self_index[i]`` is the reference row query ``i`` itself is (-1: none): such a query is scored
-    by the one model that never saw it; any other query by the mean of all fold models. Pass
-    ``models`` (:func:`ratio_models`) to score several query sets with the same classifiers.
+    by the one model that never saw it; any other query by the mean of all fold models. With
+    ``bags`` > 1 (:func:`ratio_ensemble`) the logit is the mean over the bags. Pass ``models``
+    (:func:`ratio_models`, or a list from :func:`ratio_ensemble`) to score several query sets with
+    the same classifiers.
     """
-    fitted = models if models is not None else ratio_models(
-        seed_features, reference, folds=folds, hidden=hidden, epochs=epochs, seed=seed, device=device)
+    fitted = _members(models) if models is not None else ratio_ensemble(
+        seed_features, reference, bags=bags, folds=folds, hidden=hidden, epochs=epochs, seed=seed, device=device)
     n = int(queries.shape[0])
-    own_fold = None
+    own = None
     if self_index is not None:
         if len(self_index) != n:
             raise MakError(f"density ratio: self_index has {len(self_index)} rows for {n} queries")
         own = np.asarray(self_index, dtype=np.int64)
-        own_fold = np.where(own >= 0, fitted.reference_fold[np.maximum(own, 0)], -1)
-    return _fold_logits(fitted.models, queries, own_fold, chunk)
+    parts = []
+    for bag in fitted:
+        own_fold = None if own is None else np.where(own >= 0, bag.reference_fold[np.maximum(own, 0)], -1)
+        parts.append(_fold_logits(bag.models, queries, own_fold, chunk))
+    return _bag_mean(parts)
 
 
-__all__ = ["RatioMLP", "RatioModels", "check_settings", "ratio_logits", "ratio_models", "reference_folds",
+__all__ = ["RatioMLP", "RatioModels", "check_settings", "ratio_ensemble", "ratio_logits", "ratio_models", "reference_folds",
            "seed_folds_of", "seed_heldout_logits", "train_ratio_model"]
