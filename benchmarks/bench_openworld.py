@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-openworld", help="run directory (cached stages)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102], help="benchmark + training seeds")
     ap.add_argument("--scale", type=float, default=1.0, help="benchmark scale")
+    ap.add_argument("--ood-ratio", type=float, default=1.0,
+                    help="out-of-domain pool images per in-domain one (default 1: half junk; 4: 80%%)")
     ap.add_argument("--strategies", nargs="+", default=ALL)
     ap.add_argument("--epochs", type=int, default=30, help="SimCLR epochs (pretrain and re-train)")
     ap.add_argument("--backbone", default="smallconv")
@@ -86,6 +88,7 @@ def main() -> None:
     def make_plan(seed: int, match: str):
         cfg = load_config(None, [
             "data.benchmark.build=true", f"data.benchmark.scale={args.scale}", f"data.benchmark.seed={seed}",
+            f"data.benchmark.ood_ratio={args.ood_ratio}",
             f"run.seed={seed}", f"pretrain.epochs={args.epochs}", f"pretrain.backbone={args.backbone}",
             f"select.strategies={json.dumps(args.strategies)}", f"retrain.match={match}", "run.name=openworld",
             *args.overrides])
@@ -109,7 +112,8 @@ def main() -> None:
             r["few"].append(an["few_share"])
             r["many"].append(an["many_share"])
             r["entropy"].append(an["balance"]["entropy"])
-    print(f"\nSelection on the open-world benchmark (scale {args.scale}, seeds {args.seeds}, mean±std, %)")
+    print(f"\nSelection on the open-world benchmark (scale {args.scale}, out-of-domain ratio {args.ood_ratio:g}, "
+          f"seeds {args.seeds}, mean±std, %)")
     print(f"{'strategy':<20}{'OOD share':>14}{'Few share':>14}{'Many share':>14}{'balance H/logC':>18}")
     for name, r in rows.items():
         print(f"{name:<20}{fmt(r['ood']):>14}{fmt(r['few']):>14}{fmt(r['many']):>14}{fmt(r['entropy'], False):>18}")

@@ -104,6 +104,13 @@ def test_profile_scaled_and_limits():
         openworld.benchmark_counts(2.0)
     with pytest.raises(MakError, match="positive"):
         openworld.benchmark_counts(0.0)
+    # out-of-domain images: ood_ratio x the in-domain pool (rounded); in-domain counts unchanged
+    for ratio, want in ((1.0, 818), (4, 3272), (0.5, 409), (0, 0), (2.3333, 1909)):
+        c4 = openworld.benchmark_counts(0.1, ood_ratio=ratio)
+        assert sum(c4["pool"]) == 818 and c4["pool_ood"] == [want] and c4["seed"] == c["seed"]
+    for bad in (-1, float("nan"), True, "2"):
+        with pytest.raises(MakError, match="ood-ratio must be a number >= 0"):
+            openworld.benchmark_counts(0.1, ood_ratio=bad)
 
 
 # --------------------------------------------------------------------------- built benchmark
@@ -172,6 +179,22 @@ def test_deterministic_per_seed(bench, fake_data, tmp_path):
     assert other["budget"] == 7
 
 
+def test_ood_ratio_sets_the_junk_share_of_the_pool(bench, fake_data, tmp_path):
+    out, m = bench
+    assert m["profiles"]["pool"]["ood_ratio"] == 1.0
+    # the default is the explicit ratio 1, byte for byte
+    one = openworld.build_benchmark(tmp_path / "one", seed=3, scale=SCALE, data_dir=fake_data, ood_ratio=1.0)
+    assert one == m and _tree_digest(tmp_path / "one") == _tree_digest(out)
+    m3 = openworld.build_benchmark(tmp_path / "three", seed=3, scale=SCALE, data_dir=fake_data, ood_ratio=3)
+    n_in = sum(openworld.benchmark_counts(SCALE)["pool"])
+    pool = np.array([lab for _, lab in _read_split(tmp_path / "three" / "pool.txt")])
+    assert int((pool == -1).sum()) == 3 * n_in == m3["counts"]["pool"]["-1"]
+    assert int((pool >= 0).sum()) == n_in and m3["counts"]["pool"] == {**m["counts"]["pool"], "-1": 3 * n_in}
+    assert m3["pool_ood"]["glyph"] + m3["pool_ood"]["texture"] == 3 * n_in
+    assert m3["profiles"]["pool"]["ood_ratio"] == 3.0
+    assert m3["counts"]["seed"] == m["counts"]["seed"] and m3["class_order"] == m["class_order"]
+
+
 def test_build_errors(fake_data, tmp_path):
     with pytest.raises(MakError, match="dataset-fashion-mnist"):
         openworld.build_benchmark(tmp_path / "x", scale=SCALE, data_dir=tmp_path)
@@ -234,6 +257,13 @@ def test_cli_bench_build(fake_data, tmp_path, capsys, fonts):
     rc = main(["bench", "build", "--out", str(out), "--scale", str(SCALE), "--data-dir", str(fake_data),
                "--overwrite", "--seed", "2"])
     assert rc == 0 and openworld.load_manifest(out)["seed"] == 2
+    rc = main(["bench", "build", "--out", str(tmp_path / "r"), "--scale", str(SCALE), "--data-dir", str(fake_data),
+               "--ood-ratio", "2"])
+    assert rc == 0 and openworld.load_manifest(tmp_path / "r")["profiles"]["pool"]["ood_ratio"] == 2.0
+    rc = main(["bench", "build", "--out", str(tmp_path / "r2"), "--scale", str(SCALE), "--data-dir", str(fake_data),
+               "--ood-ratio", "-1"])
+    assert rc == 2 and "ood-ratio must be a number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
     rc = main(["bench", "build", "--out", str(tmp_path / "n"), "--data-dir", str(tmp_path / "nowhere")])
     assert rc == 2
     assert "Fashion-MNIST not found" in capsys.readouterr().err

@@ -294,3 +294,27 @@ def test_demo_smallest_scale(cli, tmp_path, capsys):
     n_pool = len((out / "r0" / "bench" / "pool.txt").read_text().splitlines())
     assert mixed == {"seed": n_seed, "pool_rows": min(n_pool, 8 * n_seed), "images": n_seed + min(n_pool, 8 * n_seed)}
     assert not (out / "r0" / "embed-pool-mix" / "views.npy").exists()  # robust's default needs no views
+
+
+def test_benchmark_ood_ratio_is_keyed_only_when_set(tmp_path):
+    """A half-junk run keeps its cached stages; another junk ratio is a new benchmark, passed to the builder."""
+    from mak.pipeline import build_plan
+
+    base = ["data.benchmark.build=true", "data.benchmark.scale=0.02"]
+
+    def bench_stage(*extra):
+        plan = build_plan(load_config(None, [*base, *extra]), tmp_path)
+        return next(st for st in plan.stages if st.name.startswith("bench/"))
+
+    default = bench_stage()
+    assert "ood_ratio" not in default.params
+    assert bench_stage("data.benchmark.ood_ratio=1").key == default.key
+    four = bench_stage("data.benchmark.ood_ratio=4")
+    assert four.params["ood_ratio"] == 4.0 and four.key != default.key
+    # every stage downstream of the benchmark moves with it
+    plan1 = build_plan(load_config(None, base), tmp_path)
+    plan4 = build_plan(load_config(None, [*base, "data.benchmark.ood_ratio=4"]), tmp_path)
+    assert all(a.key != b.key for a, b in zip(plan1.stages, plan4.stages))
+    for bad in ("-2", "x", "true"):
+        with pytest.raises(MakError, match="data.benchmark.ood_ratio must be a number >= 0"):
+            load_config(None, [*base, f"data.benchmark.ood_ratio={bad}"])

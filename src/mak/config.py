@@ -7,6 +7,7 @@ unknown key is an error that names it, so a typo never silently falls back to a 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,7 +22,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "data": {
         # Either build the open-world benchmark from Fashion-MNIST ...
-        "benchmark": {"build": False, "scale": 1.0, "seed": None, "data_dir": None, "vary_with_repeat": True},
+        # ood_ratio: out-of-domain pool images per in-domain one (1: half junk; 4: 80% junk).
+        "benchmark": {"build": False, "scale": 1.0, "seed": None, "data_dir": None, "vary_with_repeat": True,
+                      "ood_ratio": 1.0},
         # ... or point at your own images (split files with optional labels, or folders).
         "seed": {"split": None, "folder": None, "root": None},
         "pool": {"split": None, "folder": None, "root": None},
@@ -145,6 +148,9 @@ def validate(config: dict) -> None:
                                "(or set data.benchmark.build: true)")
         if config["select"]["budget"] is None:
             raise MakError("config: select.budget is required for user data")
+    ratio = data["benchmark"].get("ood_ratio", 1.0)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 0):
+        raise MakError(f"config: data.benchmark.ood_ratio must be a number >= 0, got {ratio!r}")
     if config["retrain"]["match"] not in ("epochs", "steps"):
         raise MakError(f"config: retrain.match must be 'epochs' or 'steps', got {config['retrain']['match']!r}")
     if int(config["run"]["repeats"]) < 1:

@@ -19,7 +19,8 @@ Counts at ``scale`` 1.0 (``k`` = rank of the class in the class order, 0 = head)
   (2,480 images; exponential profile, imbalance 100);
 - pool, in-domain: ``round(2000 * 10 ** (-k / 9))`` = 2000, 1549, ..., 258, 200 (8,175; the
   same class order, imbalance 10) plus as many out-of-domain images (half glyphs, half
-  textures, see :mod:`mak.glyphs`): 16,350 in all, shuffled;
+  textures, see :mod:`mak.glyphs`): 16,350 in all, shuffled. ``ood_ratio`` (default 1) sets
+  the out-of-domain count to that many times the in-domain pool (4: 80% junk);
 - fullshot: 1,000 per class; fewshot: 100 per class; test: all 10,000 test images.
 
 The class label written in the split files is the original Fashion-MNIST label (0-9: T-shirt/top,
@@ -176,14 +177,17 @@ def profile_counts(
     return [max(minimum, _round(scale * x)) for x in profile(max_count, imbalance, num_classes)]
 
 
-def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS) -> dict[str, list[int]]:
+def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS, ood_ratio: float = 1.0) -> dict[str, list[int]]:
     """Per-rank image counts of each split at ``scale`` (rank 0 = head class).
 
     Keys: ``seed``, ``pool`` (in-domain only), ``pool_ood`` (one number: out-of-domain images,
-    equal to the in-domain pool size), ``fullshot``, ``fewshot``, ``test``.
+    ``round(ood_ratio x`` the in-domain pool size``)``), ``fullshot``, ``fewshot``, ``test``.
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise MakError(f"--scale must be a positive number, got {scale!r}")
+    if not (isinstance(ood_ratio, (int, float)) and not isinstance(ood_ratio, bool) and math.isfinite(ood_ratio)
+            and ood_ratio >= 0):
+        raise MakError(f"--ood-ratio must be a number >= 0, got {ood_ratio!r}")
     counts = {
         "seed": profile_counts(SEED_MAX, SEED_IMBALANCE, scale=scale),
         "pool": profile_counts(POOL_MAX, POOL_IMBALANCE, scale=scale),
@@ -191,7 +195,7 @@ def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS) -> dict[str
         "fewshot": [max(2 * shots, _round(FEWSHOT_PER_CLASS * scale))] * NUM_CLASSES,
         "test": [min(TEST_PER_CLASS, max(2, _round(TEST_PER_CLASS * scale)))] * NUM_CLASSES,
     }
-    counts["pool_ood"] = [sum(counts["pool"])]
+    counts["pool_ood"] = [_round(ood_ratio * sum(counts["pool"]))]
     need = counts["seed"][0] + counts["pool"][0] + counts["fullshot"][0] + counts["fewshot"][0]
     if need > TRAIN_PER_CLASS:
         raise MakError(
@@ -264,18 +268,20 @@ def build_benchmark(
     *,
     overwrite: bool = False,
     fonts: Sequence[str | os.PathLike] | None = None,
+    ood_ratio: float = 1.0,
 ) -> dict[str, Any]:
     """Build the open-world benchmark into directory ``out`` and return its manifest.
 
     See the module docstring for the layout and counts. ``budget`` defaults to twice the seed
     size. The directory is written atomically: it appears complete or not at all; an existing
     non-empty ``out`` is an error unless ``overwrite``. ``fonts`` overrides the fonts used for glyphs (default
-    :func:`mak.glyphs.find_fonts`).
+    :func:`mak.glyphs.find_fonts`). ``ood_ratio``: out-of-domain images per in-domain pool image
+    (default 1: a half-junk pool; 4 = 80% junk, as a web crawl is more like).
     """
     from . import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
 
     seed = int(seed)
-    counts = benchmark_counts(scale)
+    counts = benchmark_counts(scale, ood_ratio=ood_ratio)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MakError(f"{out} exists and is not a directory")
@@ -359,7 +365,7 @@ def build_benchmark(
         "group_thresholds": {"many": MANY_THRESHOLD * scale, "few": FEW_THRESHOLD * scale},
         "profiles": {
             "seed": {"max": SEED_MAX, "imbalance": SEED_IMBALANCE},
-            "pool": {"max": POOL_MAX, "imbalance": POOL_IMBALANCE, "ood_ratio": 1.0},
+            "pool": {"max": POOL_MAX, "imbalance": POOL_IMBALANCE, "ood_ratio": float(ood_ratio)},
         },
         "fewshot_shots": FEWSHOT_SHOTS,
         "budget": budget,

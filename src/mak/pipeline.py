@@ -230,8 +230,10 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
         if data["benchmark"]["build"]:
             b = data["benchmark"]
             bseed = (b["seed"] if b["seed"] is not None else int(cfg_run["seed"])) + (r if b["vary_with_repeat"] else 0)
-            bench = plan.add(Stage(f"bench/r{r}", base / "bench", {"seed": bseed, "scale": b["scale"],
-                                   "data_dir": b["data_dir"]}, [], _run_bench,
+            bp = {"seed": bseed, "scale": b["scale"], "data_dir": b["data_dir"]}
+            if float(b.get("ood_ratio", 1.0)) != 1.0:  # keyed only when set, so half-junk runs keep their cache
+                bp["ood_ratio"] = float(b["ood_ratio"])
+            bench = plan.add(Stage(f"bench/r{r}", base / "bench", bp, [], _run_bench,
                                    ("benchmark.json", "seed.txt", "pool.txt")))
             roles["bench"] = bench
             deps = [bench]
@@ -358,7 +360,8 @@ def _run_bench(stage: Stage) -> None:
     from .openworld import build_benchmark
 
     p = stage.params
-    build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], overwrite=True)
+    build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], overwrite=True,
+                    ood_ratio=p.get("ood_ratio", 1.0))
 
 
 def _pretrain_kwargs(p: dict, n_images: int) -> dict:

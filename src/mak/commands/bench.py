@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--data-dir", default=None, metavar="D",
                    help="folder with Fashion-MNIST's IDX files (default: $MAK_DATA_DIR or "
                         "/usr/share/datasets/fashion-mnist from the dataset-fashion-mnist package)")
+    b.add_argument("--ood-ratio", type=float, default=1.0, metavar="R",
+                   help="out-of-domain pool images per in-domain pool image (default 1: half the pool is "
+                        "junk; 4: 80%%)")
     b.add_argument("--budget", type=int, default=None, metavar="N",
                    help="selection budget recorded in the manifest (default: 2 x seed size)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -35,7 +38,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     manifest = build_benchmark(args.out, seed=args.seed, scale=args.scale, data_dir=args.data_dir,
-                               budget=args.budget, overwrite=args.overwrite)
+                               budget=args.budget, overwrite=args.overwrite, ood_ratio=args.ood_ratio)
     print(summary(manifest))
     print(f"benchmark written to {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
