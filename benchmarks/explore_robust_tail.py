@@ -30,7 +30,7 @@ import numpy as np
 
 from mak import density_ratio as dr
 from mak.analysis import analyse_selection, labels_from_items
-from mak.robust import knn_chunks, rank_normalize
+from mak.robust import DEFAULTS, knn_chunks, rank_normalize
 from mak.selection import select
 
 REPORTED_SEEDS = (100, 101, 102)
@@ -41,10 +41,11 @@ def features(path: Path) -> np.ndarray:
 
 
 def cross_fitted_logits(seed: np.ndarray, pool: np.ndarray, rows: np.ndarray, rng_seed: int) -> np.ndarray:
-    """Each pool image's logit from the classifier of seed vs pool rows ``rows`` (held out where it is one)."""
+    """Each pool image's logit from the classifier of seed vs pool rows ``rows`` (held out where it is one),
+    bagged as robust's default is, so every row compares like with like."""
     own = np.full(len(pool), -1, dtype=np.int64)
     own[rows] = np.arange(len(rows))
-    return dr.ratio_logits(pool, seed, pool[rows], self_index=own, seed=rng_seed)
+    return dr.ratio_logits(pool, seed, pool[rows], self_index=own, seed=rng_seed, bags=DEFAULTS["ratio_bags"])
 
 
 def main() -> None:
