@@ -7,7 +7,6 @@ unknown key is an error that names it, so a typo never silently falls back to a 
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -148,9 +147,9 @@ def validate(config: dict) -> None:
                                "(or set data.benchmark.build: true)")
         if config["select"]["budget"] is None:
             raise MakError("config: select.budget is required for user data")
-    ratio = data["benchmark"].get("ood_ratio", 1.0)
-    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 0):
-        raise MakError(f"config: data.benchmark.ood_ratio must be a number >= 0, got {ratio!r}")
+    from .openworld import check_ood_ratio
+
+    check_ood_ratio(data["benchmark"]["ood_ratio"], "config: data.benchmark.ood_ratio")
     if config["retrain"]["match"] not in ("epochs", "steps"):
         raise MakError(f"config: retrain.match must be 'epochs' or 'steps', got {config['retrain']['match']!r}")
     if int(config["run"]["repeats"]) < 1:

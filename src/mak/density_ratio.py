@@ -155,8 +155,7 @@ def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int
     if s.shape[0] < folds:
         raise MakError(f"density ratio: {s.shape[0]} seed images cannot be cut into {folds} folds; "
                        "use fewer --ratio-folds")
-    world = distributed.world_size() if distributed.active() else 1
-    me = distributed.rank() if distributed.active() else 0
+    world, me = distributed.world_size(), distributed.rank()  # 1 and 0 outside torchrun
     plans, models = [], []
     for b in range(int(bags)):
         bag_seed = int(seed) + b * BAG_SEED_STRIDE

@@ -177,6 +177,12 @@ def profile_counts(
     return [max(minimum, _round(scale * x)) for x in profile(max_count, imbalance, num_classes)]
 
 
+def check_ood_ratio(value: Any, what: str = "--ood-ratio") -> None:
+    """Raise MakError naming ``what`` unless ``value`` is a finite number >= 0 (not a bool)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise MakError(f"{what} must be a number >= 0, got {value!r}")
+
+
 def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS, ood_ratio: float = 1.0) -> dict[str, list[int]]:
     """Per-rank image counts of each split at ``scale`` (rank 0 = head class).
 
@@ -185,9 +191,7 @@ def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS, ood_ratio: 
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise MakError(f"--scale must be a positive number, got {scale!r}")
-    if not (isinstance(ood_ratio, (int, float)) and not isinstance(ood_ratio, bool) and math.isfinite(ood_ratio)
-            and ood_ratio >= 0):
-        raise MakError(f"--ood-ratio must be a number >= 0, got {ood_ratio!r}")
+    check_ood_ratio(ood_ratio)
     counts = {
         "seed": profile_counts(SEED_MAX, SEED_IMBALANCE, scale=scale),
         "pool": profile_counts(POOL_MAX, POOL_IMBALANCE, scale=scale),

@@ -231,7 +231,7 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
             b = data["benchmark"]
             bseed = (b["seed"] if b["seed"] is not None else int(cfg_run["seed"])) + (r if b["vary_with_repeat"] else 0)
             bp = {"seed": bseed, "scale": b["scale"], "data_dir": b["data_dir"]}
-            if float(b.get("ood_ratio", 1.0)) != 1.0:  # keyed only when set, so half-junk runs keep their cache
+            if float(b["ood_ratio"]) != 1.0:  # keyed only when set, so half-junk runs keep their cache
                 bp["ood_ratio"] = float(b["ood_ratio"])
             bench = plan.add(Stage(f"bench/r{r}", base / "bench", bp, [], _run_bench,
                                    ("benchmark.json", "seed.txt", "pool.txt")))
