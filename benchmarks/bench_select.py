@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import mak
+from mak._machine import cpu_summary
 from mak.tailness import batch_plan
 
 
@@ -68,7 +69,8 @@ def main() -> None:
     n, m, d, budget = (2000, 400, 128, 100) if args.quick else ((100_000, 20_000, 128, 500) if gpu else (10_000, 2_000, 128, 500))
     name = torch.cuda.get_device_name(dev) if gpu else (platform.processor() or platform.machine())
     print(f"machine: {name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {dev}")
+          f"device {dev}, float32")
+    print(f"cpu: {cpu_summary()}")
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dev)
     init = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1).to(dev)

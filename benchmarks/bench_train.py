@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mak._machine import cpu_summary
 from mak.data import ArraySource
 from mak.embed import embed
 from mak.losses import nt_xent
@@ -101,7 +102,7 @@ def bare_embed(model, size: int, channels: int, batch: int, steps: int, views: i
 
 def run_backbone(name: str, args, dev: torch.device, work: Path) -> dict:
     size, channels, batch, steps = args.image_size, args.channels, args.batch_size, args.steps
-    amp_dtype = resolve_amp(dev, False if args.no_amp else None)
+    amp_dtype = resolve_amp(dev, args.amp)
     cl = resolve_channels_last(dev, False if args.no_channels_last else None)
     rng = np.random.default_rng(0)
     n = batch * steps
@@ -117,7 +118,7 @@ def run_backbone(name: str, args, dev: torch.device, work: Path) -> dict:
         out = work / f"pt-{name}-{rep}"
         shutil.rmtree(out, ignore_errors=True)
         ckpt = pretrain(source, out, backbone=name, epochs=2, batch_size=batch, seed=rep, image_size=size,
-                        channels=channels, device=str(dev), amp=False if args.no_amp else None,
+                        channels=channels, device=str(dev), amp=args.amp,
                         channels_last=False if args.no_channels_last else None, num_workers=args.workers,
                         progress=False)
         with open(out / "log.csv") as fh:
@@ -137,7 +138,7 @@ def run_backbone(name: str, args, dev: torch.device, work: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         stats: dict = {}
         embed(source, ckpt, out, views=args.views, batch_size=batch, device=str(dev), num_workers=args.workers,
-              progress=False, amp=False if args.no_amp else None,
+              progress=False, amp=args.amp,
               channels_last=False if args.no_channels_last else None, stats=stats)
         res["embed"] = max(res["embed"], stats["images_per_s"])
         print(f"  {name} rep {rep}: bare embed {res['bare_embed']:.1f}, embed {stats['images_per_s']:.1f} img/s",
@@ -161,7 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2, help="alternating repetitions, best kept (default 2)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: mak's default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, = cores)")
-    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where the device has it natively); --no-amp: float32")
     p.add_argument("--no-channels-last", action="store_true")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -178,6 +180,7 @@ def main(argv=None) -> int:
     args.views = args.views if args.views is not None else (10 if cuda else 4)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}"
           f"{' (' + torch.cuda.get_device_name(dev) + ')' if cuda else ''}", file=sys.stderr)
+    print(f"cpu: {cpu_summary()}; precision: {resolve_amp(dev, args.amp) or 'float32'}")
     results = []
     with tempfile.TemporaryDirectory(prefix="mak-bench-") as tmp:
         for name in names:

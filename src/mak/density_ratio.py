@@ -37,9 +37,10 @@ import torch.nn.functional as F
 
 from . import distributed
 from ._tensor import resolve_device, to_tensor
+from ._threads import pinned_map
 from .errors import MakError
 
-CHUNK = 65536
+CHUNK = 8192  # rows scored per task; fixed, so a row's chunk does not depend on the thread count
 BATCH = 1024
 LR = 3e-3
 WEIGHT_DECAY = 1e-4
@@ -74,21 +75,32 @@ def check_settings(folds: Any, hidden: Any, epochs: Any, bags: Any = 1) -> None:
             raise MakError(f"{name} must be an integer >= {lo}, got {v!r}")
 
 
-def train_ratio_model(seed_features: Any, pool_features: Any, hidden: int = DEFAULT_HIDDEN,
-                      epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                      device: str | torch.device | None = None) -> RatioMLP:
-    """One seed-vs-pool classifier: Adam (lr 3e-3, weight decay 1e-4), balanced BCE, batches of 1,024.
-
-    Deterministic for a fixed ``seed`` on one machine (its own generator for the weights and the
-    batch order; the global RNG is untouched).
-    """
+def _checked_pair(seed_features: Any, pool_features: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float32 arrays; MakError unless they are non-empty matrices of one width."""
     s = np.asarray(seed_features, dtype=np.float32)
     p = np.asarray(pool_features, dtype=np.float32)
     if s.ndim != 2 or p.ndim != 2 or s.shape[1] != p.shape[1]:
         raise MakError(f"density ratio: seed features {s.shape} and pool features {p.shape} do not match")
     if s.shape[0] == 0 or p.shape[0] == 0:
         raise MakError("density ratio: the seed and the pool reference must both be non-empty")
-    dev = resolve_device(device, s)
+    return s, p
+
+
+def train_ratio_model(seed_features: Any, pool_features: Any, hidden: int = DEFAULT_HIDDEN,
+                      epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                      device: str | torch.device | None = None) -> RatioMLP:
+    """One seed-vs-pool classifier: Adam (lr 3e-3, weight decay 1e-4), balanced BCE, batches of 1,024.
+
+    Deterministic for a fixed ``seed`` on one machine, whatever the thread count (its own
+    generator for the weights and the batch order, the global RNG untouched; on a CPU it runs on
+    one intra-op thread, see :func:`fit_models`).
+    """
+    s, p = _checked_pair(seed_features, pool_features)
+    return fit_models([(s, p, int(seed))], hidden, epochs, resolve_device(device, s))[0]
+
+
+def _fit(s: np.ndarray, p: np.ndarray, hidden: int, epochs: int, seed: int, dev: torch.device) -> RatioMLP:
+    """The training loop of :func:`train_ratio_model` on the calling thread's intra-op threads."""
     g = torch.Generator().manual_seed(int(seed))
     model = RatioMLP(s.shape[1], int(hidden), g).to(dev)
     x = torch.cat([to_tensor(s, dev), to_tensor(p, dev)])
@@ -106,6 +118,19 @@ def train_ratio_model(seed_features: Any, pool_features: Any, hidden: int = DEFA
             opt.step()
     model.eval()
     return model
+
+
+def fit_models(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
+               device: torch.device) -> list[RatioMLP]:
+    """:func:`train_ratio_model` of each ``(seed rows, reference rows, seed)``, in order.
+
+    On a CPU each fit runs on one intra-op thread (:func:`mak._threads.pinned_map`): BLAS splits
+    the 1,024-row gradient product across threads, and the split changes the float32 rounding, so
+    a fit on the caller's threads would give other weights for another thread count. Pinned, a
+    fit's weights are the same bits on any thread count and on any torchrun rank; the cores are
+    used by fitting several models at once.
+    """
+    return pinned_map(lambda job: _fit(job[0], job[1], int(hidden), int(epochs), job[2], device), fits, device)
 
 
 def reference_folds(n: int, folds: int, seed: int = 0) -> np.ndarray:
@@ -148,27 +173,27 @@ def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int
     rank scores with the same weights, trained as on one process.
     """
     check_settings(folds, hidden, epochs, bags)
-    ref = np.asarray(reference, dtype=np.float32)
-    s = np.asarray(seed_features, dtype=np.float32)
+    s, ref = _checked_pair(seed_features, reference)
     if ref.shape[0] < folds:
         raise MakError(f"density ratio: {ref.shape[0]} pool reference rows cannot be cut into {folds} folds")
     if s.shape[0] < folds:
         raise MakError(f"density ratio: {s.shape[0]} seed images cannot be cut into {folds} folds; "
                        "use fewer --ratio-folds")
     world, me = distributed.world_size(), distributed.rank()  # 1 and 0 outside torchrun
-    plans, models = [], []
+    dev = resolve_device(device, ref)
+    plans, fits = [], []
     for b in range(int(bags)):
         bag_seed = int(seed) + b * BAG_SEED_STRIDE
         fold_of, seed_fold = reference_folds(ref.shape[0], folds, bag_seed), seed_folds_of(s.shape[0], folds, bag_seed)
         plans.append((fold_of, seed_fold))
         for f in range(folds):
-            if len(models) % world == me:
-                model = train_ratio_model(s[seed_fold != f], ref[fold_of != f], hidden=hidden, epochs=epochs,
-                                          seed=bag_seed * 1000 + f, device=device)
-            else:  # another rank trains it; its weights arrive below
-                model = RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0))
-                model = model.to(resolve_device(device, ref)).eval()
-            models.append(model)
+            fits.append((s[seed_fold != f], ref[fold_of != f], bag_seed * 1000 + f))
+    mine = [j for j in range(len(fits)) if j % world == me]
+    trained = dict(zip(mine, fit_models([fits[j] for j in mine], hidden, epochs, dev)))
+    models = []
+    for j in range(len(fits)):  # another rank trains the rest; their weights arrive below
+        models.append(trained[j] if j in trained
+                      else RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0)).to(dev).eval())
     if distributed.active():
         for j, model in enumerate(models):
             for t in model.state_dict().values():
@@ -196,16 +221,17 @@ def _bag_mean(parts: list[np.ndarray]) -> np.ndarray:
 def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | None, chunk: int) -> np.ndarray:
     """Each query's logit from the model of its ``own_fold`` (-1 or None: the mean of all models). (n,) float32.
 
-    Scored in float64, so a row's logit does not depend on which rows share its batch (chunking,
-    torchrun shards) beyond float64 rounding, far below the float32 it is stored in.
+    Chunks of ``chunk`` rows are scored on one intra-op thread each (:func:`mak._threads.pinned_map`),
+    so a logit does not depend on the thread count; in float64, so it does not depend on which rows
+    share its chunk (torchrun shards) beyond float64 rounding, far below the float32 it is stored in.
     """
     mods = [copy.deepcopy(m).double() for m in models]
     dev = next(mods[0].parameters()).device
     n = int(queries.shape[0])
-    out = np.empty(n, dtype=np.float32)
-    with torch.no_grad():
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
+
+    def score(lo: int) -> np.ndarray:
+        hi = min(n, lo + chunk)
+        with torch.no_grad():
             xb = to_tensor(np.asarray(queries[lo:hi], dtype=np.float32), dev, dtype=torch.float64)
             logits = torch.stack([m(xb) for m in mods], dim=1)  # (b, folds)
             val = logits.mean(dim=1)
@@ -215,8 +241,10 @@ def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | No
                 if inside.size:
                     idx = torch.as_tensor(inside, device=dev)
                     val[idx] = logits[idx, torch.as_tensor(f[inside], device=dev)]
-            out[lo:hi] = val.cpu().numpy().astype(np.float32)
-    return out
+            return val.cpu().numpy().astype(np.float32)
+
+    parts = pinned_map(score, range(0, n, chunk), dev)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 def seed_heldout_logits(seed_features: Any, models: RatioModels | Sequence[RatioModels],
@@ -258,5 +286,5 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
     return _bag_mean(parts)
 
 
-__all__ = ["RatioMLP", "RatioModels", "check_settings", "ratio_ensemble", "ratio_logits", "ratio_models", "reference_folds",
+__all__ = ["RatioMLP", "RatioModels", "check_settings", "fit_models", "ratio_ensemble", "ratio_logits", "ratio_models", "reference_folds",
            "seed_folds_of", "seed_heldout_logits", "train_ratio_model"]

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun: one merged store (default) or --no-merge: one shard per process + shards.json")
-    p.add_argument("--no-amp", action="store_true", help="compute in float32 even where mixed precision is available")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16/fp16 mixed precision (default: where the device has it natively); --no-amp: float32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     source = source_from_args(args)
     out = embed(source, args.checkpoint, args.out, views=args.views, seed=args.seed, dtype=args.dtype,
                 batch_size=args.batch_size, device=args.device, num_workers=args.workers, merge=args.merge,
-                progress=not args.no_progress, amp=False if args.no_amp else None, overwrite=args.overwrite)
+                progress=not args.no_progress, amp=args.amp, overwrite=args.overwrite)
     if D.rank() == 0:
         print(f"feature store -> {out}", file=sys.stdout)
     D.cleanup()

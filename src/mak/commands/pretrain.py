@@ -29,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="working channels, 1 or 3 (default: 3 if the images have colour)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
-    p.add_argument("--no-amp", action="store_true",
-                   help="train in float32 (default: bf16/fp16 mixed precision where the device supports it)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16/fp16 mixed precision (default: where the device has it natively: CUDA, CPUs with "
+                        "AVX512-BF16/AMX); --no-amp: float32")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format (default: channels_last)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader workers decoding images (default: half the CPU cores, 8 with CUDA)")
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = pretrain(source, args.out, backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size,
                     base_lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed,
                     image_size=args.image_size, channels=args.channels, device=args.device,
-                    amp=False if args.no_amp else None, channels_last=False if args.no_channels_last else None,
+                    amp=args.amp, channels_last=False if args.no_channels_last else None,
                     resume=args.resume, num_workers=args.workers, progress=not args.no_progress)
     if D.rank() == 0:
         print(f"checkpoint -> {ckpt}", file=sys.stdout)
