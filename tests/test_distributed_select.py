@@ -98,9 +98,9 @@ def jobs_for(world: int) -> list[tuple[str, list[str]]]:
     out = [(s, ["--pool-store", "pool", "--strategy", s]) for s in STRATEGIES]
     out.append(("robust-z", ["--pool-store", "pool", "--strategy", "robust", "--fusion", "z"]) if "robust" in
                STRATEGIES else ("mak-a", ["--pool-store", "pool", "--strategy", "mak", "--alpha", "0.2"]))
-    if "robust" in STRATEGIES:  # the seed share against a uniform sample of the pool, smoothed over it
+    if "robust" in STRATEGIES:  # the seed share and the classifier against a uniform sample of the pool
         out.append(("robust-sub", ["--pool-store", "pool", "--strategy", "robust", "--share-reference", "150",
-                                   "--share-k", "10", "--share-smooth", "3"]))
+                                   "--share-k", "10"]))
     parts = world if world == 2 else 4  # 3 ranks: a part count that is not the world size
     out.append(("tworound", ["--pool-store", "pool", "--strategy", "kcenter", "--kcenter", "two-round",
                              "--kcenter-parts", str(parts)]))

@@ -68,8 +68,11 @@ def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
     same = key(f"select.options={{gate_quantile: {DEFAULTS['gate_quantile']}}}")
     other = key("select.options={gate_quantile: 0.5}")
     assert base["robust"] == same["robust"] != other["robust"]
-    with pytest.raises(MakError, match="gate quantile"):
+    assert base["mak"] == other["mak"]  # a strategy's key holds only its own options
+    with pytest.raises(MakError, match="gate_quantile=2 must be"):
         key("select.options={gate_quantile: 2}")  # validated when the plan is made, before any work
+    with pytest.raises(MakError, match="select.options.gate_quantil is not an option of robust, mak"):
+        key("select.options={gate_quantil: 0.5}")
 
 
 def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_path, monkeypatch):
@@ -123,7 +126,7 @@ def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp
     off = plan_of("pretrain.pool_mix=0")
     assert not any("mix" in s.name for s in off.stages)
     assert {d.name for d in off.repeats[0]["select"]["robust"].deps} == {"embed-seed/r0", "embed-pool/r0"}
-    with_ecle = plan_of("select.options={tail: ecle+share}")
+    with_ecle = plan_of("select.options={tail: ecle}")
     assert {d.name for d in with_ecle.repeats[0]["select"]["robust"].deps} == {
         "embed-seed-mix/r0", "embed-pool-mix/r0", "ecle-mix/r0"}
     with pytest.raises(MakError, match="pool_mix"):

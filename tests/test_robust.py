@@ -1,4 +1,4 @@
-"""Tests of the ``robust`` strategy (issue 6): gate, rank fusion, kNN tail, CLI."""
+"""Tests of the ``robust`` strategy: gate terms, rank fusion, the ratio tail, options and the CLI."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,8 @@ import torch
 
 import mak
 from mak.errors import MakError
-from mak.robust import (DEFAULTS, RobustContext, auto_gate_quantile, knn_tail, lof_gate, lof_scores, rank_fusion, rank_normalize,
-                        seed_share, share_gate,
-                        robust_options, seed_gate)
+from mak.robust import (DEFAULTS, RobustContext, auto_gate_quantile, rank_fusion, rank_normalize, robust_options,
+                        seed_gate, seed_share, share_gate)
 from mak.selection import Context
 from mak.store import write_store
 
@@ -82,31 +81,12 @@ def test_gate_threshold_is_the_quantile_of_heldout_seed_distances(world):
     assert threshold == pytest.approx(ref.max(), abs=1e-5)  # q = 1: the farthest held-out seed image
 
 
-def test_lof_gate_threshold_is_the_quantile_of_leave_one_out_ratios(world):
-    seed, k = world[0], 4
-    s = unit(seed.astype(np.float64))
-    dist = 1.0 - s @ s.T
-    np.fill_diagonal(dist, np.inf)
-    nbr = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    dk = np.sort(dist, axis=1)[:, k - 1]
-    ref = dk / dk[nbr].mean(axis=1)
-    threshold, held, seed_dk = lof_gate(seed, k=k, quantile=0.99)
-    np.testing.assert_allclose(seed_dk, dk, atol=1e-5)
-    np.testing.assert_allclose(held, ref, rtol=1e-4)
-    assert threshold == pytest.approx(float(np.quantile(ref, 0.99)), rel=1e-4)
-
-
-@pytest.mark.parametrize("score", ["centroid", "lof"])
-def test_lof_keeps_seed_like_images_and_rejects_a_far_cluster(world, score):
+def test_centroid_gate_keeps_seed_like_images_and_rejects_a_far_cluster(world):
     seed, pool_in, junk, pool, _ = world
     jitter = seed + 1e-3 * np.random.default_rng(0).standard_normal(seed.shape).astype(np.float32)
     test = np.concatenate([jitter, pool_in, junk])
-    if score == "centroid":
-        threshold, _ = seed_gate(seed, clusters=5, quantile=0.99)
-        value = mak.proximity(seed, test, clusters=5)
-    else:
-        threshold, _, dk = lof_gate(seed, k=5, quantile=0.99)
-        value = lof_scores(seed, test, k=5, seed_dk=dk)
+    threshold, _ = seed_gate(seed, clusters=5, quantile=0.99)
+    value = mak.proximity(seed, test, clusters=5)
     kept = value <= threshold
     n_seed, n_in = len(seed), len(pool_in)
     assert kept[:n_seed].all()  # the seed's own images (jittered) all pass
@@ -131,7 +111,7 @@ def test_gate_in_the_strategy_counts_rejections_and_reports_histograms(world):
     assert sum(h["seed_heldout"]) == len(seed) and sum(h["pool"]) == len(pool)
     assert h["edges"][0] <= g["threshold"] <= h["edges"][-1]
     assert np.isneginf(sel.score[n_in:]).sum() >= len(junk)
-    assert info["robust"]["fusion_distance"] == "none" and info["robust"]["gate_clusters"] >= 5  # auto resolved
+    assert info["robust"]["fusion"] == "rank" and info["robust"]["gate_clusters"] >= 5  # auto resolved
     json.dumps(info)  # lands in summary.json as is
 
 
@@ -189,35 +169,17 @@ def test_rank_fusion_is_invariant_to_a_pile_of_far_junk():
 
 
 def test_robust_selection_ignores_junk_that_the_gate_rejects(world):
+    """Behind a per-image gate, rank fusion of a per-image tail ranks the in-domain rows as if the junk were absent."""
     seed, pool_in, junk, pool, views = world
-    kw = dict(strategy="robust", clusters=5, tail="knn", knn_k=5, gate_score="centroid", gate_clusters=5)
-    alone = mak.select(seed, pool_in, views[:, : len(pool_in)], 30, **kw)
-    mixed = mak.select(seed, pool, views, 30, **kw)
+    ecle = mak.ecle(views, partitions=1)  # one fixed tail for both pools
+    kw = dict(strategy="robust", clusters=5, tail="ecle", gate_score="centroid", gate_clusters=5)
+    alone = mak.select(seed, pool_in, views[:, : len(pool_in)], 30, ecle_scores=ecle[: len(pool_in)], **kw)
+    mixed = mak.select(seed, pool, views, 30, ecle_scores=ecle, **kw)
     assert mixed.info["gate_rejected"] - alone.info["gate_rejected"] == len(junk)
     inside = np.isfinite(alone.score)
     np.testing.assert_array_equal(mixed.score[: len(pool_in)], alone.score)
     assert inside.sum() > 0.95 * len(pool_in)
     np.testing.assert_array_equal(mixed.indices, alone.indices)
-
-
-# --------------------------------------------------------------------------------------- tail
-
-@pytest.mark.parametrize("k", [1, 3, 10])
-def test_knn_tail_matches_brute_force(k):
-    rng = np.random.default_rng(k)
-    seed = rng.standard_normal((75, 6)).astype(np.float32)
-    pool = np.concatenate([rng.standard_normal((90, 6)), seed[:5], seed[:5] * 3]).astype(np.float32)  # ties/dups
-    s, p = unit(seed.astype(np.float64)), unit(pool.astype(np.float64))
-    ref = np.sort(1.0 - p @ s.T, axis=1)[:, k - 1]
-    np.testing.assert_allclose(knn_tail(seed, pool, k=k, chunk=16), ref, atol=1e-5)  # many seed and pool chunks
-    np.testing.assert_allclose(knn_tail(seed, pool, k=k), ref, atol=1e-5)
-    if k == 1:
-        np.testing.assert_allclose(knn_tail(seed, pool, k=1)[90:], 0.0, atol=1e-5)  # nothing excluded
-
-
-def test_knn_tail_rejects_k_larger_than_the_seed():
-    with pytest.raises(MakError, match="larger than the seed"):
-        knn_tail(np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), k=4)
 
 
 # ------------------------------------------------------------------------------- equivalence
@@ -234,20 +196,30 @@ def test_robust_without_gate_with_ecle_and_z_is_mak(world, core_ratio):
 
 
 def test_options_are_validated():
-    assert robust_options({}) == DEFAULTS | {"fusion_distance": "none"}  # auto: no distance term behind the gate
-    assert robust_options({"fusion": "z"})["fusion_distance"] == "centroid"  # auto: the paper's term with z
-    assert robust_options({"fusion": "z", "fusion_distance": "lof"})["fusion_distance"] == "lof"
+    assert robust_options({}) == DEFAULTS
     assert robust_options({"gate": "off"})["gate"] is False
-    assert robust_options({"tail": "both"})["tail"] == "ecle+knn"  # the old name of the pair
-    assert robust_options({"tail": "share+ecle"})["tail"] == "ecle+share"  # canonical order
-    assert robust_options({"gate_score": "ratio+lof"})["gate_score"] == "ratio+lof"  # gate terms: order kept
-    for bad in ({"gate_quantile": 0.0}, {"gate_quantile": 1.5}, {"tail": "x"}, {"fusion": "x"}, {"knn_k": 0},
-                {"gate_folds": 1}, {"gate": "maybe"}, {"gate_score": "x"}, {"gate_clusters": "many"},
-                {"fusion_distance": "x"}, {"lof_k": 0}, {"share_k": 0}, {"share_reference": "all"},
-                {"gate_core_ratio": 0}, {"tail": "ecle+ecle"}, {"tail": "ecle+x"}, {"gate_score": "share+share"},
-                {"gate_score": "share+x"}, {"gate_score": ""}):
-        with pytest.raises(MakError):
+    assert robust_options({"gate_quantile": "0.95", "ratio_bags": "2"}) == DEFAULTS | {"gate_quantile": 0.95,
+                                                                                      "ratio_bags": 2}  # CLI text
+    assert robust_options({"gate_score": "ratio+centroid"})["gate_score"] == "ratio+centroid"  # order kept
+    for bad, name in (({"gate_quantile": 0.0}, "gate_quantile"), ({"gate_quantile": 1.5}, "gate_quantile"),
+                      ({"tail": "x"}, "tail"), ({"tail": "knn"}, "tail"), ({"tail": "ecle+ratio"}, "tail"),
+                      ({"fusion": "x"}, "fusion"), ({"gate_folds": 1}, "gate_folds"), ({"gate": "maybe"}, "gate"),
+                      ({"gate_score": "x"}, "gate_score"), ({"gate_score": "lof"}, "gate_score"),
+                      ({"gate_clusters": "many"}, "gate_clusters"), ({"share_k": 0}, "share_k"),
+                      ({"share_reference": "all"}, "share_reference"), ({"gate_core_ratio": 0}, "gate_core_ratio"),
+                      ({"gate_score": "share+share"}, "gate_score"), ({"gate_score": ""}, "gate_score"),
+                      ({"ratio_epochs": 1.5}, "ratio_epochs"), ({"ratio_bags": True}, "ratio_bags")):
+        with pytest.raises(MakError, match=f"^{name}="):
             robust_options(bad)
+
+
+@pytest.mark.parametrize("removed", ["lof_k", "share_smooth", "knn_k", "fusion_distance", "gate_quantil"])
+def test_an_unknown_option_is_an_error_naming_it_and_the_valid_ones(world, removed):
+    seed, _, _, pool, views = world
+    with pytest.raises(MakError, match=f"unknown option '{removed}' for strategy 'robust' \\(valid: fusion, gate,"):
+        mak.select(seed, pool, views, 10, strategy="robust", clusters=5, **{removed: 1})
+    with pytest.raises(MakError, match=f"unknown option '{removed}' for strategy 'mak' \\(valid: none\\)"):
+        mak.select(seed, pool, views, 10, strategy="mak", clusters=5, **{removed: 1})
 
 
 def test_a_context_with_foreign_global_operations_is_refused(world):
@@ -269,33 +241,43 @@ def test_a_context_with_foreign_global_operations_is_refused(world):
 
 # -------------------------------------------------------------------------------------- CLI
 
-def test_cli_options_parse():
+def test_cli_flags_are_the_declared_options(tmp_path, cli, capsys):
     from mak.cli import build_parser
     from mak.commands.select import params_from_args
+    from mak.robust import OPTIONS
 
-    args = build_parser().parse_args([
-        "select", "--pool-store", "p", "--budget", "3", "--out", "o", "--strategy", "robust", "--gate", "off",
-        "--gate-quantile", "0.95", "--gate-folds", "3", "--gate-score", "lof", "--lof-k", "7",
-        "--gate-clusters", "auto",
-        "--tail", "knn", "--knn-k", "4", "--fusion", "z", "--fusion-distance", "lof", "--share-k", "20",
-        "--share-reference", "5000", "--gate-core-ratio", "1.25", "--share-smooth", "6",
-        "--ratio-folds", "3", "--ratio-hidden", "16", "--ratio-epochs", "9", "--ratio-bags", "2"])
-    params = params_from_args(args)
-    assert {k: params[k] for k in DEFAULTS} == dict(gate="off", gate_quantile=0.95, gate_folds=3, gate_score="lof",
-                                                    lof_k=7, gate_clusters="auto", tail="knn", knn_k=4, fusion="z",
-                                                    fusion_distance="lof", share_k=20, share_reference=5000,
-                                                    gate_core_ratio=1.25, share_smooth=6, ratio_folds=3,
-                                                    ratio_hidden=16, ratio_epochs=9, ratio_bags=2)
-    args = build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o",
-                                      "--gate-clusters", "12", "--gate-quantile", "auto"])
-    params = params_from_args(args)
-    assert params["gate_quantile"] == "auto" and params["gate_clusters"] == 12 and "tail" not in params  # unset options keep the robust defaults
-    for bad in (["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--knn-k", "x"], ["--gate-clusters", "x"],
-                ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--share-smooth", "x"],
-                ["--ratio-folds", "x"], ["--ratio-epochs", "1.5"], ["--ratio-bags", "x"], ["--gate-score", "share+x"],
-                ["--gate-quantile", "x"]):
+    given = dict(gate="off", gate_quantile="0.95", gate_folds="3", gate_score="centroid+ratio", gate_clusters="auto",
+                 tail="ecle", fusion="z", share_k="20", share_reference="5000", gate_core_ratio="1.25",
+                 ratio_folds="3", ratio_hidden="16", ratio_epochs="9", ratio_bags="2")
+    assert set(given) == {o.name for o in OPTIONS} == set(DEFAULTS)  # every declared option has its flag
+    argv = [x for k, v in given.items() for x in ("--" + k.replace("_", "-"), v)]
+    params = params_from_args(build_parser().parse_args(
+        ["select", "--pool-store", "p", "--budget", "3", "--out", "o", "--strategy", "robust", *argv]))
+    assert robust_options({k: params[k] for k in DEFAULTS}) == dict(
+        gate=False, gate_quantile=0.95, gate_folds=3, gate_score="centroid+ratio", gate_clusters="auto", tail="ecle",
+        fusion="z", share_k=20, share_reference=5000, gate_core_ratio=1.25, ratio_folds=3, ratio_hidden=16,
+        ratio_epochs=9, ratio_bags=2)
+    params = params_from_args(build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o"]))
+    assert not set(params) & set(DEFAULTS)  # unset options keep the strategy's defaults
+    for flag in ("--lof-k", "--share-smooth", "--knn-k", "--fusion-distance"):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", *bad])
+            build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o", flag, "1"])
+
+
+@pytest.mark.parametrize("bad", [["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--gate-clusters", "x"],
+                                 ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--ratio-folds", "x"],
+                                 ["--ratio-epochs", "1.5"], ["--ratio-bags", "0"], ["--gate-score", "share+x"],
+                                 ["--gate-quantile", "x"]])
+def test_cli_bad_option_values_are_one_line_naming_the_flag(world, tmp_path, cli, capsys, bad):
+    seed, _, _, pool, views = world
+    write_store(tmp_path / "s", seed, [f"s{i}" for i in range(len(seed))])
+    write_store(tmp_path / "p", pool, [f"p{i}" for i in range(len(pool))])
+    capsys.readouterr()
+    assert cli("select", "--seed-store", tmp_path / "s", "--pool-store", tmp_path / "p", "--budget", "5",
+               "--strategy", "robust", "--out", tmp_path / "o", "--no-progress", *bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad[0]} {bad[1]!r} must be" in err[0], err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_robust_avoids_a_far_junk_blob(world, tmp_path, cli, capsys):
@@ -316,7 +298,7 @@ def test_cli_robust_avoids_a_far_junk_blob(world, tmp_path, cli, capsys):
     # a bad option value is one line on stderr and exit code 2
     rc = cli("select", "--seed-store", tmp_path / "seed", "--pool-store", tmp_path / "pool", "--budget", 5,
              "--strategy", "robust", "--clusters", 5, "--gate-quantile", 1.5, "--out", tmp_path / "bad")
-    assert rc == 2 and "gate quantile" in capsys.readouterr().err
+    assert rc == 2 and "--gate-quantile" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "selection.txt").exists()
 
 
@@ -373,7 +355,7 @@ def test_share_k_larger_than_the_bank_is_an_error():
 def test_robust_with_the_share_gate_and_tail_reports_both_and_avoids_junk(world, gate_score):
     seed, pool_in, junk, pool, views = world
     sel = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score=gate_score,
-                     tail="ecle+share", share_k=20)
+                     tail="ecle", share_k=20)
     assert (sel.indices < len(pool_in)).all() and len(set(sel.indices.tolist())) == 30
     sg = sel.info["seed_share"]
     assert sg["reference"] == len(pool) and sg["k"] == 20 and sg["rejected"] >= len(junk)
@@ -405,7 +387,7 @@ def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
 
     seed, _, _, pool, views = world
     o = robust_options({})
-    assert o["tail"] == "ratio" and o["fusion_distance"] == "none"
+    assert o["tail"] == "ratio" and o["fusion"] == "rank"
     sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10,
                      ratio_epochs=5, seed=3)
     assert o["ratio_bags"] == 5  # the logit: the mean of 5 independent cross-fitted fits
@@ -475,22 +457,12 @@ def test_ratio_gate_alone_rejects_a_planted_far_cluster(world):
     assert sel.info["gate"]["score"] == "ratio" and sel.info["gate"]["threshold"] == -sel.info["seed_ratio"]["threshold"]
 
 
-def test_share_tail_score_is_the_gated_rank_of_a_low_seed_share(world):
-    seed, _, _, pool, views = world
-    sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10, tail="share",
-                     gate_score="centroid+share")
-    share = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool)))
-    gated = np.isfinite(sel.score)
-    np.testing.assert_allclose(sel.score[gated], rank_normalize(-share.astype(np.float64), gated)[gated])
-    assert "ratio" not in sel.info and "seed_ratio" not in sel.info  # no classifier is trained when nothing needs it
-
-
 def test_robust_without_ecle_needs_no_views_and_with_ecle_says_so(world):
     seed, _, _, pool, views = world
     from mak.selection import strategy_needs
 
     assert strategy_needs("robust", {}) == (True, False)
-    assert strategy_needs("robust", {"tail": "ecle+share"}) == (True, True)
+    assert strategy_needs("robust", {"tail": "ecle"}) == (True, True)
     assert strategy_needs("mak") == (True, True)
     no_views = mak.select(seed, pool, None, 40, strategy="robust", clusters=5, share_k=10)
     with_views = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, share_k=10)
@@ -540,46 +512,3 @@ def test_robust_on_a_seed_only_model_store_says_so(world, tmp_path, capsys, pool
     else:
         assert "seed-only model" not in err and "note" not in summary
         assert summary["info"]["gate"]["quantile"] == auto_gate_quantile(len(seed))
-
-
-def test_smooth_share_matches_brute_force(world):
-    from mak.robust import smooth_share
-
-    seed, _, _, pool, _ = world
-    rng = np.random.default_rng(3)
-    ref = pool[::2]
-    ref_share = rng.random(len(ref)).astype(np.float32)
-    values = rng.random(len(pool)).astype(np.float32)
-    self_index = np.where(np.arange(len(pool)) % 2 == 0, np.arange(len(pool)) // 2, -1)  # even rows are in ref
-    m = 4
-    got = smooth_share(values, pool, ref, ref_share, m, self_index=self_index, chunk=32)
-    sims = unit(pool.astype(np.float64)) @ unit(ref.astype(np.float64)).T
-    want = np.empty(len(pool))
-    for i in range(len(pool)):
-        s = sims[i].copy()
-        if self_index[i] >= 0:
-            s[self_index[i]] = -np.inf
-        nn = np.argsort(-s, kind="stable")[:m]
-        want[i] = (values[i] + ref_share[nn].sum()) / (m + 1)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_array_equal(smooth_share(values, pool, ref, ref_share, 0), values)  # m = 0: unchanged
-
-
-def test_share_smoothing_calibrates_the_gate_on_smoothed_seed_shares(world):
-    seed, pool_in, junk, pool, views = world
-    sel = mak.select(seed, pool, None, 30, strategy="robust", clusters=5, gate_score="share", share_k=20,
-                     share_smooth=5)
-    g = sel.info["seed_share"]
-    from mak.robust import DEFAULTS as RD, smooth_share
-
-    _, held = share_gate(seed, pool, k=20)
-    ref_share = seed_share(pool, seed, pool, k=20, self_index=len(seed) + np.arange(len(pool)))
-    smoothed = smooth_share(held, seed, pool, ref_share, 5)
-    q = auto_gate_quantile(len(seed))
-    assert RD["gate_quantile"] == "auto" and g["quantile"] == pytest.approx(1 - q)
-    assert g["threshold"] == pytest.approx(np.quantile(smoothed.astype(np.float64), 1 - q))
-    assert not np.allclose(smoothed, held)  # smoothing moved the seed's own values, not only the pool's
-    assert np.asarray(g["histogram"]["seed_heldout"]).sum() == len(seed)
-    assert (sel.indices < len(pool_in)).all() and g["rejected"] >= len(junk)
-    with pytest.raises(MakError, match="share smooth"):
-        mak.select(seed, pool, None, 30, strategy="robust", clusters=5, share_smooth=-1)

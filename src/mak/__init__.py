@@ -33,6 +33,6 @@ __all__ = [
 ]
 
 from . import robust  # noqa: F401,E402  (registers the 'robust' strategy)
-from .robust import knn_tail, rank_fusion, rank_normalize, seed_gate  # noqa: E402
+from .robust import rank_fusion, rank_normalize, seed_gate  # noqa: E402
 
-__all__ += ["knn_tail", "rank_fusion", "rank_normalize", "seed_gate"]
+__all__ += ["rank_fusion", "rank_normalize", "seed_gate"]

@@ -34,13 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_flags(exc: MakError) -> str:
+    """The message, with a parameter's Python name (``gate_quantile=``, ``'gate_quantil'``) as its flag."""
+    from .options import ParameterError
+
+    msg = str(exc)
+    if isinstance(exc, ParameterError):
+        flag = "--" + exc.param.replace("_", "-")
+        msg = msg.replace(f"{exc.param}=", f"{flag} ").replace(f"'{exc.param}'", flag)
+    return msg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except MakError as exc:
-        print(f"mak {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mak {args.command}: error: {_with_flags(exc)}", file=sys.stderr)
         return MakError.exit_code
     except KeyboardInterrupt:
         print(f"mak {args.command}: interrupted", file=sys.stderr)

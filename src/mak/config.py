@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "temperature": 0.2,
         "ecle_batch_size": 512,
         "partitions": 10,
-        "options": {},          # extra strategy options, e.g. {gate_quantile: 0.99, tail: knn}
+        "options": {},          # strategy options, e.g. {gate_quantile: 0.99, tail: ecle}; each goes to the strategies that declare it
     },
     "retrain": {
         "match": "epochs",      # epochs: same epochs on seed + selection; steps: same optimizer steps

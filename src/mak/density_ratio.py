@@ -133,10 +133,15 @@ def fit_models(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, 
     return pinned_map(lambda job: _fit(job[0], job[1], int(hidden), int(epochs), job[2], device), fits, device)
 
 
+def fold_parts(n: int, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """A k-fold split of ``n`` rows: a permutation from ``seed`` cut by ``np.array_split`` (in permutation order)."""
+    return np.array_split(np.random.default_rng(seed).permutation(n).astype(np.int64), folds)
+
+
 def reference_folds(n: int, folds: int, seed: int = 0) -> np.ndarray:
-    """Fold of each of ``n`` reference rows: a seeded permutation cut by ``np.array_split``. (n,) int64."""
+    """Fold of each of ``n`` reference rows, as :func:`fold_parts` cuts them. (n,) int64."""
     fold_of = np.empty(n, dtype=np.int64)
-    for f, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), folds)):
+    for f, rows in enumerate(fold_parts(n, folds, seed)):
         fold_of[rows] = f
     return fold_of
 
@@ -286,5 +291,5 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
     return _bag_mean(parts)
 
 
-__all__ = ["RatioMLP", "RatioModels", "check_settings", "fit_models", "ratio_ensemble", "ratio_logits", "ratio_models", "reference_folds",
+__all__ = ["RatioMLP", "RatioModels", "check_settings", "fit_models", "fold_parts", "ratio_ensemble", "ratio_logits", "ratio_models", "reference_folds",
            "seed_folds_of", "seed_heldout_logits", "train_ratio_model"]

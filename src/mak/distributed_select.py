@@ -331,9 +331,13 @@ class DistributedContext(RobustOps, Context):
 
     Pass as ``select(..., context_cls=DistributedContext)`` on every rank with the same arguments
     (``pool_features``/``pool_views`` may be arrays, memmaps, tensors or :class:`PoolArray` s).
-    On one process it behaves exactly like :class:`Context`. Options read from ``options``:
-    ``kcenter`` (``exact`` | ``two-round``) and ``kcenter_parts`` (default: the world size).
+    On one process it behaves exactly like :class:`Context`. Its k-center is ``kcenter_mode``
+    (``exact`` | ``two-round``) over ``kcenter_parts`` parts (None: the world size); a subclass
+    or the caller sets both after construction.
     """
+
+    kcenter_mode = "exact"
+    kcenter_parts: int | None = None
 
     def __post_init__(self) -> None:
         self.world = D.world_size()
@@ -415,10 +419,10 @@ class DistributedContext(RobustOps, Context):
         return l2_normalize(to_tensor(x, dev))
 
     def kcenter(self, rows: np.ndarray | None, budget: int, init: Any) -> np.ndarray:
-        mode = self.options.get("kcenter") or "exact"
+        mode = self.kcenter_mode or "exact"
         if mode not in ("exact", "two-round"):
             raise MakError(f"unknown k-center mode '{mode}' (choose from: exact, two-round)")
-        parts = int(self.options.get("kcenter_parts") or self.world)
+        parts = int(self.kcenter_parts or self.world)
         if parts < 1:
             raise MakError(f"k-center parts must be >= 1, got {parts}")
         if mode == "two-round" and parts == 1:
@@ -697,15 +701,12 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
     class _Ctx(DistributedContext):
         def __post_init__(self) -> None:
             super().__post_init__()
+            self.kcenter_mode = kcenter
+            self.kcenter_parts = None if kcenter_parts is None else int(kcenter_parts)
             holder["ctx"] = self
 
-    opts: dict[str, Any] = {}
-    if kcenter != "exact":
-        opts["kcenter"] = kcenter
-    if kcenter_parts is not None:
-        opts["kcenter_parts"] = int(kcenter_parts)
     sel = select(seed_feats, feats, views, budget, strategy=strategy, progress=progress and me == 0,
-                 context_cls=_Ctx, **params, **opts, **opts_ecle)
+                 context_cls=_Ctx, **params, **opts_ecle)
     if ecle_file is not None:
         params["ecle_file"] = str(ecle_file)
     ctx = holder.get("ctx")

@@ -42,6 +42,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from . import native
-from .atomic import write_json
+from .atomic import atomic_dir, write_json
 from ._tensor import auto_device
 from .errors import MakError
 from .store import FEATURES, ITEMS, META, VIEWS, write_shards_index
@@ -249,13 +250,81 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     Returns ``out``. Raises :class:`MakError` for a bad checkpoint, bad parameters, an existing
     ``out`` (without ``overwrite``) or a source whose every image is unreadable.
     """
-    from torch.utils.data import DataLoader
-
-    from .augment import SimCLRAugment, center_transform, view_key
-    from .data import ImageDataset
-    from .pretrain import autocast_context, default_num_workers, load_model, resolve_amp, resolve_channels_last
-
     out = Path(out)
+    _check_options(out, views, dtype, batch_size, overwrite)
+    job = _setup(source, checkpoint, out, views, seed, dtype, batch_size, device, merge, amp, channels_last)
+    plan = _plan(job, progress)
+    loader = _loader(job, plan.todo, num_workers)
+    writer = _Writer(job, plan, flush_rows, progress)
+    elapsed = _embed_blocks(job, plan.todo, loader, _BatchEmbedder(job), writer)
+    if stats is not None:
+        stats.update(images=plan.todo_rows, seconds=elapsed, images_per_s=plan.todo_rows / max(elapsed, 1e-9))
+    D.barrier()
+    n_ok, n_skipped = _publish_store(job, overwrite)
+    D.barrier()
+    if job.main_proc and progress:
+        rate = plan.todo_rows / max(elapsed, 1e-9)
+        print(f"mak embed: {n_ok} rows -> {out} ({n_skipped} skipped), {rate:.0f} images/s"
+              f"{' per process' if job.world > 1 else ''}", file=sys.stderr)
+    return out
+
+
+# ---- setup: options, model, run parameters ---------------------------------------------------
+
+@dataclass
+class _Job:
+    """One ``embed`` call: its options, the loaded model and the geometry it works at."""
+
+    source: Any
+    checkpoint: str | os.PathLike
+    out: Path
+    views: int
+    seed: int
+    dtype: str
+    batch_size: int
+    merge: bool
+    dev: torch.device
+    world: int
+    rank: int
+    model: Any
+    cfg: dict
+    size: int
+    channels: int
+    amp_dtype: torch.dtype | None
+    use_cl: bool
+    feat_dim: int
+    view_dim: int
+    n: int
+    ds: Any  # ImageDataset(source, size, channels, mode="center")
+    #: What a resumable work directory must match (also the store's meta): see :func:`_run_params`.
+    params: dict = field(default_factory=dict)
+
+    @property
+    def main_proc(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def np_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float16 if self.np_dtype == np.float16 else torch.float32
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    @property
+    def work(self) -> Path:
+        return _work_dir(self.out)
+
+    @property
+    def segs(self) -> list[tuple[str, int, int]]:
+        return _segments(self.n, self.batch_size, self.world, self.merge)
+
+
+def _check_options(out: Path, views: int, dtype: str, batch_size: int, overwrite: bool) -> None:
     if dtype not in DTYPES:
         raise MakError(f"--dtype must be float16 or float32, not {dtype!r}")
     if views < 0 or views == 1:
@@ -264,20 +333,24 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         raise MakError(f"--batch-size must be positive, got {batch_size}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
+
+
+def _setup(source, checkpoint, out: Path, views: int, seed: int, dtype: str, batch_size: int, device,
+           merge: bool, amp: bool | None, channels_last: bool | None) -> _Job:
+    """Join the process group, load the checkpoint's model and measure its output sizes."""
+    from .data import ImageDataset
+    from .pretrain import autocast_context, load_model, resolve_amp, resolve_channels_last
+
     dev = auto_device(device or "cpu")
     D.init(dev)
     world, rank = D.world_size(), D.rank()
     dev = D.local_device(str(dev))
-    main_proc = rank == 0
-    np_dtype = DTYPES[dtype]
-
     model, cfg = load_model(checkpoint, dev)
     size, channels = int(cfg["image_size"]), int(cfg["channels"])
     amp_dtype = resolve_amp(dev, amp)
     use_cl = resolve_channels_last(dev, channels_last)
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    feat_dim = int(model.feat_dim)
     n = len(source)
     if n == 0:
         raise MakError(f"{getattr(source, 'name', 'source')}: no images")
@@ -287,113 +360,242 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         if use_cl:
             probe = probe.contiguous(memory_format=torch.channels_last)
         view_dim = int(model(probe)[1].shape[1])
+    job = _Job(source=source, checkpoint=checkpoint, out=out, views=views, seed=seed, dtype=dtype,
+               batch_size=batch_size, merge=merge, dev=dev, world=world, rank=rank, model=model, cfg=cfg,
+               size=size, channels=channels, amp_dtype=amp_dtype, use_cl=use_cl,
+               feat_dim=int(model.feat_dim), view_dim=view_dim, n=n, ds=ds)
+    job.params = _run_params(job)
+    return job
 
-    ckpt_sha = file_sha256(checkpoint)
-    describe = json.loads(json.dumps(source.describe(), default=str))
+
+def _run_params(job: _Job) -> dict:
+    """Checkpoint, source, transform and layout of the run (``params.json`` of the work directory)."""
     transform = {
-        "features": f"resize shorter side to {size}, centre crop {size}x{size}, {channels} channel(s), center_transform",
-        "views": f"SimCLRAugment({size}, {channels}) of the centre crop, keys view_key(seed, r, row)",
+        "features": f"resize shorter side to {job.size}, centre crop {job.size}x{job.size}, "
+                    f"{job.channels} channel(s), center_transform",
+        "views": f"SimCLRAugment({job.size}, {job.channels}) of the centre crop, keys view_key(seed, r, row)",
         "views_normalized": True,
-        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32",
+        "amp": str(job.amp_dtype).replace("torch.", "") if job.amp_dtype is not None else "float32",
         # the fused C kernel (CPU) and the torch code agree to ~1e-6, not bit for bit
-        "augment_impl": "native" if (views and dev.type == "cpu" and native.available()) else "torch",
+        "augment_impl": "native" if (job.views and job.dev.type == "cpu" and native.available()) else "torch",
     }
-    params = {
-        "checkpoint_sha256": ckpt_sha, "source": describe, "num_images": n, "views": int(views),
-        "seed": int(seed), "dtype": dtype, "batch_size": int(batch_size), "image_size": size,
-        "channels": channels, "feat_dim": feat_dim, "view_dim": view_dim, "transform": transform,
-        "merge": bool(merge), "world_size": None if merge else world,
+    return {
+        "checkpoint_sha256": file_sha256(job.checkpoint),
+        "source": json.loads(json.dumps(job.source.describe(), default=str)), "num_images": job.n,
+        "views": int(job.views), "seed": int(job.seed), "dtype": job.dtype, "batch_size": int(job.batch_size),
+        "image_size": job.size, "channels": job.channels, "feat_dim": job.feat_dim, "view_dim": job.view_dim,
+        "transform": transform, "merge": bool(job.merge), "world_size": None if job.merge else job.world,
     }
-    segs = _segments(n, batch_size, world, merge)
-    work = _work_dir(out)
 
-    # ---- create or resume the work directory (rank 0 decides) -----------------------------
-    if main_proc:
+
+# ---- plan: what is done, what this rank still has to do ---------------------------------------
+
+@dataclass
+class _Plan:
+    """This rank's rows ``[lo, hi)`` and the blocks of them not yet embedded."""
+
+    lo: int
+    hi: int
+    todo: list[int]
+    todo_rows: int
+
+
+def _plan(job: _Job, progress: bool) -> _Plan:
+    _prepare_work_dir(job)
+    done, _ = _read_progress(job.work)
+    b0, b1 = D.shard_range(job.nblocks, job.rank, job.world)
+    todo = [b for b in range(b0, b1) if b not in done]
+    if job.main_proc and progress and done:
+        print(f"mak embed: resuming {job.work}: {len(done)} of {job.nblocks} blocks already done", file=sys.stderr)
+    return _Plan(lo=min(job.n, b0 * job.batch_size), hi=min(job.n, b1 * job.batch_size), todo=todo,
+                 todo_rows=_BlockSampler(todo, job.batch_size, job.n).rows())
+
+
+def _prepare_work_dir(job: _Job) -> None:
+    """Rank 0 keeps a work directory of a run with the same parameters, or creates it afresh."""
+    work = job.work
+    if job.main_proc:
         fresh = True
         if (work / PARAMS).is_file():
             try:
                 old = json.loads((work / PARAMS).read_text())
             except (OSError, ValueError):
                 old = None
-            if old == params and all((work / name / FEATURES).is_file() for name, _, _ in segs):
+            if old == job.params and all((work / name / FEATURES).is_file() for name, _, _ in job.segs):
                 fresh = False
             else:
                 print(f"mak embed: {work} holds a run with other parameters; starting afresh", file=sys.stderr)
         if fresh:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            for name, a, b in segs:
-                f, v = _open_arrays(work / name, b - a, feat_dim, views, view_dim, np_dtype, create=True)
+            for name, a, b in job.segs:
+                f, v = _open_arrays(work / name, b - a, job.feat_dim, job.views, job.view_dim, job.np_dtype,
+                                    create=True)
                 del f, v
-            write_json(work / PARAMS, params)
+            write_json(work / PARAMS, job.params)
     D.barrier()
 
-    done, _ = _read_progress(work)
-    nblocks = -(-n // batch_size)
-    b0, b1 = D.shard_range(nblocks, rank, world)
-    todo = [b for b in range(b0, b1) if b not in done]
-    if main_proc and progress and done:
-        print(f"mak embed: resuming {work}: {len(done)} of {nblocks} blocks already done", file=sys.stderr)
 
-    # ---- embed this rank's blocks --------------------------------------------------------------
-    arrays: dict[str, tuple[np.ndarray, np.ndarray | None, int, int]] = {}
-    for name, a, b in segs:
-        if b > a and a < min(n, b1 * batch_size) and b > b0 * batch_size:
-            f, v = _open_arrays(work / name, b - a, feat_dim, views, view_dim, np_dtype, create=False)
-            arrays[name] = (f, v, a, b)
+# ---- batch production: loading, the centre transform and the R keyed augmentations -----------
 
-    def seg_of(row: int):
-        for f, v, a, b in arrays.values():
+def _loader(job: _Job, todo: list[int], num_workers: int | None):
+    """``(uint8 images, rows, readable)`` for each block of ``todo``, in order."""
+    from torch.utils.data import DataLoader
+
+    from .pretrain import _in_memory, default_num_workers
+
+    workers = default_num_workers(job.dev) if num_workers is None else int(num_workers)
+    if _in_memory(job.source) and num_workers is None:
+        workers = 0  # decoded arrays: worker IPC costs more than it saves
+    if workers == 0 and todo and job.ds.fits_rows():  # decoded arrays at the working size: whole blocks at once
+        return _row_blocks(job.ds, todo, job.batch_size, job.n)
+    if not todo:
+        return []
+    return DataLoader(job.ds, batch_sampler=_BlockSampler(todo, job.batch_size, job.n), num_workers=workers,
+                      pin_memory=job.dev.type == "cuda", prefetch_factor=4 if workers > 0 else None)
+
+
+def _readable_batches(job: _Job, todo: list[int], loader
+                      ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[tuple[int, str]]]]:
+    """``(block, images, rows, skipped)`` per block: unreadable rows reported and left out."""
+    for block, (imgs, idx, ok) in zip(todo, loader):
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        ok = torch.as_tensor(ok, dtype=torch.bool)
+        skipped: list[tuple[int, str]] = []
+        if not bool(ok.all()):
+            for i in idx[~ok].tolist():
+                reason = job.ds.check(i) or f"{job.source.item(i)}: unreadable image"
+                print(f"mak embed: skipping {reason}", file=sys.stderr)
+                skipped.append((i, reason))
+            imgs, idx = imgs[ok], idx[ok]
+        yield block, imgs, idx, skipped
+
+
+class _BatchEmbedder:
+    """Features of a batch's centre crops and the projections of its R keyed augmented views."""
+
+    def __init__(self, job: _Job):
+        from .augment import SimCLRAugment
+
+        self.job = job
+        self.aug = SimCLRAugment(job.size, job.channels) if job.views else None
+        # views per augmentation call: on CPUs up to ~32 MB of output (one parameter pass, one
+        # kernel call); on GPUs one view at a time (memory; launches are asynchronous anyway)
+        self.view_group = 1
+        if job.dev.type == "cpu" and job.views:
+            per_view = max(1, 4 * job.batch_size * job.channels * job.size * job.size)
+            self.view_group = max(1, min(job.views, (32 << 20) // per_view))
+
+    def __call__(self, imgs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(features B x D, L2-normalised views R x B x d or None)`` on the device, in the store dtype."""
+        from .augment import center_transform, view_key
+        from .pretrain import autocast_context
+
+        job = self.job
+        imgs = imgs.to(job.dev, non_blocking=True)
+        with autocast_context(job.dev, job.amp_dtype):
+            x = center_transform(imgs, job.size, job.channels)
+            if job.use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats = job.model.backbone(x).to(job.torch_dtype)
+            zs = []
+            for r0 in range(0, job.views, self.view_group):
+                rs = range(r0, min(job.views, r0 + self.view_group))
+                keys = torch.cat([view_key(job.seed, r, idx) for r in rs])
+                xa = self.aug(imgs.repeat(len(rs), 1, 1, 1) if len(rs) > 1 else imgs, keys=keys)
+                for j in range(len(rs)):
+                    xv = xa[j * len(idx):(j + 1) * len(idx)]
+                    if job.use_cl:
+                        xv = xv.contiguous(memory_format=torch.channels_last)
+                    zs.append(F.normalize(job.model(xv)[1].float(), dim=1).to(job.torch_dtype))
+        return feats, (torch.stack(zs) if zs else None)
+
+
+# ---- the embedding loop and the writer -------------------------------------------------------
+
+def _embed_blocks(job: _Job, todo: list[int], loader, embed_batch: _BatchEmbedder, writer: _Writer) -> float:
+    """Embed and write every block of ``todo``, then commit; return the loop's seconds."""
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for block, imgs, idx, skipped in _readable_batches(job, todo, loader):
+                writer.skip(skipped)
+                if idx.numel():
+                    writer.write(idx, *embed_batch(imgs, idx))
+                writer.block_done(block)
+            writer.drain()
+    except BaseException:
+        writer.abort()
+        raise
+    elapsed = time.perf_counter() - t0  # the loop; the last commit is part of publishing
+    writer.close()
+    return elapsed
+
+
+class _Writer:
+    """Writes results into this rank's memmaps and records finished blocks for resumption.
+
+    A batch's results are copied to the host asynchronously (CUDA) and written into the memmaps
+    once the next batch is queued. Every ``flush_rows`` rows the finished blocks are committed:
+    made durable, then logged in ``progress-<rank>.log`` (the resume record), in a background
+    thread -- ``os.fsync`` releases the GIL where ``mmap.flush`` does not, so the disk writes
+    overlap the next batches. Commits run in order, at most one in flight.
+    """
+
+    def __init__(self, job: _Job, plan: _Plan, flush_rows: int, progress: bool):
+        self.job, self.flush_rows = job, flush_rows
+        #: (features, views, first row, end row) of every segment overlapping this rank's rows
+        self.arrays: list[tuple[np.ndarray, np.ndarray | None, int, int]] = []
+        for name, a, b in job.segs:
+            if b > a and a < plan.hi and b > plan.lo:
+                f, v = _open_arrays(job.work / name, b - a, job.feat_dim, job.views, job.view_dim, job.np_dtype,
+                                    create=False)
+                self.arrays.append((f, v, a, b))
+        self.files = [str(x.filename) for f, v, _, _ in self.arrays for x in (f, v) if x is not None]
+        self.log_path = job.work / f"progress-{job.rank}.log"
+        my_rows = plan.hi - plan.lo
+        self.bar = _Progress(my_rows, my_rows - plan.todo_rows, progress and job.main_proc,
+                             desc=f"embedding {getattr(job.source, 'name', '')}".strip())
+        self.pending_blocks: list[int] = []
+        self.pending_skips: list[tuple[int, str]] = []
+        self.pending_rows = 0
+        self.writes: list[tuple] = []  # results whose device->host copy may still be in flight
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mak-embed-commit")
+        self.last_commit: Future | None = None
+
+    def _segment(self, row: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        for f, v, a, b in self.arrays:
             if a <= row < b:
                 return f, v, a
         raise AssertionError(row)  # pragma: no cover
 
-    aug = SimCLRAugment(size, channels) if views else None
-    view_group = 1
-    if dev.type == "cpu" and views:  # views per augmentation call: up to ~32 MB of output
-        view_group = max(1, min(views, (32 << 20) // max(1, 4 * batch_size * channels * size * size)))
-    workers = default_num_workers(dev) if num_workers is None else int(num_workers)
-    if _in_memory(source) and num_workers is None:
-        workers = 0  # decoded arrays: worker IPC costs more than it saves
-    batches = _BlockSampler(todo, batch_size, n)
-    if workers == 0 and todo and ds.fits_rows():  # decoded arrays at the working size: whole blocks at once
-        loader: Any = _row_blocks(ds, todo, batch_size, n)
-    else:
-        loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, pin_memory=dev.type == "cuda",
-                            prefetch_factor=4 if workers > 0 else None) if todo else []
-    my_rows = min(n, b1 * batch_size) - min(n, b0 * batch_size)
-    bar = _Progress(my_rows, my_rows - batches.rows(), progress and main_proc,
-                    desc=f"embedding {getattr(source, 'name', '')}".strip())
-    log_path = work / f"progress-{rank}.log"
-    pending_blocks: list[int] = []
-    pending_skips: list[tuple[int, str]] = []
-    pending_rows = 0
+    def skip(self, skipped: list[tuple[int, str]]) -> None:
+        self.pending_skips.extend(skipped)
 
-    array_files = [str(a.filename) for f, v, _, _ in arrays.values() for a in (f, v) if a is not None]
-    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mak-embed-commit")
-    last_commit: list[Future] = []
+    def write(self, idx: torch.Tensor, feats: torch.Tensor, vz: torch.Tensor | None) -> None:
+        """Queue the results of source rows ``idx``; write the previous batch's."""
+        rows = idx.numpy()
+        f_arr, v_arr, start = self._segment(int(rows[0]))
+        local = rows - start
+        event = None
+        if self.job.dev.type == "cuda":  # copy back asynchronously; written once the next batch is queued
+            feats_h = torch.empty(feats.shape, dtype=self.job.torch_dtype, pin_memory=True)
+            feats_h.copy_(feats, non_blocking=True)
+            views_h = None
+            if vz is not None:
+                views_h = torch.empty(vz.shape, dtype=self.job.torch_dtype, pin_memory=True)
+                views_h.copy_(vz, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            feats_h, views_h = feats.cpu(), (vz.cpu() if vz is not None else None)
+        self.drain()
+        self.writes.append((event, feats_h, views_h, f_arr, v_arr, local, int(local[0]), int(local[-1]) + 1))
 
-    def commit(wait: bool = False) -> None:
-        """Make the finished blocks durable, then log them (the resume record), in a background
-        thread: ``os.fsync`` releases the GIL where ``mmap.flush`` does not, so the disk writes
-        overlap the next batches. Commits run in order; ``wait`` waits for all of them."""
-        nonlocal pending_blocks, pending_skips, pending_rows
-        if pending_blocks:
-            record = json.dumps({"blocks": pending_blocks, "skipped": pending_skips}) + "\n"
-            if last_commit:
-                last_commit.pop().result()  # at most one in flight; raises its error here
-            last_commit.append(committer.submit(_commit_blocks, array_files, log_path, record))
-            pending_blocks, pending_skips, pending_rows = [], [], 0
-        if wait and last_commit:
-            last_commit.pop().result()
-
-    torch_dtype = torch.float16 if np_dtype == np.float16 else torch.float32
-    writes: list[tuple] = []  # results whose device->host copy may still be in flight
-
-    def drain() -> None:
+    def drain(self) -> None:
         """Write finished results into the memmaps (after their asynchronous copies complete)."""
-        while writes:
-            event, feats_h, views_h, f_arr, v_arr, local, lo, hi = writes.pop(0)
+        while self.writes:
+            event, feats_h, views_h, f_arr, v_arr, local, lo, hi = self.writes.pop(0)
             if event is not None:
                 event.synchronize()
             fa, va = feats_h.numpy(), views_h.numpy() if views_h is not None else None
@@ -406,149 +608,113 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
                 if va is not None:
                     v_arr[:, local] = va
 
-    def embed_batch(imgs: torch.Tensor, idx: torch.Tensor) -> None:
-        rows = idx.numpy()
-        f_arr, v_arr, start = seg_of(int(rows[0]))
-        local = rows - start
-        imgs = imgs.to(dev, non_blocking=True)
-        with autocast_context(dev, amp_dtype):
-            x = center_transform(imgs, size, channels)
-            if use_cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            feats = model.backbone(x).to(torch_dtype)
-            zs = []
-            for r0 in range(0, views, view_group):
-                # on CPUs several views in one augmentation call (one parameter pass, one kernel
-                # call); on GPUs one view at a time (memory; launches are asynchronous anyway)
-                rs = range(r0, min(views, r0 + view_group))
-                keys = torch.cat([view_key(seed, r, idx) for r in rs])
-                xa = aug(imgs.repeat(len(rs), 1, 1, 1) if len(rs) > 1 else imgs, keys=keys)
-                for j in range(len(rs)):
-                    xv = xa[j * len(idx):(j + 1) * len(idx)]
-                    if use_cl:
-                        xv = xv.contiguous(memory_format=torch.channels_last)
-                    zs.append(F.normalize(model(xv)[1].float(), dim=1).to(torch_dtype))
-        vz = torch.stack(zs) if zs else None
-        event = None
-        if dev.type == "cuda":  # copy back asynchronously; written once the next batch is queued
-            feats_h = torch.empty(feats.shape, dtype=torch_dtype, pin_memory=True)
-            feats_h.copy_(feats, non_blocking=True)
-            views_h = None
-            if vz is not None:
-                views_h = torch.empty(vz.shape, dtype=torch_dtype, pin_memory=True)
-                views_h.copy_(vz, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            feats_h, views_h = feats.cpu(), (vz.cpu() if vz is not None else None)
-        drain()
-        writes.append((event, feats_h, views_h, f_arr, v_arr, local, int(local[0]), int(local[-1]) + 1))
+    def block_done(self, block: int) -> None:
+        rows = min(self.job.n, (block + 1) * self.job.batch_size) - block * self.job.batch_size
+        self.pending_blocks.append(block)
+        self.pending_rows += rows
+        self.bar.update(rows)
+        if self.pending_rows >= self.flush_rows:
+            self.drain()
+            self.commit()
 
-    def _embed_loop() -> None:
-        nonlocal pending_rows
-        with torch.inference_mode():
-            for block, (imgs, idx, ok) in zip(todo, loader):
-                idx = torch.as_tensor(idx, dtype=torch.int64)
-                ok = torch.as_tensor(ok, dtype=torch.bool)
-                if not bool(ok.all()):
-                    for i in idx[~ok].tolist():
-                        reason = ds.check(i) or f"{source.item(i)}: unreadable image"
-                        print(f"mak embed: skipping {reason}", file=sys.stderr)
-                        pending_skips.append((i, reason))
-                    imgs, idx = imgs[ok], idx[ok]
-                if idx.numel():
-                    embed_batch(imgs, idx)
-                rows = min(n, (block + 1) * batch_size) - block * batch_size
-                pending_blocks.append(block)
-                pending_rows += rows
-                bar.update(rows)
-                if pending_rows >= flush_rows:
-                    drain()
-                    commit()
-            drain()
+    def commit(self, wait: bool = False) -> None:
+        """Commit the finished blocks in the background; ``wait``: wait for every commit."""
+        if self.pending_blocks:
+            record = json.dumps({"blocks": self.pending_blocks, "skipped": self.pending_skips}) + "\n"
+            if self.last_commit is not None:
+                self._wait()  # at most one in flight; raises its error here
+            self.last_commit = self.committer.submit(_commit_blocks, self.files, self.log_path, record)
+            self.pending_blocks, self.pending_skips, self.pending_rows = [], [], 0
+        if wait and self.last_commit is not None:
+            self._wait()
 
-    t0 = time.perf_counter()
-    try:
-        _embed_loop()
-    except BaseException:
-        committer.shutdown(wait=True)  # an in-flight commit lands before anyone resumes
-        raise
-    elapsed = time.perf_counter() - t0  # the loop; the last commit is part of publishing
-    try:
-        commit(wait=True)
-    finally:
-        committer.shutdown(wait=True)
-    bar.close()
-    if stats is not None:
-        done_rows = batches.rows()
-        stats.update(images=done_rows, seconds=elapsed, images_per_s=done_rows / max(elapsed, 1e-9))
-    for f, v, _, _ in arrays.values():
-        del f, v
-    arrays.clear()
-    D.barrier()
+    def _wait(self) -> None:
+        fut, self.last_commit = self.last_commit, None
+        fut.result()
 
-    # ---- publish -------------------------------------------------------------------------------
-    done, skipped = _read_progress(work)
+    def abort(self) -> None:
+        self.committer.shutdown(wait=True)  # an in-flight commit lands before anyone resumes
+
+    def close(self) -> None:
+        """Commit what is left, stop the commit thread and release the memmaps."""
+        try:
+            self.commit(wait=True)
+        finally:
+            self.committer.shutdown(wait=True)
+        self.bar.close()
+        self.arrays.clear()
+
+
+# ---- publish: compact, describe and move the store into place --------------------------------
+
+def _publish_store(job: _Job, overwrite: bool) -> tuple[int, int]:
+    """Check that every block is done, assemble the store and publish it; ``(rows, skipped rows)``."""
+    done, skipped = _read_progress(job.work)
     D.barrier()  # every rank has read the logs before rank 0 publishes and removes the work dir
-    missing = [b for b in range(nblocks) if b not in done]
+    missing = [b for b in range(job.nblocks) if b not in done]
     if missing:
-        raise MakError(f"{work}: blocks {missing[:3]} were not embedded (under torchrun with merge, "
+        raise MakError(f"{job.work}: blocks {missing[:3]} were not embedded (under torchrun with merge, "
                        "all ranks must share the output's file system)")
-    n_ok = n - len(skipped)
+    n_ok = job.n - len(skipped)
     if n_ok == 0:
-        raise MakError(f"{getattr(source, 'name', 'source')}: none of the {n} images is readable "
+        raise MakError(f"{getattr(job.source, 'name', 'source')}: none of the {job.n} images is readable "
                        f"(first: {next(iter(skipped.values()))})")
-    final = work / "final"
-    skipped_items = [{"item": source.item(i), "reason": skipped[i]} for i in sorted(skipped)]
-    meta = {
-        "format": "mak-feature-store", "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_sha256": ckpt_sha, "backbone": cfg.get("backbone"), "image_size": size,
-        "channels": channels, "source": describe, "transform": transform, "views": int(views),
-        "views_normalized": True, "dtype": dtype, "seed": int(seed), "num_images": n,
-        "num_rows": n_ok, "feature_dim": feat_dim, "view_dim": view_dim if views else 0,
-        "skipped": len(skipped), "skipped_items": skipped_items[:1000],
-        "model_trained_on": model_trained_on(cfg),
-    }
-    if merge:
-        if main_proc:
-            shutil.rmtree(final, ignore_errors=True)
-            _finalize_segment(work / "all", final, source, 0, n, skipped, views)
-            write_json(final / META, meta)
-            _publish(final, out, overwrite)
-            shutil.rmtree(work, ignore_errors=True)
+    meta = _meta(job, skipped, n_ok)
+    if job.merge:
+        if job.main_proc:
+            _assemble_merged(job, skipped, meta)
+            _publish(job.work / "final", job.out, overwrite)
+            shutil.rmtree(job.work, ignore_errors=True)
     else:
-        if main_proc:
-            shutil.rmtree(final, ignore_errors=True)
-            final.mkdir()
-        D.barrier()
-        name, a, b = segs[rank]
-        kept = 0
-        if b > a:
-            kept = _finalize_segment(work / name, final / name, source, a, b, skipped, views)
-        counts = D.all_gather_object((name, kept))
-        if main_proc:
-            names = [nm for nm, k in counts if k > 0]
-            for nm, k in counts:
-                if k == 0:
-                    shutil.rmtree(final / nm, ignore_errors=True)
-            write_shards_index(final, names)
-            meta["shards"] = {nm: k for nm, k in counts if k > 0}
-            write_json(final / META, meta)
-            _publish(final, out, overwrite)
-            shutil.rmtree(work, ignore_errors=True)
+        _assemble_shards(job, skipped, meta)
+        if job.main_proc:
+            _publish(job.work / "final", job.out, overwrite)
+            shutil.rmtree(job.work, ignore_errors=True)
+    return n_ok, len(skipped)
+
+
+def _meta(job: _Job, skipped: dict[int, str], n_ok: int) -> dict:
+    skipped_items = [{"item": job.source.item(i), "reason": skipped[i]} for i in sorted(skipped)]
+    p = job.params
+    return {
+        "format": "mak-feature-store", "checkpoint": str(Path(job.checkpoint).resolve()),
+        "checkpoint_sha256": p["checkpoint_sha256"], "backbone": job.cfg.get("backbone"),
+        "image_size": job.size, "channels": job.channels, "source": p["source"], "transform": p["transform"],
+        "views": int(job.views), "views_normalized": True, "dtype": job.dtype, "seed": int(job.seed),
+        "num_images": job.n, "num_rows": n_ok, "feature_dim": job.feat_dim,
+        "view_dim": job.view_dim if job.views else 0, "skipped": len(skipped),
+        "skipped_items": skipped_items[:1000], "model_trained_on": model_trained_on(job.cfg),
+    }
+
+
+def _assemble_merged(job: _Job, skipped: dict[int, str], meta: dict) -> None:
+    """Rank 0: the one segment's arrays, items and meta in ``work/final``."""
+    final = job.work / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    _finalize_segment(job.work / "all", final, job.source, 0, job.n, skipped, job.views)
+    write_json(final / META, meta)
+
+
+def _assemble_shards(job: _Job, skipped: dict[int, str], meta: dict) -> None:
+    """Every rank finalizes its shard in ``work/final``; rank 0 adds ``shards.json`` and meta."""
+    final = job.work / "final"
+    if job.main_proc:
+        shutil.rmtree(final, ignore_errors=True)
+        final.mkdir()
     D.barrier()
-    if main_proc and progress:
-        rate = batches.rows() / max(elapsed, 1e-9)
-        print(f"mak embed: {n_ok} rows -> {out} ({len(skipped)} skipped), {rate:.0f} images/s"
-              f"{' per process' if world > 1 else ''}", file=sys.stderr)
-    return out
-
-
-def _in_memory(source) -> bool:
-    try:
-        return bool(source.in_memory())
-    except Exception:
-        return False
+    name, a, b = job.segs[job.rank]
+    kept = 0
+    if b > a:
+        kept = _finalize_segment(job.work / name, final / name, job.source, a, b, skipped, job.views)
+    counts = D.all_gather_object((name, kept))
+    if job.main_proc:
+        names = [nm for nm, k in counts if k > 0]
+        for nm, k in counts:
+            if k == 0:
+                shutil.rmtree(final / nm, ignore_errors=True)
+        write_shards_index(final, names)
+        meta["shards"] = {nm: k for nm, k in counts if k > 0}
+        write_json(final / META, meta)
 
 
 def _finalize_segment(seg: Path, dest: Path, source, a: int, b: int, skipped: dict[int, str], views: int) -> int:
@@ -563,25 +729,35 @@ def _finalize_segment(seg: Path, dest: Path, source, a: int, b: int, skipped: di
         keep = np.ones(b - a, dtype=bool)
         keep[drop] = False
         for nm in names:
-            src = np.load(seg / nm, mmap_mode="r")
-            rows_axis = src.ndim - 2
-            shape = list(src.shape)
-            shape[rows_axis] = int(keep.sum())
-            dst = np.lib.format.open_memmap(dest / nm, mode="w+", dtype=src.dtype, shape=tuple(shape))
-            pos = 0
-            for s in range(0, b - a, COPY_ROWS):
-                k = keep[s:s + COPY_ROWS]
-                m = int(k.sum())
-                if m:
-                    if rows_axis == 0:
-                        dst[pos:pos + m] = src[s:s + COPY_ROWS][k]
-                    else:
-                        dst[:, pos:pos + m] = src[:, s:s + COPY_ROWS][:, k]
-                pos += m
-            dst.flush()
-            del dst, src
+            _compact(seg / nm, dest / nm, keep)
             (seg / nm).unlink()
-    with open(dest / ITEMS, "w", encoding="utf-8") as fh:
+    _write_items(dest / ITEMS, source, a, b, skipped)
+    return (b - a) - int(drop.size)
+
+
+def _compact(src_path: Path, dst_path: Path, keep: np.ndarray) -> None:
+    """Copy the rows where ``keep`` holds (axis 0 of features, axis 1 of views), in slices."""
+    src = np.load(src_path, mmap_mode="r")
+    rows_axis = src.ndim - 2
+    shape = list(src.shape)
+    shape[rows_axis] = int(keep.sum())
+    dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=src.dtype, shape=tuple(shape))
+    pos = 0
+    for s in range(0, len(keep), COPY_ROWS):
+        k = keep[s:s + COPY_ROWS]
+        m = int(k.sum())
+        if m:
+            if rows_axis == 0:
+                dst[pos:pos + m] = src[s:s + COPY_ROWS][k]
+            else:
+                dst[:, pos:pos + m] = src[:, s:s + COPY_ROWS][:, k]
+        pos += m
+    dst.flush()
+    del dst, src
+
+
+def _write_items(path: Path, source, a: int, b: int, skipped: dict[int, str]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
         buf: list[str] = []
         for i in range(a, b):
             if i in skipped:
@@ -592,17 +768,13 @@ def _finalize_segment(seg: Path, dest: Path, source, a: int, b: int, skipped: di
                 buf = []
         if buf:
             fh.write("\n".join(buf) + "\n")
-    return (b - a) - int(drop.size)
 
 
 def _publish(final: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished directory onto ``out`` (replacing an old store when allowed)."""
-    if out.exists():
-        if any(out.iterdir()) and not overwrite:
-            raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(final, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(final, out)
+    """Move the finished store in ``final`` to ``out`` all at once (replacing an existing store when allowed)."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        tmp.chmod(final.stat().st_mode & 0o7777)  # a store directory's usual mode, not mkdtemp's 0700
+        for entry in final.iterdir():
+            os.replace(entry, tmp / entry.name)

@@ -7,8 +7,8 @@ its message as a single line on stderr and exits with code 2; the Python API let
 from __future__ import annotations
 
 
-class MakError(Exception):
-    """A one-line, user-facing error about bad input. The CLI exits with code 2 on it."""
+class MakError(ValueError):
+    """A one-line, user-facing error about bad input (a ``ValueError``). The CLI exits with code 2 on it."""
 
     exit_code = 2
 

@@ -251,14 +251,7 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
         from .selection import strategy_needs
 
         sp = {k: v for k, v in sel.items() if k != "strategies"}
-        opts_of = {}
-        for strategy in sel["strategies"]:
-            opts = dict(sp.get("options") or {})
-            if strategy == "robust":  # key on the effective settings, so new defaults re-run the stage
-                from .robust import robust_options
-
-                opts.update(robust_options(opts))
-            opts_of[strategy] = opts
+        opts_of = own_options(sel["strategies"], sp.get("options") or {})
         mix = pre.get("pool_mix", 0)
         mixed = [s for s in sel["strategies"] if s in POOL_AWARE and mix != 0]
         models = {"seed": [s for s in sel["strategies"] if s not in mixed], "mix": mixed}
@@ -386,6 +379,24 @@ def _run_pretrain(stage: Stage) -> None:
                                                        "images": len(src)})
     pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(),
              **_pretrain_kwargs(stage.params, len(src)))
+
+
+def own_options(strategies: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each strategy's effective options (its defaults updated with the ones it declares in ``options``).
+
+    A stage is keyed on these, so a strategy's cache key holds only its own options and a change
+    of a default re-runs it. An option that none of ``strategies`` declares is a MakError naming it.
+    """
+    from .selection import STRATEGY_OPTIONS, strategy_options
+
+    declared = {o.name for s in strategies for o in STRATEGY_OPTIONS.get(s, ())}
+    for key in options:
+        if key not in declared:
+            raise MakError(f"config: select.options.{key} is not an option of {', '.join(strategies)} "
+                           f"(valid: {', '.join(sorted(declared)) or 'none'})")
+    return {s: strategy_options(s, {k: v for k, v in options.items()
+                                    if k in {o.name for o in STRATEGY_OPTIONS.get(s, ())}})
+            for s in strategies}
 
 
 def _run_embed(stage: Stage) -> None:

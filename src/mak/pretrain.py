@@ -50,8 +50,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -347,23 +348,92 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     Raises :class:`MakError` for unreadable seed images (before training), a batch larger than
     the seed set, or a checkpoint that does not match the requested run.
     """
-    from .augment import SimCLRAugment, view_key
-    from .data import infer_geometry
-    from .models import SimCLRModel, default_backbone
+    from .models import SimCLRModel
 
     if stop_after is not None and stop_after < 1:
         raise MakError(f"stop_after must be >= 1, got {stop_after}")
     if epochs < 1:
         raise MakError(f"--epochs must be >= 1, got {epochs}")
+    run = _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed,
+                     image_size, channels, device, amp, channels_last, num_workers)
+    ckpt = _checkpoint_to_resume(run, resume)
+    start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
+    if start_epoch >= epochs:
+        if run.main_proc and progress:
+            print(f"mak pretrain: {run.ckpt_path} has already finished {start_epoch} epochs", file=sys.stderr)
+        return run.ckpt_path
+
+    torch.manual_seed(seed)
+    model = SimCLRModel(run.backbone, run.channels)  # built first: an unknown backbone fails fast
+    cache = _seed_images(run, progress)
+    trainer = _build_trainer(run, model, ckpt)
+    del ckpt
+    data = _EpochData(run, cache)
+    if run.main_proc and progress:
+        _print_banner(run)
+
+    stop_epoch = epochs if stop_after is None else min(epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, stop_epoch):
+        mean_loss, elapsed = _train_epoch(run, trainer, data.batches(epoch), epoch, progress)
+        trainer.log_rows.append({"epoch": epoch + 1, "loss": mean_loss,
+                                 "lr": float(trainer.scheduler.get_last_lr()[0]),
+                                 "images_per_s": run.steps_per_epoch * run.batch_size / max(elapsed, 1e-9)})
+        if run.main_proc:
+            _write_outputs(run, trainer, epoch + 1)
+        D.barrier()
+    return run.ckpt_path
+
+
+# ---- setup: the run's settings, resumption, seed images, model and optimizer ---------------
+
+@dataclass
+class _Run:
+    """The resolved settings of one ``pretrain`` call (``config`` is what the checkpoint records)."""
+
+    source: Any
+    n: int
+    out_dir: Path
+    backbone: str
+    epochs: int
+    batch_size: int
+    local_batch: int
+    steps_per_epoch: int
+    warmup_epochs: int
+    seed: int
+    image_size: int
+    channels: int
+    lr: float
+    dev: torch.device
+    world: int
+    rank: int
+    amp_dtype: torch.dtype | None
+    use_cl: bool
+    workers: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def main_proc(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / LOG_NAME
+
+
+def _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed, image_size,
+               channels, device, amp, channels_last, num_workers) -> _Run:
+    """Join the process group, check the options and fill in the defaults."""
+    from .data import infer_geometry
+    from .models import default_backbone
+
     dev = auto_device(device or "cpu")
     D.init(dev)
     world, rank = D.world_size(), D.rank()
     dev = D.local_device(str(dev))
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    log_path = out_dir / LOG_NAME
-    main_proc = rank == 0
-
     n = len(source)
     if n < 2:
         raise MakError(f"{getattr(source, 'name', 'seed set')}: needs at least 2 images to pre-train, found {n}")
@@ -384,182 +454,225 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     if batch_size > n:
         raise MakError(f"--batch-size {batch_size} is larger than the seed set ({n} images)")
     local_batch = batch_size // world
-    steps_per_epoch = (n // world) // local_batch
     if warmup_epochs is None:
         warmup_epochs = min(10, epochs // 10)
     if warmup_epochs < 0 or warmup_epochs > epochs:
         raise MakError(f"warm-up epochs must be in [0, epochs], got {warmup_epochs}")
-    amp_dtype = resolve_amp(dev, amp)
-    use_cl = resolve_channels_last(dev, channels_last)
-    workers = default_num_workers(dev) if num_workers is None else int(num_workers)
-    lr = base_lr * batch_size / 256.0
+    run = _Run(source=source, n=n, out_dir=Path(out_dir), backbone=backbone, epochs=epochs, batch_size=batch_size,
+               local_batch=local_batch, steps_per_epoch=(n // world) // local_batch, warmup_epochs=warmup_epochs,
+               seed=seed, image_size=image_size, channels=channels, lr=base_lr * batch_size / 256.0, dev=dev,
+               world=world, rank=rank, amp_dtype=resolve_amp(dev, amp), use_cl=resolve_channels_last(dev, channels_last),
+               workers=default_num_workers(dev) if num_workers is None else int(num_workers))
+    run.config = _config(run, base_lr)
+    return run
 
-    config = {
-        "backbone": backbone, "image_size": int(image_size), "channels": int(channels),
-        "epochs": int(epochs), "batch_size": int(batch_size), "base_lr": float(base_lr), "lr": float(lr),
-        "warmup_epochs": int(warmup_epochs), "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
-        "temperature": TEMPERATURE, "seed": int(seed), "num_images": int(n),
-        "steps_per_epoch": int(steps_per_epoch), "world_size": int(world),
-        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32",
-        "channels_last": bool(use_cl), "source": _plain(_describe(source)), "transform": "resize",
+
+def _config(run: _Run, base_lr: float) -> dict:
+    """The run's settings as the checkpoint records them (``feat_dim`` is added with the model)."""
+    return {
+        "backbone": run.backbone, "image_size": int(run.image_size), "channels": int(run.channels),
+        "epochs": int(run.epochs), "batch_size": int(run.batch_size), "base_lr": float(base_lr),
+        "lr": float(run.lr), "warmup_epochs": int(run.warmup_epochs), "momentum": MOMENTUM,
+        "weight_decay": WEIGHT_DECAY, "temperature": TEMPERATURE, "seed": int(run.seed),
+        "num_images": int(run.n), "steps_per_epoch": int(run.steps_per_epoch), "world_size": int(run.world),
+        "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype is not None else "float32",
+        "channels_last": bool(run.use_cl), "source": _plain(_describe(run.source)), "transform": "resize",
     }
 
-    # ---- resume or fresh start ----------------------------------------------------------
-    ckpt = None
-    if ckpt_path.exists():
-        if not resume:
-            raise MakError(f"{ckpt_path} already exists; pass --resume to continue it or choose another --out")
-        ckpt = read_checkpoint(ckpt_path)
-        old = ckpt["config"]
-        diff = [k for k in _RESUME_KEYS if old.get(k) != config.get(k)]
-        if diff:
-            k = diff[0]
-            raise MakError(f"{ckpt_path}: cannot resume, it was trained with {k}={old.get(k)!r} "
-                           f"but this run has {k}={config.get(k)!r}")
-    start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
 
-    if start_epoch >= epochs:
-        if main_proc and progress:
-            print(f"mak pretrain: {ckpt_path} has already finished {start_epoch} epochs", file=sys.stderr)
-        return ckpt_path
+def _checkpoint_to_resume(run: _Run, resume: bool) -> dict | None:
+    """The checkpoint in ``out_dir`` when resuming (it must match the run), else ``None``."""
+    if not run.ckpt_path.exists():
+        return None
+    if not resume:
+        raise MakError(f"{run.ckpt_path} already exists; pass --resume to continue it or choose another --out")
+    ckpt = read_checkpoint(run.ckpt_path)
+    old = ckpt["config"]
+    diff = [k for k in _RESUME_KEYS if old.get(k) != run.config.get(k)]
+    if diff:
+        k = diff[0]
+        raise MakError(f"{run.ckpt_path}: cannot resume, it was trained with {k}={old.get(k)!r} "
+                       f"but this run has {k}={run.config.get(k)!r}")
+    return ckpt
 
-    torch.manual_seed(seed)
-    model = SimCLRModel(backbone, channels)  # built first: an unknown backbone fails fast
 
-    # ---- seed images: validated before training, cached when small -------------------------
-    cache_ok = n * channels * image_size * image_size <= CACHE_BYTES
-    scan_workers = 0 if _in_memory(source) else workers
-    if cache_ok:
-        cache, bad_rows = _scan(source, image_size, channels, scan_workers, cache=True)
+def _seed_images(run: _Run, progress: bool) -> torch.Tensor | None:
+    """Validate every seed image before training; return them decoded (uint8) when they fit in memory."""
+    if run.n * run.channels * run.image_size * run.image_size <= CACHE_BYTES:
+        scan_workers = 0 if _in_memory(run.source) else run.workers
+        cache, bad_rows = _scan(run.source, run.image_size, run.channels, scan_workers, cache=True)
         if bad_rows:
-            raise _report_bad(source, _reasons(source, bad_rows, image_size, channels))
-    else:
-        cache = None
-        _validate(source, progress and main_proc)
+            raise _report_bad(run.source, _reasons(run.source, bad_rows, run.image_size, run.channels))
+        return cache
+    _validate(run.source, progress and run.main_proc)
+    return None
 
-    # ---- model, optimiser, schedule -------------------------------------------------------
+
+@dataclass
+class _Trainer:
+    """The model (DDP-wrapped under torchrun; ``core`` unwrapped), its optimizer and schedule."""
+
+    model: Any
+    core: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    aug: Any
+    log_rows: list[dict]
+
+
+def _build_trainer(run: _Run, model, ckpt: dict | None) -> _Trainer:
+    """Place the model, build optimizer, schedule and augmentation; restore them from ``ckpt``."""
+    from .augment import SimCLRAugment
+
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    config["feat_dim"] = int(model.feat_dim)
-    model = model.to(dev)
-    if use_cl:
+    run.config["feat_dim"] = int(model.feat_dim)
+    model = model.to(run.dev)
+    if run.use_cl:
         model = model.to(memory_format=torch.channels_last)
     core = model
-    if world > 1:
-        core = D.convert_sync_batchnorm(model, dev)
-        model = D.wrap_ddp(core, dev)
+    if run.world > 1:
+        core = D.convert_sync_batchnorm(model, run.dev)
+        model = D.wrap_ddp(core, run.dev)
     model.train()
-    optimizer = torch.optim.SGD(core.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = warmup_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
-    scaler = torch.amp.GradScaler("cuda") if (amp_dtype == torch.float16 and dev.type == "cuda") else None
-    aug = SimCLRAugment(image_size, channels)
-    log_rows: list[dict] = []
+    optimizer = torch.optim.SGD(core.parameters(), lr=run.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    total_steps = run.epochs * run.steps_per_epoch
+    warmup_steps = run.warmup_epochs * run.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+    scaler = torch.amp.GradScaler("cuda") if (run.amp_dtype == torch.float16 and run.dev.type == "cuda") else None
+    trainer = _Trainer(model=model, core=core, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                       aug=SimCLRAugment(run.image_size, run.channels), log_rows=[])
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            with contextlib.suppress(Exception):  # another GPU count: CUDA RNG is unused by training
-                torch.cuda.set_rng_state_all(list(rng["cuda"]))
-        log_rows = [dict(r) for r in ckpt.get("log", [])]
-        del ckpt
+        _restore(trainer, ckpt)
+    return trainer
 
-    loader = None
-    sampler = None
-    if cache is None:
-        from torch.utils.data import DataLoader
 
-        from .data import ImageDataset
+def _restore(trainer: _Trainer, ckpt: dict) -> None:
+    """Optimizer, scheduler, grad-scaler and RNG states and the log of a checkpoint."""
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    if trainer.scaler is not None and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # another GPU count: CUDA RNG is unused by training
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    trainer.log_rows = [dict(r) for r in ckpt.get("log", [])]
 
-        sampler = _PermutationSampler(n, seed, world, rank)
-        loader = DataLoader(ImageDataset(source, image_size, channels, mode="resize"), batch_size=local_batch,
-                            sampler=sampler, num_workers=workers, drop_last=True,
-                            pin_memory=dev.type == "cuda", persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None)
-    elif dev.type == "cuda":
-        cache = cache.to(dev)  # <= CACHE_BYTES: batches are then sliced on the GPU
 
-    if main_proc and progress:
-        print(f"mak pretrain: {n} images {channels}x{image_size}x{image_size}, backbone {backbone}, "
-              f"batch {batch_size} x {steps_per_epoch} steps/epoch, lr {lr:.4g}, {config['amp']}"
-              f"{', channels_last' if use_cl else ''}, {dev}{f', {world} processes' if world > 1 else ''}",
-              file=sys.stderr)
+class _EpochData:
+    """Each epoch's batches for this rank: sliced from the in-memory cache, or streamed."""
 
+    def __init__(self, run: _Run, cache: torch.Tensor | None):
+        self.run, self.cache = run, cache
+        self.loader = self.sampler = None
+        if cache is None:
+            from torch.utils.data import DataLoader
+
+            from .data import ImageDataset
+
+            self.sampler = _PermutationSampler(run.n, run.seed, run.world, run.rank)
+            self.loader = DataLoader(ImageDataset(run.source, run.image_size, run.channels, mode="resize"),
+                                     batch_size=run.local_batch, sampler=self.sampler, num_workers=run.workers,
+                                     drop_last=True, pin_memory=run.dev.type == "cuda",
+                                     persistent_workers=run.workers > 0,
+                                     prefetch_factor=4 if run.workers > 0 else None)
+        elif run.dev.type == "cuda":
+            self.cache = cache.to(run.dev)  # <= CACHE_BYTES: batches are then sliced on the GPU
+
+    def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """``(uint8 images, source rows)`` of each step of ``epoch``."""
+        run = self.run
+        if self.cache is not None:
+            order = _rank_order(epoch_permutation(run.n, run.seed, epoch), run.world, run.rank)
+            return _CachedBatches(self.cache, order, run.local_batch, run.steps_per_epoch)
+        self.sampler.set_epoch(epoch)
+        return ((imgs, idx) for imgs, idx, ok in _check_ok(self.loader, run.source))
+
+
+def _print_banner(run: _Run) -> None:
+    print(f"mak pretrain: {run.n} images {run.channels}x{run.image_size}x{run.image_size}, "
+          f"backbone {run.backbone}, batch {run.batch_size} x {run.steps_per_epoch} steps/epoch, "
+          f"lr {run.lr:.4g}, {run.config['amp']}{', channels_last' if run.use_cl else ''}, "
+          f"{run.dev}{f', {run.world} processes' if run.world > 1 else ''}", file=sys.stderr)
+
+
+# ---- the epoch and the step -----------------------------------------------------------------
+
+def _train_epoch(run: _Run, trainer: _Trainer, batches: Iterable, epoch: int, progress: bool) -> tuple[float, float]:
+    """One pass over ``batches``; returns the mean loss and the seconds it took."""
     from tqdm.auto import tqdm
 
-    stop_epoch = epochs if stop_after is None else min(epochs, start_epoch + stop_after)
-    for epoch in range(start_epoch, stop_epoch):
-        if cache is not None:
-            order = _rank_order(epoch_permutation(n, seed, epoch), world, rank)
-            batches: Any = _CachedBatches(cache, order, local_batch, steps_per_epoch)
-        else:
-            sampler.set_epoch(epoch)
-            batches = ((imgs, idx) for imgs, idx, ok in _check_ok(loader, source))
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                   disable=not (progress and main_proc), leave=True, file=sys.stderr, dynamic_ncols=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        t0 = time.perf_counter()
-        t_last, step_last = t0, 0
-        for step, (imgs, idx) in enumerate(batches):
-            imgs = imgs.to(dev, non_blocking=True)
-            idx = torch.as_tensor(idx, dtype=torch.int64)
-            v1 = aug(imgs, keys=view_key(seed, 0, idx, epoch=epoch + 1))
-            v2 = aug(imgs, keys=view_key(seed, 1, idx, epoch=epoch + 1))
-            x = torch.cat([v1, v2], dim=0)
-            if use_cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast_context(dev, amp_dtype):
-                _, z = model(x)
-            z = z.float()
-            loss = nt_xent_global(z[:local_batch], z[local_batch:], TEMPERATURE)
-            optimizer.zero_grad(set_to_none=True)
-            objective = loss * world if world > 1 else loss
-            if scaler is not None:
-                scaler.scale(objective).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                objective.backward()
-                optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach()
-            if bar.disable:
-                continue
-            bar.update(1)
-            now = time.perf_counter()
-            if now - t_last > 0.5 or step + 1 == steps_per_epoch:
-                ips = (step + 1 - step_last) * batch_size / max(now - t_last, 1e-9)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}", refresh=False)
-                t_last, step_last = now, step + 1
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        elapsed = time.perf_counter() - t0
-        bar.close()
-        mean_loss = float(loss_sum.item()) / max(1, steps_per_epoch)
-        row = {"epoch": epoch + 1, "loss": mean_loss, "lr": float(scheduler.get_last_lr()[0]),
-               "images_per_s": steps_per_epoch * batch_size / max(elapsed, 1e-9)}
-        log_rows.append(row)
-        if main_proc:
-            state = {
-                "format": FORMAT, "version": FORMAT_VERSION, "config": _plain(config), "epoch": epoch + 1,
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "log": _plain(log_rows),
-            }
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(ckpt_path, state)
-            _write_log(log_path, log_rows)
-        D.barrier()
-    return ckpt_path
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", unit="step",
+               disable=not (progress and run.main_proc), leave=True, file=sys.stderr, dynamic_ncols=True)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.dev)
+    t0 = time.perf_counter()
+    t_last, step_last = t0, 0
+    for step, (imgs, idx) in enumerate(batches):
+        loss = _train_step(run, trainer, imgs, idx, epoch)
+        loss_sum += loss.detach()
+        if bar.disable:
+            continue
+        bar.update(1)
+        now = time.perf_counter()
+        if now - t_last > 0.5 or step + 1 == run.steps_per_epoch:
+            ips = (step + 1 - step_last) * run.batch_size / max(now - t_last, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}", refresh=False)
+            t_last, step_last = now, step + 1
+    if run.dev.type == "cuda":
+        torch.cuda.synchronize(run.dev)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    return float(loss_sum.item()) / max(1, run.steps_per_epoch), elapsed
+
+
+def _train_step(run: _Run, trainer: _Trainer, imgs: torch.Tensor, idx, epoch: int) -> torch.Tensor:
+    """Two keyed views of each image, NT-Xent over the global batch, one optimizer and schedule step."""
+    from .augment import view_key
+
+    imgs = imgs.to(run.dev, non_blocking=True)
+    idx = torch.as_tensor(idx, dtype=torch.int64)
+    v1 = trainer.aug(imgs, keys=view_key(run.seed, 0, idx, epoch=epoch + 1))
+    v2 = trainer.aug(imgs, keys=view_key(run.seed, 1, idx, epoch=epoch + 1))
+    x = torch.cat([v1, v2], dim=0)
+    if run.use_cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_context(run.dev, run.amp_dtype):
+        _, z = trainer.model(x)
+    z = z.float()
+    loss = nt_xent_global(z[:run.local_batch], z[run.local_batch:], TEMPERATURE)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    objective = loss * run.world if run.world > 1 else loss
+    if trainer.scaler is not None:
+        trainer.scaler.scale(objective).backward()
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+    else:
+        objective.backward()
+        trainer.optimizer.step()
+    trainer.scheduler.step()
+    return loss
+
+
+# ---- checkpoint and log --------------------------------------------------------------------
+
+def _write_outputs(run: _Run, trainer: _Trainer, epoch: int) -> None:
+    """Rank 0, after each epoch: ``checkpoint.pt`` (``epoch`` completed epochs) and ``log.csv``."""
+    state = {
+        "format": FORMAT, "version": FORMAT_VERSION, "config": _plain(run.config), "epoch": epoch,
+        "model": trainer.core.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "log": _plain(trainer.log_rows),
+    }
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    _save_checkpoint(run.ckpt_path, state)
+    _write_log(run.log_path, trainer.log_rows)
 
 
 def _check_ok(loader, source) -> Iterator:
@@ -580,6 +693,7 @@ def _reasons(source, rows: list[int], size: int = 32, channels: int = 1) -> list
 
 
 def _in_memory(source) -> bool:
+    """Whether ``source`` holds its images decoded in memory (then DataLoader workers do not pay off)."""
     try:
         return bool(source.in_memory())
     except Exception:

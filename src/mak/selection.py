@@ -26,6 +26,7 @@ import numpy as np
 
 from ._tensor import top_k, zscore
 from .errors import MakError
+from .options import Option, ParameterError, resolve
 from .kcenter import kcenter_greedy
 from .proximity import proximity as proximity_scores
 from .tailness import ecle as ecle_scores
@@ -147,30 +148,53 @@ def candidates_then_kcenter(ctx: Context, score: np.ndarray) -> tuple[np.ndarray
 
 StrategyFn = Callable[[Context], Selection]
 STRATEGIES: dict[str, StrategyFn] = {}
-NEEDS: dict[str, tuple[bool, bool]] = {}  # strategy -> (needs seed features, needs views)
-# strategy -> options -> needs views, for strategies whose options decide it (robust without ECLE needs none)
-VIEWS_BY_OPTIONS: dict[str, Callable[[dict[str, Any]], bool]] = {}
+NEEDS: dict[str, tuple[bool, bool | Callable[[dict[str, Any]], bool]]] = {}  # (seed features, views)
+STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {}  # the options each strategy declares (mak.options)
 # strategy -> behaviour version (default 1): bump it when a strategy picks differently for the same
 # inputs and options, so that `mak run` re-runs its cached select stage (mak.pipeline.stage_version)
 STRATEGY_VERSIONS: dict[str, int] = {}
 
 
-def strategy_needs(strategy: str, options: dict[str, Any] | None = None) -> tuple[bool, bool]:
-    """(needs seed features, needs the pool's views) of ``strategy`` run with ``options``."""
+def _known(strategy: str) -> None:
     if strategy not in STRATEGIES:
-        raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
+        raise ParameterError("strategy", f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
+
+
+def strategy_options(strategy: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The effective options of ``strategy``: its declared defaults updated with ``options``, validated.
+
+    An option the strategy does not declare raises :class:`~mak.options.ParameterError` naming it.
+    """
+    _known(strategy)
+    return resolve(STRATEGY_OPTIONS[strategy], dict(options or {}), f"strategy '{strategy}'")
+
+
+def strategy_needs(strategy: str, options: dict[str, Any] | None = None) -> tuple[bool, bool]:
+    """(needs seed features, needs the pool's views) of ``strategy`` run with ``options``.
+
+    ``options`` may hold other parameters too (those of :func:`select`); only the strategy's own are read.
+    """
+    _known(strategy)
     needs_seed, needs_views = NEEDS[strategy]
-    if strategy in VIEWS_BY_OPTIONS:
-        needs_views = VIEWS_BY_OPTIONS[strategy](dict(options or {}))
-    return needs_seed, needs_views
+    if callable(needs_views):
+        own = {o.name for o in STRATEGY_OPTIONS[strategy]}
+        needs_views = needs_views(strategy_options(strategy, {k: v for k, v in (options or {}).items() if k in own}))
+    return needs_seed, bool(needs_views)
 
 
-def register_strategy(name: str, needs_seed: bool, needs_views: bool) -> Callable[[StrategyFn], StrategyFn]:
-    """Decorator adding a strategy to :data:`STRATEGIES`."""
+def register_strategy(name: str, needs_seed: bool, needs_views: bool | Callable[[dict[str, Any]], bool],
+                      options: tuple[Option, ...] = ()) -> Callable[[StrategyFn], StrategyFn]:
+    """Decorator adding a strategy to :data:`STRATEGIES`.
+
+    ``needs_views`` may be a function of the strategy's effective options; ``options`` declares
+    the options the strategy takes (:class:`mak.options.Option`), from which the command line's
+    flags and the config's checks are made.
+    """
 
     def deco(fn: StrategyFn) -> StrategyFn:
         STRATEGIES[name] = fn
         NEEDS[name] = (needs_seed, needs_views)
+        STRATEGY_OPTIONS[name] = tuple(options)
         return fn
 
     return deco
@@ -214,8 +238,7 @@ def _tailness_proximity(ctx: Context) -> Selection:
 def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget: int, strategy: str,
                  clusters: int, options: dict[str, Any] | None = None) -> None:
     """Validate shapes and parameters; raise :class:`MakError` with one line naming the problem."""
-    if strategy not in STRATEGIES:
-        raise MakError(f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
+    _known(strategy)
     if pool_features is None or pool_features.ndim != 2:
         raise MakError("pool features must be a 2-D array (N x D)")
     n = int(pool_features.shape[0])
@@ -257,11 +280,13 @@ def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int,
 
     ``seed_features`` (M x D) and ``pool_features`` (N x D): backbone features (arrays, memmaps or
     tensors); ``pool_views`` (R x N x d): projection-head outputs under augmentation. Either may be
-    None for strategies that do not use it. Extra keyword ``options`` go to strategies that take them.
+    None for strategies that do not use it. Extra keyword ``options`` are the strategy's own
+    (:data:`STRATEGY_OPTIONS`); one it does not declare is a :class:`~mak.options.ParameterError`.
     ``context_cls`` swaps in another :class:`Context` (e.g. the distributed one). ``ecle_scores``:
     ECLE already computed with the same parameters (N,), reused instead of recomputed.
     """
     context_cls = context_cls or Context
+    options = strategy_options(strategy, options)
     check_inputs(seed_features, pool_features, pool_views, budget, strategy, clusters, options)
     if not 0.0 <= alpha <= 1.0:
         raise MakError(f"alpha must be in [0, 1], got {alpha}")

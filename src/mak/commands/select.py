@@ -5,10 +5,16 @@ import argparse
 import os
 
 from .._tensor import auto_device
-from ..selection import STRATEGIES
+from ..selection import STRATEGIES, STRATEGY_OPTIONS
 
-# Extra options other modules contribute: (flags, argparse kwargs, parameter name passed to select).
-EXTRA_OPTIONS: list[tuple[tuple[str, ...], dict, str]] = []
+
+def strategy_flags() -> dict[str, tuple[object, list[str]]]:
+    """Every strategy option once: name -> (its declaration, the strategies that take it)."""
+    out: dict[str, tuple[object, list[str]]] = {}
+    for strategy, declared in STRATEGY_OPTIONS.items():
+        for opt in declared:
+            out.setdefault(opt.name, (opt, []))[1].append(strategy)
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "writes dedup.csv")
     p.add_argument("--dedup-clusters", type=int, default=None, metavar="K",
                    help="k-means clusters --dedup compares within (default: about sqrt of the pool size)")
-    for flags, kwargs, _ in EXTRA_OPTIONS:
-        p.add_argument(*flags, **kwargs)
+    for opt, owners in strategy_flags().values():  # declared once, by the strategies (mak.options)
+        p.add_argument(opt.flag, default=None, metavar=opt.metavar, help=f"{', '.join(owners)}: {opt.help}")
     p.set_defaults(func=run)
 
 
@@ -49,8 +55,8 @@ def params_from_args(args: argparse.Namespace) -> dict:
     params = dict(alpha=args.alpha, clusters=args.clusters, core_ratio=args.core_ratio, temperature=args.temperature,
                   batch_size=args.ecle_batch_size, partitions=args.partitions, seed=args.seed,
                   device=str(auto_device(args.device)))  # resolved: summary.json names the real device
-    for _, kwargs, name in EXTRA_OPTIONS:
-        value = getattr(args, kwargs.get("dest", name))
+    for name in strategy_flags():  # only what was given: the library parses, checks and names it
+        value = getattr(args, name)
         if value is not None:
             params[name] = value
     # scale options (mak.distributed_select): passed only when set, so a plain run is unchanged

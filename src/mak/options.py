@@ -1,0 +1,145 @@
+"""Declared parameters: each option is declared once (name, default, one-line help, parser).
+
+A strategy declares its options as a tuple of :class:`Option`; :func:`resolve` turns what a user
+passed (Python values from :func:`mak.select`, strings from the command line, YAML values from a
+``mak run`` config) into the effective settings, and rejects an unknown name with a message that
+lists the valid ones. The command line builds its flags from the same declarations
+(``--gate-quantile`` for ``gate_quantile``), so a flag, a config key and a keyword argument are
+one option with one default and one check.
+
+Errors are :class:`ParameterError` (a :class:`~mak.errors.MakError`) and name the parameter as
+``name=value``; the command line rewrites that name to its flag.
+
+Parsers (:func:`integer`, :func:`number`, :func:`choice`, :func:`switch`, :func:`or_auto`) accept
+the Python value or its text and return the canonical value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import MakError
+
+Parser = Callable[[str, Any], Any]  # (name, value) -> canonical value; raises ParameterError
+
+
+class ParameterError(MakError):
+    """A bad value or an unknown name for a declared parameter; ``param`` is its name."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option: ``name`` (a Python identifier), its ``default``, one line of ``help``."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Parser
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _fail(name: str, value: Any, what: str) -> ParameterError:
+    return ParameterError(name, f"{name}={value!r} must be {what}")
+
+
+def integer(low: int) -> Parser:
+    """An integer >= ``low`` (an integral text like "5" too; not a bool, not 2.5)."""
+    def parse(name: str, raw: Any) -> int:
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = int(raw.strip())
+            except ValueError:
+                raise _fail(name, raw, f"an integer >= {low}") from None
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+            raise _fail(name, raw, f"an integer >= {low}")
+        return int(value)
+    return parse
+
+
+def number(low: float, high: float | None = None, low_open: bool = True) -> Parser:
+    """A finite number in (low, high] (``low_open``) or [low, high]; ``high`` None: unbounded."""
+    lo_txt = "(" if low_open else "["
+    what = f"a number in {lo_txt}{low:g}, {high:g}]" if high is not None else f"a number {'>' if low_open else '>='} {low:g}"
+
+    def parse(name: str, raw: Any) -> float:
+        value = raw
+        if isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise _fail(name, raw, what) from None
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise _fail(name, raw, what)
+        v = float(value)
+        if not np.isfinite(v) or (v <= low if low_open else v < low) or (high is not None and v > high):
+            raise _fail(name, raw, what)
+        return v
+    return parse
+
+
+def choice(*names: str) -> Parser:
+    """One of ``names``."""
+    def parse(name: str, value: Any) -> str:
+        if value not in names:
+            raise ParameterError(name, f"{name}={value!r} must be one of: {', '.join(names)}")
+        return str(value)
+    return parse
+
+
+def switch(name: str, value: Any) -> bool:
+    """on/off, true/false, yes/no or a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("on", "off", "true", "false", "yes", "no"):
+        return value.lower() in ("on", "true", "yes")
+    raise _fail(name, value, "on or off")
+
+
+def or_auto(inner: Parser) -> Parser:
+    """The string ``auto``, or what ``inner`` accepts."""
+    def parse(name: str, value: Any) -> Any:
+        if value == "auto":
+            return "auto"
+        try:
+            return inner(name, value)
+        except ParameterError as exc:
+            raise ParameterError(name, f"{exc} or 'auto'") from None
+    return parse
+
+
+def defaults(declared: Sequence[Option]) -> dict[str, Any]:
+    """``{name: default}`` of the declarations."""
+    return {o.name: o.default for o in declared}
+
+
+def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """The effective settings: every declared option, parsed from ``given`` (None: the default).
+
+    An option name that ``declared`` does not hold raises :class:`ParameterError` naming it and
+    listing the valid ones (``owner`` says whose options they are, e.g. "strategy 'robust'").
+    """
+    by_name = {o.name: o for o in declared}
+    for key in given:
+        if key not in by_name:
+            valid = ", ".join(sorted(by_name)) or "none"
+            raise ParameterError(key, f"unknown option '{key}' for {owner} (valid: {valid})")
+    out = {}
+    for o in declared:
+        value = given.get(o.name)
+        out[o.name] = o.default if value is None else o.parse(o.name, value)
+    return out
+
+
+__all__ = ["Option", "ParameterError", "choice", "defaults", "integer", "number", "or_auto", "resolve", "switch"]
