@@ -2,9 +2,9 @@
 
 For a batch of ``--batch`` uint8 images at ``--size`` px it times (best of ``--reps``):
 
-- **augment**: :class:`mak.augment.SimCLRAugment` on the batch (keys given, as ``mak embed`` does);
+- **augment**: :class:`mak.train.augment.SimCLRAugment` on the batch (keys given, as ``mak embed`` does);
 - **augment, torch ops**: the same in plain torch ops instead of the fused C kernel of
-  :mod:`mak.native` (CPU only; the naive reference);
+  :mod:`mak.train.native` (CPU only; the naive reference);
 - **augment, conv blur**: the same with the depthwise-conv blur instead of the GPU's banded matmuls
   (GPU only);
 - **copy floor**: one float32 read + write of the output-sized batch (the memory-traffic unit);
@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from mak import native
-from mak.augment import SimCLRAugment, view_key
-from mak.models import SimCLRModel
-from mak.pretrain import autocast_context, resolve_amp
+from mak.train import native
+from mak.train.augment import SimCLRAugment, view_key
+from mak.train.models import SimCLRModel
+from mak.train.pretrain import autocast_context, resolve_amp
 
 
 def timed(fn, dev: torch.device, reps: int) -> float:

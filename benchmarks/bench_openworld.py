@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mak.config import load_config
-from mak.pipeline import build_plan, collect_results, write_outputs
+from mak.run.config import load_config
+from mak.run.pipeline import build_plan, collect_results, write_outputs
 
 ALL = ["robust", "mak", "random", "kcenter", "tailness", "proximity", "tailness+proximity"]
 

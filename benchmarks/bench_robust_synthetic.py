@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import mak
-from mak.robust import RobustContext
+from mak.selection.robust import RobustContext
 
 torch.set_num_threads(1)  # small matrices: one thread beats oversubscribing a shared machine
 

@@ -143,7 +143,7 @@ def write_pool(root: Path, n: int, d: int, views: int, seed_n: int, dup_frac: fl
 def kcenter_worker(cand_path: str, seed_path: str, steps: int, out: str) -> None:
     from mak import distributed as D
     from mak._tensor import l2_normalize
-    from mak.kcenter_scale import greedy_sharded
+    from mak.selection.scale.kcenter import greedy_sharded
 
     D.init("cpu")
     cand = np.load(cand_path, mmap_mode="r")
@@ -206,11 +206,11 @@ def main() -> None:
         return
 
     import mak
-    from mak import kcenter_scale
+    from mak.selection.scale import kcenter as kcenter_scale
     from mak._tensor import l2_normalize
-    from mak.selection import Context, mak_score
-    from mak.store import open_store
-    from mak.tailness import batch_losses, batch_plan, ecle_sum
+    from mak.selection.strategies import Context, mak_score
+    from mak.data.store import open_store
+    from mak.selection.tailness import batch_losses, batch_plan, ecle_sum
 
     n, d, r = args.n, args.dim, args.views
     need = n * d * 2 * (1 + r) + args.seed_size * d * 2
@@ -238,7 +238,7 @@ def main() -> None:
         record("open stores + read seed", s)
 
         if args.dedup > 0:
-            from mak.dedup import find_duplicates
+            from mak.selection.scale.dedup import find_duplicates
 
             with Sampler() as s:
                 dd = find_duplicates(feats, args.dedup, seed=0)
@@ -302,7 +302,7 @@ def main() -> None:
         with Sampler() as s:
             g = kcenter_scale.greedy_sharded(xs, args.budget, init=seed, sharded=False)
         record("k-center exact: sharded engine", s, f"{g.step_seconds * 1e3:.2f} ms/step (1 process; the torchrun "
-               f"engine), cand feats {k * d * 4 / 2**20:.0f} MiB", engine="mak.kcenter_scale.greedy_sharded")
+               f"engine), cand feats {k * d * 4 / 2**20:.0f} MiB", engine="mak.selection.scale.kcenter.greedy_sharded")
         same = bool((np.sort(cand)[g.picks] == picks).all())
         r_exact = kcenter_scale.covering_radius_sharded(xs, xs[torch.as_tensor(g.picks)], init=seed)
         results["kcenter_exact"] = {"seconds_kcenter_greedy": ROWS[-2]["seconds"], "seconds_sharded": s.seconds,

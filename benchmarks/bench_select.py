@@ -22,7 +22,7 @@ import torch
 
 import mak
 from mak._machine import cpu_summary
-from mak.tailness import batch_plan
+from mak.selection.tailness import batch_plan
 
 
 DEVICE = torch.device("cpu")
@@ -83,7 +83,7 @@ def main() -> None:
     fast = mak.kcenter_greedy(x, budget, init=init)
     same = fast.tolist() == ref
     first_diff = next((i for i, (a, b) in enumerate(zip(fast.tolist(), ref)) if a != b), None)
-    from mak.kcenter import covering_radius
+    from mak.selection.kcenter import covering_radius
 
     r_fast = covering_radius(x, fast, init=init)
     r_ref = covering_radius(x, np.asarray(ref), init=init)
@@ -128,7 +128,7 @@ def main() -> None:
     print(f"    {t_ecle / (nv * parts) * 1e6:.1f} us per pool image per ordering")
 
     # 4. seed share (robust's gate and tail): k nearest among seed + reference for every query
-    from mak.robust import seed_share, share_bank
+    from mak.selection.robust import seed_share, share_bank
 
     nq, ms, nref, k = (5_000, 1_000, 10_000, 50) if args.quick else ((1_000_000, 20_000, 200_000, 50) if gpu
                                                                   else (50_000, 2_000, 20_000, 50))

@@ -4,11 +4,11 @@ For each backbone it measures, on synthetic uint8 images:
 
 - **bare train**: forward + NT-Xent + backward + SGD step on a pre-augmented float tensor
   (2B views already on the device, the same mixed-precision / channels_last settings);
-- **pretrain**: :func:`mak.pretrain.pretrain` on an in-memory source of the same images
+- **pretrain**: :func:`mak.train.pretrain.pretrain` on an in-memory source of the same images
   (decode/resize, batched augmentation, schedule, logging included; the checkpoint write is
   outside the timed loop), images/s of its second epoch from ``log.csv``;
 - **bare embed**: 1 backbone forward + R full forwards per batch on pre-made tensors;
-- **embed**: :func:`mak.embed.embed` (loading, centre transform, R keyed augmentations,
+- **embed**: :func:`mak.train.embed.embed` (loading, centre transform, R keyed augmentations,
   memmap writes) over the same images.
 
 Runs alternate (bare, pipeline, bare, pipeline ...) and the best of ``--reps`` is kept for each,
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from mak._machine import cpu_summary
-from mak.data import ArraySource
-from mak.embed import embed
-from mak.losses import nt_xent
-from mak.models import SimCLRModel
-from mak.pretrain import autocast_context, pretrain, resolve_amp, resolve_channels_last
+from mak.data.sources import ArraySource
+from mak.train.embed import embed
+from mak.train.losses import nt_xent
+from mak.train.models import SimCLRModel
+from mak.train.pretrain import autocast_context, pretrain, resolve_amp, resolve_channels_last
 
 
 def _images_per_s(step, steps: int, batch: int, dev: torch.device) -> float:
@@ -126,7 +126,7 @@ def run_backbone(name: str, args, dev: torch.device, work: Path) -> dict:
         res["pretrain"] = max(res["pretrain"], float(rows[-1]["images_per_s"]))
         print(f"  {name} rep {rep}: bare train {res['bare_train']:.1f}, pretrain {float(rows[-1]['images_per_s']):.1f} img/s",
               file=sys.stderr)
-    from mak.pretrain import load_model
+    from mak.train.pretrain import load_model
 
     model, _ = load_model(ckpt, dev)
     if cl:

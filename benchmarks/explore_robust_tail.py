@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mak import density_ratio as dr
-from mak.analysis import analyse_selection, labels_from_items
-from mak.robust import DEFAULTS, knn_chunks, rank_normalize
-from mak.selection import select
+from mak.selection.robust import density_ratio as dr
+from mak.bench.analysis import analyse_selection, labels_from_items
+from mak.selection.robust import DEFAULTS, rank_normalize
+from mak.selection.robust.neighbours import knn_chunks
+from mak.selection.strategies import select
 
 REPORTED_SEEDS = (100, 101, 102)
 

@@ -1,4 +1,4 @@
-"""Selection analysis (mak.analysis) against hand-computed examples."""
+"""Selection analysis (mak.bench.analysis) against hand-computed examples."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mak.analysis import analyse_selection, balance, format_analysis, labels_from_items
+from mak.bench.analysis import analyse_selection, balance, format_analysis, labels_from_items
 from mak.errors import MakError
 
 

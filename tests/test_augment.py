@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mak.augment import (
+from mak.train.augment import (
     MEAN,
     STD,
     SimCLRAugment,
@@ -99,7 +99,7 @@ def test_view_key_and_uniforms():
 def test_view_key_against_plain_splitmix64():
     """CPU keys (numpy) and the int64-tensor path used on GPUs both equal splitmix64 written out
     on Python integers."""
-    from mak.augment import _mix, _signed
+    from mak.train.augment import _mix, _signed
 
     mask = (1 << 64) - 1
 
@@ -219,7 +219,7 @@ def test_cpu_slicing_and_blur_paths_agree():
 def test_gpu_blur_matmul_equals_depthwise_conv(size, channels, k):
     """The GPU blur (banded matrices holding the padding) against the padded depthwise conv,
     reflect padding and, for images smaller than the kernel's radius, replicate."""
-    from mak.augment import _blur_matmul
+    from mak.train.augment import _blur_matmul
 
     aug = SimCLRAugment(max(size, 3), channels)
     aug.kernel_size, aug.cpu_shift_blur_radius = k, -1  # force the conv path

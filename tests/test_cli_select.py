@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mak.store import write_store
+from mak.data.store import write_store
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def test_dist_backend_override(monkeypatch):
 @cuda
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (3, 96)])
 def test_augment_cuda_matches_cpu(channels, size):
-    from mak.augment import SimCLRAugment, view_key
+    from mak.train.augment import SimCLRAugment, view_key
 
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (48, channels, size + 4, size), generator=g, dtype=torch.uint8)
@@ -79,8 +79,8 @@ def test_augment_cuda_matches_cpu(channels, size):
 
 @cuda
 def test_nt_xent_and_ecle_cuda_match_cpu():
-    from mak.losses import nt_xent_per_sample
-    from mak.tailness import ecle
+    from mak.train.losses import nt_xent_per_sample
+    from mak.selection.tailness import ecle
 
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
@@ -95,7 +95,7 @@ def test_nt_xent_and_ecle_cuda_match_cpu():
     # with an overlapping last batch (700 = 5 x 128 + 60) and partial ownership
     vt = torch.from_numpy(views).cuda()
     np.testing.assert_allclose(ecle(vt, batch_size=128, partitions=3, seed=5), e_cpu, rtol=1e-4, atol=1e-5)
-    from mak.tailness import ecle_sum
+    from mak.selection.tailness import ecle_sum
 
     own = lambda p, k: (p + k) % 2 == 0  # noqa: E731
     a_cpu, t_cpu = ecle_sum(views, batch_size=128, partitions=3, seed=5, device="cpu", owner=own)
@@ -106,8 +106,8 @@ def test_nt_xent_and_ecle_cuda_match_cpu():
 
 @cuda
 def test_kcenter_and_proximity_cuda_match_cpu():
-    from mak.kcenter import kcenter_greedy
-    from mak.proximity import proximity
+    from mak.selection.kcenter import kcenter_greedy
+    from mak.selection.proximity import proximity
 
     rng = np.random.default_rng(3)
     pool = rng.standard_normal((3000, 32)).astype(np.float32)
@@ -141,8 +141,8 @@ def images(tmp_path_factory) -> Path:
 
 @cuda
 def test_pretrain_cuda_amp_loss_falls_and_resume(images, tmp_path):
-    from mak.data import ArraySource
-    from mak.pretrain import pretrain, read_checkpoint
+    from mak.data.sources import ArraySource
+    from mak.train.pretrain import pretrain, read_checkpoint
 
     kw = dict(epochs=4, batch_size=64, num_workers=0, progress=False, device="cuda", seed=1)
     ck = pretrain(ArraySource(images), tmp_path / "full", **kw)
@@ -161,10 +161,10 @@ def test_pretrain_cuda_amp_loss_falls_and_resume(images, tmp_path):
 
 @cuda
 def test_embed_cuda_matches_cpu_and_select_cuda(images, tmp_path, cli):
-    from mak.data import ArraySource
-    from mak.embed import embed
-    from mak.pretrain import pretrain
-    from mak.store import open_store
+    from mak.data.sources import ArraySource
+    from mak.train.embed import embed
+    from mak.train.pretrain import pretrain
+    from mak.data.store import open_store
 
     ck = pretrain(ArraySource(images), tmp_path / "pt", epochs=1, batch_size=64, num_workers=0,
                   progress=False, device="cpu")
@@ -207,7 +207,7 @@ def test_embed_cuda_matches_cpu_and_select_cuda(images, tmp_path, cli):
 def test_torchrun_two_processes_on_one_gpu(images, tmp_path):
     """DDP pretrain and sharded embed with 2 ranks sharing one GPU over gloo (NCCL needs one GPU
     per rank); the sharded store equals the single-process GPU store."""
-    from mak.store import open_store
+    from mak.data.store import open_store
 
     env_backend = os.environ.get("MAK_DIST_BACKEND")
     os.environ["MAK_DIST_BACKEND"] = "gloo"

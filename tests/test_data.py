@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mak.data import (
+from mak.data.sources import (
     ArraySource,
     FashionMNISTSource,
     FolderSource,
@@ -348,7 +348,7 @@ def test_fit_rows_equals_fit_image_by_image(tmp_path, rng, shape, channels, size
 
 
 def test_pool_mix_rows_is_a_seeded_uniform_sample_without_replacement():
-    from mak.data import pool_mix_rows
+    from mak.data.sources import pool_mix_rows
 
     rows = pool_mix_rows(10_000, 100, "auto", seed=3)
     assert len(rows) == 800 and np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < 10_000  # 8 x seed
@@ -366,7 +366,7 @@ def test_pool_mix_rows_is_a_seeded_uniform_sample_without_replacement():
 
 
 def test_combined_source_reads_seed_rows_then_chosen_pool_rows(tmp_path, rng):
-    from mak.data import CombinedSource, open_source
+    from mak.data.sources import CombinedSource, open_source
 
     a = rng.integers(0, 255, (4, 8, 8), dtype=np.uint8)
     b = rng.integers(0, 255, (6, 8, 8), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""Near-duplicate removal (mak.dedup) and `mak select --dedup`."""
+"""Near-duplicate removal (mak.selection.scale.dedup) and `mak select --dedup`."""
 from __future__ import annotations
 
 import csv
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from mak.dedup import find_duplicates, near_duplicates
+from mak.selection.scale.dedup import find_duplicates, near_duplicates
 from mak.errors import MakError
-from mak.store import write_store
+from mak.data.store import write_store
 
 
 def planted(seed: int = 1, groups: int = 150, d: int = 32, noise: float = 0.01):
@@ -79,7 +79,7 @@ def test_bad_threshold():
 
 
 def test_big_cluster_is_split_and_copies_still_found(monkeypatch):
-    import mak.dedup as dd
+    import mak.selection.scale.dedup as dd
 
     monkeypatch.setattr(dd, "SPLIT_MIN", 100)
     monkeypatch.setattr(dd, "SPLIT_FACTOR", 1.5)

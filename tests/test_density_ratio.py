@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import mak
-from mak.density_ratio import (BAG_SEED_STRIDE, ratio_ensemble, ratio_logits, ratio_models, reference_folds,
+from mak.selection.robust.density_ratio import (BAG_SEED_STRIDE, ratio_ensemble, ratio_logits, ratio_models, reference_folds,
                                 seed_folds_of, seed_heldout_logits, train_ratio_model)
 from mak.errors import MakError
-from mak.robust import robust_options
+from mak.selection.robust import robust_options
 
 
 def blobs(rng, centers, counts, dim=8, spread=0.15):

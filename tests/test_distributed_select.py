@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mak.store import write_shards_index, write_store
+from mak.data.store import write_shards_index, write_store
 
 STRATEGIES = ["mak", "random", "kcenter", "tailness", "proximity", "tailness+proximity"]
 try:
-    import mak.robust  # noqa: F401
+    import mak.selection.robust  # noqa: F401
 
     STRATEGIES.append("robust")
 except ImportError:  # pragma: no cover
@@ -40,7 +40,7 @@ WORKER = textwrap.dedent('''
         rc = main(args)
         assert rc == 0, (args, rc)
     if jobs.get("api"):
-        from mak.distributed_select import gather_scores, select_distributed
+        from mak.selection.scale.context import gather_scores, select_distributed
         api = jobs["api"]
         d = np.load(api["data"])
         sel = select_distributed(d["seed"], d["pool"], d["views"], 24, strategy="mak", clusters=4, batch_size=32,
@@ -163,7 +163,7 @@ def test_torchrun_equals_single_process(data, cli, world):
     summary = json.loads((data / f"w{world}-tworound" / "summary.json").read_text())
     kc = summary["info"]["kcenter"]
     assert kc["mode"] == "two-round" and kc["exact_radius"] is not None
-    from mak.kcenter_scale import angle
+    from mak.selection.scale.kcenter import angle
 
     assert angle(kc["radius"]) <= 4 * angle(kc["exact_radius"]) + 1e-6
 

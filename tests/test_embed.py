@@ -13,19 +13,19 @@ import pytest
 from conftest import torchrun as _torchrun
 
 from mak.errors import MakError
-from mak.store import open_store
+from mak.data.store import open_store
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny checkpoint (1 epoch on 64 images) and a 90-image pool array."""
-    from mak.data import ArraySource
-    from mak.pretrain import pretrain
+    from mak.data.sources import ArraySource
+    from mak.train.pretrain import pretrain
 
     d = tmp_path_factory.mktemp("embed")
     rng = np.random.default_rng(0)
     try:
-        from mak.data import FashionMNISTSource
+        from mak.data.sources import FashionMNISTSource
 
         src = FashionMNISTSource("test")
         pool = np.stack([src.load(i)[:, :, 0] for i in range(90)])
@@ -38,13 +38,13 @@ def setup(tmp_path_factory):
 
 
 def _pool(d: Path):
-    from mak.data import ArraySource
+    from mak.data.sources import ArraySource
 
     return ArraySource(d / "pool.npy")
 
 
 def _embed(d, ckpt, out, **kw):
-    from mak.embed import embed
+    from mak.train.embed import embed
 
     kw.setdefault("views", 3)
     kw.setdefault("num_workers", 0)
@@ -74,15 +74,15 @@ def test_store_format_and_meta(setup, tmp_path):
     assert meta["checkpoint_sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
     assert meta["source"]["kind"] == "array"
     assert meta["model_trained_on"]["pool_rows"] == 0  # a seed-only model (what `robust` warns about)
-    from mak.embed import model_trained_on
+    from mak.train.embed import model_trained_on
 
     assert model_trained_on({"num_images": 30, "source": {"kind": "combined", "pool_rows": 20}}) == {
         "images": 30, "pool_rows": 20}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work dir left behind
 
     # features are the evaluation features (no augmentation)
-    from mak.embed import compute_features
-    from mak.pretrain import load_model
+    from mak.train.embed import compute_features
+    from mak.train.pretrain import load_model
 
     model, cfg = load_model(ckpt)
     f = compute_features(model, _pool(d), cfg["image_size"], cfg["channels"], batch_size=40)
@@ -169,7 +169,7 @@ class _FailingSource:
 
 
 def test_killed_run_resumes_from_finished_chunks(setup, tmp_path):
-    from mak.embed import embed
+    from mak.train.embed import embed
 
     d, ckpt = setup
     kw = dict(views=2, batch_size=10, num_workers=0, progress=False, dtype="float32", flush_rows=20)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (mak.evaluate) against hand-computed examples and brute-force references."""
+"""Evaluation metrics (mak.bench.evaluate) against hand-computed examples and brute-force references."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from mak.cli import main
 from mak.errors import MakError
-from mak.evaluate import (
+from mak.bench.evaluate import (
     class_groups,
     evaluate_features,
     fewshot_probe,

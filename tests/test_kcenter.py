@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mak
-from mak.kcenter import covering_radius
+from mak.selection.kcenter import covering_radius
 
 
 def ref_kcenter(x: np.ndarray, budget: int, init: np.ndarray | None, seed: int) -> list[int]:
@@ -62,7 +62,7 @@ def test_chunked_init_equals_unchunked(rng, monkeypatch):
     x = rng.normal(size=(300, 5)).astype(np.float32)
     init = rng.normal(size=(70, 5)).astype(np.float32)
     full = mak.kcenter_greedy(x, 40, init=init)
-    import mak.kcenter as kc
+    import mak.selection.kcenter as kc
 
     monkeypatch.setattr(kc, "CHUNK", 16)
     assert mak.kcenter_greedy(x, 40, init=init).tolist() == full.tolist()

@@ -1,4 +1,4 @@
-"""Sharded greedy k-center and the two-round composable coreset (mak.kcenter_scale)."""
+"""Sharded greedy k-center and the two-round composable coreset (mak.selection.scale.kcenter)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mak._tensor import l2_normalize
-from mak.kcenter import covering_radius, kcenter_greedy
-from mak.kcenter_scale import (
+from mak.selection.kcenter import covering_radius, kcenter_greedy
+from mak.selection.scale.kcenter import (
     _pack,
     angle,
     cos_distance,

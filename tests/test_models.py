@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mak.errors import MakError
-from mak.losses import nt_xent
-from mak.models import BACKBONES, ProjectionHead, SimCLRModel, build_backbone, default_backbone
+from mak.train.losses import nt_xent
+from mak.train.models import BACKBONES, ProjectionHead, SimCLRModel, build_backbone, default_backbone
 
 FEAT_DIMS = {"smallconv": 128, "smallconv-wide": 256, "resnet18": 512, "resnet18-small": 512,
              "resnet50": 2048}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mak import native
-from mak.augment import MEAN, STD, SimCLRAugment, view_key
+from mak.train import native
+from mak.train.augment import MEAN, STD, SimCLRAugment, view_key
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is used")
 
@@ -76,7 +76,7 @@ def test_native_bad_inputs():
 
 
 def _probe(env: dict) -> subprocess.CompletedProcess:
-    code = ("import torch; from mak import native; from mak.augment import SimCLRAugment, view_key;"
+    code = ("import torch; from mak.train import native; from mak.train.augment import SimCLRAugment, view_key;"
             "x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8);"
             "y = SimCLRAugment(28, 1)(x, keys=view_key(0, 0, torch.arange(8)));"
             "print(native.available(), tuple(y.shape))")
@@ -108,7 +108,7 @@ def test_build_is_cached_per_source_and_cpu(tmp_path):
 
 @needs_native
 def test_native_key_uniforms_bit_identical_to_numpy():
-    from mak.augment import _uniforms_reference
+    from mak.train.augment import _uniforms_reference
 
     rng = np.random.default_rng(5)
     keys = np.concatenate([rng.integers(-(2**63), 2**63 - 1, 500, dtype=np.int64),

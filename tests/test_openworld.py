@@ -1,4 +1,4 @@
-"""The open-world benchmark builder (mak.openworld), its image generators (mak.glyphs) and `mak bench build`."""
+"""The open-world benchmark builder (mak.bench.openworld), its image generators (mak.bench.glyphs) and `mak bench build`."""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mak import glyphs, openworld
+from mak.bench import glyphs
+from mak.bench import openworld
 from mak.cli import main
 from mak.errors import MakError
 

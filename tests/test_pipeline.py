@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import torchrun
 
-from mak.config import load_config
+from mak.run.config import load_config
 from mak.errors import MakError
-from mak.openworld import find_fashion_mnist
+from mak.bench.openworld import find_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,8 @@ def test_user_data_requires_sources():
 
 def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
     # a new robust default must re-run the stage: the key holds the resolved settings, not just the overrides
-    from mak.pipeline import build_plan
-    from mak.robust import DEFAULTS
+    from mak.run.pipeline import build_plan
+    from mak.selection.robust import DEFAULTS
 
     def key(*extra):
         cfg = load_config(None, TINY + ["select.strategies=[robust,mak]", *extra])
@@ -76,8 +76,8 @@ def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
 
 
 def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_path, monkeypatch):
-    from mak import pipeline
-    from mak.selection import STRATEGY_VERSIONS
+    from mak.run import pipeline
+    from mak.selection.strategies import STRATEGY_VERSIONS
 
     def keys():
         cfg = load_config(None, TINY + ["select.strategies=[robust,mak]"])
@@ -96,7 +96,7 @@ def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_pat
 
 
 def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp_path):
-    from mak.pipeline import build_plan
+    from mak.run.pipeline import build_plan
 
     def plan_of(*extra):
         return build_plan(load_config(None, TINY + ["select.strategies=[robust,mak,random]", *extra]), tmp_path / "r")
@@ -147,7 +147,7 @@ def ran(plan) -> set[str]:
 
 @needs_fmnist
 def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys):
-    from mak.pipeline import run_pipeline
+    from mak.run.pipeline import run_pipeline
 
     run_dir = tmp_path / "run"
     first = run_pipeline(load_config(None, TINY), run_dir)
@@ -183,7 +183,7 @@ def _sets(overrides: list[str]) -> list[str]:
 def test_run_under_torchrun_matches_one_process(tmp_path):
     """`mak run` under torchrun (2 CPU ranks): a whole run, stage records that one process takes as
     cached, and ECLE and selections byte-identical to one process's on the same feature stores."""
-    from mak.pipeline import run_pipeline
+    from mak.run.pipeline import run_pipeline
 
     cfg = TINY + ["select.strategies=[robust,mak,random]"]
     run_dir = tmp_path / "run"
@@ -226,7 +226,7 @@ def test_run_under_torchrun_on_image_folders(tmp_path, monkeypatch, device):
     CUDA the two ranks share one GPU over gloo. The selection equals one process's on the same stores."""
     from PIL import Image
 
-    from mak.pipeline import run_pipeline
+    from mak.run.pipeline import run_pipeline
 
     rng = np.random.default_rng(3)
     for part, n in (("seed", 40), ("pool", 120)):
@@ -257,11 +257,11 @@ def test_run_under_torchrun_on_image_folders(tmp_path, monkeypatch, device):
 @needs_fmnist
 def test_selection_never_reads_labels(tmp_path):
     """Stripping the labels from the pool's split file must not change the selection."""
-    from mak.data import open_source
-    from mak.embed import embed
-    from mak.openworld import build_benchmark
-    from mak.pretrain import pretrain
-    from mak.select_stores import select_stores
+    from mak.data.sources import open_source
+    from mak.train.embed import embed
+    from mak.bench.openworld import build_benchmark
+    from mak.train.pretrain import pretrain
+    from mak.run.select_job import select_stores
 
     bench = tmp_path / "b"
     build_benchmark(bench, seed=1, scale=0.02)
@@ -301,7 +301,7 @@ def test_demo_smallest_scale(cli, tmp_path, capsys):
 
 def test_benchmark_ood_ratio_is_keyed_only_when_set(tmp_path):
     """A half-junk run keeps its cached stages; another junk ratio is a new benchmark, passed to the builder."""
-    from mak.pipeline import build_plan
+    from mak.run.pipeline import build_plan
 
     base = ["data.benchmark.build=true", "data.benchmark.scale=0.02"]
 

@@ -12,7 +12,7 @@ from conftest import torchrun as _torchrun
 import torch
 
 from mak.errors import MakError
-from mak.losses import nt_xent, nt_xent_global, nt_xent_per_sample
+from mak.train.losses import nt_xent, nt_xent_global, nt_xent_per_sample
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -20,7 +20,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 def fashion_subset(path: Path, n: int) -> Path:
     """The first ``n`` Fashion-MNIST training images as an .npy array (synthetic if absent)."""
     try:
-        from mak.data import FashionMNISTSource
+        from mak.data.sources import FashionMNISTSource
 
         src = FashionMNISTSource("train")
         arr = np.stack([src.load(i)[:, :, 0] for i in range(n)])
@@ -32,7 +32,7 @@ def fashion_subset(path: Path, n: int) -> Path:
 
 
 def array_source(path: Path):
-    from mak.data import ArraySource
+    from mak.data.sources import ArraySource
 
     return ArraySource(path)
 
@@ -67,7 +67,7 @@ def test_nt_xent_matches_python_reference():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from mak.pretrain import lr_factor
+    from mak.train.pretrain import lr_factor
 
     f = [lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
@@ -77,7 +77,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_channels_last_and_amp_switches():
-    from mak.pretrain import resolve_amp, resolve_channels_last
+    from mak.train.pretrain import resolve_amp, resolve_channels_last
 
     cpu = torch.device("cpu")
     assert resolve_amp(cpu, False) is None
@@ -103,7 +103,7 @@ def _state(ckpt: Path) -> dict:
 
 
 def test_pretrain_loss_falls_and_resume_is_bit_identical(seed_array, tmp_path):
-    from mak.pretrain import load_model, pretrain
+    from mak.train.pretrain import load_model, pretrain
 
     src = array_source(seed_array)
     kw = dict(epochs=2, batch_size=32, base_lr=1.0, seed=5, num_workers=0, progress=False)
@@ -143,7 +143,7 @@ def test_pretrain_loss_falls_and_resume_is_bit_identical(seed_array, tmp_path):
 
 def test_streamed_seed_set_trains_like_the_cached_one(seed_array, tmp_path, monkeypatch):
     """Seed sets too large for the in-memory cache stream through DataLoader workers: same batches."""
-    import mak.pretrain as P
+    import mak.train.pretrain as P
 
     src = array_source(seed_array)
     kw = dict(epochs=1, batch_size=64, seed=1, progress=False)
@@ -158,8 +158,8 @@ def test_streamed_seed_set_trains_like_the_cached_one(seed_array, tmp_path, monk
 def test_unreadable_seed_image_fails_before_training(tmp_path):
     from PIL import Image
 
-    from mak.data import FolderSource
-    from mak.pretrain import pretrain
+    from mak.data.sources import FolderSource
+    from mak.train.pretrain import pretrain
 
     d = tmp_path / "imgs"
     d.mkdir()
@@ -173,7 +173,7 @@ def test_unreadable_seed_image_fails_before_training(tmp_path):
 
 
 def test_unreadable_checkpoint_is_one_line_error(tmp_path):
-    from mak.pretrain import load_model
+    from mak.train.pretrain import load_model
 
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"this is not a checkpoint")
@@ -204,8 +204,8 @@ def test_cli_pretrain_and_errors(seed_array, tmp_path, cli, capsys):
 def test_cli_pretrain_mixes_a_pool_sample_into_the_seed(seed_array, tmp_path, cli, capsys):
     from PIL import Image
 
-    from mak.data import pool_mix_rows
-    from mak.pretrain import read_checkpoint
+    from mak.data.sources import pool_mix_rows
+    from mak.train.pretrain import read_checkpoint
 
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -248,8 +248,8 @@ def test_ddp_pretrain_two_processes_matches_one(tmp_path, precision):
     differences (even 1 vs 2 threads), so only the first step is compared tightly: float32 to
     1e-4; bf16 autocast (native or emulated, on every CPU) to bf16's rounding (``BF16_STEP``).
     """
-    from mak.models import SimCLRModel
-    from mak.pretrain import pretrain
+    from mak.train.models import SimCLRModel
+    from mak.train.pretrain import pretrain
 
     arr = fashion_subset(tmp_path / "seed64.npy", 64)
     flag = "--no-amp" if precision == "float32" else "--amp"

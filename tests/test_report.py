@@ -1,4 +1,4 @@
-"""The HTML run report (mak.report.write_report) on a small fake run."""
+"""The HTML run report (mak.run.report.write_report) on a small fake run."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mak.report import _find_gate, _read_scores, write_report
+from mak.run.report import _find_gate, _read_scores, write_report
 
 N_POOL = 240
 BUDGET = 40

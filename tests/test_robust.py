@@ -9,10 +9,10 @@ import torch
 
 import mak
 from mak.errors import MakError
-from mak.robust import (DEFAULTS, RobustContext, auto_gate_quantile, rank_fusion, rank_normalize, robust_options,
+from mak.selection.robust import (DEFAULTS, RobustContext, auto_gate_quantile, rank_fusion, rank_normalize, robust_options,
                         seed_gate, seed_share, share_gate)
-from mak.selection import Context
-from mak.store import write_store
+from mak.selection.strategies import Context
+from mak.data.store import write_store
 
 D = 16
 
@@ -163,8 +163,8 @@ def test_rank_fusion_is_invariant_to_a_pile_of_far_junk():
     np.testing.assert_array_equal(mixed[:n], alone)
     assert np.isneginf(mixed[n:]).all()
     # the paper's z-scores over the whole pool do change the in-domain order
-    z_alone = 0.5 * mak.selection.zscore(tail) - 0.5 * mak.selection.zscore(dist)
-    z_mixed = 0.5 * mak.selection.zscore(np.r_[tail, junk_tail]) - 0.5 * mak.selection.zscore(np.r_[dist, junk_dist])
+    z_alone = 0.5 * mak.selection.strategies.zscore(tail) - 0.5 * mak.selection.strategies.zscore(dist)
+    z_mixed = 0.5 * mak.selection.strategies.zscore(np.r_[tail, junk_tail]) - 0.5 * mak.selection.strategies.zscore(np.r_[dist, junk_dist])
     assert not np.array_equal(np.argsort(z_alone, kind="stable"), np.argsort(z_mixed[:n], kind="stable"))
 
 
@@ -243,8 +243,8 @@ def test_a_context_with_foreign_global_operations_is_refused(world):
 
 def test_cli_flags_are_the_declared_options(tmp_path, cli, capsys):
     from mak.cli import build_parser
-    from mak.commands.select import params_from_args
-    from mak.robust import OPTIONS
+    from mak.cli.select import params_from_args
+    from mak.selection.robust import OPTIONS
 
     given = dict(gate="off", gate_quantile="0.95", gate_folds="3", gate_score="centroid+ratio", gate_clusters="auto",
                  tail="ecle", fusion="z", share_k="20", share_reference="5000", gate_core_ratio="1.25",
@@ -383,7 +383,7 @@ def test_gate_core_ratio_runs_kcenter_behind_the_gate(world):
 # ------------------------------------------------------------------- defaults: ratio tail, no views
 
 def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
-    from mak.density_ratio import ratio_logits
+    from mak.selection.robust.density_ratio import ratio_logits
 
     seed, _, _, pool, views = world
     o = robust_options({})
@@ -404,7 +404,7 @@ def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
 
 def test_default_gate_is_every_term_at_its_own_held_out_seed_quantile(world):
     """centroid + share + ratio: each term's threshold is its held-out seed quantile; kept = all three pass."""
-    from mak.density_ratio import BAG_SEED_STRIDE, ratio_logits, ratio_models, seed_heldout_logits
+    from mak.selection.robust.density_ratio import BAG_SEED_STRIDE, ratio_logits, ratio_models, seed_heldout_logits
 
     seed, pool_in, junk, pool, views = world
     q = auto_gate_quantile(len(seed))
@@ -459,7 +459,7 @@ def test_ratio_gate_alone_rejects_a_planted_far_cluster(world):
 
 def test_robust_without_ecle_needs_no_views_and_with_ecle_says_so(world):
     seed, _, _, pool, views = world
-    from mak.selection import strategy_needs
+    from mak.selection.strategies import strategy_needs
 
     assert strategy_needs("robust", {}) == (True, False)
     assert strategy_needs("robust", {"tail": "ecle"}) == (True, True)
@@ -472,7 +472,7 @@ def test_robust_without_ecle_needs_no_views_and_with_ecle_says_so(world):
 
 
 def test_select_stores_runs_robust_on_a_store_without_views(world, tmp_path):
-    from mak.select_stores import select_stores
+    from mak.run.select_job import select_stores
 
     seed, pool_in, _, pool, _ = world
     write_store(tmp_path / "seed", seed, [f"s{i}" for i in range(len(seed))])
@@ -488,7 +488,7 @@ def test_select_stores_runs_robust_on_a_store_without_views(world, tmp_path):
 
 @pytest.mark.parametrize("pool_rows", [0, 25])
 def test_robust_on_a_seed_only_model_store_says_so(world, tmp_path, capsys, pool_rows):
-    from mak.select_stores import select_stores
+    from mak.run.select_job import select_stores
 
     seed, _, _, pool, _ = world
     write_store(tmp_path / "seed", seed, [f"s{i}" for i in range(len(seed))])

@@ -7,12 +7,13 @@ import shutil
 import numpy as np
 import pytest
 
-from mak.distributed_select import PoolArray, iter_items, store_arrays
-from mak.store import open_store, write_shards_index, write_store
+from mak.data.pool_array import PoolArray, store_arrays
+from mak.run.select_job import iter_items
+from mak.data.store import open_store, write_shards_index, write_store
 
 STRATEGIES = ["mak", "random", "kcenter", "tailness", "proximity", "tailness+proximity"]
 try:
-    import mak.robust  # noqa: F401
+    import mak.selection.robust  # noqa: F401
 
     STRATEGIES.append("robust")
 except ImportError:  # pragma: no cover

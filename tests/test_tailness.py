@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mak
-from mak.losses import nt_xent_per_sample
-from mak.tailness import batch_plan, partition_order
+from mak.train.losses import nt_xent_per_sample
+from mak.selection.tailness import batch_plan, partition_order
 
 
 def ref_batch_loss(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:

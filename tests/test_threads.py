@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from mak.density_ratio import train_ratio_model
-from mak.store import write_store
+from mak.selection.robust.density_ratio import train_ratio_model
+from mak.data.store import write_store
 
 OUTPUTS = ("selection.txt", "scores.csv")
 

@@ -13,11 +13,11 @@ Public API (see each module for details)::
 """
 __version__ = "0.1.0"
 
-from .errors import MakError  # noqa: E402
-from .kcenter import kcenter_greedy  # noqa: E402
-from .proximity import kmeans, nearest_centroid_distance, proximity  # noqa: E402
-from .selection import STRATEGIES, Selection, select  # noqa: E402
-from .tailness import ecle  # noqa: E402
+from mak.errors import MakError  # noqa: E402
+from mak.selection.kcenter import kcenter_greedy  # noqa: E402
+from mak.selection.proximity import kmeans, nearest_centroid_distance, proximity  # noqa: E402
+from mak.selection.strategies import STRATEGIES, Selection, select  # noqa: E402
+from mak.selection.tailness import ecle  # noqa: E402
 
 __all__ = [
     "MakError",
@@ -32,7 +32,7 @@ __all__ = [
     "__version__",
 ]
 
-from . import robust  # noqa: F401,E402  (registers the 'robust' strategy)
-from .robust import rank_fusion, rank_normalize, seed_gate  # noqa: E402
+from mak.selection import robust  # noqa: F401,E402  (registers the 'robust' strategy)
+from mak.selection.robust import rank_fusion, rank_normalize, seed_gate  # noqa: E402
 
 __all__ += ["rank_fusion", "rank_normalize", "seed_gate"]

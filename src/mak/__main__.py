@@ -1,6 +1,6 @@
 """``python -m mak`` (and ``torchrun -m mak``) entry point."""
 import sys
 
-from .cli import main
+from mak.cli import main
 
 sys.exit(main())

@@ -25,10 +25,18 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return name, flags
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16 / AMX)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover - very old or exotic builds
+        return False
+
+
 def cpu_summary() -> str:
     """e.g. ``AMD EPYC, x86_64, avx2 avx512f avx512_bf16, torch capability AVX512, native bf16 yes``."""
-    from .pretrain import cpu_bf16_supported
-
     name, flags = _cpuinfo()
     have = " ".join(f for f in FEATURES if f in flags) or "none of " + "/".join(FEATURES)
     try:
@@ -39,4 +47,4 @@ def cpu_summary() -> str:
             f"torch capability {capability}, native bf16 {'yes' if cpu_bf16_supported() else 'no'}")
 
 
-__all__ = ["cpu_summary"]
+__all__ = ["cpu_bf16_supported", "cpu_summary"]

@@ -24,7 +24,7 @@ def auto_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import MakError
+        from mak.errors import MakError
 
         raise MakError("--device cuda requested but no CUDA device is available")
     return dev

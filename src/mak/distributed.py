@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ._tensor import auto_device
+from mak._tensor import auto_device
 
 
 def launched_by_torchrun() -> bool:
@@ -38,7 +38,7 @@ def init(device: str | torch.device = "cpu") -> bool:
         count = torch.cuda.device_count()
         nlocal = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if backend == "nccl" and nlocal > count:
-            from .errors import MakError
+            from mak.errors import MakError
 
             raise MakError(f"NCCL needs one GPU per process: {nlocal} processes on this node but "
                            f"{count} GPU(s); use fewer processes or MAK_DIST_BACKEND=gloo")
@@ -53,7 +53,7 @@ def backend_for(device: str | torch.device) -> str:
     forced = os.environ.get("MAK_DIST_BACKEND", "").strip().lower()
     if forced:
         if forced not in ("gloo", "nccl"):
-            from .errors import MakError
+            from mak.errors import MakError
 
             raise MakError(f"MAK_DIST_BACKEND must be gloo or nccl, not {forced!r}")
         return forced
@@ -124,7 +124,7 @@ def cleanup(sync: bool = True) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers for DDP pre-training (appended for mak.pretrain / mak.embed).
+# Helpers for DDP pre-training (appended for mak.train.pretrain / mak.train.embed).
 # --------------------------------------------------------------------------------------------
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -268,8 +268,8 @@ def _convert_bn_cpu(module: torch.nn.Module) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
-# Collectives for distributed selection (appended for mak.distributed_select, mak.dedup and
-# mak.kcenter_scale). Each takes and returns numpy arrays / Python numbers, moves data to the
+# Collectives for distributed selection (mak.selection.scale: the context, dedup and k-center).
+# Each takes and returns numpy arrays / Python numbers, moves data to the
 # backend's device (CPU for gloo, the local GPU for NCCL) and is an identity on one process.
 # --------------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import MakError
+from mak.errors import MakError
 
 Parser = Callable[[str, Any], Any]  # (name, value) -> canonical value; raises ParameterError
 

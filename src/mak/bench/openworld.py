@@ -1,0 +1,448 @@
+"""The open-world benchmark: a long-tailed seed and a half-junk pool built from Fashion-MNIST.
+
+:func:`build_benchmark` (``mak bench build``) writes, from Fashion-MNIST's real images, a set of
+*split-file datasets* on disk (PNG files plus text files of ``relative/path LABEL`` lines), so
+that every other command reads them exactly as it reads a user's data::
+
+    DIR/benchmark.json                 manifest (counts, class order, groups, budget, ...)
+    DIR/seed.txt      images/seed/000000.png 7     long-tailed seed set
+    DIR/pool.txt      images/pool/000000.png -1    in-domain (milder tail) + out-of-domain, shuffled
+    DIR/fullshot.txt  images/fullshot/...          balanced labeled train split for the linear probe
+    DIR/fewshot.txt   images/fewshot/...           labeled pool the few-shot probe draws from
+    DIR/test.txt      images/test/...              Fashion-MNIST's test images
+    DIR/sources.txt   images/pool/000000.png glyph 17   where each image came from
+    DIR/images/{seed,pool,fullshot,fewshot,test}/NNNNNN.png   28 x 28 grayscale
+
+Counts at ``scale`` 1.0 (``k`` = rank of the class in the class order, 0 = head):
+
+- seed: ``round(1000 * 100 ** (-k / 9))`` = 1000, 599, 359, 215, 129, 77, 46, 28, 17, 10
+  (2,480 images; exponential profile, imbalance 100);
+- pool, in-domain: ``round(2000 * 10 ** (-k / 9))`` = 2000, 1549, ..., 258, 200 (8,175; the
+  same class order, imbalance 10) plus as many out-of-domain images (half glyphs, half
+  textures, see :mod:`mak.bench.glyphs`): 16,350 in all, shuffled. ``ood_ratio`` (default 1) sets
+  the out-of-domain count to that many times the in-domain pool (4: 80% junk);
+- fullshot: 1,000 per class; fewshot: 100 per class; test: all 10,000 test images.
+
+The class label written in the split files is the original Fashion-MNIST label (0-9: T-shirt/top,
+Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot); out-of-domain images
+have label -1. The class order (head to tail) is a permutation of the labels drawn from ``seed``.
+Seed, pool, fullshot and fewshot use disjoint images of the 60,000 training images; test uses
+the 10,000 test images. The labels are there for analysis and evaluation only: pretraining,
+embedding and selection must not read them.
+
+``scale`` multiplies every count (rounded, at least 2 per class; the few-shot pool keeps at
+least ``2 * shots`` = 20 per class so that draws of 10 differ). The Many / Medium / Few groups
+are defined by the unrounded seed profile against thresholds ``300 * scale`` and ``30 * scale``
+(``> many``, ``few..many``, ``< few``), i.e. the same classes by rank at every scale: at
+scale 1.0 three Many, four Medium and three Few classes. The default budget is twice the seed
+size. The same ``seed`` gives the same bytes (on the same machine: the glyphs depend on the
+installed fonts).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mak.atomic import atomic_dir
+from mak.errors import MakError
+
+FORMAT = "mak-openworld-benchmark"
+FORMAT_VERSION = 1
+MANIFEST = "benchmark.json"
+SPLITS: tuple[str, ...] = ("seed", "pool", "fullshot", "fewshot", "test")
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+OOD_LABEL = -1
+
+# Profiles at scale 1.0.
+SEED_MAX, SEED_IMBALANCE = 1000, 100.0
+POOL_MAX, POOL_IMBALANCE = 2000, 10.0
+FULLSHOT_PER_CLASS = 1000
+FEWSHOT_PER_CLASS = 100
+FEWSHOT_SHOTS = 10
+TEST_PER_CLASS = 1000
+MANY_THRESHOLD, FEW_THRESHOLD = 300.0, 30.0
+TRAIN_PER_CLASS = 6000  # Fashion-MNIST's training images per class
+
+DEFAULT_DATA_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
+DATA_PACKAGE = "dataset-fashion-mnist"
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) of unsigned bytes into a numpy array."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise MakError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise MakError(f"{path}: not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise MakError(f"{path}: unsupported IDX element type 0x{dtype_code:02x} (expected unsigned bytes)")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise MakError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    n = int(np.prod(shape)) if shape else 1
+    if len(data) - header != n:
+        raise MakError(f"{path}: IDX payload has {len(data) - header} bytes, header says {n}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
+    """Locate a directory holding Fashion-MNIST's four IDX files (``.gz`` or not).
+
+    Looks in ``data_dir`` when given, else ``$MAK_DATA_DIR`` and the Debian package's
+    ``/usr/share/datasets/fashion-mnist``. Raises :class:`MakError` saying what to do otherwise.
+    """
+    if data_dir is not None:
+        candidates = [Path(data_dir)]
+    else:
+        env = os.environ.get("MAK_DATA_DIR")
+        candidates = ([Path(env)] if env else []) + [Path(d) for d in DEFAULT_DATA_DIRS]
+    for d in candidates:
+        if all(_idx_file(d, name) is not None for pair in _FILES.values() for name in pair):
+            return d
+    where = ", ".join(str(d) for d in candidates)
+    raise MakError(
+        f"Fashion-MNIST not found in {where} (need train-images-idx3-ubyte[.gz], "
+        f"train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]); "
+        f"install the Debian package {DATA_PACKAGE} (apt-get install {DATA_PACKAGE}) "
+        f"or pass --data-dir DIR with those files"
+    )
+
+
+def _idx_file(d: Path, name: str) -> Path | None:
+    for cand in (d / f"{name}.gz", d / name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def load_fashion_mnist(split: str, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(images uint8 N x 28 x 28, labels int64 N)`` of split ``train`` or ``test``."""
+    if split not in _FILES:
+        raise MakError(f"unknown Fashion-MNIST split {split!r}; expected train or test")
+    d = find_fashion_mnist(data_dir)
+    img_name, lab_name = _FILES[split]
+    images = read_idx(_idx_file(d, img_name))
+    labels = read_idx(_idx_file(d, lab_name)).astype(np.int64)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise MakError(f"{d}: Fashion-MNIST {split} images {images.shape} and labels {labels.shape} do not match")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise MakError(f"{d}: Fashion-MNIST {split} labels outside 0..{NUM_CLASSES - 1}")
+    return images, labels
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def profile(max_count: float, imbalance: float, num_classes: int = NUM_CLASSES) -> list[float]:
+    """Unrounded exponential long-tail profile: ``max_count * imbalance ** (-k / (C - 1))``."""
+    if num_classes == 1:
+        return [float(max_count)]
+    return [max_count * imbalance ** (-k / (num_classes - 1)) for k in range(num_classes)]
+
+
+def profile_counts(
+    max_count: float, imbalance: float, num_classes: int = NUM_CLASSES, scale: float = 1.0, minimum: int = 2
+) -> list[int]:
+    """Per-rank counts ``max(minimum, round(scale * max_count * imbalance ** (-k / (C - 1))))``."""
+    return [max(minimum, _round(scale * x)) for x in profile(max_count, imbalance, num_classes)]
+
+
+def check_ood_ratio(value: Any, what: str = "--ood-ratio") -> None:
+    """Raise MakError naming ``what`` unless ``value`` is a finite number >= 0 (not a bool)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise MakError(f"{what} must be a number >= 0, got {value!r}")
+
+
+def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS, ood_ratio: float = 1.0) -> dict[str, list[int]]:
+    """Per-rank image counts of each split at ``scale`` (rank 0 = head class).
+
+    Keys: ``seed``, ``pool`` (in-domain only), ``pool_ood`` (one number: out-of-domain images,
+    ``round(ood_ratio x`` the in-domain pool size``)``), ``fullshot``, ``fewshot``, ``test``.
+    """
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise MakError(f"--scale must be a positive number, got {scale!r}")
+    check_ood_ratio(ood_ratio)
+    counts = {
+        "seed": profile_counts(SEED_MAX, SEED_IMBALANCE, scale=scale),
+        "pool": profile_counts(POOL_MAX, POOL_IMBALANCE, scale=scale),
+        "fullshot": [max(2, _round(FULLSHOT_PER_CLASS * scale))] * NUM_CLASSES,
+        "fewshot": [max(2 * shots, _round(FEWSHOT_PER_CLASS * scale))] * NUM_CLASSES,
+        "test": [min(TEST_PER_CLASS, max(2, _round(TEST_PER_CLASS * scale)))] * NUM_CLASSES,
+    }
+    counts["pool_ood"] = [_round(ood_ratio * sum(counts["pool"]))]
+    need = counts["seed"][0] + counts["pool"][0] + counts["fullshot"][0] + counts["fewshot"][0]
+    if need > TRAIN_PER_CLASS:
+        raise MakError(
+            f"--scale {scale:g} needs {need} training images for the head class but Fashion-MNIST "
+            f"has {TRAIN_PER_CLASS} per class; use a scale of at most "
+            f"{TRAIN_PER_CLASS / (SEED_MAX + POOL_MAX + FULLSHOT_PER_CLASS + FEWSHOT_PER_CLASS):.2f}"
+        )
+    return counts
+
+
+def group_ranks(many: float = MANY_THRESHOLD, few: float = FEW_THRESHOLD) -> dict[str, list[int]]:
+    """Ranks in the Many (> many), Medium (few..many) and Few (< few) groups.
+
+    Decided on the unrounded, unscaled seed profile against the unscaled thresholds, which is the
+    same as the scaled profile against ``many * scale`` and ``few * scale`` before rounding.
+    """
+    out: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
+    for rank, x in enumerate(profile(SEED_MAX, SEED_IMBALANCE)):
+        out["many" if x > many else "few" if x < few else "medium"].append(rank)
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _permute(rng: np.random.Generator, idx: np.ndarray) -> np.ndarray:
+    return idx[rng.permutation(len(idx))]
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encode a 2-D uint8 array as an 8-bit grayscale PNG.
+
+    A minimal encoder (no filtering, zlib level 6): about twice as fast as PIL for tiny images,
+    and its bytes depend on nothing but the pixels (and zlib), not on the PIL version.
+    """
+    a = np.asarray(image)
+    if a.ndim != 2 or a.dtype != np.uint8:
+        raise ValueError("encode_png expects a 2-D uint8 array")
+    h, w = a.shape
+    raw = np.zeros((h, w + 1), np.uint8)  # a leading 0 per row: filter type None
+    raw[:, 1:] = a
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _write_pngs(folder: Path, images: np.ndarray) -> list[str]:
+    """Write ``images[i]`` to ``folder/{i:06d}.png``; return the file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:06d}.png" for i in range(len(images))]
+    for name, img in zip(names, images):
+        with open(folder / name, "wb") as fh:
+            fh.write(encode_png(img))
+    return names
+
+
+def build_benchmark(
+    out: str | os.PathLike,
+    seed: int = 0,
+    scale: float = 1.0,
+    data_dir: str | os.PathLike | None = None,
+    budget: int | None = None,
+    *,
+    overwrite: bool = False,
+    fonts: Sequence[str | os.PathLike] | None = None,
+    ood_ratio: float = 1.0,
+) -> dict[str, Any]:
+    """Build the open-world benchmark into directory ``out`` and return its manifest.
+
+    See the module docstring for the layout and counts. ``budget`` defaults to twice the seed
+    size. The directory is written atomically: it appears complete or not at all; an existing
+    non-empty ``out`` is an error unless ``overwrite``. ``fonts`` overrides the fonts used for glyphs (default
+    :func:`mak.bench.glyphs.find_fonts`). ``ood_ratio``: out-of-domain images per in-domain pool image
+    (default 1: a half-junk pool; 4 = 80% junk, as a web crawl is more like).
+    """
+    from mak.bench import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
+
+    seed = int(seed)
+    counts = benchmark_counts(scale, ood_ratio=ood_ratio)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MakError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MakError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+    if fonts is None:
+        fonts = glyphs.find_fonts()
+    train_x, train_y = load_fashion_mnist("train", data_dir)
+    test_x, test_y = load_fashion_mnist("test", data_dir)
+
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, 20211])
+    class_order = [int(c) for c in rng.permutation(NUM_CLASSES)]  # rank -> Fashion-MNIST label
+
+    # ---- pick disjoint training indices per class
+    picked: dict[str, list[np.ndarray]] = {s: [] for s in ("seed", "pool", "fullshot", "fewshot")}
+    for rank, label in enumerate(class_order):
+        idx = _permute(rng, np.flatnonzero(train_y == label))
+        start = 0
+        for split in ("seed", "pool", "fullshot", "fewshot"):
+            n = counts[split][rank]
+            if start + n > len(idx):
+                raise MakError(
+                    f"Fashion-MNIST class {label} has {len(idx)} training images, the benchmark needs "
+                    f"more at --scale {scale:g}"
+                )
+            picked[split].append(idx[start: start + n])
+            start += n
+    test_pick = []
+    for rank, label in enumerate(class_order):
+        idx = np.flatnonzero(test_y == label)
+        n = counts["test"][rank]
+        test_pick.append(np.sort(_permute(rng, idx)[:n]) if n < len(idx) else idx)
+    test_idx = np.sort(np.concatenate(test_pick))
+
+    # ---- out-of-domain images (half glyphs, rounding up, half textures)
+    n_ood = counts["pool_ood"][0]
+    n_glyph = (n_ood + 1) // 2
+    ood_images, ood_kinds = glyphs.make_ood_images(n_glyph, n_ood - n_glyph, seed=seed, size=IMAGE_SIZE, fonts=fonts)
+    ood_index = list(range(n_glyph)) + list(range(n_ood - n_glyph))
+
+    # ---- assemble each split: (images, labels, provenance)
+    splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+    for split in ("seed", "fullshot", "fewshot"):
+        idx = _permute(rng, np.concatenate(picked[split]))
+        splits[split] = (train_x[idx], train_y[idx], [f"fmnist-train {int(i)}" for i in idx])
+    pool_idx = np.concatenate(picked["pool"])
+    pool_images = np.concatenate([train_x[pool_idx], ood_images])
+    pool_labels = np.concatenate([train_y[pool_idx], np.full(n_ood, OOD_LABEL, np.int64)])
+    pool_prov = [f"fmnist-train {int(i)}" for i in pool_idx] + [f"{k} {j}" for k, j in zip(ood_kinds, ood_index)]
+    order = rng.permutation(len(pool_images))
+    splits["pool"] = (pool_images[order], pool_labels[order], [pool_prov[i] for i in order])
+    splits["test"] = (test_x[test_idx], test_y[test_idx], [f"fmnist-test {int(i)}" for i in test_idx])
+
+    n_pool = len(pool_images)
+    seed_size = int(sum(counts["seed"]))
+    if budget is None:
+        budget = 2 * seed_size
+    budget = int(budget)
+    if budget < 1 or budget > n_pool:
+        raise MakError(f"--budget must be between 1 and the pool size {n_pool}, got {budget}")
+
+    ranks = group_ranks()
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "seed": seed,
+        "scale": float(scale),
+        "source": "Fashion-MNIST",
+        "image_size": IMAGE_SIZE,
+        "channels": 1,
+        "num_classes": NUM_CLASSES,
+        "class_names": {str(c): CLASS_NAMES[c] for c in range(NUM_CLASSES)},
+        "class_order": class_order,
+        "ood_label": OOD_LABEL,
+        "splits": {s: f"{s}.txt" for s in SPLITS},
+        "sources": "sources.txt",
+        "counts": {},
+        "totals": {},
+        "pool_ood": {"glyph": n_glyph, "texture": n_ood - n_glyph},
+        "groups": {g: [class_order[r] for r in rs] for g, rs in ranks.items()},
+        "group_thresholds": {"many": MANY_THRESHOLD * scale, "few": FEW_THRESHOLD * scale},
+        "profiles": {
+            "seed": {"max": SEED_MAX, "imbalance": SEED_IMBALANCE},
+            "pool": {"max": POOL_MAX, "imbalance": POOL_IMBALANCE, "ood_ratio": float(ood_ratio)},
+        },
+        "fewshot_shots": FEWSHOT_SHOTS,
+        "budget": budget,
+    }
+    for split in SPLITS:
+        labels = splits[split][1]
+        keys = list(range(NUM_CLASSES)) + ([OOD_LABEL] if split == "pool" else [])
+        manifest["counts"][split] = {str(c): int((labels == c).sum()) for c in keys}
+        manifest["totals"][split] = int(len(labels))
+
+    try:
+        with atomic_dir(out, overwrite=True) as tmp:
+            source_lines = []
+            for split in SPLITS:
+                images, labels, prov = splits[split]
+                _write_pngs(tmp / "images" / split, np.ascontiguousarray(images))
+                names = [f"images/{split}/{i:06d}.png" for i in range(len(images))]
+                (tmp / f"{split}.txt").write_text("".join(f"{n} {int(y)}\n" for n, y in zip(names, labels)))
+                source_lines += [f"{n} {p}\n" for n, p in zip(names, prov)]
+            (tmp / "sources.txt").write_text("".join(source_lines))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except OSError as exc:
+        raise MakError(f"cannot write the benchmark to {out}: {exc}") from None
+    return manifest
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_manifest(bench: str | os.PathLike) -> dict[str, Any]:
+    """Read ``benchmark.json`` of a benchmark directory (or the file itself)."""
+    path = Path(bench)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MakError(f"{path}: no benchmark manifest (build one with `mak bench build --out DIR`)") from None
+    except (OSError, ValueError) as exc:
+        raise MakError(f"{path}: cannot read benchmark manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MakError(f"{path}: not a mak open-world benchmark manifest")
+    return manifest
+
+
+def split_path(bench: str | os.PathLike, split: str) -> Path:
+    """Path of split file ``split`` (seed, pool, fullshot, fewshot, test) of a benchmark."""
+    manifest = load_manifest(bench)
+    if split not in manifest["splits"]:
+        raise MakError(f"unknown benchmark split {split!r}; expected one of {', '.join(manifest['splits'])}")
+    return Path(bench) / manifest["splits"][split]
+
+
+def seed_counts(manifest: dict[str, Any]) -> dict[int, int]:
+    """Per-class (Fashion-MNIST label) image counts of the seed split of a manifest."""
+    return {int(c): int(n) for c, n in manifest["counts"]["seed"].items() if int(c) >= 0}
+
+
+def groups(manifest: dict[str, Any]) -> dict[str, list[int]]:
+    """The manifest's Many / Medium / Few class lists (Fashion-MNIST labels)."""
+    return {g: [int(c) for c in manifest["groups"][g]] for g in ("many", "medium", "few")}
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """A few human-readable lines describing a built benchmark."""
+    names = manifest["class_names"]
+    order = ", ".join(f"{c} ({names[str(c)]})" for c in manifest["class_order"])
+    lines = [
+        f"class order (head -> tail): {order}",
+        "images: " + ", ".join(f"{s} {manifest['totals'][s]}" for s in SPLITS)
+        + f" (pool: {manifest['counts']['pool'][str(OOD_LABEL)]} out-of-domain)",
+        "seed per class: " + " ".join(str(manifest["counts"]["seed"][str(c)]) for c in manifest["class_order"]),
+        "groups: " + "; ".join(f"{g} {manifest['groups'][g]}" for g in ("many", "medium", "few")),
+        f"budget: {manifest['budget']}",
+    ]
+    return "\n".join(lines)

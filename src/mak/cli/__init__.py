@@ -1,0 +1,61 @@
+"""The ``mak`` command line: a thin layer over the Python API.
+
+Each sub-command lives in a module of :mod:`mak.cli` that defines ``register(subparsers)``
+(adds its parser and sets ``func``). A :class:`~mak.errors.MakError` becomes one line on stderr
+and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from mak import __version__
+from mak.errors import MakError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mak",
+        description="Open-world data sampling for self-supervised learning (Model-Aware K-center).",
+    )
+    parser.add_argument("--version", action="version", version=f"mak {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def _with_flags(exc: MakError) -> str:
+    """The message, with a parameter's Python name (``gate_quantile=``, ``'gate_quantil'``) as its flag."""
+    from mak.options import ParameterError
+
+    msg = str(exc)
+    if isinstance(exc, ParameterError):
+        flag = "--" + exc.param.replace("_", "-")
+        msg = msg.replace(f"{exc.param}=", f"{flag} ").replace(f"'{exc.param}'", flag)
+    return msg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except MakError as exc:
+        print(f"mak {args.command}: error: {_with_flags(exc)}", file=sys.stderr)
+        return MakError.exit_code
+    except KeyboardInterrupt:
+        print(f"mak {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``mak embed``: write a feature store from a checkpoint (see :func:`mak.train.embed.embed`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from mak.data.sources import add_source_args
+
+    p = sub.add_parser(
+        "embed", help="write a feature store (features, augmented views) from a checkpoint",
+        description="Embed every image with a `mak pretrain` checkpoint: features.npy (no augmentation), "
+                    "views.npy (R augmented projections, L2-normalised), items.txt, meta.json. "
+                    "Under torchrun each process embeds its share; a killed run resumes.")
+    add_source_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint.pt written by `mak pretrain`")
+    p.add_argument("--out", required=True, metavar="STORE", help="output feature-store directory")
+    p.add_argument("--views", type=int, default=10, metavar="R",
+                   help="augmented views per image for views.npy; 0 for none (default 10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="augmentation seed: same seed, same store (default 0)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision (default float16)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass (default 256)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="under torchrun: one merged store (default) or --no-merge: one shard per process + shards.json")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16/fp16 mixed precision (default: where the device has it natively); --no-amp: float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from mak import distributed as D
+    from mak.data.sources import source_from_args
+    from mak.train.embed import embed
+
+    source = source_from_args(args)
+    out = embed(source, args.checkpoint, args.out, views=args.views, seed=args.seed, dtype=args.dtype,
+                batch_size=args.batch_size, device=args.device, num_workers=args.workers, merge=args.merge,
+                progress=not args.no_progress, amp=args.amp, overwrite=args.overwrite)
+    if D.rank() == 0:
+        print(f"feature store -> {out}", file=sys.stdout)
+    D.cleanup()
+    return 0

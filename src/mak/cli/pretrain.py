@@ -1,0 +1,79 @@
+"""``mak pretrain``: SimCLR pre-training on the seed set (see :func:`mak.train.pretrain.pretrain`)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from mak.data.sources import add_source_args
+    from mak.train.pretrain import DEFAULT_BASE_LR, DEFAULT_EPOCHS
+
+    p = sub.add_parser(
+        "pretrain", help="SimCLR pre-training on the seed set",
+        description="Pre-train a SimCLR model (NT-Xent, temperature 0.2) on the seed images; writes "
+                    "OUT/checkpoint.pt every epoch and OUT/log.csv. Runs DDP under torchrun.")
+    add_source_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for checkpoint.pt and log.csv")
+    p.add_argument("--backbone", metavar="NAME", default=None,
+                   help="smallconv[-wide], resnet18[-small], resnet50, torchvision:NAME or timm:NAME (default: smallconv <= 64 px, else resnet18)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, metavar="E", help=f"training epochs (default {DEFAULT_EPOCHS})")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="global batch size over all processes (default: min(256, number of images))")
+    p.add_argument("--lr", type=float, default=DEFAULT_BASE_LR, metavar="LR",
+                   help=f"base learning rate; actual lr = LR x batch/256 (default {DEFAULT_BASE_LR})")
+    p.add_argument("--warmup-epochs", type=int, default=None, metavar="W",
+                   help="epochs of linear lr warm-up before the cosine decay (default: min(10, epochs/10))")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same weights (default 0)")
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="working image size in pixels (default: the images' typical size)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="working channels, 1 or 3 (default: 3 if the images have colour)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16/fp16 mixed precision (default: where the device has it natively: CUDA, CPUs with "
+                        "AVX512-BF16/AMX); --no-amp: float32")
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format (default: channels_last)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="DataLoader workers decoding images (default: half the CPU cores, 8 with CUDA)")
+    mix = p.add_argument_group("pool-aware model (what `robust` scores with in `mak run`)")
+    mx = mix.add_mutually_exclusive_group()
+    mx.add_argument("--mix-split", metavar="FILE", help="also train on a uniform sample of this pool split file")
+    mx.add_argument("--mix-folder", metavar="DIR", help="also train on a uniform sample of this pool image folder")
+    mix.add_argument("--mix-root", metavar="DIR", help="directory the --mix-split paths are relative to")
+    mix.add_argument("--mix-count", default="auto", metavar="N",
+                     help="pool images in the sample (default auto: min(pool, 8 x seed images))")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from mak import distributed as D
+    from mak.data.sources import CombinedSource, open_source, pool_mix_rows, source_from_args
+    from mak.errors import MakError
+    from mak.train.pretrain import pretrain
+
+    source = source_from_args(args)
+    if args.mix_split or args.mix_folder:
+        pool = open_source("split", args.mix_split, root=args.mix_root) if args.mix_split \
+            else open_source("folder", args.mix_folder)
+        count = args.mix_count
+        if count != "auto":
+            try:
+                count = int(count)
+            except ValueError:
+                raise MakError(f"--mix-count must be 'auto' or an integer >= 0, got {count!r}") from None
+        source = CombinedSource(source, pool, pool_mix_rows(len(pool), len(source), count, args.seed))
+    elif args.mix_root or args.mix_count != "auto":
+        raise MakError("--mix-root and --mix-count need --mix-split or --mix-folder")
+    ckpt = pretrain(source, args.out, backbone=args.backbone, epochs=args.epochs, batch_size=args.batch_size,
+                    base_lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed,
+                    image_size=args.image_size, channels=args.channels, device=args.device,
+                    amp=args.amp, channels_last=False if args.no_channels_last else None,
+                    resume=args.resume, num_workers=args.workers, progress=not args.no_progress)
+    if D.rank() == 0:
+        print(f"checkpoint -> {ckpt}", file=sys.stdout)
+    D.cleanup()
+    return 0

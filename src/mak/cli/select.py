@@ -1,0 +1,79 @@
+"""``mak select``: pick N pool images from feature stores (see :mod:`mak.run.select_job`)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from mak._tensor import auto_device
+from mak.selection.strategies import STRATEGIES, STRATEGY_OPTIONS
+
+
+def strategy_flags() -> dict[str, tuple[object, list[str]]]:
+    """Every strategy option once: name -> (its declaration, the strategies that take it)."""
+    out: dict[str, tuple[object, list[str]]] = {}
+    for strategy, declared in STRATEGY_OPTIONS.items():
+        for opt in declared:
+            out.setdefault(opt.name, (opt, []))[1].append(strategy)
+    return out
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("select", help="pick N pool images from feature stores",
+                       description="Score every pool image and pick --budget of them with a strategy.")
+    p.add_argument("--seed-store", metavar="DIR", help="feature store of the seed set (features.npy, items.txt)")
+    p.add_argument("--pool-store", metavar="DIR", required=True, help="feature store of the pool (features.npy, views.npy, items.txt)")
+    p.add_argument("--budget", type=int, required=True, metavar="N", help="number of pool images to pick")
+    p.add_argument("--strategy", default="mak", metavar="S",
+                   help=f"selection strategy: {', '.join(STRATEGIES)} (default: mak)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of tailness vs proximity in the score (default 0.5)")
+    p.add_argument("--clusters", type=int, default=10, metavar="K", help="k-means centroids of the seed features (default 10)")
+    p.add_argument("--core-ratio", type=float, default=1.5, metavar="C", help="candidates = ceil(C * budget) best-scored before k-center (default 1.5)")
+    p.add_argument("--temperature", type=float, default=0.2, metavar="T", help="NT-Xent temperature for ECLE (default 0.2)")
+    p.add_argument("--ecle-batch-size", type=int, default=512, metavar="B", help="batch size of the ECLE contrastive problems (default 512)")
+    p.add_argument("--partitions", type=int, default=10, metavar="P", help="random batch orderings averaged in ECLE (default 10)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same selection (default 0)")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--kcenter", choices=("exact", "two-round"), default="exact",
+                   help="k-center over the candidates: exact greedy, or two-round (per-process greedy, then greedy "
+                        "on the union; radius <= 4x) for huge budgets (default exact)")
+    p.add_argument("--kcenter-parts", type=int, default=None, metavar="P",
+                   help="two-round k-center: candidate parts of round 1 (default: the number of processes)")
+    p.add_argument("--dedup", type=float, default=None, metavar="THRESHOLD",
+                   help="drop near-duplicate pool images (cosine similarity >= THRESHOLD, e.g. 0.95) before scoring; "
+                        "writes dedup.csv")
+    p.add_argument("--dedup-clusters", type=int, default=None, metavar="K",
+                   help="k-means clusters --dedup compares within (default: about sqrt of the pool size)")
+    for opt, owners in strategy_flags().values():  # declared once, by the strategies (mak.options)
+        p.add_argument(opt.flag, default=None, metavar=opt.metavar, help=f"{', '.join(owners)}: {opt.help}")
+    p.set_defaults(func=run)
+
+
+def params_from_args(args: argparse.Namespace) -> dict:
+    params = dict(alpha=args.alpha, clusters=args.clusters, core_ratio=args.core_ratio, temperature=args.temperature,
+                  batch_size=args.ecle_batch_size, partitions=args.partitions, seed=args.seed,
+                  device=str(auto_device(args.device)))  # resolved: summary.json names the real device
+    for name in strategy_flags():  # only what was given: the library parses, checks and names it
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    # scale options (mak.run.select_job): passed only when set, so a plain run is unchanged
+    if getattr(args, "kcenter", "exact") != "exact":
+        params["kcenter"] = args.kcenter
+    for name in ("kcenter_parts", "dedup", "dedup_clusters"):
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
+    from mak.run.select_job import select_stores
+
+    sel = select_stores(args.seed_store, args.pool_store, args.out, args.budget, strategy=args.strategy,
+                        overwrite=args.overwrite, progress=not args.no_progress, **params_from_args(args))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    print(f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> {args.out}/selection.txt")
+    return 0

@@ -1,1 +1,0 @@
-"""Sub-commands of the ``mak`` CLI, one module each; each defines ``register(subparsers)``."""

@@ -1,0 +1,285 @@
+"""Feature stores: the on-disk format that connects embed, select and evaluate.
+
+A *store* is a directory holding
+
+- ``features.npy``: N x D (float16 or float32) backbone features without augmentation;
+- ``views.npy`` (optional): R x N x d projection-head outputs under R random augmentations;
+- ``items.txt``: N lines, the item each row came from (a split-file line or a path);
+- ``meta.json`` (optional): how the store was made.
+
+A *sharded store* is a directory with ``shards.json`` (``{"shards": ["shard-00000", ...]}``)
+listing, in order, sub-directories that are each a plain store; rows are their concatenation.
+Every reader goes through :func:`open_store`, which accepts both forms, opens ``.npy`` files
+with mmap (a pool larger than RAM is streamed, never loaded) and validates shapes up front.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from mak.errors import MakError
+
+FEATURES = "features.npy"
+VIEWS = "views.npy"
+ITEMS = "items.txt"
+META = "meta.json"
+SHARDS = "shards.json"
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise MakError(f"{path}: missing store file")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # corrupt header, truncated file, object array...
+        raise MakError(f"{path}: unreadable .npy file ({exc})") from None
+    if arr.dtype.type not in _FLOAT_DTYPES:
+        raise MakError(f"{path}: expected float16/float32 data, found {arr.dtype}")
+    return arr
+
+
+def read_items(path: Path) -> list[str]:
+    """Read ``items.txt``: one item line per row (trailing newline stripped)."""
+    if not path.is_file():
+        raise MakError(f"{path}: missing store file")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+@dataclass
+class _Shard:
+    path: Path
+    features: np.ndarray
+    views: np.ndarray | None
+    items_path: Path
+    start: int  # first global row
+
+
+@dataclass
+class FeatureStore:
+    """A validated, memory-mapped view of a (possibly sharded) feature store."""
+
+    path: Path
+    shards: list[_Shard]
+    num_rows: int
+    feature_dim: int
+    num_views: int  # 0 when the store has no views
+    view_dim: int
+    meta: dict = field(default_factory=dict)
+    _items: list[str] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return (self.path / SHARDS).is_file()
+
+    @property
+    def has_views(self) -> bool:
+        return self.num_views > 0
+
+    @property
+    def items(self) -> list[str]:
+        """All item lines, in row order."""
+        if self._items is None:
+            out: list[str] = []
+            for sh in self.shards:
+                out.extend(read_items(sh.items_path))
+            self._items = out
+        return self._items
+
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[_Shard, int, int]]:
+        for sh in self.shards:
+            n = sh.features.shape[0]
+            lo, hi = max(start, sh.start), min(stop, sh.start + n)
+            if lo < hi:
+                yield sh, lo - sh.start, hi - sh.start
+
+    def features(self, start: int = 0, stop: int | None = None, dtype=np.float32) -> np.ndarray:
+        """Rows ``start:stop`` of the features, copied into memory as ``dtype``."""
+        stop = self.num_rows if stop is None else stop
+        parts = [np.asarray(sh.features[a:b], dtype=dtype) for sh, a, b in self._spans(start, stop)]
+        if not parts:
+            return np.zeros((0, self.feature_dim), dtype=dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def views(self, start: int = 0, stop: int | None = None, dtype=np.float32) -> np.ndarray:
+        """Views of rows ``start:stop`` as an (R, n, d) array of ``dtype``."""
+        if not self.has_views:
+            raise MakError(f"{self.path}: store has no {VIEWS} (run `mak embed --views R` with R >= 2)")
+        stop = self.num_rows if stop is None else stop
+        parts = [np.asarray(sh.views[:, a:b], dtype=dtype) for sh, a, b in self._spans(start, stop)]
+        if not parts:
+            return np.zeros((self.num_views, 0, self.view_dim), dtype=dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def feature_arrays(self) -> list[np.ndarray]:
+        """The memory-mapped feature arrays of each shard (zero-copy)."""
+        return [sh.features for sh in self.shards]
+
+    def rows(self, indices: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Feature rows at arbitrary global ``indices`` (any order), (k, D)."""
+        return self._gather(indices, dtype, views=False)
+
+    def view_rows(self, indices: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Views of rows at arbitrary global ``indices`` (any order), (R, k, d)."""
+        if not self.has_views:
+            raise MakError(f"{self.path}: store has no {VIEWS}")
+        return self._gather(indices, dtype, views=True)
+
+    def _gather(self, indices: Sequence[int] | np.ndarray, dtype, views: bool) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64)
+        shape = (self.num_views, idx.size, self.view_dim) if views else (idx.size, self.feature_dim)
+        out = np.empty(shape, dtype=dtype)
+        for sh in self.shards:
+            n = sh.features.shape[0]
+            mask = (idx >= sh.start) & (idx < sh.start + n)
+            if mask.any():
+                local = idx[mask] - sh.start
+                order = np.argsort(local, kind="stable")  # read each shard in row order
+                pos = np.flatnonzero(mask)[order]
+                if views:
+                    out[:, pos] = np.asarray(sh.views[:, local[order]], dtype=dtype)
+                else:
+                    out[pos] = np.asarray(sh.features[local[order]], dtype=dtype)
+        return out
+
+    def iter_chunks(self, chunk: int = 65536) -> Iterator[tuple[int, int]]:
+        for s in range(0, self.num_rows, chunk):
+            yield s, min(s + chunk, self.num_rows)
+
+    def check_finite(self, chunk: int = 65536) -> None:
+        """Raise :class:`MakError` naming the file if any feature or view is NaN or Inf."""
+        for sh in self.shards:
+            for name, arr in ((FEATURES, sh.features), (VIEWS, sh.views)):
+                if arr is None:
+                    continue
+                axis_rows = arr.shape[-2]
+                for s in range(0, axis_rows, chunk):
+                    block = arr[..., s : s + chunk, :]
+                    if not np.isfinite(block).all():
+                        raise MakError(f"{sh.path / name}: contains NaN or Inf values")
+
+
+def _open_single(path: Path, start: int, require_views: bool) -> tuple[_Shard, int, int, int]:
+    feats = _open_npy(path / FEATURES)
+    if feats.ndim != 2:
+        raise MakError(f"{path / FEATURES}: expected a 2-D array (N x D), found shape {feats.shape}")
+    n = feats.shape[0]
+    items_path = path / ITEMS
+    if not items_path.is_file():
+        raise MakError(f"{items_path}: missing store file")
+    n_items = _count_lines(items_path)
+    if n_items != n:
+        raise MakError(f"{items_path}: {n_items} item lines but {path / FEATURES} has {n} rows")
+    views = None
+    r = d = 0
+    vpath = path / VIEWS
+    if vpath.is_file():
+        views = _open_npy(vpath)
+        if views.ndim != 3:
+            raise MakError(f"{vpath}: expected a 3-D array (R x N x d), found shape {views.shape}")
+        r, nv, d = views.shape
+        if r < 2:
+            raise MakError(f"{vpath}: needs R >= 2 augmented views, found R = {r}")
+        if nv != n:
+            raise MakError(f"{vpath}: {nv} rows but {path / FEATURES} has {n} rows")
+    elif require_views:
+        raise MakError(f"{vpath}: missing store file (this strategy needs augmented views)")
+    return _Shard(path, feats, views, items_path, start), feats.shape[1], r, d
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    last = b"\n"
+    with open(path, "rb") as fh:
+        while True:
+            buf = fh.read(1 << 20)
+            if not buf:
+                break
+            n += buf.count(b"\n")
+            last = buf[-1:]
+    if last != b"\n":
+        n += 1
+    return n
+
+
+def open_store(path: str | Path, require_views: bool = False, check_finite: bool = True) -> FeatureStore:
+    """Open and validate a store or sharded store at ``path``.
+
+    Raises :class:`MakError` (one line naming the file) on a missing file, a row-count mismatch
+    between features, views and items, a shard of the wrong dimension, or NaN/Inf values.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise MakError(f"{path}: feature store directory not found")
+    meta: dict = {}
+    if (path / META).is_file():
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError) as exc:
+            raise MakError(f"{path / META}: unreadable ({exc})") from None
+    if (path / SHARDS).is_file():
+        try:
+            names = json.loads((path / SHARDS).read_text())["shards"]
+            assert isinstance(names, list) and names
+        except Exception:
+            raise MakError(f"{path / SHARDS}: malformed (expected {{\"shards\": [dir, ...]}})") from None
+        dirs = [path / str(n) for n in names]
+    else:
+        dirs = [path]
+    shards: list[_Shard] = []
+    start = 0
+    dim = r = d = None
+    for sd in dirs:
+        if not sd.is_dir():
+            raise MakError(f"{sd}: shard listed in {path / SHARDS} is missing")
+        sh, sdim, sr, sdd = _open_single(sd, start, require_views)
+        if dim is None:
+            dim, r, d = sdim, sr, sdd
+        else:
+            if sdim != dim:
+                raise MakError(f"{sd / FEATURES}: feature dimension {sdim} differs from the first shard's {dim}")
+            if (sr, sdd) != (r, d):
+                raise MakError(f"{sd / VIEWS}: views shape (R={sr}, d={sdd}) differs from the first shard's (R={r}, d={d})")
+        shards.append(sh)
+        start += sh.features.shape[0]
+    store = FeatureStore(path, shards, start, int(dim), int(r), int(d), meta)
+    if start == 0:
+        raise MakError(f"{path}: feature store is empty (0 rows)")
+    if check_finite:
+        store.check_finite()
+    return store
+
+
+def write_store(path: str | Path, features: np.ndarray, items: Sequence[str], views: np.ndarray | None = None,
+                meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a plain (unsharded) store atomically. For tests, tools and small pools."""
+    from mak.atomic import atomic_dir, write_json
+
+    features = np.asarray(features)
+    if len(items) != features.shape[0]:
+        raise MakError(f"{path}: {len(items)} items for {features.shape[0]} feature rows")
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        np.save(tmp / FEATURES, features)
+        if views is not None:
+            np.save(tmp / VIEWS, np.asarray(views))
+        (tmp / ITEMS).write_text("".join(f"{it}\n" for it in items), encoding="utf-8")
+        if meta is not None:
+            write_json(tmp / META, meta)
+    return Path(path)
+
+
+def write_shards_index(path: str | Path, shard_names: Sequence[str]) -> None:
+    """Write ``shards.json`` listing ``shard_names`` (sub-directories of ``path``) in row order."""
+    from mak.atomic import write_json
+
+    write_json(Path(path) / SHARDS, {"shards": list(shard_names)})

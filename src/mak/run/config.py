@@ -1,0 +1,170 @@
+"""Run configurations for ``mak run``: defaults, YAML files and ``--set`` overrides.
+
+A config is a nested mapping of sections (``run``, ``data``, ``pretrain``, ``embed``, ``select``,
+``retrain``, ``evaluate``, ``report``). Every key a user sets must exist in :data:`DEFAULTS`: an
+unknown key is an error that names it, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+from mak.errors import MakError
+
+DEFAULTS: dict[str, Any] = {
+    "run": {
+        "name": "mak-run",
+        "seed": 0,              # base seed; repeat r uses seed + r
+        "repeats": 1,
+        "device": "auto",       # auto: CUDA when available, else cpu
+    },
+    "data": {
+        # Either build the open-world benchmark from Fashion-MNIST ...
+        # ood_ratio: out-of-domain pool images per in-domain one (1: half junk; 4: 80% junk).
+        "benchmark": {"build": False, "scale": 1.0, "seed": None, "data_dir": None, "vary_with_repeat": True,
+                      "ood_ratio": 1.0},
+        # ... or point at your own images (split files with optional labels, or folders).
+        "seed": {"split": None, "folder": None, "root": None},
+        "pool": {"split": None, "folder": None, "root": None},
+        # Labeled evaluation splits (split files: `path label`); optional for user data.
+        "eval": {"train": None, "fewshot": None, "test": None, "root": None},
+    },
+    "pretrain": {
+        "backbone": None,       # default: the small convnet for <= 64 px, else ResNet
+        "epochs": 20,
+        "batch_size": 256,
+        "lr": 0.5,              # base lr; lr = base * batch / 256
+        "warmup_epochs": None,
+        "image_size": None,
+        "amp": None,
+        "channels_last": None,
+        "workers": None,
+        # robust scores with a second, pool-aware model: SimCLR on the seed + this many pool images
+        # (uniform sample; auto = min(pool, 8 x seed)); 0 = robust uses the seed-only model like mak
+        "pool_mix": "auto",
+        "pool_mix_epochs": None,  # epochs of the pool-aware model (default: epochs); its set is ~9x the seed's
+    },
+    "embed": {
+        "views": 10,
+        "dtype": "float16",
+        "batch_size": 512,
+    },
+    "select": {
+        "strategies": ["robust", "mak", "random"],
+        "budget": None,         # default: the benchmark's (2 x seed) or required for user data
+        "alpha": 0.5,
+        "clusters": 10,
+        "core_ratio": 1.5,
+        "temperature": 0.2,
+        "ecle_batch_size": 512,
+        "partitions": 10,
+        "options": {},          # strategy options, e.g. {gate_quantile: 0.99, tail: ecle}; each goes to the strategies that declare it
+    },
+    "retrain": {
+        "match": "epochs",      # epochs: same epochs on seed + selection; steps: same optimizer steps
+        "epochs": None,         # default: pretrain.epochs
+    },
+    "evaluate": {
+        "shots": 10,
+        "draws": 5,
+        "many": 300,
+        "few": 30,
+        "knn_k": 20,
+        "batch_size": 512,
+    },
+}
+
+
+def _merge(base: dict, update: Mapping, path: str = "") -> dict:
+    for key, value in update.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in base:
+            raise MakError(f"unknown config key '{where}'")
+        if isinstance(base[key], dict) and key != "options":
+            if not isinstance(value, Mapping):
+                raise MakError(f"config key '{where}' must be a mapping, got {value!r}")
+            _merge(base[key], value, where)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML would read it (numbers, booleans, null, lists)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_set(config: dict, assignment: str) -> dict:
+    """Apply one ``section.key=value`` override (nested keys with dots)."""
+    if "=" not in assignment:
+        raise MakError(f"--set expects KEY=VALUE, got '{assignment}'")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    update: Any = parse_value(value)
+    for part in reversed(parts):
+        update = {part: update}
+    return _merge(config, update)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Defaults, updated by the YAML file at ``path`` (if any), then by ``--set`` overrides."""
+    import yaml
+
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MakError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MakError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, Mapping):
+            raise MakError(f"{path}: a config must be a mapping of sections")
+        try:
+            _merge(config, loaded)
+        except MakError as exc:
+            raise MakError(f"{path}: {exc}") from None
+    for assignment in overrides:
+        apply_set(config, assignment)
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    """Cross-field checks with one-line errors."""
+    data = config["data"]
+    if not data["benchmark"]["build"]:
+        for part in ("seed", "pool"):
+            if not (data[part]["split"] or data[part]["folder"]):
+                raise MakError(f"config: data.{part}.split or data.{part}.folder is required "
+                               "(or set data.benchmark.build: true)")
+        if config["select"]["budget"] is None:
+            raise MakError("config: select.budget is required for user data")
+    from mak.bench.openworld import check_ood_ratio
+
+    check_ood_ratio(data["benchmark"]["ood_ratio"], "config: data.benchmark.ood_ratio")
+    if config["retrain"]["match"] not in ("epochs", "steps"):
+        raise MakError(f"config: retrain.match must be 'epochs' or 'steps', got {config['retrain']['match']!r}")
+    if int(config["run"]["repeats"]) < 1:
+        raise MakError("config: run.repeats must be >= 1")
+    mix = config["pretrain"]["pool_mix"]
+    if not (mix == "auto" or (isinstance(mix, int) and not isinstance(mix, bool) and mix >= 0)):
+        raise MakError(f"config: pretrain.pool_mix must be 'auto' or an integer >= 0, got {mix!r}")
+    me = config["pretrain"]["pool_mix_epochs"]
+    if not (me is None or (isinstance(me, int) and not isinstance(me, bool) and me >= 1)):
+        raise MakError(f"config: pretrain.pool_mix_epochs must be null or an integer >= 1, got {me!r}")
+    from mak.selection.strategies import STRATEGIES
+
+    strategies = config["select"]["strategies"]
+    if isinstance(strategies, str):
+        config["select"]["strategies"] = strategies = [strategies]
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise MakError(f"config: unknown strategy '{s}' in select.strategies (choose from: {', '.join(STRATEGIES)})")

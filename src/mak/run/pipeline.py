@@ -1,0 +1,672 @@
+"""``mak run``: the whole MAK loop as cached stages in one run directory.
+
+pretrain on the seed -> embed seed and pool -> select (one or several strategies) -> re-train from
+scratch on seed + each selection (and on the seed alone: "none") -> evaluate -> results + report.
+
+Every stage writes into its own directory of the run and records a *key*: a hash of its
+parameters, of the behaviour version of its code (:data:`STAGE_VERSIONS`, and for a selection the
+strategy's :data:`mak.selection.strategies.STRATEGY_VERSIONS`) and of the keys of the stages it reads. A stage
+whose recorded key matches is skipped; a changed parameter or version changes the keys of that
+stage and of everything downstream only. A stage interrupted half-way resumes (pretrain and embed
+pick up their own checkpoints).
+
+Under ``torchrun`` (``torchrun --nproc_per_node G -m mak run ...``; several nodes need a shared run
+directory) the stages that split their work across ranks run on every rank: pre-training and
+re-training (DDP), embedding (one shard per rank, published as one store), ECLE (each rank scores
+a share of the batches; the exact sums add up to one process's values) and selection (the scaled
+job of :mod:`mak.run.select_job`). The others (benchmark build, evaluation, results and
+report) run on rank 0 while the other ranks wait. Rank 0 alone decides what is cached
+and writes the stage records, so the finished stages of a run under torchrun are reused by one
+process and vice versa (the stage keys do not depend on the number of processes).
+
+Layout (repeat r uses seed ``run.seed + r``)::
+
+    RUN/config.yaml            resolved config        RUN/results.json   RUN/report.html
+    RUN/rR/bench/              built benchmark (if data.benchmark.build)
+    RUN/rR/pretrain/           checkpoint.pt, log.csv
+    RUN/rR/embed-seed/ embed-pool/     feature stores
+    RUN/rR/select/STRATEGY/    selection.txt, scores.csv, summary.json, analysis.json
+    RUN/rR/retrain/STRATEGY/   checkpoint.pt, log.csv ("none" = the seed alone)
+    RUN/rR/eval/STRATEGY/      eval.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mak import distributed as D
+from mak.atomic import write_json, write_text
+from mak._tensor import auto_device, is_auto
+from mak.data.sources import CombinedSource, pool_mix_rows
+from mak.errors import MakError
+
+STAMP = ".stage.json"
+# Strategies scored with the pool-aware model (SimCLR on seed + a pool sample) when pretrain.pool_mix != 0;
+# every other strategy, mak included, uses the seed-only model of the paper.
+POOL_AWARE = ("robust",)
+# Stage kinds whose function runs on every rank under torchrun: they split the work themselves.
+DISTRIBUTED_KINDS = ("pretrain", "pretrain-mix", "retrain", "embed-seed", "embed-pool", "embed-seed-mix",
+                     "embed-pool-mix", "ecle", "ecle-mix", "select")
+
+
+# ----------------------------------------------------------------------------- sources
+def _source_from(spec: dict, what: str):
+    from mak.data.sources import open_source
+
+    if spec.get("split"):
+        return open_source("split", spec["split"], root=spec.get("root"))
+    if spec.get("folder"):
+        return open_source("folder", spec["folder"])
+    raise MakError(f"config: data.{what} needs a split or a folder")
+
+
+def pool_rows_for_items(pool_source, selected_items: list[str]) -> np.ndarray:
+    """Map selection.txt lines back to rows of the pool source (first occurrence of each line)."""
+    where: dict[str, int] = {}
+    for i in range(len(pool_source)):
+        where.setdefault(pool_source.item(i), i)
+    try:
+        return np.array([where[it] for it in selected_items], dtype=np.int64)
+    except KeyError as exc:
+        raise MakError(f"selected item {exc.args[0]!r} is not in the pool source") from None
+
+
+def labels_or_none(items: list[str]) -> np.ndarray | None:
+    """Integer labels from split-file lines (last token), or None when the items carry none."""
+    from mak.bench.analysis import labels_from_items
+
+    try:
+        return labels_from_items(items)
+    except MakError:
+        return None
+
+
+# ----------------------------------------------------------------------------- stages
+#: Behaviour version of each kind of stage. Bump one when the code gives different outputs for the
+#: same parameters, so that runs made with the old code re-run that stage (and what reads it)
+#: instead of reusing a stale cached result. Version 1 is not written into the key: caches made
+#: before versions existed stay valid.
+STAGE_VERSIONS: dict[str, int] = {"bench": 1, "pretrain": 1, "pretrain-mix": 1, "embed-seed": 1, "embed-pool": 1,
+                                  "embed-seed-mix": 1, "embed-pool-mix": 1, "ecle": 1, "ecle-mix": 1, "select": 1,
+                                  "retrain": 1, "eval": 1}
+
+
+def stage_version(kind: str, strategy: str | None = None) -> dict[str, int]:
+    """The versions that go into a stage's key: {} while everything is at version 1."""
+    from mak.selection.strategies import STRATEGY_VERSIONS
+
+    out = {}
+    if STAGE_VERSIONS.get(kind, 1) != 1:
+        out["stage"] = STAGE_VERSIONS[kind]
+    if strategy is not None and STRATEGY_VERSIONS.get(strategy, 1) != 1:
+        out["strategy"] = STRATEGY_VERSIONS[strategy]
+    return out
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    name: str
+    path: Path
+    params: dict
+    deps: list["Stage"]
+    fn: Callable[["Stage"], None]
+    outputs: tuple[str, ...]
+    key: str = ""
+    ran: bool = False
+
+    def __post_init__(self) -> None:
+        parts = self.name.split("/")  # kind/rR[/strategy]
+        kind = parts[0]
+        key: dict[str, Any] = {"stage": kind, "params": self.params, "deps": [d.key for d in self.deps]}
+        version = stage_version(kind, parts[2] if kind == "select" and len(parts) > 2 else None)
+        if version:
+            key["version"] = version
+        self.key = _digest(key)
+
+    def cached(self) -> bool:
+        stamp = self.path / STAMP
+        if not stamp.is_file():
+            return False
+        try:
+            done = json.loads(stamp.read_text())
+        except ValueError:
+            return False
+        return done.get("key") == self.key and all((self.path / o).exists() for o in self.outputs)
+
+    def status(self) -> str:
+        if self.cached():
+            return "cached"
+        if (self.path / STAMP).is_file():
+            return "changed: will re-run"
+        if self.path.exists():
+            return "partial: will resume" if self.resumable() else "will run"
+        return "will run"
+
+    def _run_on_rank0(self) -> None:
+        """Rank 0 runs the function; its error, if any, reaches every rank, so all stop with one line."""
+        failure: Exception | None = None
+        if D.rank() == 0:
+            try:
+                self.fn(self)
+            except Exception as e:  # noqa: BLE001 -- told to the other ranks, then raised again here
+                failure = e
+        message = D.broadcast_object(None if failure is None else str(failure) or type(failure).__name__)
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise MakError(f"{self.name} failed on rank 0: {message}")
+
+    def resumable(self) -> bool:
+        pend = self.path / ".pending.json"
+        return pend.is_file() and json.loads(pend.read_text()).get("key") == self.key
+
+    @property
+    def kind(self) -> str:
+        """The stage kind: the first part of its name (``pretrain``, ``embed-pool``, ``select``, ...)."""
+        return self.name.split("/")[0]
+
+    def run(self) -> None:
+        """Run the stage and record its key. Under torchrun call it on every rank: rank 0 prepares the
+        directory and writes the record; the function runs on every rank for :data:`DISTRIBUTED_KINDS`,
+        on rank 0 alone otherwise."""
+        main = D.rank() == 0
+        if main:
+            if self.path.exists() and not self.resumable():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.path / ".pending.json", {"key": self.key})
+        D.barrier()
+        t = time.perf_counter()
+        if self.kind in DISTRIBUTED_KINDS or not D.active():
+            self.fn(self)
+        else:
+            self._run_on_rank0()
+        D.barrier()
+        if main:
+            write_json(self.path / STAMP, {"key": self.key, "stage": self.name, "params": self.params,
+                                           "seconds": round(time.perf_counter() - t, 2)})
+            (self.path / ".pending.json").unlink(missing_ok=True)
+        self.ran = True
+
+
+@dataclass
+class Plan:
+    run_dir: Path
+    config: dict
+    stages: list[Stage] = field(default_factory=list)
+    repeats: list[dict] = field(default_factory=list)  # per repeat: stage handles by role
+
+    def add(self, stage: Stage) -> Stage:
+        self.stages.append(stage)
+        return stage
+
+
+def build_plan(config: dict, run_dir: str | Path) -> Plan:
+    """Lay out every stage of the run (nothing is executed)."""
+    run_dir = Path(run_dir)
+    plan = Plan(run_dir, config)
+    cfg_run, data, sel = config["run"], config["data"], config["select"]
+    pre, emb, ret, ev = config["pretrain"], config["embed"], config["retrain"], config["evaluate"]
+    device = str(cfg_run["device"])
+    if is_auto(device):  # resolved here, so stage keys name the real device
+        device = str(auto_device(device))
+    for r in range(int(cfg_run["repeats"])):
+        seed = int(cfg_run["seed"]) + r
+        base = run_dir / f"r{r}"
+        roles: dict[str, Any] = {"seed": seed, "select": {}, "retrain": {}, "eval": {}}
+        deps: list[Stage] = []
+        if data["benchmark"]["build"]:
+            b = data["benchmark"]
+            bseed = (b["seed"] if b["seed"] is not None else int(cfg_run["seed"])) + (r if b["vary_with_repeat"] else 0)
+            bp = {"seed": bseed, "scale": b["scale"], "data_dir": b["data_dir"]}
+            if float(b["ood_ratio"]) != 1.0:  # keyed only when set, so half-junk runs keep their cache
+                bp["ood_ratio"] = float(b["ood_ratio"])
+            bench = plan.add(Stage(f"bench/r{r}", base / "bench", bp, [], _run_bench,
+                                   ("benchmark.json", "seed.txt", "pool.txt")))
+            roles["bench"] = bench
+            deps = [bench]
+            data_params = {"bench": bench.key}
+        else:
+            data_params = {k: data[k] for k in ("seed", "pool", "eval")}
+            data_params["fingerprint"] = _user_data_fingerprint(data)
+        roles["data"] = data_params
+        pre_model = {k: v for k, v in pre.items() if k not in ("pool_mix", "pool_mix_epochs")}  # the seed model
+        pp = {**pre_model, "seed": seed, "device": device, "data": data_params}
+        pretrain = plan.add(Stage(f"pretrain/r{r}", base / "pretrain", pp, deps, _run_pretrain, ("checkpoint.pt",)))
+        ep = {**emb, "seed": seed, "device": device}
+        ecle_params = {k: sel[k] for k in ("temperature", "ecle_batch_size", "partitions")} | {"seed": seed,
+                                                                                             "device": device}
+        from mak.selection.strategies import strategy_needs
+
+        sp = {k: v for k, v in sel.items() if k != "strategies"}
+        opts_of = own_options(sel["strategies"], sp.get("options") or {})
+        mix = pre.get("pool_mix", 0)
+        mixed = [s for s in sel["strategies"] if s in POOL_AWARE and mix != 0]
+        models = {"seed": [s for s in sel["strategies"] if s not in mixed], "mix": mixed}
+        inputs: dict[str, tuple] = {}
+        for model, users in models.items():
+            if model == "seed":
+                tag, trained = "", pretrain
+            elif users:
+                tag = "-mix"
+                mp = {**pp, "pool_mix": mix}
+                if pre.get("pool_mix_epochs") is not None:
+                    mp["epochs"] = int(pre["pool_mix_epochs"])
+                trained = plan.add(Stage(f"pretrain-mix/r{r}", base / "pretrain-mix", mp, deps, _run_pretrain,
+                                         ("checkpoint.pt",)))
+                roles["pretrain_mix"] = trained
+            else:
+                continue
+            with_views = any(strategy_needs(s, opts_of[s])[1] for s in users)
+            eseed = plan.add(Stage(f"embed-seed{tag}/r{r}", base / f"embed-seed{tag}",
+                                   {**ep, "part": "seed", "views": 0},
+                                   [trained], _run_embed, ("features.npy", "items.txt")))
+            epool = plan.add(Stage(f"embed-pool{tag}/r{r}", base / f"embed-pool{tag}",
+                                   {**ep, "part": "pool", **({} if with_views else {"views": 0})},
+                                   [trained], _run_embed, ("features.npy", "items.txt")))
+            ecle_stage = None
+            if with_views:
+                # ECLE is the costly score: computed once per model and shared by every strategy.
+                ecle_stage = plan.add(Stage(f"ecle{tag}/r{r}", base / f"ecle{tag}", ecle_params, [epool], _run_ecle,
+                                            ("ecle.npy",)))
+            if model == "seed":
+                roles.update(pretrain=pretrain, embed_seed=eseed, embed_pool=epool, ecle=ecle_stage)
+            for strategy in users:
+                inputs[strategy] = (eseed, epool, ecle_stage if strategy_needs(strategy, opts_of[strategy])[1] else None)
+        roles["inputs"] = inputs
+        for strategy in sel["strategies"]:
+            eseed, epool, ecle_stage = inputs[strategy]
+            s = plan.add(Stage(f"select/r{r}/{strategy}", base / "select" / strategy,
+                               {**sp, "options": opts_of[strategy], "strategy": strategy, "seed": seed,
+                                "device": device},
+                               [eseed, epool, *([ecle_stage] if ecle_stage is not None else [])], _run_select,
+                               ("selection.txt", "summary.json")))
+            roles["select"][strategy] = s
+        epochs = ret["epochs"] if ret["epochs"] is not None else pre["epochs"]
+        for strategy in ["none", *sel["strategies"]]:
+            src = [roles["select"][strategy]] if strategy != "none" else []
+            rp = {**pre_model, "epochs": epochs, "match": ret["match"], "seed": seed, "device": device,
+                  "data": data_params, "strategy": strategy,
+                  "budget": sel["budget"] if ret["match"] == "steps" else None}
+            t = plan.add(Stage(f"retrain/r{r}/{strategy}", base / "retrain" / strategy, rp, [*deps, *src],
+                               _run_retrain, ("checkpoint.pt",)))
+            roles["retrain"][strategy] = t
+            e = plan.add(Stage(f"eval/r{r}/{strategy}", base / "eval" / strategy, {**ev, "seed": seed, "device": device},
+                               [t, *deps], _run_eval, ("eval.json",)))
+            roles["eval"][strategy] = e
+        plan.repeats.append(roles)
+    for st in plan.stages:
+        st.plan = plan  # type: ignore[attr-defined]
+    return plan
+
+
+def _user_data_fingerprint(data: dict) -> str:
+    h = hashlib.sha256()
+    for part in ("seed", "pool", "eval"):
+        for k in ("split", "train", "fewshot", "test"):
+            f = data[part].get(k)
+            if f and Path(f).is_file():
+                h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- stage bodies
+def _roles(stage: Stage) -> dict:
+    plan: Plan = stage.plan  # type: ignore[attr-defined]
+    r = int(stage.name.split("/")[1][1:])
+    return plan.repeats[r]
+
+
+def _sources(stage: Stage) -> dict[str, Any]:
+    """Seed, pool and eval sources of the stage's repeat (benchmark or user data)."""
+    plan: Plan = stage.plan  # type: ignore[attr-defined]
+    roles = _roles(stage)
+    data = plan.config["data"]
+    from mak.data.sources import open_source
+
+    if "bench" in roles:
+        bdir = roles["bench"].path
+        split = lambda name: open_source("split", bdir / f"{name}.txt", root=bdir)  # noqa: E731
+        return {"seed": split("seed"), "pool": split("pool"), "train": split("fullshot"),
+                "fewshot": split("fewshot"), "test": split("test"),
+                "manifest": json.loads((bdir / "benchmark.json").read_text())}
+    ev = data["eval"]
+    out = {"seed": _source_from(data["seed"], "seed"), "pool": _source_from(data["pool"], "pool"), "manifest": None}
+    for k in ("train", "fewshot", "test"):
+        out[k] = open_source("split", ev[k], root=ev.get("root")) if ev.get(k) else None
+    return out
+
+
+def _run_bench(stage: Stage) -> None:
+    from mak.bench.openworld import build_benchmark
+
+    p = stage.params
+    build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], overwrite=True,
+                    ood_ratio=p.get("ood_ratio", 1.0))
+
+
+def _pretrain_kwargs(p: dict, n_images: int) -> dict:
+    batch = p["batch_size"]
+    if batch is not None and batch > n_images:  # tiny (scaled-down) sets: one batch of everything
+        batch = n_images - n_images % 2
+    return dict(backbone=p["backbone"], epochs=int(p["epochs"]), batch_size=batch, base_lr=p["lr"],
+                warmup_epochs=p["warmup_epochs"], seed=p["seed"], image_size=p["image_size"], device=p["device"],
+                amp=p["amp"], channels_last=p["channels_last"], num_workers=p["workers"])
+
+
+def _run_pretrain(stage: Stage) -> None:
+    from mak.train.pretrain import pretrain
+
+    srcs = _sources(stage)
+    src = srcs["seed"]
+    if "pool_mix" in stage.params:  # the pool-aware model: seed + a uniform sample of the pool
+        rows = pool_mix_rows(len(srcs["pool"]), len(src), stage.params["pool_mix"], stage.params["seed"])
+        src = CombinedSource(src, srcs["pool"], rows)
+        if D.rank() == 0:
+            write_json(stage.path / "train_set.json", {"seed": len(srcs["seed"]), "pool_rows": len(rows),
+                                                       "images": len(src)})
+    pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(),
+             **_pretrain_kwargs(stage.params, len(src)))
+
+
+def own_options(strategies: list[str], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each strategy's effective options (its defaults updated with the ones it declares in ``options``).
+
+    A stage is keyed on these, so a strategy's cache key holds only its own options and a change
+    of a default re-runs it. An option that none of ``strategies`` declares is a MakError naming it.
+    """
+    from mak.selection.strategies import STRATEGY_OPTIONS, strategy_options
+
+    declared = {o.name for s in strategies for o in STRATEGY_OPTIONS.get(s, ())}
+    for key in options:
+        if key not in declared:
+            raise MakError(f"config: select.options.{key} is not an option of {', '.join(strategies)} "
+                           f"(valid: {', '.join(sorted(declared)) or 'none'})")
+    return {s: strategy_options(s, {k: v for k, v in options.items()
+                                    if k in {o.name for o in STRATEGY_OPTIONS.get(s, ())}})
+            for s in strategies}
+
+
+def _run_embed(stage: Stage) -> None:
+    from mak.train.embed import embed
+
+    p = stage.params
+    src = _sources(stage)[p["part"]]
+    ckpt = stage.deps[0].path / "checkpoint.pt"  # the seed-only or the pool-aware model
+    embed(src, ckpt, stage.path / "store", views=int(p["views"]), seed=p["seed"], dtype=p["dtype"],
+          batch_size=p["batch_size"], device=p["device"], overwrite=True)
+    if D.rank() != 0:  # under torchrun rank 0 has published the one store (embed waits for every shard)
+        return
+    for f in (stage.path / "store").iterdir():
+        f.replace(stage.path / f.name)
+    (stage.path / "store").rmdir()
+
+
+def _run_ecle(stage: Stage) -> None:
+    from mak.selection.scale.context import ecle_batch_owner
+    from mak.data.store import open_store
+    from mak.selection.tailness import ecle_sum
+
+    p = stage.params
+    pool = open_store(stage.deps[0].path, require_views=True)
+    views = pool.views() if len(pool.shards) > 1 else pool.shards[0].views
+    device = str(D.local_device(p["device"])) if D.active() else p["device"]
+    # under torchrun each rank scores its share of the batches; the exact float64 sums add up on rank 0
+    acc, terms = ecle_sum(views, temperature=p["temperature"], batch_size=p["ecle_batch_size"],
+                          partitions=p["partitions"], seed=p["seed"], device=device,
+                          owner=ecle_batch_owner(pool.num_rows, p["ecle_batch_size"]), progress=D.rank() == 0)
+    acc = D.all_reduce_array(acc, "sum")
+    if D.rank() == 0:
+        np.save(stage.path / "ecle.npy", (acc / terms).astype(np.float32))
+
+
+def _run_select(stage: Stage) -> None:
+    from mak.run.select_job import select_stores
+
+    p = dict(stage.params)
+    roles = _roles(stage)
+    srcs = _sources(stage)
+    budget = p.pop("budget")
+    if budget is None:
+        budget = srcs["manifest"]["budget"] if srcs["manifest"] else None
+    strategy = p.pop("strategy")
+    options = p.pop("options") or {}
+    p["batch_size"] = p.pop("ecle_batch_size")
+    eseed, epool, ecle_stage = roles["inputs"][strategy]
+    if ecle_stage is not None:
+        p["ecle_file"] = ecle_stage.path / "ecle.npy"
+    select_stores(eseed.path, epool.path, stage.path, int(budget), strategy=strategy,
+                  overwrite=True, progress=True, **p, **options)
+    if D.rank() != 0:
+        return
+    analysis = analyse(stage.path, srcs)
+    if analysis is not None:
+        write_json(stage.path / "analysis.json", analysis)
+
+
+def analyse(select_dir: Path, srcs: dict) -> dict | None:
+    """Selection analysis when the pool's items carry labels (else None)."""
+    from mak.bench.analysis import analyse_selection
+
+    sel_items = (select_dir / "selection.txt").read_text().splitlines()
+    sel_labels = labels_or_none(sel_items)
+    seed_labels = labels_or_none(srcs["seed"].items())
+    if sel_labels is None or seed_labels is None:
+        return None
+    groups = _groups(srcs, seed_labels)
+    num_classes = int(max(seed_labels.max(initial=0), sel_labels.max(initial=0))) + 1
+    return analyse_selection(sel_labels, seed_labels, groups, num_classes=num_classes)
+
+
+def _groups(srcs: dict, seed_labels: np.ndarray, many: float = 300, few: float = 30) -> dict:
+    if srcs.get("manifest") and "groups" in srcs["manifest"]:
+        return srcs["manifest"]["groups"]
+    from mak.bench.evaluate import class_groups
+
+    vals, counts = np.unique(seed_labels[seed_labels >= 0], return_counts=True)
+    return class_groups({int(v): int(c) for v, c in zip(vals, counts)}, many, few)
+
+
+def _run_retrain(stage: Stage) -> None:
+    from mak.train.pretrain import pretrain
+
+    p = stage.params
+    roles = _roles(stage)
+    srcs = _sources(stage)
+    strategy = p["strategy"]
+    if strategy == "none":
+        source = srcs["seed"]
+    else:
+        items = (roles["select"][strategy].path / "selection.txt").read_text().splitlines()
+        source = CombinedSource(srcs["seed"], srcs["pool"], pool_rows_for_items(srcs["pool"], items))
+    kw = _pretrain_kwargs(p, len(source))
+    if p["match"] == "steps":
+        # Every run takes the optimizer steps of seed + the largest selection at the same epochs.
+        budget = max(len((s.path / "selection.txt").read_text().splitlines()) for s in roles["select"].values()) \
+            if roles["select"] else 0
+        target = len(srcs["seed"]) + budget
+        kw["epochs"] = max(1, round(kw["epochs"] * target / len(source)))
+    main = D.rank() == 0
+    if main:
+        write_json(stage.path / "train_set.json", {"strategy": strategy, "images": len(source),
+                                                   "epochs": kw["epochs"]})
+    pre = roles["pretrain"]
+    if strategy == "none" and kw == _pretrain_kwargs(pre.params, len(srcs["seed"])):
+        # The seed-alone run is the pre-training run itself (same data, seed and schedule): reuse it.
+        for name in ("checkpoint.pt", "log.csv") if main else ():
+            if (pre.path / name).exists():
+                shutil.copyfile(pre.path / name, stage.path / name)
+        return
+    pretrain(source, stage.path, resume=(stage.path / "checkpoint.pt").exists(), **kw)
+
+
+def _run_eval(stage: Stage) -> None:
+    from mak.train.embed import compute_features
+    from mak.bench.evaluate import evaluate_features
+    from mak.train.pretrain import load_model
+
+    p = stage.params
+    roles = _roles(stage)
+    srcs = _sources(stage)
+    strategy = stage.name.split("/")[-1]
+    if srcs["train"] is None or srcs["test"] is None:
+        write_json(stage.path / "eval.json", {"skipped": "no labeled evaluation splits (data.eval)"})
+        return
+    model, cfg = load_model(roles["retrain"][strategy].path / "checkpoint.pt", p["device"])
+
+    def feats(src):
+        x = compute_features(model, src, cfg["image_size"], cfg["channels"], batch_size=p["batch_size"],
+                             device=p["device"])
+        return x, labels_or_none(src.items())
+
+    tx, ty = feats(srcs["train"])
+    qx, qy = feats(srcs["test"])
+    fx, fy = feats(srcs["fewshot"]) if srcs["fewshot"] is not None else (None, None)
+    seed_labels = labels_or_none(srcs["seed"].items())
+    groups = _groups(srcs, seed_labels, p["many"], p["few"]) if seed_labels is not None else None
+    res = evaluate_features(tx, ty, fx, fy, qx, qy, groups=groups, many=p["many"], few=p["few"], shots=p["shots"],
+                            draws=p["draws"], seed=p["seed"], k=p["knn_k"])
+    write_json(stage.path / "eval.json", res)
+
+
+# ----------------------------------------------------------------------------- results
+FIGURES = ("ood_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_std", "balance_entropy")
+
+
+def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dict]:
+    """One entry per strategy (and "none"): figures per repeat, then mean and std over repeats.
+
+    ``strategies`` limits the entries (default: "none" and every strategy of the plan)."""
+    names = strategies if strategies is not None else ["none", *plan.config["select"]["strategies"]]
+    out = []
+    for name in names:
+        per_rep = []
+        for roles in plan.repeats:
+            ev = json.loads((roles["eval"][name].path / "eval.json").read_text())
+            an = None
+            if name != "none":
+                f = roles["select"][name].path / "analysis.json"
+                an = json.loads(f.read_text()) if f.is_file() else None
+            g = ev.get("group_acc") or {}
+            per_rep.append({
+                "ood_rate": an["ood_rate"] if an else None,
+                "few_share": an["few_share"] if an else None,
+                "balance_entropy": an["balance"]["entropy"] if an else None,
+                "fullshot_acc": ev.get("fullshot_acc"), "fewshot_acc": ev.get("fewshot_acc"),
+                "knn_acc": ev.get("knn_acc"), "group_std": ev.get("group_std"),
+                "many": g.get("many"), "medium": g.get("medium"), "few": g.get("few"),
+            })
+        entry: dict[str, Any] = {"strategy": name}
+        single = len(per_rep) == 1
+
+        def agg(key: str):
+            vals = [r[key] for r in per_rep if r[key] is not None]
+            if not vals:
+                return None
+            if single:
+                return float(vals[0])
+            return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": [float(v) for v in vals]}
+
+        for key in FIGURES:
+            entry[key] = agg(key)
+        entry["group_acc"] = {g: agg(g) for g in ("many", "medium", "few")}
+        out.append(entry)
+    return out
+
+
+def write_outputs(plan: Plan) -> Path:
+    """results.json and report.html in the run directory."""
+    results = collect_results(plan)
+    write_json(plan.run_dir / "results.json", {"config": plan.config, "results": results})
+    try:
+        report = _write_report(plan, results)
+    except ImportError:
+        report = None
+    return report or plan.run_dir / "results.json"
+
+
+def _write_report(plan: Plan, results: list[dict]) -> Path:
+    from mak.run.report import write_report
+
+    roles = plan.repeats[0]
+    srcs = _sources(roles["pretrain"])
+    strategies = {}
+    for name, st in roles["select"].items():
+        an_path = st.path / "analysis.json"
+        an = json.loads(an_path.read_text()) if an_path.is_file() else {}
+        strategies[name] = {"scores_csv": st.path / "scores.csv",
+                            "summary": json.loads((st.path / "summary.json").read_text()),
+                            "class_counts_seed": an.get("seed_counts", {}),
+                            "class_counts_selected": {**an.get("counts", {}), "-1": an.get("ood_count", 0)} if an else {}}
+    logs = {"pretrain (seed)": roles["pretrain"].path / "log.csv"}
+    notes = [f"{len(plan.repeats)} repeat(s); figures from repeat 0 in the per-strategy sections"]
+    if "pretrain_mix" in roles:
+        logs["pretrain (seed + pool sample)"] = roles["pretrain_mix"].path / "log.csv"
+        ts = roles["pretrain_mix"].path / "train_set.json"
+        mixed = json.loads(ts.read_text()).get("pool_rows") if ts.is_file() else "?"
+        users = [s for s, (e, _, _) in roles["inputs"].items() if e is not roles["embed_seed"]]
+        notes.append(f"{', '.join(users)} scored with a pool-aware model (SimCLR on the seed + {mixed} pool images); "
+                     "the other strategies with the seed-only model")
+    logs.update({f"retrain {k}": v.path / "log.csv" for k, v in roles["retrain"].items() if k != "none"})
+    pool = srcs["pool"]
+    store_items = (roles["embed_pool"].path / "items.txt").read_text().splitlines()
+    rows = pool_rows_for_items(pool, store_items)
+    return write_report(plan.run_dir / "report.html", title=plan.config["run"]["name"], results=results,
+                        strategies=strategies, seed_items=srcs["seed"].items(),
+                        pool_images=lambda i: pool.load(int(rows[i])), pool_items=store_items,
+                        loss_logs={k: v for k, v in logs.items() if v.is_file()}, notes=notes)
+
+
+# ----------------------------------------------------------------------------- entry point
+def describe_plan(plan: Plan) -> str:
+    lines = [f"run directory: {plan.run_dir}"]
+    width = max(len(s.name) for s in plan.stages)
+    for s in plan.stages:
+        lines.append(f"  {s.name:<{width}}  {s.status()}")
+    todo = sum(1 for s in plan.stages if not s.cached())
+    lines.append(f"{len(plan.stages) - todo} cached, {todo} to run")
+    return "\n".join(lines)
+
+
+def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: Callable[[str], None] = print) -> Plan:
+    """Execute (or with ``dry_run`` only describe) every stage that is not cached."""
+    import yaml
+
+    plan = build_plan(config, run_dir)
+    if dry_run:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one plan, not one per rank
+            log(describe_plan(plan))
+        return plan
+    # Under torchrun every rank walks the same plan; see the module docstring for who runs what.
+    with D.process_group(str(auto_device(config["run"]["device"]))):
+        main = D.rank() == 0
+        if main:
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(plan.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        todo = D.broadcast_object([not st.cached() for st in plan.stages] if main else None)
+        for st, pending in zip(plan.stages, todo):
+            if not pending:
+                continue
+            if main:
+                log(f"[mak run] {st.name} ...")
+            t = time.perf_counter()
+            st.run()
+            if main:
+                log(f"[mak run] {st.name} done in {time.perf_counter() - t:.1f}s")
+        if main:
+            out = write_outputs(plan)
+            log(f"[mak run] results: {plan.run_dir / 'results.json'}")
+            log(f"[mak run] report: {out}")
+    return plan

@@ -1,0 +1,237 @@
+"""The comparison of the strategies: takeaway cards, the comparison table, the composition bars.
+
+``COLUMNS`` defines the table: which figure of a results entry each column shows, its group, its
+legend and whether lower is better. A figure is a fraction, ``{"mean": x, "std": y}`` or None;
+cells show ``mean +- std`` in percent and the best value of each column is highlighted. The
+takeaway cards name the best strategy on a headline figure with its margin over the seed alone
+("none"); the composition bars split each selection into out-of-domain, Few, Medium, Many and rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from mak.run.report.charts import _legend
+from mak.run.report.format import _esc, _num, _pct
+from mak.run.report.style import FEW_COLOR, NONE_COLOR, OOD_COLOR, REST_COLOR
+
+if TYPE_CHECKING:
+    from mak.run.report.context import _Context
+
+
+def _fig(v: Any, std: Any = None) -> tuple[float, float | None] | None:
+    """``(mean, std)`` of a figure given as a number or ``{"mean": .., "std": ..}``; None when absent."""
+    if isinstance(v, Mapping):
+        m = _num(v.get("mean"))
+        return None if m is None else (m, _num(v.get("std")))
+    m = _num(v)
+    return None if m is None else (m, _num(std))
+
+
+def _cell_html(f: tuple[float, float | None] | None) -> str:
+    """Table cell content: ``61.2<span class="sd">&plusmn;1.3</span>`` or a dash."""
+    if f is None:
+        return '<span class="na">&ndash;</span>'
+    m, s = f
+    out = _pct(m)
+    if s is not None:
+        out += f'<span class="sd">&plusmn;{_pct(s)}</span>'
+    return out
+
+
+@dataclass(frozen=True)
+class _Col:
+    """A column of the comparison table: which figure it shows, how it is headed and ranked."""
+
+    key: str
+    head: str
+    group: str
+    lower_better: bool
+    legend: str
+    get: Callable[[Mapping[str, Any]], tuple[float, float | None] | None]
+
+
+def _group_fig(g: str) -> Callable[[Mapping[str, Any]], tuple[float, float | None] | None]:
+    def get(r: Mapping[str, Any]) -> tuple[float, float | None] | None:
+        ga = r.get("group_acc")
+        return _fig(ga.get(g)) if isinstance(ga, Mapping) else None
+    return get
+
+
+COLUMNS: tuple[_Col, ...] = (
+    _Col("all", "All", "Few-shot linear probe", False,
+         "few-shot linear-probe accuracy over all test classes (labeled images drawn per class; "
+         "&plusmn; is the std over repeats, or over the labeled draws of a single run)",
+         lambda r: _fig(r.get("fewshot_acc"), r.get("fewshot_std"))),
+    _Col("many", "Many", "Few-shot linear probe", False,
+         "few-shot accuracy averaged over the classes that are large in the seed", _group_fig("many")),
+    _Col("medium", "Medium", "Few-shot linear probe", False,
+         "few-shot accuracy averaged over the medium-sized seed classes", _group_fig("medium")),
+    _Col("few", "Few", "Few-shot linear probe", False,
+         "few-shot accuracy averaged over the tail classes of the seed: what sampling should help most",
+         _group_fig("few")),
+    _Col("group_std", "Group std", "Few-shot linear probe", True,
+         "std of the Many / Medium / Few means in points: balancedness, lower is better",
+         lambda r: _fig(r.get("group_std"))),
+    _Col("fullshot", "Full-shot", "Full labels", False,
+         "linear-probe accuracy trained on the full balanced labeled split",
+         lambda r: _fig(r.get("fullshot_acc"))),
+    _Col("knn", "kNN", "Full labels", False,
+         "k-nearest-neighbour accuracy (cosine) on the full labeled split",
+         lambda r: _fig(r.get("knn_acc"))),
+    _Col("ood", "OOD rate", "Selection", True,
+         "share of the selection that is out-of-domain (label -1): lower is better",
+         lambda r: _fig(r.get("ood_rate"))),
+    _Col("few_share", "Few share", "Selection", False,
+         "share of the selection (out-of-domain included) that belongs to Few classes",
+         lambda r: _fig(r.get("few_share"))),
+)
+
+
+def _takeaways(ctx: _Context) -> str:
+    """Cards naming the best strategy on each headline figure (a note when there is nothing to compare)."""
+    rows = [(str(r.get("strategy", "")), r) for r in ctx.results]
+    base = next((r for n, r in rows if n == "none"), None)
+    cols = {c.key: c for c in COLUMNS}
+    cards = [_card(ctx, rows, base, "Best Few-group accuracy", cols["few"]),
+             _card(ctx, rows, base, "Most balanced (lowest group std)", cols["group_std"]),
+             _card(ctx, rows, base, "Best few-shot accuracy (all)", cols["all"]),
+             _card(ctx, rows, base, "Best full-shot accuracy", cols["fullshot"]),
+             _card(ctx, rows, base, "Best kNN accuracy", cols["knn"]),
+             _card(ctx, rows, base, "Lowest out-of-domain rate", cols["ood"], exclude_none=True, vs_none=False),
+             _card(ctx, rows, base, "Largest Few-class share", cols["few_share"], exclude_none=True, vs_none=False)]
+    cards = [c for c in cards if c]
+    if not cards:
+        return '<p class="note">No evaluation results to compare.</p>'
+    return '<div class="cards">' + "".join(cards) + "</div>"
+
+
+def _card(ctx: _Context, rows: list[tuple[str, Mapping[str, Any]]], base: Mapping[str, Any] | None, label: str,
+          col: _Col, exclude_none: bool = False, vs_none: bool = True) -> str:
+    """The takeaway card of ``col``: the best strategy, its value and margin; "" when there is no winner."""
+    vals = [(n, col.get(r)) for n, r in rows if not (exclude_none and n == "none")]
+    vals = [(n, f) for n, f in vals if f is not None]
+    if len(vals) < 1:
+        return ""
+    shown = {round(100 * f[0], 1) for _, f in vals}
+    if len(vals) > 1 and len(shown) == 1:
+        return ""  # everyone ties: nothing to take away
+    target = (min if col.lower_better else max)(shown)
+    tied = [(n_, f) for n_, f in vals if round(100 * f[0], 1) == target]
+    tied.sort(key=lambda t: t[0] == "none")  # on a tie, name a strategy before the seed alone
+    n, (m, s) = tied[0]
+    unit = " pts" if col.key == "group_std" else "%"
+    detail = ""
+    if len(tied) > 1:
+        detail = "tied with " + ", ".join(_esc(t[0]) for t in tied[1:4]) + ("&hellip;" if len(tied) > 4 else "")
+    elif vs_none and base is not None and n != "none":
+        b = col.get(base)
+        if b is not None:
+            diff = 100 * (m - b[0])
+            detail = f"{diff:+.1f} pts vs seed alone ({_pct(b[0])}{unit})"
+    elif len(vals) > 1:
+        runner = sorted(vals, key=lambda t: t[1][0], reverse=not col.lower_better)[1]
+        detail = f"next: {_esc(runner[0])} ({_pct(runner[1][0])}{unit})"
+    std = f'<span class="sd">&plusmn;{_pct(s)}</span>' if s is not None else ""
+    return (f'<div class="card"><div class="k">{_esc(label)}</div><div class="v">{ctx.chip(n)}'
+            f"<span>{_pct(m)}{unit}{std}</span></div><div class=\"d\">{detail or '&nbsp;'}</div></div>")
+
+
+def _table(ctx: _Context) -> str:
+    """The comparison table, a row per results entry, and the legend of its columns."""
+    if not ctx.results:
+        return '<p class="note">No results.</p>'
+    figs = [[c.get(r) for c in COLUMNS] for r in ctx.results]
+    best = _best_rows(figs)
+    h = ['<div class="tablewrap"><table class="cmp"><thead><tr class="grp"><th></th>']
+    h += [f'<th colspan="{k}" class="g">{_esc(g)}</th>' for g, k in _column_groups()]
+    h.append('</tr><tr><th class="name">Strategy</th>')
+    h += [f'<th title="{c.legend}">{_esc(c.head)}{" &#8595;" if c.lower_better else ""}</th>' for c in COLUMNS]
+    h.append("</tr></thead><tbody>")
+    for i, r in enumerate(ctx.results):
+        name = str(r.get("strategy", f"#{i}"))
+        label = "none (seed alone)" if name == "none" else name
+        link = (f'<a href="#{ctx.anchors[name]}" style="color:inherit">{_esc(label)}</a>'
+                if name in ctx.strategies else _esc(label))
+        h.append(f'<tr class="{"none" if name == "none" else "s"}"><td class="name">'
+                 f'<span class="dot" style="background:{ctx.colors.get(name, NONE_COLOR)}"></span>{link}</td>')
+        for j, c in enumerate(COLUMNS):
+            cls = ' class="best"' if i in best[j] else ""
+            h.append(f"<td{cls}>{_cell_html(figs[i][j])}</td>")
+        h.append("</tr>")
+    h.append("</tbody></table></div>")
+    h.append('<ul class="keys">')
+    h += [f"<li><b>{_esc(c.head)}</b> &mdash; {c.legend}</li>" for c in COLUMNS]
+    h.append("<li><b>Highlighted</b> &mdash; best value of the column (&#8595; lower is better); "
+             "all figures in percent</li></ul>")
+    return "".join(h)
+
+
+def _best_rows(figs: list[list[tuple[float, float | None] | None]]) -> list[set[int]]:
+    """Per column, the rows holding its best shown value (none when fewer than two values differ)."""
+    best: list[set[int]] = []
+    for j, c in enumerate(COLUMNS):
+        vals = [(i, round(100 * f[j][0], 1)) for i, f in enumerate(figs) if f[j] is not None]
+        distinct = {v for _, v in vals}
+        if len(vals) < 2 or len(distinct) < 2:
+            best.append(set())
+            continue
+        target = (min if c.lower_better else max)(distinct)
+        best.append({i for i, v in vals if v == target})
+    return best
+
+
+def _column_groups() -> list[tuple[str, int]]:
+    """``(group, number of columns)`` of the runs of consecutive ``COLUMNS`` that share a group."""
+    groups: list[tuple[str, int]] = []
+    for c in COLUMNS:
+        if groups and groups[-1][0] == c.group:
+            groups[-1] = (c.group, groups[-1][1] + 1)
+        else:
+            groups.append((c.group, 1))
+    return groups
+
+
+def _composition(ctx: _Context) -> str:
+    """A bar per strategy of what its selection is made of, with the legend; "" without shares."""
+    rows = []
+    for r in ctx.results:
+        name = str(r.get("strategy", ""))
+        ood = _fig(r.get("ood_rate"))
+        few = _fig(r.get("few_share"))
+        if name == "none" or (ood is None and few is None):
+            continue
+        rows.append(f'<div>{ctx.chip(name)}</div><div class="bar">{_composition_bar(r, ood, few)}</div>')
+    if not rows:
+        return ""
+    has_mm = any(_fig(r.get("many_share")) is not None for r in ctx.results)
+    leg = [("out-of-domain", OOD_COLOR, "fill"), ("Few classes", FEW_COLOR, "fill")]
+    if has_mm:
+        leg += [("Medium classes", "#7fb3a0", "fill"), ("Many classes", "#98a6b8", "fill")]
+    leg.append(("other in-domain" if not has_mm else "rest", REST_COLOR, "fill"))
+    return ('<div class="comp"><h3>What each selection is made of</h3><div class="rows">' + "".join(rows)
+            + "<div></div>" + _legend(leg).replace('class="legend"', 'class="legend" style="margin-left:0"')
+            + "</div></div>")
+
+
+def _composition_bar(r: Mapping[str, Any], ood: tuple[float, float | None] | None,
+                     few: tuple[float, float | None] | None) -> str:
+    """The segments of one selection's bar: each share clipped to what is left, then the rest."""
+    segs = []
+    used = 0.0
+    for label, f, color in (("out-of-domain", ood, OOD_COLOR), ("Few classes", few, FEW_COLOR),
+                            ("Medium classes", _fig(r.get("medium_share")), "#7fb3a0"),
+                            ("Many classes", _fig(r.get("many_share")), "#98a6b8")):
+        if f is None:
+            continue
+        v = min(max(f[0], 0.0), max(0.0, 1.0 - used))
+        used += v
+        txt = f"{100 * v:.0f}%" if v >= 0.06 else ""
+        segs.append(f'<span style="width:{100 * v:.2f}%;background:{color}" '
+                    f'title="{label}: {100 * v:.1f}%">{txt}</span>')
+    rest = max(0.0, 1.0 - used)
+    if rest > 0:
+        txt = f"{100 * rest:.0f}%" if rest >= 0.06 else ""
+        segs.append(f'<span style="width:{100 * rest:.2f}%;background:{REST_COLOR}" '
+                    f'title="other in-domain: {100 * rest:.1f}%">{txt}</span>')
+    return "".join(segs)

@@ -1,0 +1,488 @@
+"""The ``mak select`` job: read feature stores, run a strategy, write the selection files.
+
+Outputs (in ``out``): ``selection.txt`` (the chosen items' lines, pick order), ``scores.csv``
+(one row per pool image) and ``summary.json`` (parameters, counts, timings, versions). They are
+built in a temporary directory and renamed into place, so a failure leaves nothing behind.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mak import __version__
+from mak import distributed as D
+from mak._tensor import auto_device, is_auto
+from mak.atomic import write_json
+from mak.data.pool_array import store_arrays
+from mak.data.store import FEATURES, SHARDS, VIEWS, FeatureStore, open_store
+from mak.errors import MakError
+from mak.selection.scale.context import DistributedContext
+from mak.selection.strategies import NEEDS, Selection, select, strategy_needs
+
+SCALED_OPTIONS = ("dedup", "dedup_clusters", "kcenter", "kcenter_parts")
+
+OUTPUT_FILES = ("selection.txt", "scores.csv", "summary.json")
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    return {"mak": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing selection unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise MakError(f"{out}: output path exists and is not a directory")
+    if not overwrite and (out / "selection.txt").exists():
+        raise MakError(f"{out}: already holds a selection (use --overwrite to replace it)")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move every file of ``tmp`` into ``out`` (created if needed) by rename, then drop ``tmp``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_scores_csv(path: Path, items: list[str], sel: Selection) -> None:
+    """One row per pool image: index, item, ecle, distance, score, selected, pick_rank."""
+    n = len(items)
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[sel.indices] = np.arange(len(sel.indices))
+
+    def col(a: np.ndarray | None) -> list[str]:
+        if a is None:
+            return [""] * n
+        return [repr(float(v)) for v in np.asarray(a, dtype=np.float64)]
+
+    e, d, s = col(sel.ecle), col(sel.distance), col(sel.score)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "item", "ecle", "distance", "score", "selected", "pick_rank"])
+        for i in range(n):
+            r = int(rank[i])
+            w.writerow([i, items[i], e[i], d[i], s[i], 1 if r >= 0 else 0, r if r >= 0 else ""])
+
+
+def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str, check_finite: bool = True,
+                options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
+    """Open the stores a strategy (with ``options``) needs, validating them, and cross-check dimensions."""
+    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=check_finite)
+    return open_seed_store(seed_store, pool, strategy), pool
+
+
+def open_seed_store(seed_store: str | Path | None, pool: FeatureStore, strategy: str) -> FeatureStore | None:
+    """The seed store when ``strategy`` uses it (validated against the pool's dimension), else None."""
+    needs_seed = NEEDS[strategy][0]
+    if seed_store is not None and (needs_seed or strategy == "kcenter"):
+        seed = open_store(seed_store)
+        if seed.feature_dim != pool.feature_dim:
+            raise MakError(f"{Path(seed_store) / 'features.npy'}: feature dimension {seed.feature_dim} "
+                           f"differs from the pool's {pool.feature_dim} ({pool.path / 'features.npy'})")
+        return seed
+    if needs_seed:
+        raise MakError(f"strategy '{strategy}' needs --seed-store")
+    return None
+
+
+SEED_MODEL_GATE_QUANTILE = 0.98
+SEED_MODEL_NOTE = ("robust's defaults suit features of a pool-aware model (SimCLR on seed + a pool sample: "
+                   "`mak pretrain --mix-split`); {store} was embedded with a seed-only model, which does not push "
+                   "junk away, so {what} (on the open-world benchmark with a seed-only model, quantile 0.98 let "
+                   "1.2% junk into the pick and the pool-aware setting 16.8%; a pool-aware model does better "
+                   "still: docs/robust.md)")
+
+
+def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any] | None = None,
+               echo: bool = True) -> str | None:
+    """For ``robust`` on features of a seed-only model: a note (printed to stderr when ``echo``, returned),
+    and ``gate_quantile`` auto (or unset) in ``params`` resolved to :data:`SEED_MODEL_GATE_QUANTILE`."""
+    trained = (pool.meta or {}).get("model_trained_on")
+    if strategy != "robust" or not isinstance(trained, dict) or trained.get("pool_rows", 0) != 0:
+        return None
+    if params is not None and params.get("gate_quantile", "auto") in (None, "auto"):
+        params["gate_quantile"] = SEED_MODEL_GATE_QUANTILE
+        what = f"the gate quantile auto is {SEED_MODEL_GATE_QUANTILE} here"
+    else:
+        what = f"consider --gate-quantile {SEED_MODEL_GATE_QUANTILE} (the default here)"
+    note = SEED_MODEL_NOTE.format(store=pool.path, what=what)
+    if echo:
+        print(f"mak select: note: {note}", file=sys.stderr)
+    return note
+
+
+def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
+                  strategy: str = "mak", overwrite: bool = False, progress: bool = True,
+                  **params: Any) -> Selection:
+    """Run ``strategy`` on stores and write ``selection.txt``, ``scores.csv``, ``summary.json`` to ``out``.
+
+    Under ``torchrun``, on a sharded pool store, with ``dedup`` (a cosine threshold) or with
+    ``kcenter='two-round'`` the job is :func:`select_stores_scaled` (same
+    outputs, plus ``dedup.csv``); the options ``dedup``, ``dedup_clusters``, ``kcenter`` and
+    ``kcenter_parts`` are only meaningful there.
+    """
+    scaled = {k: params.pop(k) for k in SCALED_OPTIONS if k in params}
+    if wants_scaled_path(pool_store, scaled):
+        return select_stores_scaled(seed_store, pool_store, out, budget, strategy=strategy, overwrite=overwrite,
+                                    progress=progress, **scaled, **params)
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    t0 = time.perf_counter()
+    seed, pool = load_inputs(seed_store, pool_store, strategy, options=params)
+    if budget > pool.num_rows:
+        raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
+    t_load = time.perf_counter() - t0
+    note = model_note(pool, strategy, params)
+    seed_feats = seed.features() if seed is not None else None
+    pool_feats = pool.shards[0].features if len(pool.shards) == 1 else pool.features()
+    views = None
+    if pool.has_views and strategy_needs(strategy, params)[1]:
+        views = pool.shards[0].views if len(pool.shards) == 1 else pool.views()
+    ecle_file = params.pop("ecle_file", None)
+    if ecle_file is not None:
+        params_ecle = np.load(ecle_file, allow_pickle=False)
+        sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress,
+                     ecle_scores=params_ecle, **params)
+        params["ecle_file"] = str(ecle_file)
+    else:
+        sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress, **params)
+    items = pool.items
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        t1 = time.perf_counter()
+        (tmp / "selection.txt").write_text("".join(items[i] + "\n" for i in sel.indices), encoding="utf-8")
+        write_scores_csv(tmp / "scores.csv", items, sel)
+        summary = {
+            "strategy": strategy,
+            "parameters": {"budget": int(budget), **{k: v for k, v in params.items()}},
+            "inputs": {"seed_store": str(seed_store) if seed_store is not None else None,
+                       "pool_store": str(pool_store)},
+            "counts": {"pool": pool.num_rows, "seed": seed.num_rows if seed is not None else None,
+                       "selected": len(sel), "candidates": None if sel.candidates is None else int(len(sel.candidates)),
+                       **{k: v for k, v in sel.info.items() if isinstance(v, (int, float, str))}},
+            "timings_s": {"load": round(t_load, 4), **{k: round(v, 4) for k, v in sel.timings.items()},
+                          "write": round(time.perf_counter() - t1, 4)},
+            "info": {k: v for k, v in sel.info.items() if not isinstance(v, (int, float, str))},
+            "versions": versions(),
+            "command": " ".join(sys.argv),
+            **({"note": note} if note else {}),
+        }
+        write_json(tmp / "summary.json", summary)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sel
+
+
+# --------------------------------------------------------------------------------------------
+# The scaled job (``mak select`` under torchrun, on sharded stores, with --dedup / two-round)
+# --------------------------------------------------------------------------------------------
+
+def wants_scaled_path(pool_store: str | Path, options: dict[str, Any]) -> bool:
+    """Whether ``mak select`` must take :func:`select_stores_scaled` rather than the plain job."""
+    return (D.launched_by_torchrun() or D.active() or options.get("dedup") is not None
+            or (options.get("kcenter") or "exact") != "exact" or options.get("kcenter_parts") is not None
+            or (Path(pool_store) / SHARDS).is_file())
+
+
+def _first_nonfinite(store: FeatureStore, lo: int, hi: int, chunk: int = 65536) -> str | None:
+    """The file holding a NaN/Inf among pool rows ``[lo, hi)`` (features, then views), else None."""
+    for sh, a, b in store._spans(lo, hi):
+        for name, arr in ((FEATURES, sh.features), (VIEWS, sh.views)):
+            if arr is None:
+                continue
+            for s in range(a, b, chunk):
+                block = arr[..., s: min(b, s + chunk), :]
+                if not np.isfinite(block).all():
+                    return f"{sh.path / name}: contains NaN or Inf values"
+    return None
+
+
+def load_inputs_scaled(seed_store: str | Path | None, pool_store: str | Path, strategy: str,
+                       options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
+    """:func:`mak.run.select_job.load_inputs`, with the pool's NaN/Inf scan split across ranks."""
+    if not D.active():
+        return load_inputs(seed_store, pool_store, strategy, options=options)
+    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False)
+    lo, hi = D.shard_range(pool.num_rows)
+    msgs = [m for m in D.all_gather_object(_first_nonfinite(pool, lo, hi)) if m]
+    if msgs:
+        raise MakError(msgs[0])
+    return open_seed_store(seed_store, pool, strategy), pool
+
+
+def iter_items(store: FeatureStore, lo: int = 0, hi: int | None = None) -> Iterator[str]:
+    """Item lines of pool rows ``[lo, hi)``, streamed from the shards' items.txt (as read_items reads them)."""
+    hi = store.num_rows if hi is None else hi
+    for sh in store.shards:
+        n = sh.features.shape[0]
+        a, b = max(lo, sh.start), min(hi, sh.start + n)
+        if a >= b:
+            continue
+        with open(sh.items_path, encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if i < a - sh.start:
+                    continue
+                if i >= b - sh.start:
+                    break
+                yield line[:-1] if line.endswith("\n") else line
+
+
+def _fmt(a: np.ndarray | None, present: np.ndarray) -> list[str]:
+    if a is None:
+        return [""] * present.size
+    vals = np.asarray(a, dtype=np.float64)
+    return [repr(float(v)) if ok else "" for v, ok in zip(vals, present)]
+
+
+def _write_scores_part(path: Path, store: FeatureStore, lo: int, hi: int, cols: Sequence[np.ndarray | None],
+                       present: np.ndarray, rank: np.ndarray) -> None:
+    """scores.csv rows for pool rows ``[lo, hi)`` (no header); ``cols`` aligned with those rows.
+
+    Formatted 65536 rows at a time, so memory stays O(chunk) beyond the columns themselves.
+    """
+    chunk = 65536
+    items = iter_items(store, lo, hi)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        for c0 in range(0, hi - lo, chunk):
+            c1 = min(hi - lo, c0 + chunk)
+            ok = present[c0:c1]
+            e, d, s = (_fmt(None if c is None else c[c0:c1], ok) for c in cols)
+            for j in range(c1 - c0):
+                r = int(rank[c0 + j])
+                w.writerow([lo + c0 + j, next(items), e[j], d[j], s[j], 1 if r >= 0 else 0, r if r >= 0 else ""])
+
+
+def select_stores_scaled(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
+                         strategy: str = "mak", overwrite: bool = False, progress: bool = True,
+                         dedup: float | None = None, dedup_clusters: int | None = None, kcenter: str = "exact",
+                         kcenter_parts: int | None = None, **params: Any) -> Selection:
+    """``mak select`` across ranks (or on one process): same outputs as :func:`mak.run.select_job.select_stores`,
+    plus ``dedup.csv`` with ``dedup``. Initialises the process group under torchrun (gloo on CPU,
+    NCCL with ``device='cuda'``) and tears it down again when it started it."""
+    device = params.get("device")
+    if is_auto(device):
+        device = params["device"] = str(auto_device(device))
+    with D.process_group(device or "cpu") as on:
+        if on and device and torch.device(device).type == "cuda":
+            params["device"] = str(D.local_device(device))
+        return _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
+                        dedup_clusters, kcenter, kcenter_parts, params)
+
+
+def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,
+             progress: bool, dedup: float | None, dedup_clusters: int | None, kcenter: str,
+             kcenter_parts: int | None, params: dict[str, Any]) -> Selection:
+    w, me = D.world_size(), D.rank()
+    check_out_dir(out, overwrite)
+    kcenter = kcenter or "exact"
+    if kcenter not in ("exact", "two-round"):
+        raise MakError(f"unknown --kcenter '{kcenter}' (choose from: exact, two-round)")
+    if kcenter_parts is not None and kcenter_parts < 1:
+        raise MakError(f"--kcenter-parts must be >= 1, got {kcenter_parts}")
+    t0 = time.perf_counter()
+    seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
+    note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
+    n_pool = pool.num_rows
+    if budget > n_pool:
+        raise MakError(f"budget ({budget}) is larger than the pool ({n_pool} images in {pool_store})")
+    t_load = time.perf_counter() - t0
+    seed_feats = seed.features() if seed is not None else None
+    timings: dict[str, float] = {"load": t_load}
+
+    dd = None
+    kept = None
+    if dedup is not None:
+        from mak.selection.scale.dedup import find_duplicates
+
+        t = time.perf_counter()
+        feats_all, _ = store_arrays(pool, None, views=False)
+        dd = find_duplicates(feats_all, dedup, clusters=dedup_clusters, seed=int(params.get("seed", 0)),
+                             device=params.get("device"), progress=progress and me == 0)
+        kept = dd.kept_rows
+        timings["dedup"] = time.perf_counter() - t
+        if budget > kept.size:
+            raise MakError(f"budget ({budget}) is larger than the pool after --dedup {dedup} "
+                           f"({kept.size} of {n_pool} images kept)")
+    n_sel = n_pool if kept is None else int(kept.size)
+    ecle_file = params.pop("ecle_file", None)
+    if ecle_file is not None:  # ECLE computed earlier for the whole pool (e.g. by `mak run`)
+        e = np.load(ecle_file, mmap_mode="r", allow_pickle=False)
+        if e.ndim != 1 or e.shape[0] != n_pool:
+            raise MakError(f"{ecle_file}: precomputed ECLE must hold {n_pool} values, found shape {e.shape}")
+        opts_ecle = {"ecle_scores": np.asarray(e if kept is None else e[kept], dtype=np.float32)}
+    else:
+        opts_ecle = {}
+    feats, views = store_arrays(pool, kept, views=strategy_needs(strategy, params)[1] if strategy in NEEDS else False)
+
+    holder: dict[str, DistributedContext] = {}
+
+    @dataclass(eq=False)
+    class _Ctx(DistributedContext):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.kcenter_mode = kcenter
+            self.kcenter_parts = None if kcenter_parts is None else int(kcenter_parts)
+            holder["ctx"] = self
+
+    sel = select(seed_feats, feats, views, budget, strategy=strategy, progress=progress and me == 0,
+                 context_cls=_Ctx, **params, **opts_ecle)
+    if ecle_file is not None:
+        params["ecle_file"] = str(ecle_file)
+    ctx = holder.get("ctx")
+    picks = sel.indices if kept is None else kept[sel.indices]
+    cand = None if sel.candidates is None else (sel.candidates if kept is None else kept[sel.candidates])
+
+    # ---- outputs --------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)) if me == 0 else None
+    tmp = Path(D.broadcast_object(str(tmp)))
+    try:
+        # pool rows [bounds[r], bounds[r+1]) are written by rank r (its selection rows + dropped ones)
+        starts = [D.shard_range(n_sel, r, w)[0] for r in range(w)]
+        to_pool = (lambda i: i) if kept is None else (lambda i: int(kept[i]))
+        bounds = [0] + [to_pool(s) if s < n_sel else n_pool for s in starts[1:]] + [n_pool]
+        plo, phi = bounds[me], bounds[me + 1]
+        slo, shi = D.shard_range(n_sel, me, w)
+        rows = np.arange(plo, phi, dtype=np.int64)
+        if kept is None:
+            present = np.ones(rows.size, dtype=bool)
+            where = rows - slo
+        else:
+            present = dd.keep[plo:phi].copy()
+            where = np.searchsorted(kept, rows) - slo
+        cols = []
+        for a in (sel.ecle, sel.distance, sel.score):
+            if a is None:
+                cols.append(None)
+                continue
+            a = np.asarray(a)
+            if a.shape[0] != shi - slo:
+                raise RuntimeError(f"per-image vector of length {a.shape[0]} on rank {me}, expected {shi - slo}")
+            full = np.zeros(rows.size, dtype=np.float64)
+            full[present] = a[where[present]]
+            cols.append(full)
+        rank_of = np.full(rows.size, -1, dtype=np.int64)
+        inside = (picks >= plo) & (picks < phi)
+        rank_of[picks[inside] - plo] = np.flatnonzero(inside)
+        _write_scores_part(tmp / f".scores.part-{me:05d}", pool, plo, phi, cols, present, rank_of)
+        D.barrier()
+        if me == 0:
+            _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
+                    params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
+                                 kcenter_parts=kcenter_parts), timings, t1, w, write_json, versions, publish,
+                    note=note)
+    except BaseException:
+        if me == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    D.barrier()
+    sel.indices = np.asarray(picks, dtype=np.int64)
+    sel.candidates = cand
+    return sel
+
+
+def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None, sel: Selection, picks: np.ndarray,
+            cand: np.ndarray | None, dd: Any, ctx: DistributedContext | None, strategy: str, budget: int,
+            seed_store: Any, pool_store: Any, params: dict[str, Any], scaled: dict[str, Any],
+            timings: dict[str, float], t1: float, w: int, write_json: Any, versions: Any, publish: Any,
+            note: str | None = None) -> None:
+    """Rank 0: scores.csv from the parts, selection.txt, dedup.csv, summary.json; then publish."""
+    with open(tmp / "scores.csv", "wb") as fh:
+        fh.write(b"index,item,ecle,distance,score,selected,pick_rank\r\n")
+        for r in range(w):
+            part = tmp / f".scores.part-{r:05d}"
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 20)
+            part.unlink()
+    # selection.txt and dedup.csv in one pass over the items
+    pos_of = {int(p): i for i, p in enumerate(picks)}
+    chosen: list[str | None] = [None] * len(picks)
+    dropped_rows = np.zeros(0, dtype=np.int64) if dd is None else np.flatnonzero(~dd.keep)
+    rep_rows = set() if dd is None else set(int(r) for r in np.unique(dd.rep[dropped_rows]))
+    rep_items: dict[int, str] = {}
+    dfh = open(tmp / "dedup.csv", "w", newline="", encoding="utf-8") if dd is not None else None
+    try:
+        dw = csv.writer(dfh) if dfh is not None else None
+        if dw is not None:
+            dw.writerow(["index", "item", "representative", "representative_item", "similarity"])
+        drop_set = dd is not None and dropped_rows.size > 0
+        for i, item in enumerate(iter_items(pool)):
+            p = pos_of.get(i)
+            if p is not None:
+                chosen[p] = item
+            if dd is not None:
+                if i in rep_rows:
+                    rep_items[i] = item
+                if drop_set and not dd.keep[i]:
+                    r = int(dd.rep[i])
+                    dw.writerow([i, item, r, rep_items.get(r, ""), repr(float(dd.similarity[i]))])
+    finally:
+        if dfh is not None:
+            dfh.close()
+    (tmp / "selection.txt").write_text("".join(f"{it}\n" for it in chosen), encoding="utf-8")
+    info = {k: v for k, v in sel.info.items() if not isinstance(v, (int, float, str))}
+    counts = {"pool": pool.num_rows, "seed": seed.num_rows if seed is not None else None, "selected": len(picks),
+              "candidates": None if cand is None else int(len(cand)),
+              **{k: v for k, v in sel.info.items() if isinstance(v, (int, float, str))}}
+    parameters = {"budget": int(budget), **params}
+    for k, v in scaled.items():
+        if v is not None and not (k == "kcenter" and v == "exact"):
+            parameters[k] = v
+    if dd is not None:
+        counts["dedup_dropped"] = dd.dropped
+        counts["after_dedup"] = int(dd.keep.sum())
+        info["dedup"] = {"threshold": dd.threshold, "clusters": dd.clusters, "dropped": dd.dropped,
+                         **dd.info, "timings_s": {k: round(v, 4) for k, v in dd.timings.items()}}
+    if ctx is not None and ctx.report.get("kcenter"):
+        info["kcenter"] = ctx.report["kcenter"]
+    info["distributed"] = {"world_size": w,
+                           "backend": torch.distributed.get_backend() if D.active() else None,
+                           "scores_csv": "per-rank parts concatenated by rank 0"}
+    summary = {
+        "strategy": strategy,
+        "parameters": parameters,
+        "inputs": {"seed_store": str(seed_store) if seed_store is not None else None, "pool_store": str(pool_store)},
+        "counts": counts,
+        "timings_s": {**{k: round(v, 4) for k, v in timings.items()},
+                      **{k: round(v, 4) for k, v in sel.timings.items()},
+                      "write": round(time.perf_counter() - t1, 4)},
+        "info": info,
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+        **({"note": note} if note else {}),
+    }
+    write_json(tmp / "summary.json", summary)
+    publish(tmp, out)
+
+
+__all__ = [
+    "OUTPUT_FILES",
+    "SCALED_OPTIONS",
+    "check_out_dir",
+    "iter_items",
+    "load_inputs",
+    "load_inputs_scaled",
+    "model_note",
+    "select_stores",
+    "select_stores_scaled",
+    "wants_scaled_path",
+]

@@ -1,0 +1,129 @@
+"""Proximity: how far a pool image lies from the seed set's feature clusters.
+
+``kmeans`` clusters the L2-normalised seed features (k-means++ seeding, Lloyd iterations, in
+torch: deterministic for a seed, on CPU or GPU, chunked so memory is O(chunk x K)).
+``nearest_centroid_distance`` is 1 - the largest cosine similarity to the L2-normalised
+centroids; ``proximity`` chains the two. Low distance = in-domain.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mak._tensor import l2_normalize, resolve_device, to_tensor
+from mak.errors import MakError
+
+CHUNK = 65536
+
+
+def _rows(x: Any) -> int:
+    return int(x.shape[0])
+
+
+def _chunk(x: Any, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    return to_tensor(x[lo:hi], device)
+
+
+def kmeans(features: Any, clusters: int = 10, seed: int = 0, iters: int = 50, normalize: bool = True,
+           device: str | torch.device | None = None, tol: float = 1e-6) -> np.ndarray:
+    """K-means centroids (clusters x d, float32) of ``features`` (L2-normalised first by default).
+
+    k-means++ seeding from ``seed``; Lloyd iterations until the assignment is stable (or
+    ``iters``); an emptied cluster is re-seeded at the point farthest from its centroid.
+    """
+    dev = resolve_device(device, features)
+    n = _rows(features)
+    if n == 0:
+        raise MakError("k-means needs at least one seed feature (got 0 rows)")
+    if clusters < 1:
+        raise MakError(f"clusters must be >= 1, got {clusters}")
+    if clusters > n:
+        raise MakError(f"clusters ({clusters}) is larger than the seed set ({n} images)")
+    x = to_tensor(features, dev)
+    if normalize:
+        x = l2_normalize(x)
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    # k-means++ seeding
+    first = int(torch.randint(n, (1,), generator=g))
+    centers = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, clusters):
+        total = float(d2.sum())
+        if total <= 0:
+            idx = int(torch.randint(n, (1,), generator=g))
+        else:
+            probs = (d2 / total).double().cpu()
+            idx = int(torch.multinomial(probs, 1, generator=g))
+        centers.append(x[idx])
+        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+    c = torch.stack(centers).clone()
+    prev = None
+    for _ in range(iters):
+        assign, dist = _assign(x, c)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=clusters).to(x.dtype)
+        empty = counts == 0
+        new = sums / counts.clamp_min(1)[:, None]
+        if empty.any():
+            far = torch.argsort(dist, descending=True, stable=True)
+            for j, e in enumerate(torch.nonzero(empty).flatten().tolist()):
+                new[e] = x[far[j]]
+        shift = float(((new - c) ** 2).sum())
+        c = new
+        if prev is not None and torch.equal(prev, assign) and not empty.any():
+            break
+        if shift <= tol * tol:
+            break
+        prev = assign
+    return c.cpu().numpy().astype(np.float32)
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid (squared Euclidean) of each row, chunked; returns (index, distance)."""
+    cn = (c * c).sum(1)
+    idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for lo in range(0, x.shape[0], CHUNK):
+        xb = x[lo : lo + CHUNK]
+        d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ c.T + cn
+        val, arg = d.min(1)
+        idx[lo : lo + CHUNK] = arg
+        dist[lo : lo + CHUNK] = val.clamp_min(0)
+    return idx, dist
+
+
+def nearest_centroid_distance(features: Any, centroids: Any, device: str | torch.device | None = None,
+                              chunk: int = CHUNK) -> np.ndarray:
+    """1 - max cosine similarity of each row of ``features`` to the L2-normalised ``centroids``.
+
+    Streams ``features`` (array, memmap or tensor) in chunks: memory O(chunk x K). Returns (N,) float32.
+    """
+    dev = resolve_device(device, features)
+    c = l2_normalize(to_tensor(centroids, dev))
+    n = _rows(features)
+    if c.ndim != 2:
+        raise MakError(f"centroids must be (K, d), got shape {tuple(c.shape)}")
+    if n and features.shape[1] != c.shape[1]:
+        raise MakError(f"feature dimension {features.shape[1]} differs from centroid dimension {c.shape[1]}")
+    out = np.empty(n, dtype=np.float32)
+    with torch.inference_mode():
+        for lo in range(0, n, chunk):
+            xb = l2_normalize(_chunk(features, lo, lo + chunk, dev))
+            sim = (xb @ c.T).max(dim=1).values
+            out[lo : lo + chunk] = (1.0 - sim).cpu().numpy()
+    return out
+
+
+def proximity(seed_features: Any, pool_features: Any, clusters: int = 10, seed: int = 0,
+              device: str | torch.device | None = None) -> np.ndarray:
+    """Cosine distance of each pool image to the nearest of ``clusters`` k-means centroids of the seed.
+
+    Returns (N,) float32; lower means closer to the seed's domain.
+    """
+    if seed_features.shape[1] != pool_features.shape[1]:
+        raise MakError(f"seed feature dimension {seed_features.shape[1]} differs from pool's {pool_features.shape[1]}")
+    centroids = kmeans(seed_features, clusters=clusters, seed=seed, device=device)
+    return nearest_centroid_distance(pool_features, centroids, device=device)

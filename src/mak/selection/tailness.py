@@ -1,0 +1,207 @@
+"""Tailness: ECLE, the empirical contrastive loss expectation of each pool image.
+
+For every unordered pair of augmented views (a, b) and each of ``partitions`` random orderings
+of the N images, the ordering is cut into batches of ``batch_size`` images; each batch's 2B
+vectors form one NT-Xent problem and every image takes the mean of its two directional losses.
+ECLE is the mean over pairs and orderings. Tail-class images have few similar neighbours in the
+model's embedding, hence a high loss.
+
+Implementation: for one batch all R views are gathered once and one (R*B) x (R*B) Gram matrix is
+formed block-row by block-row. With ``S[a, b, i] = sum_j exp(cos(a_i, b_j) / t)`` (self excluded
+when a == b), the loss of ``a_i`` in pair (a, b) is ``log(S[a,a,i] + S[a,b,i]) - cos(a_i, b_i)/t``,
+so every pair of views reuses the same Gram blocks: about half the FLOPs of scoring each pair
+separately, in O(R * B^2) memory per batch and O(N) overall.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from mak._tensor import is_tensor, l2_normalize, resolve_device, to_tensor
+from mak.errors import MakError
+
+
+def partition_order(n: int, seed: int, partition: int) -> torch.Tensor:
+    """The ``partition``-th random ordering of ``n`` rows for ``seed`` (identical on every rank)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((int(seed) * 1_000_003 + int(partition)) % (2**63 - 1))
+    return torch.randperm(n, generator=g)
+
+
+def batch_plan(n: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """Batches of one ordering as (start, stop, first_scored) positions into the ordering.
+
+    Full batches are consecutive; when ``n`` is not a multiple of ``batch_size`` the last batch
+    is the last ``batch_size`` positions and only positions >= ``first_scored`` take its loss.
+    With ``n <= batch_size`` there is a single batch of all ``n``.
+    """
+    if n <= batch_size:
+        return [(0, n, 0)]
+    plan = [(s, s + batch_size, s) for s in range(0, n - batch_size + 1, batch_size)]
+    done = plan[-1][1]
+    if done < n:
+        plan.append((n - batch_size, n, done))
+    return plan
+
+
+def batch_losses(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed NT-Xent losses over all view pairs for one batch.
+
+    ``z``: (R, B, d) L2-normalised views of B images. Returns (B,) float32: for each image the sum,
+    over the R(R-1)/2 unordered pairs (a, b), of the mean of its two directional losses.
+    """
+    r, b, _ = z.shape
+    inv_t = 1.0 / float(temperature)
+    # Exponentials relative to the largest possible logit (cos <= 1); exact algebra, and in
+    # float32 no underflow while 2/t < ~80 (t > 0.025). Below that, work in float64.
+    work = torch.float32 if temperature > 0.025 else torch.float64
+    zw = z.to(work)
+    flat = zw.reshape(r * b, -1)
+    s = torch.empty((r, r, b), dtype=work, device=z.device)  # S[a, c, i]
+    pos = torch.empty((r, r, b), dtype=work, device=z.device)  # (cos(a_i, c_i) - 1) / t
+    shift = torch.full((1,), -inv_t, dtype=work, device=z.device)
+    for a in range(r):
+        # Block row a of the Gram matrix as logits (cos - 1) / t, in one fused matmul; then
+        # exponentiated in place: one (B, R*B) buffer per block row, no temporaries.
+        g = torch.addmm(shift, zw[a], flat.T, alpha=inv_t)  # (B, R*B)
+        gv = g.view(b, r, b)  # [i, c, j]
+        pos[a] = torch.diagonal(gv, dim1=0, dim2=2)  # [c, i]
+        g.exp_()
+        torch.diagonal(gv[:, a, :]).zero_()  # exclude k = a_i itself
+        s[a] = gv.sum(dim=2).T  # [c, i]
+    # loss of a_i in pair (a, c): log(S[a,a,i] + S[a,c,i]) - pos[a,c,i]; image i's sum over the
+    # unordered pairs of the mean of both directions is half the sum over ordered pairs a != c
+    # (all pairs in a few batched kernels: one launch per op, not per pair, matters on GPUs)
+    diag = torch.diagonal(s, dim1=0, dim2=1).T  # (R, B): S[a, a, i]
+    loss = torch.log(s + diag[:, None, :]).sub_(pos)  # (R, R, B)
+    torch.diagonal(loss, dim1=0, dim2=1).zero_()  # a == c is not a pair
+    total = loss.sum(dim=(0, 1)).mul_(0.5)
+    return total.float()
+
+
+def _views_getter(views: Any, device: torch.device) -> tuple[Callable[[np.ndarray], torch.Tensor], int, int, int]:
+    if is_tensor(views):
+        if views.ndim != 3:
+            raise MakError(f"views must be (R, N, d), got shape {tuple(views.shape)}")
+        r, n, d = views.shape
+
+        def get(idx: np.ndarray) -> torch.Tensor:
+            t = torch.as_tensor(idx, device=views.device)
+            return views.index_select(1, t).to(device=device, dtype=torch.float32)
+
+        return get, r, n, d
+    # numpy arrays, memmaps and lazy row readers (anything indexable as views[:, rows, :]) are read
+    # batch by batch; only plain sequences are converted whole.
+    arr = views if hasattr(views, "shape") and hasattr(views, "__getitem__") else np.asarray(views)
+    if len(arr.shape) != 3:
+        raise MakError(f"views must be (R, N, d), got shape {tuple(arr.shape)}")
+    r, n, d = arr.shape
+
+    def get_np(idx: np.ndarray) -> torch.Tensor:
+        return to_tensor(arr[:, idx, :], device)
+
+    return get_np, r, n, d
+
+
+def iter_batches(n: int, batch_size: int, partitions: int, seed: int) -> Iterator[tuple[int, int, np.ndarray, int]]:
+    """Yield (partition, batch number, rows, skip) for every batch of every ordering.
+
+    ``rows`` are the batch's pool rows in ordering order; ``rows[skip:]`` take their loss from
+    this batch (``skip > 0`` only for the overlapping last batch of an ordering).
+    """
+    plan = batch_plan(n, batch_size)
+    for p in range(partitions):
+        order = None if n <= batch_size else partition_order(n, seed, p).numpy()
+        for k, (lo, hi, first) in enumerate(plan):
+            rows = np.arange(n) if order is None else order[lo:hi]
+            yield p, k, rows, first - lo
+
+
+def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partitions: int = 10, seed: int = 0,
+             device: str | torch.device | None = None, owner: Callable[[int, int], bool] | None = None,
+             progress: bool = False) -> tuple[np.ndarray, int]:
+    """Sum of per-pair losses for each image over the batches this process owns.
+
+    ``owner(partition, batch)`` selects the batches scored here (default: all). Returns the float64
+    sum (exact for float32 terms, so the order in which batches are added does not matter) and
+    the number of (pair, partition) terms each image receives overall.
+    """
+    dev = resolve_device(device, views)
+    get, r, n, _ = _views_getter(views, dev)
+    if r < 2:
+        raise MakError(f"ECLE needs at least 2 augmented views, got R = {r}")
+    if n == 0:
+        raise MakError("ECLE needs at least one pool image (N = 0)")
+    if batch_size < 2 and n > 1:
+        raise MakError(f"ECLE batch size must be >= 2, got {batch_size}")
+    if temperature <= 0:
+        raise MakError(f"temperature must be > 0, got {temperature}")
+    partitions = 1 if n <= batch_size else partitions  # one batch of all: orderings are all equal
+    acc = np.zeros(n, dtype=np.float64)
+    total = len(batch_plan(n, batch_size)) * partitions
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="ECLE", unit="batch", disable=not progress, leave=False)
+    if dev.type != "cpu" and is_tensor(views) and views.device == dev:
+        # views already on the GPU: the sums stay there too (no host round trip per batch)
+        acc_dev = torch.zeros(n, dtype=torch.float64, device=dev)
+        _ecle_sum_resident(views, acc_dev, temperature, batch_size, partitions, seed, owner, bar)
+        bar.close()
+        return acc_dev.cpu().numpy(), (r * (r - 1) // 2) * partitions
+    with torch.inference_mode():
+        for p, k, rows, skip in iter_batches(n, batch_size, partitions, seed):
+            if owner is not None and not owner(p, k):
+                bar.update(1)
+                continue
+            scored = rows[skip:]
+            srt = np.sort(rows)  # within a batch, order does not change any loss: read rows in order
+            z = l2_normalize(get(srt).reshape(r * len(srt), -1)).view(r, len(srt), -1)
+            loss = batch_losses(z, temperature).cpu().numpy().astype(np.float64)
+            if skip:
+                pos = np.searchsorted(srt, scored)
+                acc[scored] += loss[pos]
+            else:
+                acc[srt] += loss
+            bar.update(1)
+    bar.close()
+    return acc, (r * (r - 1) // 2) * partitions
+
+
+def _ecle_sum_resident(views: torch.Tensor, acc: torch.Tensor, temperature: float, batch_size: int,
+                       partitions: int, seed: int, owner: Callable[[int, int], bool] | None, bar) -> None:
+    """:func:`ecle_sum`'s loop for views already on the GPU: the same batches as
+    :func:`iter_batches`, with orderings, sorting and scatter-adds on the device (no host round
+    trip per batch)."""
+    r, n, _ = views.shape
+    dev = views.device
+    plan = batch_plan(n, batch_size)
+    with torch.inference_mode():
+        for p in range(partitions):
+            order = (torch.arange(n, device=dev) if n <= batch_size
+                     else partition_order(n, seed, p).to(dev, non_blocking=True))
+            for k, (lo, hi, first) in enumerate(plan):
+                bar.update(1)
+                if owner is not None and not owner(p, k):
+                    continue
+                srt = torch.sort(order[lo:hi]).values
+                z = l2_normalize(views.index_select(1, srt).float().reshape(r * (hi - lo), -1)).view(r, hi - lo, -1)
+                loss = batch_losses(z, temperature).double()
+                if first > lo:
+                    scored = order[first:hi]
+                    acc.index_add_(0, scored, loss[torch.searchsorted(srt, scored)])
+                else:
+                    acc.index_add_(0, srt, loss)
+
+
+def ecle(views: Any, temperature: float = 0.2, batch_size: int = 512, partitions: int = 10, seed: int = 0,
+         device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
+    """Empirical contrastive loss expectation of each of N images, shape (N,), float32.
+
+    ``views``: (R, N, d) projection-head outputs under R >= 2 random augmentations (numpy array,
+    memmap or tensor; runs on the tensor's device, or ``device``). Memory O(R * batch^2 + N).
+    With ``batch_size >= N`` the result does not depend on ``seed``.
+    """
+    acc, terms = ecle_sum(views, temperature, batch_size, partitions, seed, device=device, progress=progress)
+    return (acc / terms).astype(np.float32)
