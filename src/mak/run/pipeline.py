@@ -49,9 +49,6 @@ from mak.data.sources import CombinedSource, pool_mix_rows
 from mak.errors import MakError
 
 STAMP = ".stage.json"
-# Strategies scored with the pool-aware model (SimCLR on seed + a pool sample) when pretrain.pool_mix != 0;
-# every other strategy, mak included, uses the seed-only model of the paper.
-POOL_AWARE = ("robust",)
 # Stage kinds whose function runs on every rank under torchrun: they split the work themselves.
 DISTRIBUTED_KINDS = ("pretrain", "pretrain-mix", "retrain", "embed-seed", "embed-pool", "embed-seed-mix",
                      "embed-pool-mix", "ecle", "ecle-mix", "select")
@@ -248,11 +245,13 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
         ep = {**emb, "seed": seed, "device": device}
         ecle_params = {k: sel[k] for k in ("temperature", "ecle_batch_size", "partitions")} | {"seed": seed,
                                                                                              "device": device}
-        from mak.selection.strategies import strategy_needs
+        from mak.selection.strategies import POOL_AWARE, strategy_needs
 
         sp = {k: v for k, v in sel.items() if k != "strategies"}
         opts_of = own_options(sel["strategies"], sp.get("options") or {})
         mix = pre.get("pool_mix", 0)
+        # strategies that declare it are scored with the pool-aware model (SimCLR on seed + a pool sample)
+        # when pretrain.pool_mix != 0; every other one, mak included, with the paper's seed-only model
         mixed = [s for s in sel["strategies"] if s in POOL_AWARE and mix != 0]
         models = {"seed": [s for s in sel["strategies"] if s not in mixed], "mix": mixed}
         inputs: dict[str, tuple] = {}

@@ -25,12 +25,11 @@ from mak import distributed as D
 from mak._tensor import auto_device, is_auto
 from mak.atomic import write_json
 from mak.data.pool_array import store_arrays
-from mak.data.store import FEATURES, SHARDS, VIEWS, FeatureStore, open_store
+from mak.data.store import FEATURES, VIEWS, FeatureStore, open_store
 from mak.errors import MakError
 from mak.selection.scale.context import DistributedContext
-from mak.selection.strategies import NEEDS, Selection, select, strategy_needs
+from mak.selection.strategies import NEEDS, STORE_NOTES, Selection, select, strategy_needs
 
-SCALED_OPTIONS = ("dedup", "dedup_clusters", "kcenter", "kcenter_parts")
 
 OUTPUT_FILES = ("selection.txt", "scores.csv", "summary.json")
 
@@ -58,26 +57,6 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_scores_csv(path: Path, items: list[str], sel: Selection) -> None:
-    """One row per pool image: index, item, ecle, distance, score, selected, pick_rank."""
-    n = len(items)
-    rank = np.full(n, -1, dtype=np.int64)
-    rank[sel.indices] = np.arange(len(sel.indices))
-
-    def col(a: np.ndarray | None) -> list[str]:
-        if a is None:
-            return [""] * n
-        return [repr(float(v)) for v in np.asarray(a, dtype=np.float64)]
-
-    e, d, s = col(sel.ecle), col(sel.distance), col(sel.score)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["index", "item", "ecle", "distance", "score", "selected", "pick_rank"])
-        for i in range(n):
-            r = int(rank[i])
-            w.writerow([i, items[i], e[i], d[i], s[i], 1 if r >= 0 else 0, r if r >= 0 else ""])
-
-
 def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str, check_finite: bool = True,
                 options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
     """Open the stores a strategy (with ``options``) needs, validating them, and cross-check dimensions."""
@@ -99,107 +78,22 @@ def open_seed_store(seed_store: str | Path | None, pool: FeatureStore, strategy:
     return None
 
 
-SEED_MODEL_GATE_QUANTILE = 0.98
-SEED_MODEL_NOTE = ("robust's defaults suit features of a pool-aware model (SimCLR on seed + a pool sample: "
-                   "`mak pretrain --mix-split`); {store} was embedded with a seed-only model, which does not push "
-                   "junk away, so {what} (on the open-world benchmark with a seed-only model, quantile 0.98 let "
-                   "1.2% junk into the pick and the pool-aware setting 16.8%; a pool-aware model does better "
-                   "still: docs/robust.md)")
+def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any], echo: bool = True) -> str | None:
+    """What ``strategy`` adapts to the model that embedded ``pool`` (its ``meta.json``), with a note.
 
-
-def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any] | None = None,
-               echo: bool = True) -> str | None:
-    """For ``robust`` on features of a seed-only model: a note (printed to stderr when ``echo``, returned),
-    and ``gate_quantile`` auto (or unset) in ``params`` resolved to :data:`SEED_MODEL_GATE_QUANTILE`."""
-    trained = (pool.meta or {}).get("model_trained_on")
-    if strategy != "robust" or not isinstance(trained, dict) or trained.get("pool_rows", 0) != 0:
-        return None
-    if params is not None and params.get("gate_quantile", "auto") in (None, "auto"):
-        params["gate_quantile"] = SEED_MODEL_GATE_QUANTILE
-        what = f"the gate quantile auto is {SEED_MODEL_GATE_QUANTILE} here"
-    else:
-        what = f"consider --gate-quantile {SEED_MODEL_GATE_QUANTILE} (the default here)"
-    note = SEED_MODEL_NOTE.format(store=pool.path, what=what)
-    if echo:
+    The strategy's hook (:data:`mak.selection.strategies.STORE_NOTES`) may set options in
+    ``params``; its note is printed to stderr when ``echo`` and returned (None: nothing to say).
+    """
+    hook = STORE_NOTES.get(strategy)
+    note = hook(pool.meta or {}, params, str(pool.path)) if hook is not None else None
+    if note and echo:
         print(f"mak select: note: {note}", file=sys.stderr)
     return note
 
 
-def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
-                  strategy: str = "mak", overwrite: bool = False, progress: bool = True,
-                  **params: Any) -> Selection:
-    """Run ``strategy`` on stores and write ``selection.txt``, ``scores.csv``, ``summary.json`` to ``out``.
-
-    Under ``torchrun``, on a sharded pool store, with ``dedup`` (a cosine threshold) or with
-    ``kcenter='two-round'`` the job is :func:`select_stores_scaled` (same
-    outputs, plus ``dedup.csv``); the options ``dedup``, ``dedup_clusters``, ``kcenter`` and
-    ``kcenter_parts`` are only meaningful there.
-    """
-    scaled = {k: params.pop(k) for k in SCALED_OPTIONS if k in params}
-    if wants_scaled_path(pool_store, scaled):
-        return select_stores_scaled(seed_store, pool_store, out, budget, strategy=strategy, overwrite=overwrite,
-                                    progress=progress, **scaled, **params)
-    out = Path(out)
-    check_out_dir(out, overwrite)
-    t0 = time.perf_counter()
-    seed, pool = load_inputs(seed_store, pool_store, strategy, options=params)
-    if budget > pool.num_rows:
-        raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
-    t_load = time.perf_counter() - t0
-    note = model_note(pool, strategy, params)
-    seed_feats = seed.features() if seed is not None else None
-    pool_feats = pool.shards[0].features if len(pool.shards) == 1 else pool.features()
-    views = None
-    if pool.has_views and strategy_needs(strategy, params)[1]:
-        views = pool.shards[0].views if len(pool.shards) == 1 else pool.views()
-    ecle_file = params.pop("ecle_file", None)
-    if ecle_file is not None:
-        params_ecle = np.load(ecle_file, allow_pickle=False)
-        sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress,
-                     ecle_scores=params_ecle, **params)
-        params["ecle_file"] = str(ecle_file)
-    else:
-        sel = select(seed_feats, pool_feats, views, budget, strategy=strategy, progress=progress, **params)
-    items = pool.items
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        t1 = time.perf_counter()
-        (tmp / "selection.txt").write_text("".join(items[i] + "\n" for i in sel.indices), encoding="utf-8")
-        write_scores_csv(tmp / "scores.csv", items, sel)
-        summary = {
-            "strategy": strategy,
-            "parameters": {"budget": int(budget), **{k: v for k, v in params.items()}},
-            "inputs": {"seed_store": str(seed_store) if seed_store is not None else None,
-                       "pool_store": str(pool_store)},
-            "counts": {"pool": pool.num_rows, "seed": seed.num_rows if seed is not None else None,
-                       "selected": len(sel), "candidates": None if sel.candidates is None else int(len(sel.candidates)),
-                       **{k: v for k, v in sel.info.items() if isinstance(v, (int, float, str))}},
-            "timings_s": {"load": round(t_load, 4), **{k: round(v, 4) for k, v in sel.timings.items()},
-                          "write": round(time.perf_counter() - t1, 4)},
-            "info": {k: v for k, v in sel.info.items() if not isinstance(v, (int, float, str))},
-            "versions": versions(),
-            "command": " ".join(sys.argv),
-            **({"note": note} if note else {}),
-        }
-        write_json(tmp / "summary.json", summary)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return sel
-
-
 # --------------------------------------------------------------------------------------------
-# The scaled job (``mak select`` under torchrun, on sharded stores, with --dedup / two-round)
+# The job: one process is a world of size 1 of the same code path
 # --------------------------------------------------------------------------------------------
-
-def wants_scaled_path(pool_store: str | Path, options: dict[str, Any]) -> bool:
-    """Whether ``mak select`` must take :func:`select_stores_scaled` rather than the plain job."""
-    return (D.launched_by_torchrun() or D.active() or options.get("dedup") is not None
-            or (options.get("kcenter") or "exact") != "exact" or options.get("kcenter_parts") is not None
-            or (Path(pool_store) / SHARDS).is_file())
-
 
 def _first_nonfinite(store: FeatureStore, lo: int, hi: int, chunk: int = 65536) -> str | None:
     """The file holding a NaN/Inf among pool rows ``[lo, hi)`` (features, then views), else None."""
@@ -270,13 +164,18 @@ def _write_scores_part(path: Path, store: FeatureStore, lo: int, hi: int, cols: 
                 w.writerow([lo + c0 + j, next(items), e[j], d[j], s[j], 1 if r >= 0 else 0, r if r >= 0 else ""])
 
 
-def select_stores_scaled(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
-                         strategy: str = "mak", overwrite: bool = False, progress: bool = True,
-                         dedup: float | None = None, dedup_clusters: int | None = None, kcenter: str = "exact",
-                         kcenter_parts: int | None = None, **params: Any) -> Selection:
-    """``mak select`` across ranks (or on one process): same outputs as :func:`mak.run.select_job.select_stores`,
-    plus ``dedup.csv`` with ``dedup``. Initialises the process group under torchrun (gloo on CPU,
-    NCCL with ``device='cuda'``) and tears it down again when it started it."""
+def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
+                  strategy: str = "mak", overwrite: bool = False, progress: bool = True,
+                  dedup: float | None = None, dedup_clusters: int | None = None, kcenter: str = "exact",
+                  kcenter_parts: int | None = None, **params: Any) -> Selection:
+    """Run ``strategy`` on feature stores; write ``selection.txt``, ``scores.csv``, ``summary.json``
+    (and ``dedup.csv`` with ``dedup``, a cosine threshold) to ``out``.
+
+    The same job on one process and under torchrun: rank r scores its contiguous share of the pool
+    (:class:`~mak.selection.scale.context.DistributedContext`), one process being a world of size
+    1. It initialises the process group under torchrun (gloo on CPU, NCCL with ``device='cuda'``)
+    and tears it down again when it started it. ``params`` are :func:`mak.select`'s.
+    """
     device = params.get("device")
     if is_auto(device):
         device = params["device"] = str(auto_device(device))
@@ -388,8 +287,7 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
         if me == 0:
             _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
                     params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
-                                 kcenter_parts=kcenter_parts), timings, t1, w, write_json, versions, publish,
-                    note=note)
+                                 kcenter_parts=kcenter_parts), timings, t1, w, note=note)
     except BaseException:
         if me == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -403,8 +301,7 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
 def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None, sel: Selection, picks: np.ndarray,
             cand: np.ndarray | None, dd: Any, ctx: DistributedContext | None, strategy: str, budget: int,
             seed_store: Any, pool_store: Any, params: dict[str, Any], scaled: dict[str, Any],
-            timings: dict[str, float], t1: float, w: int, write_json: Any, versions: Any, publish: Any,
-            note: str | None = None) -> None:
+            timings: dict[str, float], t1: float, w: int, note: str | None = None) -> None:
     """Rank 0: scores.csv from the parts, selection.txt, dedup.csv, summary.json; then publish."""
     with open(tmp / "scores.csv", "wb") as fh:
         fh.write(b"index,item,ecle,distance,score,selected,pick_rank\r\n")
@@ -476,13 +373,10 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
 
 __all__ = [
     "OUTPUT_FILES",
-    "SCALED_OPTIONS",
     "check_out_dir",
     "iter_items",
     "load_inputs",
     "load_inputs_scaled",
     "model_note",
     "select_stores",
-    "select_stores_scaled",
-    "wants_scaled_path",
 ]

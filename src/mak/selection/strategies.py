@@ -150,6 +150,9 @@ StrategyFn = Callable[[Context], Selection]
 STRATEGIES: dict[str, StrategyFn] = {}
 NEEDS: dict[str, tuple[bool, bool | Callable[[dict[str, Any]], bool]]] = {}  # (seed features, views)
 STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {}  # the options each strategy declares (mak.options)
+POOL_AWARE: set[str] = set()  # strategies that score features of a pool-aware model (mak run trains one)
+# strategy -> hook(store meta.json, options, store name) -> note or None: adapts options to the store's model
+STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | None]] = {}
 # strategy -> behaviour version (default 1): bump it when a strategy picks differently for the same
 # inputs and options, so that `mak run` re-runs its cached select stage (mak.run.pipeline.stage_version)
 STRATEGY_VERSIONS: dict[str, int] = {}
@@ -183,18 +186,26 @@ def strategy_needs(strategy: str, options: dict[str, Any] | None = None) -> tupl
 
 
 def register_strategy(name: str, needs_seed: bool, needs_views: bool | Callable[[dict[str, Any]], bool],
-                      options: tuple[Option, ...] = ()) -> Callable[[StrategyFn], StrategyFn]:
+                      options: tuple[Option, ...] = (), pool_aware: bool = False,
+                      store_note: Callable[[dict[str, Any], dict[str, Any], str], str | None] | None = None
+                      ) -> Callable[[StrategyFn], StrategyFn]:
     """Decorator adding a strategy to :data:`STRATEGIES`.
 
     ``needs_views`` may be a function of the strategy's effective options; ``options`` declares
     the options the strategy takes (:class:`mak.options.Option`), from which the command line's
-    flags and the config's checks are made.
+    flags and the config's checks are made. ``pool_aware``: the strategy wants features of a model
+    trained on the seed plus a pool sample. ``store_note(meta, options, store)`` adapts the options
+    to the model a store's ``meta.json`` names and returns a note for the user (or None).
     """
 
     def deco(fn: StrategyFn) -> StrategyFn:
         STRATEGIES[name] = fn
         NEEDS[name] = (needs_seed, needs_views)
         STRATEGY_OPTIONS[name] = tuple(options)
+        if pool_aware:
+            POOL_AWARE.add(name)
+        if store_note is not None:
+            STORE_NOTES[name] = store_note
         return fn
 
     return deco

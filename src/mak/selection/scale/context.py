@@ -1,9 +1,9 @@
-"""Selection at web scale: one answer from many processes, sharded stores, near-duplicate removal.
+"""Selection across processes: one answer from many ranks, the one a single process computes.
 
 ``torchrun --nproc_per_node G -m mak select ...`` (or ``torchrun --no-python mak select ...``)
-runs :func:`select_stores_scaled`; so does a single-process ``mak select`` on a sharded pool
-store, with ``--dedup`` or with ``--kcenter two-round``. The selection is the one a single process
-computes with the same seed, for every strategy.
+runs :func:`mak.run.select_job.select_stores` on every rank, and a plain ``mak select`` runs the
+same job as a world of size 1. The selection is the one a single process computes with the same
+seed, for every strategy.
 
 :class:`DistributedContext` is the :class:`~mak.selection.strategies.Context` behind it. Rank r owns the
 contiguous pool rows ``shard_range(N, r, W)`` (its score vectors hold those rows only) and reads
