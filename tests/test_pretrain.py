@@ -127,6 +127,9 @@ def test_pretrain_loss_falls_and_resume_is_bit_identical(seed_array, tmp_path):
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
     assert a["log"][1]["loss"] == b["log"][1]["loss"]
+    import zipfile  # records are named after no temporary file: the same names in every checkpoint
+
+    assert {n.split("/")[0] for n in zipfile.ZipFile(full).namelist()} == {"archive"}
 
     # the checkpoint rebuilds the model for embed/evaluate
     model, cfg = load_model(full)

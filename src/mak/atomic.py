@@ -1,18 +1,33 @@
 """Atomic output: write under a temporary name in the same directory, then rename into place.
 
 A crash or a bad-input error therefore never leaves a half-written file or directory behind.
+Temporary directories (:func:`temp_dir`) are made like any new directory, mode ``0o777`` less
+the umask, so a directory published from one has the usual permissions (not owner-only).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+
+def _new_file(parent: Path, prefix: str, suffix: str) -> Path:
+    """An empty new file ``parent/prefix<random>suffix``, created with mode 0666 less the umask (as
+    any new file; ``tempfile.mkstemp`` would make it 0600)."""
+    for _ in range(100):
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{parent}: no free temporary name for {prefix}*{suffix}")
 
 
 @contextlib.contextmanager
@@ -23,9 +38,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_file(path.parent, f".{path.name}.", suffix + ".tmp")
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -53,16 +66,47 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(fh, np.asarray(array))
 
 
+def temp_dir(path: str | os.PathLike) -> Path:
+    """A new empty directory beside ``path``, named ``.<name>.<random>.tmp``; its absolute path.
+
+    Made by ``mkdir`` with mode ``0o777``: the umask (and a parent's default ACL or set-group-ID
+    bit) apply as to any new directory, so it can be published as it is.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            tmp.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return Path(os.path.abspath(tmp))
+    raise FileExistsError(f"no free temporary directory name beside {path}")
+
+
+def move_entries(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename every entry of directory ``src`` into ``dest`` (created if needed), then remove ``src``.
+
+    Each entry appears at ``dest`` whole, replacing one of the same name; other entries of
+    ``dest`` stay. ``src`` and ``dest`` must be on one file system.
+    """
+    src, dest = Path(src), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(src.iterdir()):
+        os.replace(entry, dest / entry.name)
+    shutil.rmtree(src, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; on success it replaces ``path``.
 
     Files the caller writes inside appear at ``path`` all at once. On an exception the
-    temporary directory is deleted and any existing ``path`` is left as it was.
+    temporary directory is deleted and any existing ``path`` is left as it was. The directory is
+    made by :func:`temp_dir`: mode ``0o777`` less the umask.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir(path)
     try:
         yield tmp
         if path.exists():

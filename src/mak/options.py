@@ -43,10 +43,23 @@ class Option:
     parse: Parser
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
+    key: str | None = None  # its name on the command line and in configs, when not ``name``
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + (self.key or self.name).replace("_", "-")
+
+    def argparse_type(self) -> Callable[[str], Any]:
+        """An argparse ``type``: the parsed value, or argparse's one-line error without the name."""
+        import argparse
+
+        def parse(text: str) -> Any:
+            try:
+                return self.parse(self.name, text)
+            except ParameterError as exc:
+                raise argparse.ArgumentTypeError(str(exc).split("=", 1)[1]) from None
+        parse.__name__ = self.name
+        return parse
 
 
 def _fail(name: str, value: Any, what: str) -> ParameterError:

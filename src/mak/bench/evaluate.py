@@ -37,8 +37,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from mak._neighbours import cosine_topk
 from mak.errors import MakError
 
 GROUPS: tuple[str, ...] = ("many", "medium", "few")
@@ -215,17 +215,14 @@ def knn_predict(
         raise MakError("knn temperature must be > 0")
     classes, y_idx = np.unique(ty, return_inverse=True)
     k = min(int(k), tx.shape[0])
-    T = F.normalize(torch.as_tensor(np.ascontiguousarray(tx), dtype=torch.float32), dim=1)
     yt = torch.as_tensor(y_idx, dtype=torch.long)
     out = np.empty(qx.shape[0], dtype=np.int64)
-    with torch.no_grad():
-        for s in range(0, qx.shape[0], chunk_size):
-            q = F.normalize(torch.as_tensor(np.ascontiguousarray(qx[s: s + chunk_size]), dtype=torch.float32), dim=1)
-            sims, idx = (q @ T.T).topk(k, dim=1)
-            w = torch.exp(sims.double() / temperature) if weighted else torch.ones_like(sims, dtype=torch.float64)
-            votes = torch.zeros(q.shape[0], len(classes), dtype=torch.float64)
-            votes.scatter_add_(1, yt[idx], w)
-            out[s: s + q.shape[0]] = votes.argmax(1).numpy()
+    # the whole training set is one bank chunk: each query chunk's similarities come from one product
+    for s, e, sims, idx in cosine_topk(qx, tx, k, device="cpu", chunk=chunk_size, bank_chunk=tx.shape[0]):
+        w = torch.exp(sims.double() / temperature) if weighted else torch.ones_like(sims, dtype=torch.float64)
+        votes = torch.zeros(e - s, len(classes), dtype=torch.float64)
+        votes.scatter_add_(1, yt[idx], w)
+        out[s:e] = votes.argmax(1).numpy()
     return classes[out].astype(np.int64)
 
 

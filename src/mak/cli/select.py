@@ -5,7 +5,7 @@ import argparse
 import os
 
 from mak._tensor import auto_device
-from mak.selection.strategies import STRATEGIES, STRATEGY_OPTIONS
+from mak.selection.strategies import SELECT_OPTIONS, STRATEGIES, STRATEGY_OPTIONS
 
 
 def strategy_flags() -> dict[str, tuple[object, list[str]]]:
@@ -25,13 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, required=True, metavar="N", help="number of pool images to pick")
     p.add_argument("--strategy", default="mak", metavar="S",
                    help=f"selection strategy: {', '.join(STRATEGIES)} (default: mak)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of tailness vs proximity in the score (default 0.5)")
-    p.add_argument("--clusters", type=int, default=10, metavar="K", help="k-means centroids of the seed features (default 10)")
-    p.add_argument("--core-ratio", type=float, default=1.5, metavar="C", help="candidates = ceil(C * budget) best-scored before k-center (default 1.5)")
-    p.add_argument("--temperature", type=float, default=0.2, metavar="T", help="NT-Xent temperature for ECLE (default 0.2)")
-    p.add_argument("--ecle-batch-size", type=int, default=512, metavar="B", help="batch size of the ECLE contrastive problems (default 512)")
-    p.add_argument("--partitions", type=int, default=10, metavar="P", help="random batch orderings averaged in ECLE (default 10)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same selection (default 0)")
+    for opt in SELECT_OPTIONS:  # declared once, with mak.select (mak.selection.strategies)
+        p.add_argument(opt.flag, type=opt.argparse_type(), default=opt.default, metavar=opt.metavar, help=opt.help)
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
@@ -47,15 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dedup-clusters", type=int, default=None, metavar="K",
                    help="k-means clusters --dedup compares within (default: about sqrt of the pool size)")
     for opt, owners in strategy_flags().values():  # declared once, by the strategies (mak.options)
-        p.add_argument(opt.flag, default=None, metavar=opt.metavar, help=f"{', '.join(owners)}: {opt.help}")
+        p.add_argument(opt.flag, type=opt.argparse_type(), default=None, metavar=opt.metavar,
+                       help=f"{', '.join(owners)}: {opt.help}")
     p.set_defaults(func=run)
 
 
 def params_from_args(args: argparse.Namespace) -> dict:
-    params = dict(alpha=args.alpha, clusters=args.clusters, core_ratio=args.core_ratio, temperature=args.temperature,
-                  batch_size=args.ecle_batch_size, partitions=args.partitions, seed=args.seed,
-                  device=str(auto_device(args.device)))  # resolved: summary.json names the real device
-    for name in strategy_flags():  # only what was given: the library parses, checks and names it
+    params = {opt.name: getattr(args, opt.key or opt.name) for opt in SELECT_OPTIONS}
+    params["device"] = str(auto_device(args.device))  # resolved: summary.json names the real device
+    for name in strategy_flags():  # only what was given: unset options keep the strategy's defaults
         value = getattr(args, name)
         if value is not None:
             params[name] = value

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mak.errors import MakError
+from mak.selection.strategies import SELECT_OPTIONS  # the select section's defaults and checks
 
 DEFAULTS: dict[str, Any] = {
     "run": {
@@ -53,12 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "select": {
         "strategies": ["robust", "mak", "random"],
         "budget": None,         # default: the benchmark's (2 x seed) or required for user data
-        "alpha": 0.5,
-        "clusters": 10,
-        "core_ratio": 1.5,
-        "temperature": 0.2,
-        "ecle_batch_size": 512,
-        "partitions": 10,
+        # alpha, clusters, core_ratio, temperature, ecle_batch_size, partitions: mak.select's (SELECT_OPTIONS)
+        **{o.key or o.name: o.default for o in SELECT_OPTIONS if o.name != "seed"},
         "options": {},          # strategy options, e.g. {gate_quantile: 0.99, tail: ecle}; each goes to the strategies that declare it
     },
     "retrain": {
@@ -162,9 +159,31 @@ def validate(config: dict) -> None:
         raise MakError(f"config: pretrain.pool_mix_epochs must be null or an integer >= 1, got {me!r}")
     from mak.selection.strategies import STRATEGIES
 
+    _check_select(config["select"])
     strategies = config["select"]["strategies"]
     if isinstance(strategies, str):
         config["select"]["strategies"] = strategies = [strategies]
     for s in strategies:
         if s not in STRATEGIES:
             raise MakError(f"config: unknown strategy '{s}' in select.strategies (choose from: {', '.join(STRATEGIES)})")
+
+
+def _check_select(sel: dict) -> None:
+    """select.* values parsed by the declarations mak.select and ``mak select`` use, each named on error."""
+    from mak.options import ParameterError, integer
+
+    try:
+        for o in SELECT_OPTIONS:
+            key = o.key or o.name
+            if key in sel:
+                sel[key] = o.parse(f"select.{key}", sel[key])
+        if sel["budget"] is not None:
+            sel["budget"] = integer(1)("select.budget", sel["budget"])
+    except ParameterError as exc:
+        raise MakError(f"config: {exc}") from None
+    if isinstance(sel["strategies"], str):
+        sel["strategies"] = [sel["strategies"]]
+    if not isinstance(sel["strategies"], list) or not sel["strategies"] or \
+            not all(isinstance(x, str) for x in sel["strategies"]):
+        raise MakError(f"config: select.strategies must be a strategy name or a list of them, "
+                       f"got {sel['strategies']!r}")

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mak import distributed as D
-from mak.atomic import write_json, write_text
+from mak.atomic import move_entries, write_json, write_text
 from mak._tensor import auto_device, is_auto
 from mak.data.sources import CombinedSource, pool_mix_rows
 from mak.errors import MakError
@@ -408,9 +408,7 @@ def _run_embed(stage: Stage) -> None:
           batch_size=p["batch_size"], device=p["device"], overwrite=True)
     if D.rank() != 0:  # under torchrun rank 0 has published the one store (embed waits for every shard)
         return
-    for f in (stage.path / "store").iterdir():
-        f.replace(stage.path / f.name)
-    (stage.path / "store").rmdir()
+    move_entries(stage.path / "store", stage.path)
 
 
 def _run_ecle(stage: Stage) -> None:

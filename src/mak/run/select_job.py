@@ -7,11 +7,9 @@ built in a temporary directory and renamed into place, so a failure leaves nothi
 from __future__ import annotations
 
 import csv
-import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from mak import __version__
 from mak import distributed as D
 from mak._tensor import auto_device, is_auto
-from mak.atomic import write_json
+from mak.atomic import move_entries, temp_dir, write_json
 from mak.data.pool_array import store_arrays
 from mak.data.store import FEATURES, VIEWS, FeatureStore, open_store
 from mak.errors import MakError
@@ -47,14 +45,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise MakError(f"{out}: output path exists and is not a directory")
     if not overwrite and (out / "selection.txt").exists():
         raise MakError(f"{out}: already holds a selection (use --overwrite to replace it)")
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move every file of ``tmp`` into ``out`` (created if needed) by rename, then drop ``tmp``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out / f.name)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str, check_finite: bool = True,
@@ -189,48 +179,79 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,
              progress: bool, dedup: float | None, dedup_clusters: int | None, kcenter: str,
              kcenter_parts: int | None, params: dict[str, Any]) -> Selection:
-    w, me = D.world_size(), D.rank()
+    """Check, load, drop duplicates, select, write: the job's steps on every rank."""
+    kcenter = _check_job(out, overwrite, kcenter, kcenter_parts)
+    t0 = time.perf_counter()
+    seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
+    note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
+    if budget > pool.num_rows:
+        raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
+    timings: dict[str, float] = {"load": time.perf_counter() - t0}
+    dd = _drop_duplicates(pool, dedup, dedup_clusters, budget, params, progress, timings)
+    kept = None if dd is None else dd.kept_rows
+    sel, ctx = _select(seed, pool, kept, budget, strategy, progress, kcenter, kcenter_parts, params)
+    picks = sel.indices if kept is None else kept[sel.indices]
+    cand = None if sel.candidates is None else (sel.candidates if kept is None else kept[sel.candidates])
+    t1 = time.perf_counter()
+    tmp = Path(D.broadcast_object(str(temp_dir(out)) if D.rank() == 0 else None))
+    try:
+        _write_own_scores(tmp, pool, sel, picks, dd)
+        D.barrier()
+        if D.rank() == 0:
+            _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
+                    params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
+                                 kcenter_parts=kcenter_parts), timings, t1, D.world_size(), note=note)
+    except BaseException:
+        if D.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    D.barrier()
+    sel.indices = np.asarray(picks, dtype=np.int64)
+    sel.candidates = cand
+    return sel
+
+
+def _check_job(out: Path, overwrite: bool, kcenter: str | None, kcenter_parts: int | None) -> str:
+    """The job's own settings checked before anything is read; returns the k-center mode."""
     check_out_dir(out, overwrite)
     kcenter = kcenter or "exact"
     if kcenter not in ("exact", "two-round"):
         raise MakError(f"unknown --kcenter '{kcenter}' (choose from: exact, two-round)")
     if kcenter_parts is not None and kcenter_parts < 1:
         raise MakError(f"--kcenter-parts must be >= 1, got {kcenter_parts}")
-    t0 = time.perf_counter()
-    seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
-    note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
-    n_pool = pool.num_rows
-    if budget > n_pool:
-        raise MakError(f"budget ({budget}) is larger than the pool ({n_pool} images in {pool_store})")
-    t_load = time.perf_counter() - t0
-    seed_feats = seed.features() if seed is not None else None
-    timings: dict[str, float] = {"load": t_load}
+    return kcenter
 
-    dd = None
-    kept = None
-    if dedup is not None:
-        from mak.selection.scale.dedup import find_duplicates
 
-        t = time.perf_counter()
-        feats_all, _ = store_arrays(pool, None, views=False)
-        dd = find_duplicates(feats_all, dedup, clusters=dedup_clusters, seed=int(params.get("seed", 0)),
-                             device=params.get("device"), progress=progress and me == 0)
-        kept = dd.kept_rows
-        timings["dedup"] = time.perf_counter() - t
-        if budget > kept.size:
-            raise MakError(f"budget ({budget}) is larger than the pool after --dedup {dedup} "
-                           f"({kept.size} of {n_pool} images kept)")
-    n_sel = n_pool if kept is None else int(kept.size)
+def _drop_duplicates(pool: FeatureStore, dedup: float | None, dedup_clusters: int | None, budget: int,
+                     params: dict[str, Any], progress: bool, timings: dict[str, float]) -> Any:
+    """``--dedup``: the near-duplicate groups of the pool (None without it); the budget must fit what is kept."""
+    if dedup is None:
+        return None
+    from mak.selection.scale.dedup import find_duplicates
+
+    t = time.perf_counter()
+    feats_all, _ = store_arrays(pool, None, views=False)
+    dd = find_duplicates(feats_all, dedup, clusters=dedup_clusters, seed=int(params.get("seed", 0)),
+                         device=params.get("device"), progress=progress and D.rank() == 0)
+    timings["dedup"] = time.perf_counter() - t
+    if budget > dd.kept_rows.size:
+        raise MakError(f"budget ({budget}) is larger than the pool after --dedup {dedup} "
+                       f"({dd.kept_rows.size} of {pool.num_rows} images kept)")
+    return dd
+
+
+def _select(seed: FeatureStore | None, pool: FeatureStore, kept: np.ndarray | None, budget: int, strategy: str,
+            progress: bool, kcenter: str, kcenter_parts: int | None, params: dict[str, Any]
+            ) -> tuple[Selection, DistributedContext | None]:
+    """The strategy on the kept pool rows, across the ranks; (selection, the context it ran in)."""
     ecle_file = params.pop("ecle_file", None)
+    extra = {}
     if ecle_file is not None:  # ECLE computed earlier for the whole pool (e.g. by `mak run`)
         e = np.load(ecle_file, mmap_mode="r", allow_pickle=False)
-        if e.ndim != 1 or e.shape[0] != n_pool:
-            raise MakError(f"{ecle_file}: precomputed ECLE must hold {n_pool} values, found shape {e.shape}")
-        opts_ecle = {"ecle_scores": np.asarray(e if kept is None else e[kept], dtype=np.float32)}
-    else:
-        opts_ecle = {}
+        if e.ndim != 1 or e.shape[0] != pool.num_rows:
+            raise MakError(f"{ecle_file}: precomputed ECLE must hold {pool.num_rows} values, found shape {e.shape}")
+        extra["ecle_scores"] = np.asarray(e if kept is None else e[kept], dtype=np.float32)
     feats, views = store_arrays(pool, kept, views=strategy_needs(strategy, params)[1] if strategy in NEEDS else False)
-
     holder: dict[str, DistributedContext] = {}
 
     @dataclass(eq=False)
@@ -241,61 +262,47 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
             self.kcenter_parts = None if kcenter_parts is None else int(kcenter_parts)
             holder["ctx"] = self
 
-    sel = select(seed_feats, feats, views, budget, strategy=strategy, progress=progress and me == 0,
-                 context_cls=_Ctx, **params, **opts_ecle)
+    seed_feats = seed.features() if seed is not None else None
+    sel = select(seed_feats, feats, views, budget, strategy=strategy, progress=progress and D.rank() == 0,
+                 context_cls=_Ctx, **params, **extra)
     if ecle_file is not None:
         params["ecle_file"] = str(ecle_file)
-    ctx = holder.get("ctx")
-    picks = sel.indices if kept is None else kept[sel.indices]
-    cand = None if sel.candidates is None else (sel.candidates if kept is None else kept[sel.candidates])
+    return sel, holder.get("ctx")
 
-    # ---- outputs --------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)) if me == 0 else None
-    tmp = Path(D.broadcast_object(str(tmp)))
-    try:
-        # pool rows [bounds[r], bounds[r+1]) are written by rank r (its selection rows + dropped ones)
-        starts = [D.shard_range(n_sel, r, w)[0] for r in range(w)]
-        to_pool = (lambda i: i) if kept is None else (lambda i: int(kept[i]))
-        bounds = [0] + [to_pool(s) if s < n_sel else n_pool for s in starts[1:]] + [n_pool]
-        plo, phi = bounds[me], bounds[me + 1]
-        slo, shi = D.shard_range(n_sel, me, w)
-        rows = np.arange(plo, phi, dtype=np.int64)
-        if kept is None:
-            present = np.ones(rows.size, dtype=bool)
-            where = rows - slo
-        else:
-            present = dd.keep[plo:phi].copy()
-            where = np.searchsorted(kept, rows) - slo
-        cols = []
-        for a in (sel.ecle, sel.distance, sel.score):
-            if a is None:
-                cols.append(None)
-                continue
-            a = np.asarray(a)
-            if a.shape[0] != shi - slo:
-                raise RuntimeError(f"per-image vector of length {a.shape[0]} on rank {me}, expected {shi - slo}")
-            full = np.zeros(rows.size, dtype=np.float64)
-            full[present] = a[where[present]]
-            cols.append(full)
-        rank_of = np.full(rows.size, -1, dtype=np.int64)
-        inside = (picks >= plo) & (picks < phi)
-        rank_of[picks[inside] - plo] = np.flatnonzero(inside)
-        _write_scores_part(tmp / f".scores.part-{me:05d}", pool, plo, phi, cols, present, rank_of)
-        D.barrier()
-        if me == 0:
-            _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
-                    params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
-                                 kcenter_parts=kcenter_parts), timings, t1, w, note=note)
-    except BaseException:
-        if me == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    D.barrier()
-    sel.indices = np.asarray(picks, dtype=np.int64)
-    sel.candidates = cand
-    return sel
+
+def _write_own_scores(tmp: Path, pool: FeatureStore, sel: Selection, picks: np.ndarray, dd: Any) -> None:
+    """This rank's part of scores.csv: pool rows [bounds[r], bounds[r+1]) (its selection rows and the
+    dropped duplicates among them), streamed to ``tmp/.scores.part-RANK``."""
+    w, me, n_pool = D.world_size(), D.rank(), pool.num_rows
+    kept = None if dd is None else dd.kept_rows
+    n_sel = n_pool if kept is None else int(kept.size)
+    starts = [D.shard_range(n_sel, r, w)[0] for r in range(w)]
+    to_pool = (lambda i: i) if kept is None else (lambda i: int(kept[i]))
+    bounds = [0] + [to_pool(s) if s < n_sel else n_pool for s in starts[1:]] + [n_pool]
+    plo, phi = bounds[me], bounds[me + 1]
+    slo, shi = D.shard_range(n_sel, me, w)
+    rows = np.arange(plo, phi, dtype=np.int64)
+    if kept is None:
+        present = np.ones(rows.size, dtype=bool)
+        where = rows - slo
+    else:
+        present = dd.keep[plo:phi].copy()
+        where = np.searchsorted(kept, rows) - slo
+    cols = []
+    for a in (sel.ecle, sel.distance, sel.score):
+        if a is None:
+            cols.append(None)
+            continue
+        a = np.asarray(a)
+        if a.shape[0] != shi - slo:
+            raise RuntimeError(f"per-image vector of length {a.shape[0]} on rank {me}, expected {shi - slo}")
+        full = np.zeros(rows.size, dtype=np.float64)
+        full[present] = a[where[present]]
+        cols.append(full)
+    rank_of = np.full(rows.size, -1, dtype=np.int64)
+    inside = (picks >= plo) & (picks < phi)
+    rank_of[picks[inside] - plo] = np.flatnonzero(inside)
+    _write_scores_part(tmp / f".scores.part-{me:05d}", pool, plo, phi, cols, present, rank_of)
 
 
 def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None, sel: Selection, picks: np.ndarray,
@@ -368,7 +375,7 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
         **({"note": note} if note else {}),
     }
     write_json(tmp / "summary.json", summary)
-    publish(tmp, out)
+    move_entries(tmp, out)
 
 
 __all__ = [

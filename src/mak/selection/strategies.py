@@ -26,7 +26,7 @@ import numpy as np
 
 from mak._tensor import top_k, zscore
 from mak.errors import MakError
-from mak.options import Option, ParameterError, resolve
+from mak.options import Option, ParameterError, defaults, integer, number, resolve
 from mak.selection.kcenter import kcenter_greedy
 from mak.selection.proximity import proximity as proximity_scores
 from mak.selection.tailness import ecle as ecle_scores
@@ -146,6 +146,21 @@ def candidates_then_kcenter(ctx: Context, score: np.ndarray) -> tuple[np.ndarray
     return ctx.kcenter(cand, ctx.budget, init=ctx.need_seed()), cand
 
 
+# The parameters every strategy takes (mak.select's keywords); `mak select` and `mak run` read them from here.
+SELECT_OPTIONS: tuple[Option, ...] = (
+    Option("alpha", 0.5, "weight of tailness vs proximity in the score (default 0.5)",
+           number(0.0, 1.0, low_open=False), "A"),
+    Option("clusters", 10, "k-means centroids of the seed features (default 10)", integer(1), "K"),
+    Option("core_ratio", 1.5, "candidates = ceil(C * budget) best-scored before k-center (default 1.5)",
+           number(0.0), "C"),
+    Option("temperature", 0.2, "NT-Xent temperature for ECLE (default 0.2)", number(0.0), "T"),
+    Option("batch_size", 512, "batch size of the ECLE contrastive problems (default 512)", integer(2), "B",
+           key="ecle_batch_size"),
+    Option("partitions", 10, "random batch orderings averaged in ECLE (default 10)", integer(1), "P"),
+    Option("seed", 0, "random seed: same seed, same selection (default 0)", integer(0), "S"),
+)
+SELECT_DEFAULTS: dict[str, Any] = defaults(SELECT_OPTIONS)
+
 StrategyFn = Callable[[Context], Selection]
 STRATEGIES: dict[str, StrategyFn] = {}
 NEEDS: dict[str, tuple[bool, bool | Callable[[dict[str, Any]], bool]]] = {}  # (seed features, views)
@@ -255,8 +270,7 @@ def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget
     n = int(pool_features.shape[0])
     if n == 0:
         raise MakError("the pool is empty (0 images)")
-    if not isinstance(budget, (int, np.integer)) or budget <= 0:
-        raise MakError(f"budget must be a positive integer, got {budget}")
+    budget = integer(1)("budget", budget)
     if budget > n:
         raise MakError(f"budget ({budget}) is larger than the pool ({n} images)")
     needs_seed, needs_views = strategy_needs(strategy, options)
@@ -298,11 +312,10 @@ def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int,
     """
     context_cls = context_cls or Context
     options = strategy_options(strategy, options)
+    base = resolve(SELECT_OPTIONS, dict(alpha=alpha, clusters=clusters, core_ratio=core_ratio, temperature=temperature,
+                                        batch_size=batch_size, partitions=partitions, seed=seed), "mak.select")
+    alpha, clusters, core_ratio, temperature, batch_size, partitions, seed = base.values()
     check_inputs(seed_features, pool_features, pool_views, budget, strategy, clusters, options)
-    if not 0.0 <= alpha <= 1.0:
-        raise MakError(f"alpha must be in [0, 1], got {alpha}")
-    if core_ratio <= 0:
-        raise MakError(f"core ratio must be > 0, got {core_ratio}")
     ctx = context_cls(seed_features, pool_features, pool_views, int(budget), strategy, alpha, clusters, core_ratio,
                       temperature, batch_size, partitions, seed, device, progress, dict(options))
     if ecle_scores is not None:

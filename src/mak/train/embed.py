@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from mak import distributed as D
 from mak.train import native
-from mak.atomic import atomic_dir, write_json
+from mak.atomic import atomic_dir, move_entries, write_json
 from mak._tensor import auto_device
 from mak.errors import MakError
 from mak.data.store import FEATURES, ITEMS, META, VIEWS, write_shards_index
@@ -775,6 +775,4 @@ def _publish(final: Path, out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        tmp.chmod(final.stat().st_mode & 0o7777)  # a store directory's usual mode, not mkdtemp's 0700
-        for entry in final.iterdir():
-            os.replace(entry, tmp / entry.name)
+        move_entries(final, tmp)

@@ -201,8 +201,10 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    """Atomically; through a file object, so the archive's record names (and the bytes) do not
+    depend on the temporary file's random name."""
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:

@@ -12,11 +12,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from mak._tensor import l2_normalize, resolve_device, to_tensor
+from mak._neighbours import CHUNK, cosine_topk
 from mak.errors import MakError
 from mak.selection.robust.gate import check_quantile
-
-CHUNK = 4096
 
 
 def knn_chunks(queries: Any, seed_features: Any, k: int, exclude_self: bool = False,
@@ -25,8 +23,8 @@ def knn_chunks(queries: Any, seed_features: Any, k: int, exclude_self: bool = Fa
     """The ``k`` nearest seed images of each query row, one query chunk at a time.
 
     Yields ``(lo, hi, sim, idx)``: cosine similarities (hi-lo, k), largest first, and the seed
-    indices they belong to. A running top-k per query row is merged with each seed chunk by
-    ``torch.topk``, so memory is O(chunk x (chunk + k)) beyond what the caller keeps.
+    indices they belong to: :func:`mak._neighbours.cosine_topk` after checking ``k`` and the
+    dimensions against the seed. Memory is O(chunk x (chunk + k)) beyond what the caller keeps.
     ``exclude_self``: the queries are the seed itself and row i never matches seed image i
     (leave-one-out; an exact duplicate elsewhere in the seed still counts). ``self_index``
     generalises it: query row i never matches seed row ``self_index[i]`` (-1: nothing excluded).
@@ -44,29 +42,8 @@ def knn_chunks(queries: Any, seed_features: Any, k: int, exclude_self: bool = Fa
         raise MakError(f"knn k ({k}) is larger than the seed set ({m} images{less})")
     if seed_features.shape[1] != queries.shape[1]:
         raise MakError(f"seed feature dimension {seed_features.shape[1]} differs from pool's {queries.shape[1]}")
-    dev = resolve_device(device, queries)
-    excl_t = torch.from_numpy(excl).to(dev) if exclude_self else None
-    resident = m <= 8 * chunk  # a small seed stays on the device; a big one is re-streamed per query chunk
-    seed_chunks = [l2_normalize(to_tensor(seed_features[lo : lo + chunk], dev)) for lo in range(0, m, chunk)] \
-        if resident else None
-    with torch.inference_mode():
-        for qlo in range(0, n, chunk):
-            q = l2_normalize(to_tensor(queries[qlo : qlo + chunk], dev))
-            best = torch.empty((q.shape[0], 0), device=dev)
-            best_idx = torch.empty((q.shape[0], 0), dtype=torch.long, device=dev)
-            for i, slo in enumerate(range(0, m, chunk)):
-                s = seed_chunks[i] if resident else l2_normalize(to_tensor(seed_features[slo : slo + chunk], dev))
-                sim = q @ s.T
-                if exclude_self:
-                    cols = excl_t[qlo: qlo + q.shape[0]] - slo
-                    hit = (cols >= 0) & (cols < s.shape[0])
-                    sim[hit.nonzero().flatten(), cols[hit]] = -float("inf")
-                cand = torch.cat([best, sim], dim=1)
-                cols_idx = torch.arange(slo, slo + s.shape[0], device=dev).expand(q.shape[0], -1)
-                cand_idx = torch.cat([best_idx, cols_idx], dim=1)
-                best, pos = torch.topk(cand, min(k, cand.shape[1]), dim=1, largest=True, sorted=True)
-                best_idx = torch.gather(cand_idx, 1, pos)
-            yield qlo, qlo + q.shape[0], best, best_idx
+    yield from cosine_topk(queries, seed_features, k, device=device, chunk=chunk,
+                           self_index=excl if exclude_self else None)
 
 
 def share_reference_size(option: Any, seed_size: int) -> int:
