@@ -46,6 +46,8 @@ def _select(root: Path, out: str, strategy: str, threads: str | None, nproc: int
         env["OMP_NUM_THREADS"] = threads
     args = ["select", "--seed-store", "seed", "--pool-store", "pool", "--strategy", strategy, "--budget", "200",
             "--seed", "3", "--no-progress", "--out", out]
+    if strategy == "robust":  # 25 fits (5 bags x 5 folds) of 15 epochs: each still sums 1,024-row batches
+        args += ["--ratio-epochs", "15"]
     launcher = [sys.executable, "-m"] if not nproc else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
     res = subprocess.run([*launcher, "mak", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
