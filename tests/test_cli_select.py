@@ -150,3 +150,42 @@ def test_duplicate_pair_never_both_selected(cli, tmp_path, rng):
                    "--out", out, "--no-progress") == 0
         picked = set((out / "selection.txt").read_text().split())
         assert not {"20", "50"} <= picked
+
+
+def _selection_files(out):
+    sel = (out / "selection.txt").read_text().splitlines()
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    summary = json.loads((out / "summary.json").read_text())
+    return sel, rows, summary
+
+
+def test_an_overwritten_selection_is_replaced_whole_and_other_files_stay(cli, stores, tmp_path):
+    out = tmp_path / "sel"
+    assert cli(*select_args(stores, out, "--budget", "10")) == 0
+    (out / "notes.txt").write_text("mine\n")
+    assert cli(*select_args(stores, out, "--budget", "7", "--overwrite")) == 0
+    sel, rows, summary = _selection_files(out)
+    assert len(sel) == 7 == sum(r["selected"] == "1" for r in rows) == summary["parameters"]["budget"]
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_publication_leaves_the_old_selection_whole(cli, stores, tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "sel"
+    assert cli(*select_args(stores, out, "--budget", "10")) == 0
+    before = {n: (out / n).read_bytes() for n in ("selection.txt", "scores.csv", "summary.json")}
+    real = os.replace
+
+    def failing(src, dst):  # the rename that would put the new selection in place
+        if str(dst) == str(out) and ".tmp" in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError):
+        cli(*select_args(stores, out, "--budget", "7", "--overwrite"))
+    monkeypatch.setattr(os, "replace", real)
+    assert {n: (out / n).read_bytes() for n in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

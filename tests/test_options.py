@@ -83,6 +83,18 @@ def test_cli_flags_and_config_keys_come_from_the_same_declarations():
     ("select.strategies=[robust, nope]", "unknown strategy 'nope'"),
     ("select.clusters=ten", "select.clusters='ten' must be an integer >= 1"),
     ("select.colusters=10", "unknown config key 'select.colusters'"),
+    ("pretrain.epochs=ten", "pretrain.epochs='ten' must be an integer >= 1"),
+    ("pretrain.lr=fast", "pretrain.lr='fast' must be a number > 0"),
+    ("pretrain.amp=maybe", "pretrain.amp='maybe' must be on or off or null"),
+    ("pretrain.workers=-1", "pretrain.workers=-1 must be an integer >= 0 or null"),
+    ("run.repeats=x", "run.repeats='x' must be an integer >= 1"),
+    ("run.seed=1.5", "run.seed=1.5 must be an integer >= 0"),
+    ("embed.dtype=int8", "embed.dtype='int8' must be one of: float16, float32"),
+    ("embed.views=-1", "embed.views=-1 must be an integer >= 0"),
+    ("retrain.match=both", "retrain.match='both' must be one of: epochs, steps"),
+    ("evaluate.shots=0", "evaluate.shots=0 must be an integer >= 1"),
+    ("data.benchmark.scale=-1", "data.benchmark.scale=-1 must be a number > 0"),
+    ("data.benchmark.build=sometimes", "data.benchmark.build='sometimes' must be on or off"),
 ])
 def test_config_values_are_checked_at_load_naming_the_key(assignment, message):
     with pytest.raises(MakError, match=message):
@@ -90,6 +102,8 @@ def test_config_values_are_checked_at_load_naming_the_key(assignment, message):
 
 
 def test_valid_config_values_are_parsed_to_their_types():
-    cfg = load_config(None, BENCH + ["select.budget=40", "select.alpha=1", "select.strategies=mak"])
+    cfg = load_config(None, BENCH + ["select.budget=40", "select.alpha=1", "select.strategies=mak", "pretrain.lr=1",
+                                     "pretrain.amp=off", "pretrain.workers=null"])
     sel = cfg["select"]
     assert sel["budget"] == 40 and sel["alpha"] == 1.0 and type(sel["alpha"]) is float and sel["strategies"] == ["mak"]
+    assert cfg["pretrain"]["lr"] == 1.0 and cfg["pretrain"]["amp"] is False and cfg["pretrain"]["workers"] is None

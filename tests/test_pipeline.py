@@ -84,11 +84,17 @@ def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_pat
         return {s.name: s.key for s in pipeline.build_plan(cfg, tmp_path / "run").stages}
 
     base = keys()
-    monkeypatch.setitem(STRATEGY_VERSIONS, "robust", 2)  # robust picks differently: its chain re-runs
+    current = STRATEGY_VERSIONS.get("robust", 1)
+    monkeypatch.setitem(STRATEGY_VERSIONS, "robust", current + 1)  # robust picks differently: its chain re-runs
     assert {n for n, k in keys().items() if k != base[n]} == {"select/r0/robust", "retrain/r0/robust",
                                                               "eval/r0/robust"}
+    monkeypatch.setitem(STRATEGY_VERSIONS, "robust", current)
+    assert keys() == base
+    monkeypatch.delitem(STRATEGY_VERSIONS, "robust")
+    without = keys()
     monkeypatch.setitem(STRATEGY_VERSIONS, "robust", 1)
-    assert keys() == base  # version 1 is not in the key: caches made before versions existed stay valid
+    assert keys() == without  # version 1 is not in the key: caches made before versions existed stay valid
+    monkeypatch.setitem(STRATEGY_VERSIONS, "robust", current)
     monkeypatch.setitem(pipeline.STAGE_VERSIONS, "embed-pool", 2)  # the seed-only model's pool store
     changed = {n for n, k in keys().items() if k != base[n]}
     assert "embed-pool/r0" in changed and "select/r0/mak" in changed and "eval/r0/none" not in changed

@@ -89,7 +89,9 @@ def test_centroid_gate_keeps_seed_like_images_and_rejects_a_far_cluster(world):
     value = mak.proximity(seed, test, clusters=5)
     kept = value <= threshold
     n_seed, n_in = len(seed), len(pool_in)
-    assert kept[:n_seed].all()  # the seed's own images (jittered) all pass
+    # q 0.99 of the held-out distances leaves 1% of the seed beyond by construction; centroids fitted
+    # on the whole seed sit no farther from its own images, so at most that many are out
+    assert (~kept[:n_seed]).sum() <= int(np.ceil(0.01 * n_seed))
     assert kept[n_seed:n_seed + n_in].mean() >= 0.97  # fresh in-domain draws: ~1% lost by construction
     assert not kept[n_seed + n_in:].any()  # the planted far cluster is rejected entirely
 

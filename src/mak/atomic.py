@@ -97,6 +97,43 @@ def move_entries(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     shutil.rmtree(src, ignore_errors=True)
 
 
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = False) -> None:
+    """Put directory ``tmp`` at ``path`` as a whole: a reader sees the old ``path``, then none, then
+    the new one, never a mix of the two. With ``carry``, entries of the old ``path`` that ``tmp``
+    lacks are carried into the new one (hard links where the file system allows, else copies).
+    If the swap fails, the old ``path`` is put back. One file system; ``tmp`` is consumed.
+    """
+    tmp, path = Path(tmp), Path(path)
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if carry:
+        for entry in path.iterdir():
+            if not os.path.lexists(tmp / entry.name):
+                _link_copy(entry, tmp / entry.name)
+    old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_copy(src: Path, dest: Path) -> None:
+    """``dest`` as a hard link of file ``src`` (a copy across devices); directories entry by entry."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dest)
+    elif src.is_dir():
+        shutil.copytree(src, dest, symlinks=True, copy_function=lambda a, b: _link_copy(Path(a), Path(b)))
+    else:
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copy2(src, dest)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; on success it replaces ``path``.
@@ -109,15 +146,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = temp_dir(path)
     try:
         yield tmp
-        if path.exists():
-            if not overwrite and any(path.iterdir()):
-                raise FileExistsError(f"{path} already exists")
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        if path.exists() and not overwrite and any(path.iterdir()):
+            raise FileExistsError(f"{path} already exists")
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -132,6 +132,25 @@ def or_auto(inner: Parser) -> Parser:
     return parse
 
 
+def text(name: str, value: Any) -> str:
+    """Any string."""
+    if not isinstance(value, str):
+        raise _fail(name, value, "a string")
+    return value
+
+
+def or_none(inner: Parser) -> Parser:
+    """None (YAML ``null``), or what ``inner`` accepts."""
+    def parse(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return inner(name, value)
+        except ParameterError as exc:
+            raise ParameterError(name, f"{exc} or null") from None
+    return parse
+
+
 def defaults(declared: Sequence[Option]) -> dict[str, Any]:
     """``{name: default}`` of the declarations."""
     return {o.name: o.default for o in declared}
@@ -155,4 +174,5 @@ def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) ->
     return out
 
 
-__all__ = ["Option", "ParameterError", "choice", "defaults", "integer", "number", "or_auto", "resolve", "switch"]
+__all__ = ["Option", "ParameterError", "choice", "defaults", "integer", "number", "or_auto", "or_none", "resolve",
+           "switch", "text"]

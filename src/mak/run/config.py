@@ -147,10 +147,7 @@ def validate(config: dict) -> None:
     from mak.bench.openworld import check_ood_ratio
 
     check_ood_ratio(data["benchmark"]["ood_ratio"], "config: data.benchmark.ood_ratio")
-    if config["retrain"]["match"] not in ("epochs", "steps"):
-        raise MakError(f"config: retrain.match must be 'epochs' or 'steps', got {config['retrain']['match']!r}")
-    if int(config["run"]["repeats"]) < 1:
-        raise MakError("config: run.repeats must be >= 1")
+    _check_kinds(config)
     mix = config["pretrain"]["pool_mix"]
     if not (mix == "auto" or (isinstance(mix, int) and not isinstance(mix, bool) and mix >= 0)):
         raise MakError(f"config: pretrain.pool_mix must be 'auto' or an integer >= 0, got {mix!r}")
@@ -166,6 +163,41 @@ def validate(config: dict) -> None:
     for s in strategies:
         if s not in STRATEGIES:
             raise MakError(f"config: unknown strategy '{s}' in select.strategies (choose from: {', '.join(STRATEGIES)})")
+
+
+def _kinds() -> dict[str, Any]:
+    """The parser of every typed key outside ``select`` (whose keys are mak.select's declarations)."""
+    from mak.options import choice, integer, number, or_none, switch, text
+
+    count = integer(1)
+    return {
+        "run.name": text, "run.seed": integer(0), "run.repeats": count, "run.device": text,
+        "data.benchmark.build": switch, "data.benchmark.scale": number(0.0),
+        "data.benchmark.seed": or_none(integer(0)), "data.benchmark.vary_with_repeat": switch,
+        "pretrain.backbone": or_none(text), "pretrain.epochs": count, "pretrain.batch_size": integer(2),
+        "pretrain.lr": number(0.0), "pretrain.warmup_epochs": or_none(integer(0)),
+        "pretrain.image_size": or_none(count), "pretrain.amp": or_none(switch),
+        "pretrain.channels_last": or_none(switch), "pretrain.workers": or_none(integer(0)),
+        "embed.views": integer(0), "embed.dtype": choice("float16", "float32"), "embed.batch_size": count,
+        "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),
+        "evaluate.shots": count, "evaluate.draws": count, "evaluate.many": count, "evaluate.few": integer(0),
+        "evaluate.knn_k": count, "evaluate.batch_size": count,
+    }
+
+
+def _check_kinds(config: dict) -> None:
+    """Type and range of every key in :func:`_kinds`, parsed in place; errors name the key."""
+    from mak.options import ParameterError
+
+    for key, parse in _kinds().items():
+        *sections, leaf = key.split(".")
+        node = config
+        for part in sections:
+            node = node[part]
+        try:
+            node[leaf] = parse(key, node[leaf])
+        except ParameterError as exc:
+            raise MakError(f"config: {exc}") from None
 
 
 def _check_select(sel: dict) -> None:

@@ -21,7 +21,7 @@ import torch
 from mak import __version__
 from mak import distributed as D
 from mak._tensor import auto_device, is_auto
-from mak.atomic import move_entries, temp_dir, write_json
+from mak.atomic import replace_dir, temp_dir, write_json
 from mak.data.pool_array import store_arrays
 from mak.data.store import FEATURES, VIEWS, FeatureStore, open_store
 from mak.errors import MakError
@@ -375,7 +375,7 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
         **({"note": note} if note else {}),
     }
     write_json(tmp / "summary.json", summary)
-    move_entries(tmp, out)
+    replace_dir(tmp, out, carry=True)  # the files appear together; what else `out` holds stays
 
 
 __all__ = [

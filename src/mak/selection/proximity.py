@@ -1,12 +1,16 @@
 """Proximity: how far a pool image lies from the seed set's feature clusters.
 
-``kmeans`` clusters the L2-normalised seed features (k-means++ seeding, Lloyd iterations, in
-torch: deterministic for a seed, on CPU or GPU, chunked so memory is O(chunk x K)).
+``kmeans`` clusters the L2-normalised seed features: ``n_init`` (default 10) greedy k-means++ starts,
+each refined by Lloyd iterations, the one of least inertia kept, as the paper's code does with
+scikit-learn's KMeans; in torch, deterministic for a seed, on CPU or GPU, chunked so memory is
+O(chunk x K). Start ``i`` is seeded with ``seed + i * START_SEED_STRIDE``, so ``n_init=1`` is the
+start of ``seed`` alone.
 ``nearest_centroid_distance`` is 1 - the largest cosine similarity to the L2-normalised
 centroids; ``proximity`` chains the two. Low distance = in-domain.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,6 +20,8 @@ from mak._tensor import l2_normalize, resolve_device, to_tensor
 from mak.errors import MakError
 
 CHUNK = 65536
+N_INIT = 10  # k-means++ starts; the least inertia wins (ties: the earliest start)
+START_SEED_STRIDE = 104729  # start i of kmeans(seed=s) is seeded with s + i * this
 
 
 def _rows(x: Any) -> int:
@@ -27,11 +33,12 @@ def _chunk(x: Any, lo: int, hi: int, device: torch.device) -> torch.Tensor:
 
 
 def kmeans(features: Any, clusters: int = 10, seed: int = 0, iters: int = 50, normalize: bool = True,
-           device: str | torch.device | None = None, tol: float = 1e-6) -> np.ndarray:
+           device: str | torch.device | None = None, tol: float = 1e-6, n_init: int = N_INIT) -> np.ndarray:
     """K-means centroids (clusters x d, float32) of ``features`` (L2-normalised first by default).
 
-    k-means++ seeding from ``seed``; Lloyd iterations until the assignment is stable (or
-    ``iters``); an emptied cluster is re-seeded at the point farthest from its centroid.
+    The best (least inertia: the sum of squared distances to the nearest centroid, in float64) of
+    ``n_init`` starts; each start is k-means++ seeding then Lloyd iterations until the assignment
+    is stable (or ``iters``), an emptied cluster re-seeded at the point farthest from its centroid.
     """
     dev = resolve_device(device, features)
     n = _rows(features)
@@ -41,25 +48,60 @@ def kmeans(features: Any, clusters: int = 10, seed: int = 0, iters: int = 50, no
         raise MakError(f"clusters must be >= 1, got {clusters}")
     if clusters > n:
         raise MakError(f"clusters ({clusters}) is larger than the seed set ({n} images)")
+    if not isinstance(n_init, (int, np.integer)) or n_init < 1:
+        raise MakError(f"n_init={n_init!r} must be an integer >= 1")
     x = to_tensor(features, dev)
     if normalize:
         x = l2_normalize(x)
+    best, best_inertia = None, float("inf")
+    for i in range(int(n_init)):
+        c = _lloyd(x, _plus_plus(x, clusters, int(seed) + i * START_SEED_STRIDE), iters, tol)
+        inertia = inertia_of(x, c) if n_init > 1 else 0.0
+        if best is None or inertia < best_inertia:
+            best, best_inertia = c, inertia
+    return best.cpu().numpy().astype(np.float32)
+
+
+def inertia_of(x: Any, centroids: Any) -> float:
+    """Sum over rows of the squared Euclidean distance to the nearest centroid, summed in float64."""
+    xt = x if isinstance(x, torch.Tensor) else to_tensor(x, torch.device("cpu"))
+    c = centroids if isinstance(centroids, torch.Tensor) else to_tensor(centroids, xt.device)
+    return float(_assign(xt, c)[1].double().sum())
+
+
+def _plus_plus(x: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
+    """Greedy k-means++ seeding from ``seed`` (as scikit-learn's): each next center is the best, by the
+    potential it leaves, of ``2 + ln(clusters)`` candidates drawn with probability ~ squared distance.
+    (clusters, d) rows of ``x``."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(clusters))
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
-    # k-means++ seeding
     first = int(torch.randint(n, (1,), generator=g))
     centers = [x[first]]
     d2 = ((x - x[first]) ** 2).sum(1)
     for _ in range(1, clusters):
-        total = float(d2.sum())
+        total = float(d2.double().sum())
         if total <= 0:
             idx = int(torch.randint(n, (1,), generator=g))
+            d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
         else:
-            probs = (d2 / total).double().cpu()
-            idx = int(torch.multinomial(probs, 1, generator=g))
+            probs = (d2.double() / total).cpu()
+            cand = torch.multinomial(probs, trials, replacement=True, generator=g).tolist()
+            best = None
+            for idx in cand:  # the candidate that leaves the least potential (ties: the first drawn)
+                new_d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+                pot = float(new_d2.double().sum())
+                if best is None or pot < best[0]:
+                    best = (pot, idx, new_d2)
+            _, idx, d2 = best
         centers.append(x[idx])
-        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
-    c = torch.stack(centers).clone()
+    return torch.stack(centers).clone()
+
+
+def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
+    """Lloyd iterations from centroids ``c`` until the assignment is stable, the shift <= tol, or ``iters``."""
+    clusters = c.shape[0]
     prev = None
     for _ in range(iters):
         assign, dist = _assign(x, c)
@@ -78,7 +120,7 @@ def kmeans(features: Any, clusters: int = 10, seed: int = 0, iters: int = 50, no
         if shift <= tol * tol:
             break
         prev = assign
-    return c.cpu().numpy().astype(np.float32)
+    return c
 
 
 def _assign(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -170,7 +170,8 @@ POOL_AWARE: set[str] = set()  # strategies that score features of a pool-aware m
 STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | None]] = {}
 # strategy -> behaviour version (default 1): bump it when a strategy picks differently for the same
 # inputs and options, so that `mak run` re-runs its cached select stage (mak.run.pipeline.stage_version)
-STRATEGY_VERSIONS: dict[str, int] = {}
+# Version 2 of the strategies that read the seed's k-means: it is the best of N_INIT starts.
+STRATEGY_VERSIONS: dict[str, int] = {"mak": 2, "proximity": 2, "tailness+proximity": 2, "robust": 2}
 
 
 def _known(strategy: str) -> None:

@@ -198,7 +198,7 @@ def _fit(features: Any, rows: np.ndarray, k: int, seed: int, dev: torch.device) 
         sample = np.sort(rng.choice(rows, m, replace=False)) if m < rows.size else rows
         x = _read(features, sample, dev)
         with _single_thread():  # k-means++ seeding is k small steps
-            c = kmeans(x, clusters=k, seed=seed, iters=10, normalize=False, device=dev)
+            c = kmeans(x, clusters=k, seed=seed, iters=10, normalize=False, device=dev, n_init=1)  # buckets, not a fit
     else:
         c = None
     c = D.broadcast_array(c, (k, d), np.float32, src=0)
