@@ -170,7 +170,7 @@ def test_an_overwritten_selection_is_replaced_whole_and_other_files_stay(cli, st
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_a_failed_publication_leaves_the_old_selection_whole(cli, stores, tmp_path, monkeypatch):
+def test_a_failed_publication_leaves_the_old_selection_whole(cli, stores, tmp_path, monkeypatch, capsys):
     import os
 
     out = tmp_path / "sel"
@@ -184,8 +184,24 @@ def test_a_failed_publication_leaves_the_old_selection_whole(cli, stores, tmp_pa
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError):
-        cli(*select_args(stores, out, "--budget", "7", "--overwrite"))
+    capsys.readouterr()
+    assert cli(*select_args(stores, out, "--budget", "7", "--overwrite")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["mak select: error: No space left on device"]
     monkeypatch.setattr(os, "replace", real)
     assert {n: (out / n).read_bytes() for n in before} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("where", ["name_too_long", "under_a_file"])
+def test_an_unwritable_out_is_one_line_before_any_work(cli, stores, tmp_path, capsys, monkeypatch, where):
+    import mak.run.select_job as job
+
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / ("x" * 300) if where == "name_too_long" else tmp_path / "file" / "sel"
+    ran = []
+    monkeypatch.setattr(job, "load_inputs_scaled", lambda *a, **k: ran.append(1))  # any work would call this
+    capsys.readouterr()
+    assert cli(*select_args(stores, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mak select: error: ") and not ran, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "pool", "seed"]

@@ -212,3 +212,31 @@ def test_torchrun_embed_equals_single_process(setup, tmp_path):
     m1 = json.loads((tmp_path / "merged" / "meta.json").read_text())
     m2 = json.loads((tmp_path / "single" / "meta.json").read_text())
     assert m1 == m2
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_store(tmp_path, cli, capsys, monkeypatch):
+    """The store's arrays are allocated on disk before the memmaps are written: ENOSPC is an error
+    there, not a SIGBUS during the writes."""
+    import errno
+    import os
+
+    import numpy as np
+
+    from mak.train.pretrain import pretrain
+    from mak.data.sources import ArraySource
+
+    arr = np.random.default_rng(0).integers(0, 255, (40, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", arr)
+    ckpt = pretrain(ArraySource(tmp_path / "a.npy"), tmp_path / "pre", epochs=1, batch_size=16, seed=0, num_workers=0,
+                    progress=False)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    capsys.readouterr()
+    rc = cli("embed", "--array", tmp_path / "a.npy", "--checkpoint", ckpt, "--views", "2", "--out",
+             tmp_path / "store", "--no-progress", "--workers", "0")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0] and "features.npy" in err[0], err
+    assert not (tmp_path / "store").exists()

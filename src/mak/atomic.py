@@ -7,6 +7,7 @@ the umask, so a directory published from one has the usual permissions (not owne
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -95,6 +96,21 @@ def move_entries(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     for entry in sorted(src.iterdir()):
         os.replace(entry, dest / entry.name)
     shutil.rmtree(src, ignore_errors=True)
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the disk blocks of file ``path`` at its current size now, so that a full disk is an
+    ``OSError`` here rather than a SIGBUS when a memmap of it is written later. File systems that
+    cannot allocate ahead (``EOPNOTSUPP``, ``EINVAL``) are left as they are."""
+    with open(path, "r+b") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0 or not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(fh.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = False) -> None:

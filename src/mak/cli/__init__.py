@@ -1,8 +1,8 @@
 """The ``mak`` command line: a thin layer over the Python API.
 
 Each sub-command lives in a module of :mod:`mak.cli` that defines ``register(subparsers)``
-(adds its parser and sets ``func``). A :class:`~mak.errors.MakError` becomes one line on stderr
-and exit code 2.
+(adds its parser and sets ``func``). A :class:`~mak.errors.MakError` or an ``OSError`` (a full
+disk, a read-only directory, a name too long) becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = args.func(args)
     except MakError as exc:
         print(f"mak {args.command}: error: {_with_flags(exc)}", file=sys.stderr)
+        return MakError.exit_code
+    except OSError as exc:  # a full disk, a read-only or missing directory, a name too long: one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mak {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return MakError.exit_code
     except KeyboardInterrupt:
         print(f"mak {args.command}: interrupted", file=sys.stderr)

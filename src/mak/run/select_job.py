@@ -181,20 +181,21 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
              kcenter_parts: int | None, params: dict[str, Any]) -> Selection:
     """Check, load, drop duplicates, select, write: the job's steps on every rank."""
     kcenter = _check_job(out, overwrite, kcenter, kcenter_parts)
-    t0 = time.perf_counter()
-    seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
-    note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
-    if budget > pool.num_rows:
-        raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
-    timings: dict[str, float] = {"load": time.perf_counter() - t0}
-    dd = _drop_duplicates(pool, dedup, dedup_clusters, budget, params, progress, timings)
-    kept = None if dd is None else dd.kept_rows
-    sel, ctx = _select(seed, pool, kept, budget, strategy, progress, kcenter, kcenter_parts, params)
-    picks = sel.indices if kept is None else kept[sel.indices]
-    cand = None if sel.candidates is None else (sel.candidates if kept is None else kept[sel.candidates])
-    t1 = time.perf_counter()
+    # the work directory beside --out first: an unwritable --out fails before any work
     tmp = Path(D.broadcast_object(str(temp_dir(out)) if D.rank() == 0 else None))
     try:
+        t0 = time.perf_counter()
+        seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
+        note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
+        if budget > pool.num_rows:
+            raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
+        timings: dict[str, float] = {"load": time.perf_counter() - t0}
+        dd = _drop_duplicates(pool, dedup, dedup_clusters, budget, params, progress, timings)
+        kept = None if dd is None else dd.kept_rows
+        sel, ctx = _select(seed, pool, kept, budget, strategy, progress, kcenter, kcenter_parts, params)
+        picks = sel.indices if kept is None else kept[sel.indices]
+        cand = None if sel.candidates is None else (sel.candidates if kept is None else kept[sel.candidates])
+        t1 = time.perf_counter()
         _write_own_scores(tmp, pool, sel, picks, dd)
         D.barrier()
         if D.rank() == 0:

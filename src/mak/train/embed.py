@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from mak import distributed as D
 from mak.train import native
-from mak.atomic import atomic_dir, move_entries, write_json
+from mak.atomic import atomic_dir, move_entries, reserve, write_json
 from mak._tensor import auto_device
 from mak.errors import MakError
 from mak.data.store import FEATURES, ITEMS, META, VIEWS, write_shards_index
@@ -149,6 +149,10 @@ def _open_arrays(seg_dir: Path, rows: int, feat_dim: int, views: int, view_dim: 
     vws = None
     if views:
         vws = np.lib.format.open_memmap(seg_dir / VIEWS, mode=mode, dtype=dtype, shape=(views, rows, view_dim))
+    if create:  # a full disk fails here, in one line, not as a SIGBUS in the middle of the writes
+        reserve(seg_dir / FEATURES)
+        if views:
+            reserve(seg_dir / VIEWS)
     return feats, vws
 
 
@@ -742,6 +746,7 @@ def _compact(src_path: Path, dst_path: Path, keep: np.ndarray) -> None:
     shape = list(src.shape)
     shape[rows_axis] = int(keep.sum())
     dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=src.dtype, shape=tuple(shape))
+    reserve(dst_path)
     pos = 0
     for s in range(0, len(keep), COPY_ROWS):
         k = keep[s:s + COPY_ROWS]

@@ -170,7 +170,7 @@ class RobustRun:
         _, reference, position = self.reference
         models = ratio_ensemble(self.seed_feats, reference, bags=opt["ratio_bags"], folds=opt["ratio_folds"],
                                 hidden=opt["ratio_hidden"], epochs=opt["ratio_epochs"], seed=self.ctx.seed,
-                                device=self.ctx.device)
+                                device=self.ctx.device, progress=self.ctx.progress)
         pool = ratio_logits(self.ctx.pool_features, self.seed_feats, reference, self_index=position, models=models)
         held = seed_heldout_logits(self.seed_feats, models)
         self.info["ratio"] = {"reference": len(reference), "folds": opt["ratio_folds"], "hidden": opt["ratio_hidden"],
@@ -189,7 +189,7 @@ class RobustRun:
         thr, held = share_gate(self.seed_feats, reference, k=k, quantile=self.opt["gate_quantile"],
                                device=self.ctx.device, bank=bank)
         pool = seed_share(self.ctx.pool_features, self.seed_feats, reference, k=k, self_index=self_index,
-                          device=self.ctx.device, bank=bank)
+                          device=self.ctx.device, bank=bank, progress="robust: seed share" if self.ctx.progress else None)
         self.ctx.timings["share"] = time.perf_counter() - t
         return pool, thr, held
 

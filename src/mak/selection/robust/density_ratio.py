@@ -121,7 +121,7 @@ def _fit(s: np.ndarray, p: np.ndarray, hidden: int, epochs: int, seed: int, dev:
 
 
 def fit_models(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
-               device: torch.device) -> list[RatioMLP]:
+               device: torch.device, progress: bool = False) -> list[RatioMLP]:
     """:func:`train_ratio_model` of each ``(seed rows, reference rows, seed)``, in order.
 
     On a CPU each fit runs on one intra-op thread (:func:`mak._threads.pinned_map`): BLAS splits
@@ -130,7 +130,8 @@ def fit_models(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, 
     fit's weights are the same bits on any thread count and on any torchrun rank; the cores are
     used by fitting several models at once.
     """
-    return pinned_map(lambda job: _fit(job[0], job[1], int(hidden), int(epochs), job[2], device), fits, device)
+    return pinned_map(lambda job: _fit(job[0], job[1], int(hidden), int(epochs), job[2], device), fits, device,
+                      progress="robust: seed-vs-pool classifier fits" if progress else None)
 
 
 def fold_parts(n: int, folds: int, seed: int = 0) -> list[np.ndarray]:
@@ -169,7 +170,7 @@ def ratio_models(seed_features: Any, reference: Any, folds: int = DEFAULT_FOLDS,
 
 def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int = DEFAULT_FOLDS,
                    hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                   device: str | torch.device | None = None) -> list[RatioModels]:
+                   device: str | torch.device | None = None, progress: bool = False) -> list[RatioModels]:
     """``bags`` independent cross-fitted fits (:func:`ratio_models`), bag ``b`` with seed ``seed + b * 7919``.
 
     Bag 0 is ``ratio_models(..., seed=seed)`` itself, so one bag scores exactly as an unbagged fit.
@@ -194,7 +195,7 @@ def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int
         for f in range(folds):
             fits.append((s[seed_fold != f], ref[fold_of != f], bag_seed * 1000 + f))
     mine = [j for j in range(len(fits)) if j % world == me]
-    trained = dict(zip(mine, fit_models([fits[j] for j in mine], hidden, epochs, dev)))
+    trained = dict(zip(mine, fit_models([fits[j] for j in mine], hidden, epochs, dev, progress)))
     models = []
     for j in range(len(fits)):  # another rank trains the rest; their weights arrive below
         models.append(trained[j] if j in trained

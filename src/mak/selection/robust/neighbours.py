@@ -60,7 +60,7 @@ def share_bank(seed_features: Any, reference: Any) -> np.ndarray:
 
 def seed_share(queries: Any, seed_features: Any, reference: Any, k: int = 50,
                self_index: np.ndarray | None = None, device: str | torch.device | None = None,
-               chunk: int = CHUNK, *, bank: np.ndarray | None = None) -> np.ndarray:
+               chunk: int = CHUNK, *, bank: np.ndarray | None = None, progress: str | None = None) -> np.ndarray:
     """Fraction of seed images among each query's ``k`` nearest neighbours in seed + reference. (n,) float32.
 
     ``reference`` is the pool (or a uniform sample of it). A label-free density ratio: about
@@ -76,9 +76,19 @@ def seed_share(queries: Any, seed_features: Any, reference: Any, k: int = 50,
     if k > bank.shape[0] - 1:
         raise MakError(f"share k ({k}) is larger than the seed plus the pool reference ({bank.shape[0]} images, "
                        "less the image itself)")
-    out = np.empty(int(queries.shape[0]), dtype=np.float32)
+    n = int(queries.shape[0])
+    out = np.empty(n, dtype=np.float32)
+    bar = None
+    if progress is not None and n:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=progress, unit="img", leave=False)
     for lo, hi, _, idx in knn_chunks(queries, bank, k, device=device, chunk=chunk, self_index=self_index):
         out[lo:hi] = (idx < m).sum(dim=1).cpu().numpy().astype(np.float32) / np.float32(k)
+        if bar is not None:
+            bar.update(hi - lo)
+    if bar is not None:
+        bar.close()
     return out
 
 
