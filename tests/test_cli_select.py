@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import json
 
 import numpy as np
@@ -68,7 +69,7 @@ def _break(tmp_path, stores, what):
         (p / "items.txt").write_text("only-one-line\n")
         return "items.txt", "1 item lines"
     if what == "dim-mismatch":
-        np.save(s / "features.npy", np.zeros((40, 5), dtype=np.float32))
+        np.save(s / "features.npy", np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32))
         return "features.npy", "dimension"
     if what == "views-r1":
         np.save(p / "views.npy", np.zeros((1, 120, 4), dtype=np.float32))
@@ -205,3 +206,28 @@ def test_an_unwritable_out_is_one_line_before_any_work(cli, stores, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mak select: error: ") and not ran, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "pool", "seed"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("zeros", "every feature is zero"),
+    ("constant", "every row is the same vector"),
+    ("latin1", r"items.txt: not UTF-8 text \(byte 5\)"),
+    ("meta_list", "meta.json: expected a JSON object, found list"),
+])
+def test_stores_no_strategy_can_use_are_one_line_before_any_work(cli, stores, tmp_path, capsys, case, message):
+    s, _ = stores
+    feats = np.zeros((30, 8), np.float32) if case == "zeros" else \
+        np.tile(np.arange(8, dtype=np.float32), (30, 1)) if case == "constant" else \
+        np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    bad = write_store(tmp_path / "bad", feats, [f"p{i}" for i in range(30)])
+    if case == "latin1":
+        (bad / "items.txt").write_bytes(b"p0\np1\xe9\n" + b"".join(f"p{i}\n".encode() for i in range(2, 30)))
+    if case == "meta_list":
+        (bad / "meta.json").write_text("[1, 2]")
+    capsys.readouterr()
+    for strategy in ("kcenter", "random"):
+        assert cli("select", "--seed-store", s, "--pool-store", bad, "--budget", "5", "--strategy", strategy,
+                   "--out", tmp_path / "o", "--no-progress") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "o").exists()

@@ -14,10 +14,11 @@ with mmap (a pool larger than RAM is streamed, never loaded) and validates shape
 """
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -156,17 +157,52 @@ class FeatureStore:
         for s in range(0, self.num_rows, chunk):
             yield s, min(s + chunk, self.num_rows)
 
-    def check_finite(self, chunk: int = 65536) -> None:
-        """Raise :class:`MakError` naming the file if any feature or view is NaN or Inf."""
-        for sh in self.shards:
+    def scan(self, start: int = 0, stop: int | None = None, chunk: int = 65536) -> "ValueScan":
+        """One pass over rows ``[start, stop)``: NaN/Inf anywhere, and whether the features are all
+        zero or all equal to the store's row 0 (see :func:`value_problem`)."""
+        stop = self.num_rows if stop is None else stop
+        first = np.asarray(self.shards[0].features[0])
+        nonzero = varies = False
+        for sh, a, b in self._spans(start, stop):
             for name, arr in ((FEATURES, sh.features), (VIEWS, sh.views)):
                 if arr is None:
                     continue
-                axis_rows = arr.shape[-2]
-                for s in range(0, axis_rows, chunk):
-                    block = arr[..., s : s + chunk, :]
+                for s in range(a, b, chunk):
+                    block = arr[..., s: min(b, s + chunk), :]
                     if not np.isfinite(block).all():
-                        raise MakError(f"{sh.path / name}: contains NaN or Inf values")
+                        return ValueScan(f"{sh.path / name}: contains NaN or Inf values", nonzero, varies)
+                    if name == FEATURES:
+                        nonzero = nonzero or bool(block.any())
+                        varies = varies or bool((block != first).any())
+        return ValueScan(None, nonzero, varies)
+
+    def check_finite(self, chunk: int = 65536) -> None:
+        """Raise :class:`MakError` naming the file on NaN/Inf, all-zero or constant features."""
+        problem = value_problem(self, [self.scan(chunk=chunk)])
+        if problem:
+            raise MakError(problem)
+
+
+class ValueScan(NamedTuple):
+    """What :meth:`FeatureStore.scan` found in its rows."""
+
+    nonfinite: str | None  # the file holding a NaN/Inf, with the message
+    nonzero: bool          # some feature is not 0
+    varies: bool           # some feature row differs from the store's row 0
+
+
+def value_problem(store: FeatureStore, scans: Sequence[ValueScan]) -> str | None:
+    """The message for features no strategy can score (NaN/Inf; every row zero; every row the
+    same vector), from the scans of all of the store's rows (one per rank); None when fine."""
+    for sc in scans:
+        if sc.nonfinite:
+            return sc.nonfinite
+    path = store.shards[0].path / FEATURES if len(store.shards) == 1 else store.path
+    if not any(sc.nonzero for sc in scans):
+        return f"{path}: every feature is zero (no image can be told from another)"
+    if store.num_rows > 1 and not any(sc.varies for sc in scans):
+        return f"{path}: every row is the same vector (constant features)"
+    return None
 
 
 def _open_single(path: Path, start: int, require_views: bool) -> tuple[_Shard, int, int, int]:
@@ -198,14 +234,22 @@ def _open_single(path: Path, start: int, require_views: bool) -> tuple[_Shard, i
 
 
 def _count_lines(path: Path) -> int:
+    """Lines of ``path``, checking on the way that it is UTF-8 text (a MakError naming it otherwise)."""
     n = 0
     last = b"\n"
+    decoder = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as fh:
+        offset = 0
         while True:
             buf = fh.read(1 << 20)
+            try:
+                decoder.decode(buf, final=not buf)
+            except UnicodeDecodeError as exc:
+                raise MakError(f"{path}: not UTF-8 text (byte {offset + exc.start})") from None
             if not buf:
                 break
             n += buf.count(b"\n")
+            offset += len(buf)
             last = buf[-1:]
     if last != b"\n":
         n += 1
@@ -227,6 +271,8 @@ def open_store(path: str | Path, require_views: bool = False, check_finite: bool
             meta = json.loads((path / META).read_text())
         except (OSError, ValueError) as exc:
             raise MakError(f"{path / META}: unreadable ({exc})") from None
+        if not isinstance(meta, dict):
+            raise MakError(f"{path / META}: expected a JSON object, found {type(meta).__name__}")
     if (path / SHARDS).is_file():
         try:
             names = json.loads((path / SHARDS).read_text())["shards"]

@@ -23,7 +23,7 @@ from mak import distributed as D
 from mak._tensor import auto_device, is_auto
 from mak.atomic import replace_dir, temp_dir, write_json
 from mak.data.pool_array import store_arrays
-from mak.data.store import FEATURES, VIEWS, FeatureStore, open_store
+from mak.data.store import FeatureStore, open_store, value_problem
 from mak.errors import MakError
 from mak.selection.scale.context import DistributedContext
 from mak.selection.strategies import NEEDS, STORE_NOTES, Selection, select, strategy_needs
@@ -85,19 +85,6 @@ def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any], echo: 
 # The job: one process is a world of size 1 of the same code path
 # --------------------------------------------------------------------------------------------
 
-def _first_nonfinite(store: FeatureStore, lo: int, hi: int, chunk: int = 65536) -> str | None:
-    """The file holding a NaN/Inf among pool rows ``[lo, hi)`` (features, then views), else None."""
-    for sh, a, b in store._spans(lo, hi):
-        for name, arr in ((FEATURES, sh.features), (VIEWS, sh.views)):
-            if arr is None:
-                continue
-            for s in range(a, b, chunk):
-                block = arr[..., s: min(b, s + chunk), :]
-                if not np.isfinite(block).all():
-                    return f"{sh.path / name}: contains NaN or Inf values"
-    return None
-
-
 def load_inputs_scaled(seed_store: str | Path | None, pool_store: str | Path, strategy: str,
                        options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
     """:func:`mak.run.select_job.load_inputs`, with the pool's NaN/Inf scan split across ranks."""
@@ -105,9 +92,9 @@ def load_inputs_scaled(seed_store: str | Path | None, pool_store: str | Path, st
         return load_inputs(seed_store, pool_store, strategy, options=options)
     pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False)
     lo, hi = D.shard_range(pool.num_rows)
-    msgs = [m for m in D.all_gather_object(_first_nonfinite(pool, lo, hi)) if m]
-    if msgs:
-        raise MakError(msgs[0])
+    problem = value_problem(pool, D.all_gather_object(pool.scan(lo, hi)))  # each rank scans its rows
+    if problem:
+        raise MakError(problem)
     return open_seed_store(seed_store, pool, strategy), pool
 
 
