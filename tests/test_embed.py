@@ -240,3 +240,30 @@ def test_a_full_disk_is_one_line_and_leaves_no_store(tmp_path, cli, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "No space left on device" in err[0] and "features.npy" in err[0], err
     assert not (tmp_path / "store").exists()
+
+
+def test_an_unfinished_pretraining_is_recorded_warned_and_refused_with_strict(tmp_path, cli, capsys):
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from mak.data.sources import ArraySource
+    from mak.train.pretrain import pretrain
+
+    arr = np.random.default_rng(1).integers(0, 255, (40, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", arr)
+    ckpt = pretrain(ArraySource(tmp_path / "a.npy"), tmp_path / "pre", epochs=3, batch_size=16, seed=0,
+                    num_workers=0, progress=False, stop_after=1)  # killed after epoch 1 of 3
+    args = ["embed", "--array", tmp_path / "a.npy", "--checkpoint", ckpt, "--views", "0", "--no-progress",
+            "--workers", "0"]
+    capsys.readouterr()
+    assert cli(*args, "--out", tmp_path / "strict", "--strict") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch 1 of 3" in err[0] and "did not finish" in err[0], err
+    assert not (tmp_path / "strict").exists()
+    assert cli(*args, "--out", tmp_path / "store") == 0
+    assert "warning" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    assert (meta["checkpoint_epoch"], meta["checkpoint_epochs"], meta["pretraining_finished"]) == (1, 3, False)
+    assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16/fp16 mixed precision (default: where the device has it natively); --no-amp: float32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a checkpoint whose pre-training did not finish (default: warn)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     source = source_from_args(args)
     out = embed(source, args.checkpoint, args.out, views=args.views, seed=args.seed, dtype=args.dtype,
                 batch_size=args.batch_size, device=args.device, num_workers=args.workers, merge=args.merge,
-                progress=not args.no_progress, amp=args.amp, overwrite=args.overwrite)
+                progress=not args.no_progress, amp=args.amp, overwrite=args.overwrite,
+                strict=args.strict)
     if D.rank() == 0:
         print(f"feature store -> {out}", file=sys.stdout)
     D.cleanup()

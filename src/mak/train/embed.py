@@ -12,7 +12,8 @@ checkpoint and writes a feature store (:mod:`mak.data.store`):
   ``view_key(seed, r, i)``, so the store depends neither on batch size, worker count nor world
   size;
 - ``items.txt``: the item line of every row that exists;
-- ``meta.json``: checkpoint path and sha256, source description, transform, R, dtype, seed,
+- ``meta.json``: checkpoint path, sha256 (of the bytes loaded), epoch and whether its pre-training
+  finished, source description, transform, R, dtype, seed,
   skipped count and the skipped items with their reasons.
 
 A corrupt pool image is reported on stderr (path and reason), skipped and counted: the store's
@@ -35,7 +36,6 @@ shard ``shard-0000r`` and rank 0 adds ``shards.json`` (the sharded-store format 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -70,19 +70,6 @@ def model_trained_on(config: dict) -> dict:
     """What the checkpoint's model was trained on: images, and pool rows mixed in (0: the seed alone)."""
     src = config.get("source") or {}
     return {"images": config.get("num_images"), "pool_rows": int(src.get("pool_rows", 0) or 0)}
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------
-# Plain feature extraction (evaluation).
-# ------------------------------------------------------------------------------------------
 
 def compute_features(model, source, image_size: int, channels: int, batch_size: int = 256,
                      device: str | torch.device = "cpu", num_workers: int = 0) -> np.ndarray:
@@ -234,7 +221,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
           dtype: str = "float16", batch_size: int = 256, device: str | torch.device = "cpu",
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
-          flush_rows: int = FLUSH_ROWS, stats: dict | None = None) -> Path:
+          flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False) -> Path:
     """Embed every image of ``source`` with ``checkpoint``'s model; write a feature store at ``out``.
 
     Parameters
@@ -250,6 +237,8 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     flush_rows: rows between checkpoints of the progress (resume granularity).
     stats: if a dict is given, it receives this process's ``images``, ``seconds`` and
         ``images_per_s`` of the embedding loop (for benchmarks).
+    strict: a checkpoint whose pre-training did not finish (epoch < epochs) is an error; without
+        it, a warning (``meta.json`` records the epoch either way).
 
     Returns ``out``. Raises :class:`MakError` for a bad checkpoint, bad parameters, an existing
     ``out`` (without ``overwrite``) or a source whose every image is unreadable.
@@ -257,6 +246,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     out = Path(out)
     _check_options(out, views, dtype, batch_size, overwrite)
     job = _setup(source, checkpoint, out, views, seed, dtype, batch_size, device, merge, amp, channels_last)
+    _check_finished(job.cfg["checkpoint"], checkpoint, strict)
     plan = _plan(job, progress)
     loader = _loader(job, plan.todo, num_workers)
     writer = _Writer(job, plan, flush_rows, progress)
@@ -339,6 +329,18 @@ def _check_options(out: Path, views: int, dtype: str, batch_size: int, overwrite
         raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
 
 
+def _check_finished(info: dict, checkpoint, strict: bool) -> None:
+    """A checkpoint of an unfinished pre-training: an error with ``strict``, else a warning on rank 0."""
+    if info["finished"]:
+        return
+    what = (f"{checkpoint}: checkpoint of epoch {info['epoch']} of {info['epochs']}: its pre-training did not "
+            "finish (resume it with `mak pretrain --resume`)")
+    if strict:
+        raise MakError(what)
+    if D.rank() == 0:
+        print(f"mak embed: warning: {what}; the store records the epoch", file=sys.stderr)
+
+
 def _setup(source, checkpoint, out: Path, views: int, seed: int, dtype: str, batch_size: int, device,
            merge: bool, amp: bool | None, channels_last: bool | None) -> _Job:
     """Join the process group, load the checkpoint's model and measure its output sizes."""
@@ -384,7 +386,7 @@ def _run_params(job: _Job) -> dict:
         "augment_impl": "native" if (job.views and job.dev.type == "cpu" and native.available()) else "torch",
     }
     return {
-        "checkpoint_sha256": file_sha256(job.checkpoint),
+        "checkpoint_sha256": job.cfg["checkpoint"]["sha256"],  # of the bytes the weights came from
         "source": json.loads(json.dumps(job.source.describe(), default=str)), "num_images": job.n,
         "views": int(job.views), "seed": int(job.seed), "dtype": job.dtype, "batch_size": int(job.batch_size),
         "image_size": job.size, "channels": job.channels, "feat_dim": job.feat_dim, "view_dim": job.view_dim,
@@ -682,7 +684,9 @@ def _meta(job: _Job, skipped: dict[int, str], n_ok: int) -> dict:
     p = job.params
     return {
         "format": "mak-feature-store", "checkpoint": str(Path(job.checkpoint).resolve()),
-        "checkpoint_sha256": p["checkpoint_sha256"], "backbone": job.cfg.get("backbone"),
+        "checkpoint_sha256": p["checkpoint_sha256"], "checkpoint_epoch": job.cfg["checkpoint"]["epoch"],
+        "checkpoint_epochs": job.cfg["checkpoint"]["epochs"],
+        "pretraining_finished": job.cfg["checkpoint"]["finished"], "backbone": job.cfg.get("backbone"),
         "image_size": job.size, "channels": job.channels, "source": p["source"], "transform": p["transform"],
         "views": int(job.views), "views_normalized": True, "dtype": job.dtype, "seed": int(job.seed),
         "num_images": job.n, "num_rows": n_ok, "feature_dim": job.feat_dim,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -164,7 +165,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise MakError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()  # one read: the hash below is of the bytes that are loaded
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MakError(f"{path}: unreadable checkpoint ({msg[:200]})") from None
@@ -172,6 +174,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise MakError(f"{path}: not a mak pretrain checkpoint")
     if int(ckpt.get("version", 0)) > FORMAT_VERSION:
         raise MakError(f"{path}: checkpoint format version {ckpt.get('version')} is newer than this mak")
+    ckpt["sha256"] = hashlib.sha256(data).hexdigest()
     return ckpt
 
 
@@ -179,12 +182,15 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
     """Rebuild the pre-trained model from ``checkpoint``: returns ``(SimCLRModel, config)``.
 
     The model is in eval mode on ``device``; ``config`` is the checkpoint's plain config dict
-    (``backbone``, ``image_size``, ``channels``, ``feat_dim`` ...).
+    (``backbone``, ``image_size``, ``channels``, ``feat_dim`` ...) plus ``checkpoint``: the sha256
+    of the bytes loaded, the epochs completed and whether the pre-training finished.
     """
     from mak.train.models import SimCLRModel
 
     ckpt = read_checkpoint(checkpoint)
     cfg = dict(ckpt["config"])
+    epoch, epochs = int(ckpt.get("epoch", 0)), int(cfg.get("epochs", 0))
+    cfg["checkpoint"] = {"sha256": ckpt["sha256"], "epoch": epoch, "epochs": epochs, "finished": epoch >= epochs}
     device = auto_device(device or "cpu")
     try:
         model = SimCLRModel(cfg["backbone"], int(cfg["channels"]))
