@@ -47,6 +47,7 @@ from mak.atomic import move_entries, write_json, write_text
 from mak._tensor import auto_device, is_auto
 from mak.data.sources import CombinedSource, pool_mix_rows
 from mak.errors import MakError
+from mak.lock import job_lock
 
 STAMP = ".stage.json"
 # Stage kinds whose function runs on every rank under torchrun: they split the work themselves.
@@ -647,8 +648,8 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
             log(describe_plan(plan))
         return plan
     # Under torchrun every rank walks the same plan; see the module docstring for who runs what.
-    with D.process_group(str(auto_device(config["run"]["device"]))):
-        main = D.rank() == 0
+    with D.process_group(str(auto_device(config["run"]["device"]))), job_lock(plan.run_dir):
+        main = D.rank() == 0  # one run per directory: a second one stops at the lock, naming this one
         if main:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
             write_text(plan.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))

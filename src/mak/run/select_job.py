@@ -25,6 +25,7 @@ from mak.atomic import replace_dir, temp_dir, write_json
 from mak.data.pool_array import store_arrays
 from mak.data.store import FeatureStore, open_store, value_problem
 from mak.errors import MakError
+from mak.lock import job_lock
 from mak.selection.scale.context import DistributedContext
 from mak.selection.strategies import NEEDS, STORE_NOTES, Selection, select, strategy_needs
 
@@ -159,8 +160,9 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
     with D.process_group(device or "cpu") as on:
         if on and device and torch.device(device).type == "cuda":
             params["device"] = str(D.local_device(device))
-        return _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
-                        dedup_clusters, kcenter, kcenter_parts, params)
+        with job_lock(out):  # one writer per --out
+            return _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
+                            dedup_clusters, kcenter, kcenter_parts, params)
 
 
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,

@@ -55,6 +55,7 @@ from mak.train import native
 from mak.atomic import atomic_dir, move_entries, reserve, write_json
 from mak._tensor import auto_device
 from mak.errors import MakError
+from mak.lock import job_lock
 from mak.data.store import FEATURES, ITEMS, META, VIEWS, write_shards_index
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -247,15 +248,16 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     _check_options(out, views, dtype, batch_size, overwrite)
     job = _setup(source, checkpoint, out, views, seed, dtype, batch_size, device, merge, amp, channels_last)
     _check_finished(job.cfg["checkpoint"], checkpoint, strict)
-    plan = _plan(job, progress)
-    loader = _loader(job, plan.todo, num_workers)
-    writer = _Writer(job, plan, flush_rows, progress)
-    elapsed = _embed_blocks(job, plan.todo, loader, _BatchEmbedder(job), writer)
-    if stats is not None:
-        stats.update(images=plan.todo_rows, seconds=elapsed, images_per_s=plan.todo_rows / max(elapsed, 1e-9))
-    D.barrier()
-    n_ok, n_skipped = _publish_store(job, overwrite)
-    D.barrier()
+    with job_lock(out):  # one writer per store: a second one stops here, naming this one
+        plan = _plan(job, progress)
+        loader = _loader(job, plan.todo, num_workers)
+        writer = _Writer(job, plan, flush_rows, progress)
+        elapsed = _embed_blocks(job, plan.todo, loader, _BatchEmbedder(job), writer)
+        if stats is not None:
+            stats.update(images=plan.todo_rows, seconds=elapsed, images_per_s=plan.todo_rows / max(elapsed, 1e-9))
+        D.barrier()
+        n_ok, n_skipped = _publish_store(job, overwrite)
+        D.barrier()
     if job.main_proc and progress:
         rate = plan.todo_rows / max(elapsed, 1e-9)
         print(f"mak embed: {n_ok} rows -> {out} ({n_skipped} skipped), {rate:.0f} images/s"

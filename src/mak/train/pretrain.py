@@ -63,6 +63,7 @@ from mak._machine import cpu_bf16_supported
 from mak.atomic import atomic_path, write_text
 from mak._tensor import auto_device
 from mak.errors import MakError
+from mak.lock import job_lock
 from mak.train.losses import nt_xent_global
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -347,14 +348,20 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     Raises :class:`MakError` for unreadable seed images (before training), a batch larger than
     the seed set, or a checkpoint that does not match the requested run.
     """
-    from mak.train.models import SimCLRModel
-
     if stop_after is not None and stop_after < 1:
         raise MakError(f"stop_after must be >= 1, got {stop_after}")
     if epochs < 1:
         raise MakError(f"--epochs must be >= 1, got {epochs}")
     run = _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed,
                      image_size, channels, device, amp, channels_last, num_workers)
+    with job_lock(run.out_dir):  # one writer per checkpoint directory
+        return _train(run, resume, epochs, seed, stop_after, progress)
+
+
+def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | None, progress: bool) -> Path:
+    """Resume or start, then the epoch loop: what :func:`pretrain` does once its directory is locked."""
+    from mak.train.models import SimCLRModel
+
     ckpt = _checkpoint_to_resume(run, resume)
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
     if start_epoch >= epochs:

@@ -1,0 +1,73 @@
+"""One writer per output: a second writer stops with one line naming the holder; stale locks are taken over."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mak.data.store import write_store
+from mak.errors import MakError
+from mak.lock import lock_path, output_lock
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_writer_stops_naming_the_first(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out):
+        info = json.loads(lock_path(out).read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        with pytest.raises(MakError, match=rf"another mak process is writing it \(pid {os.getpid()} on "):
+            with output_lock(out):
+                pass
+    assert not lock_path(out).exists()  # released
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    lock_path(out).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "x"}))
+    with output_lock(out):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock, no stale copies left
+
+
+def test_a_lock_of_another_host_is_reported_not_taken(tmp_path):
+    out = tmp_path / "out"
+    lock_path(out).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "then"}))
+    with pytest.raises(MakError, match="pid 1 on elsewhere, since then"):
+        with output_lock(out):
+            pass
+    assert lock_path(out).exists()
+
+
+def test_select_and_embed_refuse_an_output_another_process_holds(tmp_path, cli, capsys):
+    rng = np.random.default_rng(0)
+    write_store(tmp_path / "seed", rng.normal(size=(20, 4)).astype(np.float32), [f"s{i}" for i in range(20)])
+    write_store(tmp_path / "pool", rng.normal(size=(50, 4)).astype(np.float32), [f"p{i}" for i in range(50)])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mak.lock import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "sel")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert cli("select", "--seed-store", tmp_path / "seed", "--pool-store", tmp_path / "pool", "--budget", "5",
+                   "--strategy", "kcenter", "--out", tmp_path / "sel", "--no-progress") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {holder.pid} on" in err[0], err
+        assert not (tmp_path / "sel").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock is stale, and the next select takes it over
+    assert cli("select", "--seed-store", tmp_path / "seed", "--pool-store", tmp_path / "pool", "--budget", "5",
+               "--strategy", "kcenter", "--out", tmp_path / "sel", "--no-progress") == 0
+    assert not lock_path(tmp_path / "sel").exists()
