@@ -71,3 +71,28 @@ def test_select_and_embed_refuse_an_output_another_process_holds(tmp_path, cli, 
     assert cli("select", "--seed-store", tmp_path / "seed", "--pool-store", tmp_path / "pool", "--budget", "5",
                "--strategy", "kcenter", "--out", tmp_path / "sel", "--no-progress") == 0
     assert not lock_path(tmp_path / "sel").exists()
+
+
+def test_a_successful_rerun_removes_what_killed_runs_of_its_output_left(tmp_path, cli):
+    rng = np.random.default_rng(0)
+    write_store(tmp_path / "seed", rng.normal(size=(20, 4)).astype(np.float32), [f"s{i}" for i in range(20)])
+    write_store(tmp_path / "pool", rng.normal(size=(50, 4)).astype(np.float32), [f"p{i}" for i in range(50)])
+    (tmp_path / ".sel.1a2b.tmp").mkdir()  # a killed select's work directory ...
+    (tmp_path / ".sel.1a2b.tmp" / "scores.csv").write_text("half")
+    (tmp_path / ".sel.3c4d.old").mkdir()  # ... and a swap it did not finish
+    (tmp_path / ".other.5e6f.tmp").mkdir()  # another output's: not this run's to remove
+    assert cli("select", "--seed-store", tmp_path / "seed", "--pool-store", tmp_path / "pool", "--budget", "5",
+               "--strategy", "kcenter", "--out", tmp_path / "sel", "--no-progress") == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".other.5e6f.tmp"]
+
+
+def test_pretrain_removes_temporaries_of_killed_checkpoint_writes(tmp_path):
+    from mak.data.sources import ArraySource
+    from mak.train.pretrain import pretrain
+
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).integers(0, 255, (32, 28, 28), dtype=np.uint8))
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / ".checkpoint.pt.9f8e.pt.tmp").write_bytes(b"half a checkpoint")
+    pretrain(ArraySource(tmp_path / "a.npy"), tmp_path / "pre", epochs=1, batch_size=16, num_workers=0,
+             progress=False)
+    assert sorted(p.name for p in (tmp_path / "pre").iterdir()) == ["checkpoint.pt", "log.csv"]

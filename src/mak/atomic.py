@@ -113,6 +113,21 @@ def reserve(path: str | os.PathLike) -> None:
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
+def remove_debris(path: str | os.PathLike) -> int:
+    """Remove what killed writers of ``path`` left beside it (``.<name>.*.tmp``, ``.<name>.*.old``,
+    files or directories); the count. Only for a caller that holds ``path``'s lock (:mod:`mak.lock`)."""
+    path = Path(path)
+    n = 0
+    for pattern in (f".{path.name}.*.tmp", f".{path.name}.*.old"):
+        for entry in path.parent.glob(pattern):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = False) -> None:
     """Put directory ``tmp`` at ``path`` as a whole: a reader sees the old ``path``, then none, then
     the new one, never a mix of the two. With ``carry``, entries of the old ``path`` that ``tmp``

@@ -21,7 +21,7 @@ import torch
 from mak import __version__
 from mak import distributed as D
 from mak._tensor import auto_device, is_auto
-from mak.atomic import replace_dir, temp_dir, write_json
+from mak.atomic import remove_debris, replace_dir, temp_dir, write_json
 from mak.data.pool_array import store_arrays
 from mak.data.store import FeatureStore, open_store, value_problem
 from mak.errors import MakError
@@ -161,8 +161,11 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
         if on and device and torch.device(device).type == "cuda":
             params["device"] = str(D.local_device(device))
         with job_lock(out):  # one writer per --out
-            return _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
-                            dedup_clusters, kcenter, kcenter_parts, params)
+            sel = _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
+                           dedup_clusters, kcenter, kcenter_parts, params)
+            if D.rank() == 0:
+                remove_debris(out)  # what killed selects of this --out left beside it
+            return sel
 
 
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,

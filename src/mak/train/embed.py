@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from mak import distributed as D
 from mak.train import native
-from mak.atomic import atomic_dir, move_entries, reserve, write_json
+from mak.atomic import atomic_dir, move_entries, remove_debris, reserve, write_json
 from mak._tensor import auto_device
 from mak.errors import MakError
 from mak.lock import job_lock
@@ -257,6 +257,8 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
             stats.update(images=plan.todo_rows, seconds=elapsed, images_per_s=plan.todo_rows / max(elapsed, 1e-9))
         D.barrier()
         n_ok, n_skipped = _publish_store(job, overwrite)
+        if job.main_proc:
+            remove_debris(out)  # publications of killed runs of this store (its resumable work stays)
         D.barrier()
     if job.main_proc and progress:
         rate = plan.todo_rows / max(elapsed, 1e-9)

@@ -60,7 +60,7 @@ import torch
 
 from mak import distributed as D
 from mak._machine import cpu_bf16_supported
-from mak.atomic import atomic_path, write_text
+from mak.atomic import atomic_path, remove_debris, write_text
 from mak._tensor import auto_device
 from mak.errors import MakError
 from mak.lock import job_lock
@@ -355,7 +355,11 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     run = _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed,
                      image_size, channels, device, amp, channels_last, num_workers)
     with job_lock(run.out_dir):  # one writer per checkpoint directory
-        return _train(run, resume, epochs, seed, stop_after, progress)
+        path = _train(run, resume, epochs, seed, stop_after, progress)
+        if run.main_proc:  # temporaries of killed writes of this directory's files
+            for name in (CHECKPOINT_NAME, LOG_NAME):
+                remove_debris(run.out_dir / name)
+        return path
 
 
 def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | None, progress: bool) -> Path:
