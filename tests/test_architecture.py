@@ -128,10 +128,20 @@ def test_the_checker_sees_a_planted_upward_import_and_cycle(tmp_path, monkeypatc
         test_no_import_cycles()
 
 
-# Words that tell the story of how the code came to be rather than what it does.
-HISTORY = re.compile(r"\bsessions? \d|\bissue #?\d|\bold defaults?\b|\(was \d|\bwas \d[\d.,]* ?(ms|s|µs|us|x)\b"
-                     r"|\bround \d+ of (past|earlier)|\bpreviously\b|\bused to (be|pick|take)\b|\btuning log\b",
-                     re.IGNORECASE)
+# What a line may not say: it describes what the software does and what was measured, not how
+# the code came to be. Each entry is a word and what must follow it for the line to be flagged
+# (numbered work items, tracker numbers, replaced settings, former timings), kept apart here so
+# that this file, which must name them, does not itself read as such a line.
+NARRATION = [(r"\bsession", r"s? \d"), (r"\bissue", r" #?\d"), (r"\bold", r" defaults?\b"),
+             (r"\(was", r" \d"), (r"\bwas", r" \d[\d.,]* ?(ms|s|µs|us|x)\b"),
+             (r"\bround", r" \d+ of (past|earlier)"), (r"\bprevious", r"ly\b"),
+             (r"\bused", r" to (be|pick|take)\b"), (r"\btuning", r" log\b")]
+FLAGGED = re.compile("|".join(word + rest for word, rest in NARRATION), re.IGNORECASE)
+
+
+def test_the_narration_pattern_flags_what_it_should():
+    assert FLAGGED.search("the default " + "was" + " 8.2 ms") and FLAGGED.search("see " + "issue" + " #12")
+    assert not FLAGGED.search("the issue of junk in the pool; 8.2 ms per pick at N = 200,000")
 
 
 def test_code_docs_and_tests_speak_only_of_the_software():
@@ -143,6 +153,6 @@ def test_code_docs_and_tests_speak_only_of_the_software():
         if f.resolve() == Path(__file__).resolve() or not f.is_file():
             continue
         for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
-            if HISTORY.search(line):
+            if FLAGGED.search(line):
                 hits.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not hits, "\n".join(hits)

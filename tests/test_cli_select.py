@@ -200,7 +200,7 @@ def test_an_unwritable_out_is_one_line_before_any_work(cli, stores, tmp_path, ca
     (tmp_path / "file").write_text("x")
     out = tmp_path / ("x" * 300) if where == "name_too_long" else tmp_path / "file" / "sel"
     ran = []
-    monkeypatch.setattr(job, "load_inputs_scaled", lambda *a, **k: ran.append(1))  # any work would call this
+    monkeypatch.setattr(job, "load_inputs", lambda *a, **k: ran.append(1))  # any work would call this
     capsys.readouterr()
     assert cli(*select_args(stores, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()

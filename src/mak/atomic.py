@@ -18,17 +18,23 @@ from typing import Any, Iterator
 import numpy as np
 
 
-def _new_file(parent: Path, prefix: str, suffix: str) -> Path:
-    """An empty new file ``parent/prefix<random>suffix``, created with mode 0666 less the umask (as
-    any new file; ``tempfile.mkstemp`` would make it 0600)."""
+def _fresh(parent: Path, prefix: str, suffix: str, make) -> Path:
+    """``parent/prefix<random>suffix`` made by ``make(path)``, which raises FileExistsError when taken."""
     for _ in range(100):
         candidate = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
         try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            make(candidate)
         except FileExistsError:
             continue
         return candidate
     raise FileExistsError(f"{parent}: no free temporary name for {prefix}*{suffix}")
+
+
+def _new_file(parent: Path, prefix: str, suffix: str) -> Path:
+    """An empty new file ``parent/prefix<random>suffix``, created with mode 0666 less the umask (as
+    any new file; ``tempfile.mkstemp`` would make it 0600)."""
+    return _fresh(parent, prefix, suffix,
+                  lambda f: os.close(os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
 
 
 @contextlib.contextmanager
@@ -75,14 +81,7 @@ def temp_dir(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            tmp.mkdir(mode=0o777)
-        except FileExistsError:
-            continue
-        return Path(os.path.abspath(tmp))
-    raise FileExistsError(f"no free temporary directory name beside {path}")
+    return Path(os.path.abspath(_fresh(path.parent, f".{path.name}.", ".tmp", lambda d: d.mkdir(mode=0o777))))
 
 
 def move_entries(src: str | os.PathLike, dest: str | os.PathLike) -> None:

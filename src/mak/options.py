@@ -42,7 +42,6 @@ class Option:
     help: str
     parse: Parser
     metavar: str | None = None
-    choices: tuple[str, ...] | None = None
     key: str | None = None  # its name on the command line and in configs, when not ``name``
 
     @property
@@ -66,15 +65,20 @@ def _fail(name: str, value: Any, what: str) -> ParameterError:
     return ParameterError(name, f"{name}={value!r} must be {what}")
 
 
+def _from_text(name: str, raw: Any, cast: Callable[[str], Any], what: str) -> Any:
+    """``cast`` of a text value (command line, ``--set``); any other value as it is."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return cast(raw.strip())
+    except ValueError:
+        raise _fail(name, raw, what) from None
+
+
 def integer(low: int) -> Parser:
     """An integer >= ``low`` (an integral text like "5" too; not a bool, not 2.5)."""
     def parse(name: str, raw: Any) -> int:
-        value = raw
-        if isinstance(raw, str):
-            try:
-                value = int(raw.strip())
-            except ValueError:
-                raise _fail(name, raw, f"an integer >= {low}") from None
+        value = _from_text(name, raw, int, f"an integer >= {low}")
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
             raise _fail(name, raw, f"an integer >= {low}")
         return int(value)
@@ -87,12 +91,7 @@ def number(low: float, high: float | None = None, low_open: bool = True) -> Pars
     what = f"a number in {lo_txt}{low:g}, {high:g}]" if high is not None else f"a number {'>' if low_open else '>='} {low:g}"
 
     def parse(name: str, raw: Any) -> float:
-        value = raw
-        if isinstance(raw, str):
-            try:
-                value = float(raw.strip())
-            except ValueError:
-                raise _fail(name, raw, what) from None
+        value = _from_text(name, raw, float, what)
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise _fail(name, raw, what)
         v = float(value)

@@ -148,26 +148,17 @@ def validate(config: dict) -> None:
 
     check_ood_ratio(data["benchmark"]["ood_ratio"], "config: data.benchmark.ood_ratio")
     _check_kinds(config)
-    mix = config["pretrain"]["pool_mix"]
-    if not (mix == "auto" or (isinstance(mix, int) and not isinstance(mix, bool) and mix >= 0)):
-        raise MakError(f"config: pretrain.pool_mix must be 'auto' or an integer >= 0, got {mix!r}")
-    me = config["pretrain"]["pool_mix_epochs"]
-    if not (me is None or (isinstance(me, int) and not isinstance(me, bool) and me >= 1)):
-        raise MakError(f"config: pretrain.pool_mix_epochs must be null or an integer >= 1, got {me!r}")
     from mak.selection.strategies import STRATEGIES
 
     _check_select(config["select"])
-    strategies = config["select"]["strategies"]
-    if isinstance(strategies, str):
-        config["select"]["strategies"] = strategies = [strategies]
-    for s in strategies:
+    for s in config["select"]["strategies"]:
         if s not in STRATEGIES:
             raise MakError(f"config: unknown strategy '{s}' in select.strategies (choose from: {', '.join(STRATEGIES)})")
 
 
 def _kinds() -> dict[str, Any]:
     """The parser of every typed key outside ``select`` (whose keys are mak.select's declarations)."""
-    from mak.options import choice, integer, number, or_none, switch, text
+    from mak.options import choice, integer, number, or_auto, or_none, switch, text
 
     count = integer(1)
     return {
@@ -178,6 +169,7 @@ def _kinds() -> dict[str, Any]:
         "pretrain.lr": number(0.0), "pretrain.warmup_epochs": or_none(integer(0)),
         "pretrain.image_size": or_none(count), "pretrain.amp": or_none(switch),
         "pretrain.channels_last": or_none(switch), "pretrain.workers": or_none(integer(0)),
+        "pretrain.pool_mix": or_auto(integer(0)), "pretrain.pool_mix_epochs": or_none(count),
         "embed.views": integer(0), "embed.dtype": choice("float16", "float32"), "embed.batch_size": count,
         "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),
         "evaluate.shots": count, "evaluate.draws": count, "evaluate.many": count, "evaluate.few": integer(0),

@@ -389,14 +389,13 @@ def own_options(strategies: list[str], options: dict[str, Any]) -> dict[str, dic
     """
     from mak.selection.strategies import STRATEGY_OPTIONS, strategy_options
 
-    declared = {o.name for s in strategies for o in STRATEGY_OPTIONS.get(s, ())}
+    own = {s: {o.name for o in STRATEGY_OPTIONS.get(s, ())} for s in strategies}
+    declared = set().union(*own.values())
     for key in options:
         if key not in declared:
             raise MakError(f"config: select.options.{key} is not an option of {', '.join(strategies)} "
                            f"(valid: {', '.join(sorted(declared)) or 'none'})")
-    return {s: strategy_options(s, {k: v for k, v in options.items()
-                                    if k in {o.name for o in STRATEGY_OPTIONS.get(s, ())}})
-            for s in strategies}
+    return {s: strategy_options(s, {k: v for k, v in options.items() if k in own[s]}) for s in strategies}
 
 
 def _run_embed(stage: Stage) -> None:

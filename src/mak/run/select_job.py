@@ -48,10 +48,15 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise MakError(f"{out}: already holds a selection (use --overwrite to replace it)")
 
 
-def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str, check_finite: bool = True,
+def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str,
                 options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
-    """Open the stores a strategy (with ``options``) needs, validating them, and cross-check dimensions."""
-    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=check_finite)
+    """Open the stores ``strategy`` (with ``options``) needs and validate them: the pool's values
+    scanned once, each rank its own rows (all of them on one process); dimensions cross-checked."""
+    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False)
+    lo, hi = D.shard_range(pool.num_rows)
+    problem = value_problem(pool, D.all_gather_object(pool.scan(lo, hi)))
+    if problem:
+        raise MakError(problem)
     return open_seed_store(seed_store, pool, strategy), pool
 
 
@@ -85,19 +90,6 @@ def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any], echo: 
 # --------------------------------------------------------------------------------------------
 # The job: one process is a world of size 1 of the same code path
 # --------------------------------------------------------------------------------------------
-
-def load_inputs_scaled(seed_store: str | Path | None, pool_store: str | Path, strategy: str,
-                       options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
-    """:func:`mak.run.select_job.load_inputs`, with the pool's NaN/Inf scan split across ranks."""
-    if not D.active():
-        return load_inputs(seed_store, pool_store, strategy, options=options)
-    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False)
-    lo, hi = D.shard_range(pool.num_rows)
-    problem = value_problem(pool, D.all_gather_object(pool.scan(lo, hi)))  # each rank scans its rows
-    if problem:
-        raise MakError(problem)
-    return open_seed_store(seed_store, pool, strategy), pool
-
 
 def iter_items(store: FeatureStore, lo: int = 0, hi: int | None = None) -> Iterator[str]:
     """Item lines of pool rows ``[lo, hi)``, streamed from the shards' items.txt (as read_items reads them)."""
@@ -177,7 +169,7 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
     tmp = Path(D.broadcast_object(str(temp_dir(out)) if D.rank() == 0 else None))
     try:
         t0 = time.perf_counter()
-        seed, pool = load_inputs_scaled(seed_store, pool_store, strategy, options=params)
+        seed, pool = load_inputs(seed_store, pool_store, strategy, options=params)
         note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
         if budget > pool.num_rows:
             raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
@@ -376,7 +368,6 @@ __all__ = [
     "check_out_dir",
     "iter_items",
     "load_inputs",
-    "load_inputs_scaled",
     "model_note",
     "select_stores",
 ]

@@ -110,10 +110,9 @@ OPTIONS: tuple[opts.Option, ...] = (
     opts.Option("share_reference", "auto", "pool rows the seed share and the classifier compare against (a uniform "
                 "sample of a larger pool); auto = max(10 x seed size, 10000)", opts.or_auto(opts.integer(1)), "N"),
     opts.Option("tail", "ratio", "tail score: ratio (a low seed-vs-pool classifier logit) or ecle (MAK's "
-                "tailness) (default ratio)", opts.choice(*TAILS), "|".join(TAILS), TAILS),
+                "tailness) (default ratio)", opts.choice(*TAILS), "|".join(TAILS)),
     opts.Option("fusion", "rank", "rank: score = the tail's percentile over the gated pool; z: the paper's "
-                "alpha*z(tail) - (1-alpha)*z(distance) (default rank)", opts.choice(*FUSIONS), "|".join(FUSIONS),
-                FUSIONS),
+                "alpha*z(tail) - (1-alpha)*z(distance) (default rank)", opts.choice(*FUSIONS), "|".join(FUSIONS)),
     opts.Option("ratio_bags", 5, "independent cross-fitted fits of the classifier whose logits are averaged "
                 "(default 5)", opts.integer(1), "B"),
     opts.Option("ratio_folds", 5, "cross-fitting folds of the seed-vs-pool classifier (default 5)",
