@@ -156,3 +156,25 @@ def test_code_docs_and_tests_speak_only_of_the_software():
             if FLAGGED.search(line):
                 hits.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], []])
+def test_the_top_level_cli_starts_without_torch(argv):
+    """`mak --help` / `--version` register only the commands' one-line HELP: no torch, no numpy."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mak.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))" % (argv,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_public_api_loads_on_first_use():
+    import mak
+
+    for name in mak.__all__:
+        assert getattr(mak, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        mak.nothing  # noqa: B018
+    assert "robust" in mak.STRATEGIES

@@ -66,8 +66,12 @@ def fake_run(tmp_path: Path) -> dict:
         if name == "robust":
             rng = np.random.default_rng(7)
             summary["counts"].update({"gate_rejected": 31, "gate_kept": N_POOL - 31})
-            summary["info"]["gate"] = {"gate_threshold": 0.42, "quantile": 0.99,
-                                       "seed_heldout_distances": rng.random(84).tolist()}
+            edges = np.linspace(0.0, 1.0, 11)
+            seed_heldout = np.histogram(rng.random(84) * 0.5, edges)[0]
+            summary["info"]["gate"] = {"score": "centroid+share", "term": "centroid", "threshold": 0.42,
+                                       "quantile": 0.99, "rejected": 31, "kept": N_POOL - 31,
+                                       "histogram": {"edges": edges.tolist(), "seed_heldout": seed_heldout.tolist(),
+                                                     "pool": None}}
         strategies[name] = {"scores_csv": d / "scores.csv", "summary": summary,
                             "class_counts_seed": seed_counts, "class_counts_selected": _counts(items, picks)}
     logs = {}
@@ -156,7 +160,7 @@ def test_report_full(fake_run: dict) -> None:
     assert html.escape(EVIL) in text
     assert "a note &amp; more" in text
     # the gate of robust, with its threshold
-    assert "In-domain gate" in text and "gate 0.42" in text and "31 pool images rejected" in text
+    assert "Centroid gate" in text and "gate 0.42" in text and "31 pool images rejected" in text
     # in-domain / out-of-domain split of the histograms (items carry labels)
     assert "in-domain &#183; not selected" in text and "out-of-domain &#183;" in text
 
@@ -177,7 +181,7 @@ def test_report_without_images_and_optional_values(fake_run: dict) -> None:
     assert "Per-class counts" not in text  # no labels and no counts: no class chart
     assert "data:image/png" not in text
     assert "<svg" in text  # the score histograms still come out
-    assert "In-domain gate" not in text
+    assert "Centroid gate" not in text
     assert "in-domain &#183;" not in text and "all pool images" in text  # no labels: no split
     assert ">50.0<" in _row(text, "robust")
     assert ">50.0<" in _row(text, "random")
@@ -202,15 +206,20 @@ def test_failing_image_is_a_placeholder(fake_run: dict) -> None:
     assert 'class="miss"' in text and "could not be loaded" in text
 
 
-def test_gate_layouts_and_streaming_reader(fake_run: dict) -> None:
-    # threshold in counts, held-out distances as a list
-    g = _find_gate({"counts": {"gate_threshold": 0.3}, "info": {"seed_heldout_distances": [0.1, 0.2]}})
-    assert g is not None and g.threshold == 0.3 and g.seed_values is not None
-    # the robust strategy's own layout: a binned histogram under info.gate
-    g = _find_gate({"info": {"gate": {"threshold": 0.5, "quantile": 0.99, "rejected": 4,
-                                      "histogram": {"edges": [0, 0.5, 1], "seed_heldout": [3, 1], "pool": [5, 9]}}}})
-    assert g is not None and g.edges is not None and list(g.pool_counts) == [5, 9] and g.rejected == 4
-    assert _find_gate({"info": {"robust": {"alpha": 0.5}}}) is None
+def test_gate_is_read_from_its_named_fields_and_streaming_reader(fake_run: dict) -> None:
+    gate = {"score": "centroid+share+ratio", "threshold": 0.5, "quantile": 0.99, "rejected": 4,
+            "histogram": {"edges": [0, 0.5, 1], "seed_heldout": [3, 1], "pool": [5, 9]}}
+    share = {"threshold": 0.1, "histogram": {"edges": [0, 0.2, 0.4, 1], "seed_heldout": [1, 1, 1], "pool": [1, 2, 3]}}
+    # the seed-share term's histogram sits beside the gate's and comes first: the gate's own is read
+    g = _find_gate({"info": {"seed_share": share, "gate": gate}})
+    assert g is not None and list(g.edges) == [0, 0.5, 1] and list(g.pool_counts) == [5, 9]
+    assert (g.threshold, g.quantile, g.rejected, g.term) == (0.5, 0.99, 4, "centroid")
+    assert _find_gate({"info": {"gate": {**gate, "score": "share+ratio"}}}).term == "share"
+    # no gate, or a gate without a threshold: nothing; a malformed histogram: the threshold alone
+    assert _find_gate({"info": {"robust": {"alpha": 0.5}, "seed_share": share}}) is None
+    assert _find_gate({"counts": {"gate_threshold": 0.3}}) is None
+    g = _find_gate({"info": {"gate": {**gate, "histogram": {"edges": [0, 1], "seed_heldout": [1, 2]}}}})
+    assert g.threshold == 0.5 and g.edges is None
     sc = _read_scores(fake_run["strategies"]["robust"]["scores_csv"], keep_rank=5)
     assert sc.n == N_POOL and int(sc.selected.sum()) == BUDGET
     assert sorted(sc.rank[sc.rank >= 0].tolist()) == list(range(BUDGET))
@@ -225,7 +234,7 @@ def test_gate_binned_histogram_is_drawn(fake_run: dict) -> None:
                                                         "seed_heldout": [1, 4, 9, 4, 1, 0, 0, 0, 0, 0],
                                                         "pool": [2, 8, 20, 30, 30, 20, 15, 10, 5, 2]}}}}}
     text = _write(fake_run, strategies=st)
-    assert "In-domain gate" in text and "gate 0.6" in text and "12 pool images rejected" in text
+    assert "Centroid gate" in text and "gate 0.6" in text and "12 pool images rejected" in text
 
 
 def test_seed_share_histogram_is_drawn_next_to_the_gate(fake_run: dict) -> None:
@@ -245,3 +254,31 @@ def test_seed_share_histogram_is_drawn_next_to_the_gate(fake_run: dict) -> None:
                                                        "seed_heldout": [0, 0, 1, 5, 12], "pool": [40, 3, 2, 9, 30]}}
     text = _write(fake_run, strategies=st)
     assert "Seed-vs-pool classifier gate" in text and "gate -1.5" in text and "9 pool images below it" in text
+
+
+def test_report_of_a_real_robust_selection(fake_run: dict, tmp_path: Path) -> None:
+    """A real `robust` summary.json: the centroid gate's chart is its own histogram; the time is the total."""
+    import json
+
+    from mak.run.select_job import select_stores
+
+    rng = np.random.default_rng(3)
+    for name, n, shift in (("seed", 60, 0.0), ("pool", N_POOL, 0.3)):
+        store = tmp_path / name
+        store.mkdir()
+        np.save(store / "features.npy", (rng.normal(size=(n, 8)) + shift).astype(np.float32))
+        (store / "items.txt").write_text("".join(f"{name}/{i}.png {i % 5}\n" for i in range(n)))
+    select_stores(tmp_path / "seed", tmp_path / "pool", tmp_path / "sel", BUDGET, strategy="robust", progress=False,
+                  ratio_bags=1, ratio_epochs=2, ratio_hidden=8, gate_quantile=0.9)
+    summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
+    gate = summary["info"]["gate"]
+    st = {"robust": {**fake_run["strategies"]["robust"], "scores_csv": tmp_path / "sel" / "scores.csv",
+                     "summary": summary}}
+    text = _write(fake_run, strategies=st)
+    chart = text[text.index("Centroid gate"):]
+    chart = chart[:chart.index("</figure>")]
+    assert "held-out seed (n=60)" in chart
+    assert sum(gate["histogram"]["seed_heldout"]) == 60 and f"pool (n={N_POOL})" in chart
+    assert f"gate {gate['threshold']:.3g}" in chart and "distance to the nearest seed centroid" in chart
+    assert f"selection took {summary['timings_s']['total']:.1f}s" in text
+    assert summary["timings_s"]["total"] < sum(summary["timings_s"].values())  # the sum would overstate it

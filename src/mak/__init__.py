@@ -10,29 +10,41 @@ Public API (see each module for details)::
     mak.proximity(seed_feats, pool_feats, ...) # distance to the seed's k-means centroids
     mak.kcenter_greedy(feats, budget, init=..) # diversity: greedy k-center
     mak.select(seed_feats, pool_feats, pool_views, budget, strategy="mak", ...)
+
+The names load on first use (``import mak`` alone does not import torch), so ``mak --help`` and
+``mak --version`` start at once.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from mak.errors import MakError  # noqa: E402
-from mak.selection.kcenter import kcenter_greedy  # noqa: E402
-from mak.selection.proximity import kmeans, nearest_centroid_distance, proximity  # noqa: E402
-from mak.selection.strategies import STRATEGIES, Selection, select  # noqa: E402
-from mak.selection.tailness import ecle  # noqa: E402
+_API = {  # public name -> the module that defines it
+    "MakError": "mak.errors",
+    "STRATEGIES": "mak.selection.strategies",
+    "Selection": "mak.selection.strategies",
+    "select": "mak.selection.strategies",
+    "ecle": "mak.selection.tailness",
+    "kcenter_greedy": "mak.selection.kcenter",
+    "kmeans": "mak.selection.proximity",
+    "nearest_centroid_distance": "mak.selection.proximity",
+    "proximity": "mak.selection.proximity",
+    "rank_fusion": "mak.selection.robust",
+    "rank_normalize": "mak.selection.robust",
+    "seed_gate": "mak.selection.robust",
+}
+__all__ = [*_API, "__version__"]
 
-__all__ = [
-    "MakError",
-    "STRATEGIES",
-    "Selection",
-    "ecle",
-    "kcenter_greedy",
-    "kmeans",
-    "nearest_centroid_distance",
-    "proximity",
-    "select",
-    "__version__",
-]
 
-from mak.selection import robust  # noqa: F401,E402  (registers the 'robust' strategy)
-from mak.selection.robust import rank_fusion, rank_normalize, seed_gate  # noqa: E402
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'mak' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
 
-__all__ += ["rank_fusion", "rank_normalize", "seed_gate"]
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -1,7 +1,8 @@
 """The ``mak`` command line: a thin layer over the Python API.
 
-Each sub-command lives in a module of :mod:`mak.cli` that defines ``register(subparsers)``
-(adds its parser and sets ``func``). A :class:`~mak.errors.MakError` or an ``OSError`` (a full
+Each sub-command lives in a module of :mod:`mak.cli` that defines ``HELP`` (its line in
+``mak --help``) and ``register(subparsers)`` (adds its parser and sets ``func``). Only the command
+being run is registered in full, so ``mak --help`` and ``mak --version`` import no torch. A :class:`~mak.errors.MakError` or an ``OSError`` (a full
 disk, a read-only directory, a name too long) becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -16,7 +17,13 @@ from mak import __version__
 from mak.errors import MakError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def commands() -> list[str]:
+    """The sub-command names: the public modules of this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``mak`` parser; every sub-command in full, or only ``command`` (the others by their ``HELP``)."""
     parser = argparse.ArgumentParser(
         prog="mak",
         description="Open-world data sampling for self-supervised learning (Model-Aware K-center).",
@@ -24,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mak {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        module.register(sub)
+    for name in commands():
+        module = importlib.import_module(f"{__name__}.{name}")
+        if command is None or name == command:
+            module.register(sub)
+        else:
+            sub.add_parser(name, help=module.HELP)
     return parser
 
 
@@ -44,7 +52,10 @@ def _with_flags(exc: MakError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = [a for a in argv if a in commands()]  # the first command-like word; --help alone: none
+    first_word = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(first_word if named and first_word == named[0] else "")
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 
 
+HELP = "write a feature store (features, augmented views) from a checkpoint"  # the one line `mak --help` shows
+
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.data.sources import add_source_args
 
     p = sub.add_parser(
-        "embed", help="write a feature store (features, augmented views) from a checkpoint",
+        "embed", help=HELP,
         description="Embed every image with a `mak pretrain` checkpoint: features.npy (no augmentation), "
                     "views.npy (R augmented projections, L2-normalised), items.txt, meta.json. "
                     "Under torchrun each process embeds its share; a killed run resumes.")

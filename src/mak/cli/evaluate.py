@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 
 
+HELP = "evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium/Few)"  # the one line `mak --help` shows
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "evaluate", help="evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium/Few)",
+        "evaluate", help=HELP,
         description="Compute the checkpoint's backbone features (no augmentation) on labeled splits and report "
                     "full-shot and few-shot linear-probe accuracy, kNN accuracy, per-class accuracy and the "
                     "Many/Medium/Few group means with their std. Splits come from --bench DIR (fullshot, fewshot, "

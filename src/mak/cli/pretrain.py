@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 
 
+HELP = "SimCLR pre-training on the seed set"  # the one line `mak --help` shows
+
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.data.sources import add_source_args
     from mak.train.pretrain import DEFAULT_BASE_LR, DEFAULT_EPOCHS
 
     p = sub.add_parser(
-        "pretrain", help="SimCLR pre-training on the seed set",
+        "pretrain", help=HELP,
         description="Pre-train a SimCLR model (NT-Xent, temperature 0.2) on the seed images; writes "
                     "OUT/checkpoint.pt every epoch and OUT/log.csv. Runs DDP under torchrun.")
     add_source_args(p)

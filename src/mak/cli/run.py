@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 
 
+HELP = "the whole MAK loop from a config, with cached stages"  # the one line `mak --help` shows
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="the whole MAK loop from a config, with cached stages",
+    p = sub.add_parser("run", help=HELP,
                        description="pretrain -> embed -> select -> re-train -> evaluate -> report, "
                                    "skipping stages whose inputs and parameters did not change. Under "
                                    "torchrun (torchrun --nproc_per_node G -m mak run ...) pre-training, "

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from mak._tensor import auto_device
-from mak.selection.strategies import SELECT_OPTIONS, STRATEGIES, STRATEGY_OPTIONS
-
+HELP = "pick N pool images from feature stores"  # the one line `mak --help` shows
 
 def strategy_flags() -> dict[str, tuple[object, list[str]]]:
     """Every strategy option once: name -> (its declaration, the strategies that take it)."""
+    from mak.selection.strategies import STRATEGY_OPTIONS
+
     out: dict[str, tuple[object, list[str]]] = {}
     for strategy, declared in STRATEGY_OPTIONS.items():
         for opt in declared:
@@ -18,7 +18,9 @@ def strategy_flags() -> dict[str, tuple[object, list[str]]]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("select", help="pick N pool images from feature stores",
+    from mak.selection.strategies import SELECT_OPTIONS, STRATEGIES
+
+    p = sub.add_parser("select", help=HELP,
                        description="Score every pool image and pick --budget of them with a strategy.")
     p.add_argument("--seed-store", metavar="DIR", help="feature store of the seed set (features.npy, items.txt)")
     p.add_argument("--pool-store", metavar="DIR", required=True, help="feature store of the pool (features.npy, views.npy, items.txt)")
@@ -48,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> dict:
+    from mak._tensor import auto_device
+    from mak.selection.strategies import SELECT_OPTIONS
+
     params = {opt.name: getattr(args, opt.key or opt.name) for opt in SELECT_OPTIONS}
     params["device"] = str(auto_device(args.device))  # resolved: summary.json names the real device
     for name in strategy_flags():  # only what was given: unset options keep the strategy's defaults

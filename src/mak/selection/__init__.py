@@ -6,3 +6,4 @@ scores from, :func:`~.strategies.select` and the paper's strategies; :mod:`.tail
 :mod:`.robust` and :mod:`.density_ratio` the ``robust`` strategy; :mod:`.scale` the same engine
 across torchrun ranks, with sharded k-center and near-duplicate removal.
 """
+from mak.selection import robust  # noqa: F401,E402  (registers the 'robust' strategy with the registry)

@@ -1,8 +1,9 @@
 """The charts of a selection's gates: the pool images a strategy rejects before scoring.
 
-The in-domain gate is a threshold on the distance to the nearest seed centroid, drawn as the
-histogram of held-out seed distances against pool distances (the pool's from ``scores.csv`` when
-the summary holds none); robust's density-ratio gates (``RATIO_GATES``) come as ready-made
+robust's in-domain gate (``info.gate``) passes a pool image only when every term does; its
+centroid term (distance to the nearest seed centroid) is drawn as the histogram of held-out seed
+distances against pool distances (the pool's from ``scores.csv`` when the summary holds none),
+and its density-ratio terms (``RATIO_GATES``) come as ready-made
 histograms in ``summary["info"]``. Each gate gives a chart and a one-line fact for the heading;
 a gate without usable data gives none, never an error.
 """
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from mak.run.report.charts import HIST_BINS, _legend, _Series, _svg_histogram
+from mak.run.report.charts import _legend, _Series, _svg_histogram
 from mak.run.report.format import _count, _esc, _num
 from mak.run.report.inputs import _find_gate, _Gate, _Scores
 
@@ -44,13 +45,16 @@ def _gate_charts(ctx: _Context, name: str, summary: Any, sc: _Scores | None) -> 
 
 
 def _gate_hist(ctx: _Context, name: str, summary: Any, sc: _Scores | None) -> tuple[str, str]:
-    """(chart html, one-line text) for the selection's in-domain gate, if its summary holds one."""
+    """(chart html, one-line text) for the selection's in-domain gate, if its summary holds one.
+
+    The chart is the centroid term's (the other terms have charts of their own, ``RATIO_GATES``).
+    """
     g = _find_gate(summary)
     if g is None:
         return "", ""
-    bits = [f"threshold {g.threshold:.4g}"]
+    bits = [f"{g.term} threshold {g.threshold:.4g}"]
     if g.quantile is not None:
-        bits.append(f"quantile {g.quantile:g} of held-out seed distances")
+        bits.append(f"quantile {g.quantile:g} of the held-out seed")
     if g.rejected is not None:
         bits.append(f"{_count(g.rejected)} pool images rejected")
     text = "in-domain gate: " + ", ".join(bits)
@@ -67,40 +71,25 @@ def _gate_hist(ctx: _Context, name: str, summary: Any, sc: _Scores | None) -> tu
                          "distance to the nearest seed centroid", f"gate histogram {name}",
                          threshold=g.threshold, threshold_label=f"gate {g.threshold:.3g}")
     sub = ("pool images right of the line are rejected before scoring"
-           + (f" ({_count(g.rejected)} rejected)" if g.rejected is not None else ""))
+           + (f" ({_count(g.rejected)} rejected by all terms together)" if g.rejected is not None else ""))
     leg = [(s.label, s.color, "fill") for s in series] + [("threshold", "#111827", "thr")]
-    html_ = (f'<figure class="gate"><figcaption><b>In-domain gate: held-out seed vs pool distances</b>'
+    html_ = (f'<figure class="gate"><figcaption><b>Centroid gate: held-out seed vs pool distances</b>'
              f"<span>{_esc(sub)}</span></figcaption>{svg}{_legend(leg)}</figure>")
     return html_, text
 
 
 def _gate_counts(g: _Gate, sc: _Scores | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """``(edges, held-out seed counts, pool counts or None)`` of the gate's chart; None without seed data.
+    """``(edges, held-out seed counts, pool counts or None)`` of the centroid gate's chart, else None.
 
-    A binned gate keeps its bins; raw distances are binned over their range and the threshold.
+    Without pool counts in the summary, the pool's are binned from ``scores.csv``'s distances.
     """
-    if g.edges is not None and g.seed_counts is not None:
-        edges = g.edges
-        pool_counts = g.pool_counts
-        if pool_counts is None and sc is not None and np.isfinite(sc.distance).any():
-            d = sc.distance[np.isfinite(sc.distance)]
-            pool_counts = np.histogram(np.clip(d, edges[0], edges[-1]), edges)[0]
-        return edges, g.seed_counts, pool_counts
-    if g.seed_values is None:
+    if g.term != "centroid" or g.edges is None or g.seed_counts is None:
         return None
-    pool_vals = g.pool_values
-    if pool_vals is None and sc is not None:
-        pool_vals = sc.distance[np.isfinite(sc.distance)]
-    allv = [g.seed_values] + ([pool_vals] if pool_vals is not None and pool_vals.size else [])
-    lo = min(float(a.min()) for a in allv)
-    hi = max(float(a.max()) for a in allv)
-    lo, hi = min(lo, g.threshold), max(hi, g.threshold)
-    if hi <= lo:
-        hi = lo + 1e-6
-    edges = np.linspace(lo, hi, HIST_BINS + 1)
-    seed_counts = np.histogram(g.seed_values, edges)[0]
-    pool_counts = None if pool_vals is None or not pool_vals.size else np.histogram(pool_vals, edges)[0]
-    return edges, seed_counts, pool_counts
+    pool_counts = g.pool_counts
+    if pool_counts is None and sc is not None and np.isfinite(sc.distance).any():
+        d = sc.distance[np.isfinite(sc.distance)]
+        pool_counts = np.histogram(np.clip(d, g.edges[0], g.edges[-1]), g.edges)[0]
+    return g.edges, g.seed_counts, pool_counts
 
 
 def _ratio_gate_hist(ctx: _Context, name: str, summary: Any, key: str) -> tuple[str, str]:

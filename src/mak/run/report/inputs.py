@@ -4,8 +4,8 @@ Item labels are the last whitespace-separated token of an item line (``-1`` = ou
 items without an integer label give no labels at all. ``scores.csv`` is read in blocks into flat
 numeric arrays (O(N) floats, not O(N) Python objects), keeping the item text only of the first
 picks; other items' text is fetched by another pass. Empty or unparsable cells become NaN (or a
-default for integer columns), never an error. :func:`_find_gate` finds a selection's in-domain
-gate in a ``summary.json`` of any of the layouts the strategies write.
+default for integer columns), never an error. :func:`_find_gate` reads a selection's in-domain
+gate from the named fields of its ``summary.json``.
 """
 from __future__ import annotations
 
@@ -218,80 +218,48 @@ def _read_loss_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
 
 
-def _walk(obj: Any, path: tuple[str, ...] = (), depth: int = 0) -> Iterable[tuple[tuple[str, ...], Mapping]]:
-    if isinstance(obj, Mapping) and depth <= 5:
-        yield path, obj
-        for k, v in obj.items():
-            yield from _walk(v, path + (str(k).lower(),), depth + 1)
-
-
-def _numbers(v: Any) -> np.ndarray | None:
-    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        return np.asarray(v, dtype=np.float64)
-    return None
-
-
 @dataclass
 class _Gate:
     threshold: float
+    term: str = "centroid"  # the gate term whose values the histogram holds
     edges: np.ndarray | None = None
     seed_counts: np.ndarray | None = None
     pool_counts: np.ndarray | None = None
-    seed_values: np.ndarray | None = None
-    pool_values: np.ndarray | None = None
     quantile: float | None = None
     rejected: int | None = None
     kept: int | None = None
 
 
-def _find_gate(summary: Any) -> _Gate | None:
-    """A gate threshold and held-out seed distances (raw or binned) anywhere in a summary, or None.
+def _int_or_none(v: Any) -> int | None:
+    x = _num(v)
+    return None if x is None else int(x)
 
-    Tolerant of layouts: ``gate_threshold`` in ``counts`` / ``info``, or ``threshold`` inside a
-    dict named like ``gate``; the seed's held-out distances as a list (a key naming seed/held-out
-    and distance) or as a histogram (``edges`` with ``seed_heldout`` / ``seed`` and ``pool``).
+
+def _find_gate(summary: Any) -> _Gate | None:
+    """The in-domain gate of a selection's summary, read from ``info.gate`` (robust's layout), or None.
+
+    Named fields only: ``threshold``, ``quantile``, ``rejected``, ``kept``, ``term`` (else the
+    first of ``score``'s terms, ``centroid`` when it is one) and ``histogram`` (``edges`` with the
+    counts ``seed_heldout`` and ``pool``); a malformed histogram is left out, the rest kept.
     """
-    if not isinstance(summary, Mapping):
-        return None
-    threshold = quantile = None
-    rejected = kept = None
-    seed_vals = pool_vals = edges = seed_counts = pool_counts = None
-    for path, d in _walk(summary):
-        in_gate = any("gate" in p for p in path)
-        for k, v in d.items():
-            key = str(k).lower()
-            if threshold is None and (key == "gate_threshold" or (in_gate and key == "threshold")):
-                threshold = _num(v)
-            elif quantile is None and (key == "gate_quantile" or (in_gate and key == "quantile")):
-                quantile = _num(v)
-            elif rejected is None and (key == "gate_rejected" or (in_gate and key == "rejected")):
-                rejected = None if _num(v) is None else int(_num(v))  # type: ignore[arg-type]
-            elif kept is None and (key == "gate_kept" or (in_gate and key == "kept")):
-                kept = None if _num(v) is None else int(_num(v))  # type: ignore[arg-type]
-            elif isinstance(v, (list, tuple)):
-                arr = _numbers(v)
-                if arr is None:
-                    continue
-                is_seed = ("seed" in key or "heldout" in key or "held_out" in key)
-                if key == "edges" and (in_gate or "hist" in "".join(path)):
-                    edges = arr if edges is None else edges
-                elif "dist" in key and is_seed and seed_vals is None:
-                    seed_vals = arr
-                elif "dist" in key and "pool" in key and pool_vals is None:
-                    pool_vals = arr
-                elif (in_gate or "hist" in "".join(path)) and is_seed and seed_counts is None:
-                    seed_counts = arr
-                elif (in_gate or "hist" in "".join(path)) and key == "pool" and pool_counts is None:
-                    pool_counts = arr
+    info = summary.get("info") if isinstance(summary, Mapping) else None
+    gate = info.get("gate") if isinstance(info, Mapping) else None
+    threshold = _num(gate.get("threshold")) if isinstance(gate, Mapping) else None
     if threshold is None:
         return None
-    g = _Gate(threshold=threshold, quantile=quantile, rejected=rejected, kept=kept)
-    if edges is not None and seed_counts is not None and len(edges) == len(seed_counts) + 1:
-        g.edges, g.seed_counts = edges, seed_counts
-        if pool_counts is not None and len(pool_counts) == len(seed_counts):
-            g.pool_counts = pool_counts
-    elif seed_vals is not None:
-        g.seed_values, g.pool_values = seed_vals, pool_vals
-    else:
-        return g  # threshold only: no chart
+    terms = str(gate.get("score") or "centroid").split("+")
+    term = gate.get("term") or ("centroid" if "centroid" in terms else terms[0])
+    g = _Gate(threshold=threshold, term=str(term), quantile=_num(gate.get("quantile")),
+              rejected=_int_or_none(gate.get("rejected")), kept=_int_or_none(gate.get("kept")))
+    hist = gate.get("histogram")
+    if isinstance(hist, Mapping):
+        try:
+            edges = np.asarray(hist["edges"], dtype=np.float64)
+            seed = np.asarray(hist["seed_heldout"], dtype=np.float64)
+            pool = np.asarray(hist["pool"], dtype=np.float64) if hist.get("pool") is not None else None
+        except (KeyError, TypeError, ValueError):
+            return g
+        if edges.ndim == 1 and seed.ndim == 1 and edges.size == seed.size + 1:
+            g.edges, g.seed_counts = edges, seed
+            g.pool_counts = pool if pool is not None and pool.shape == seed.shape else None
     return g

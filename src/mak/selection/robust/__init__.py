@@ -46,7 +46,7 @@ whose ``meta.json`` names a seed-only model, :func:`seed_model_note` resolves
 ``gate="off", tail="ecle", fusion="z"`` reproduces ``mak`` exactly: same scores, candidates, indices.
 
 Info (-> summary.json): ``gate_rejected``, ``gate_kept``, ``gate_filled``, ``gate`` (score,
-threshold, quantile, parameters, and ``histogram``: shared ``edges`` with the counts of the
+threshold, quantile, parameters, ``term`` (the primary term), and ``histogram``: shared ``edges`` with the counts of the
 held-out seed scores ``seed_heldout`` and of the pool's ``pool``), ``robust`` (effective settings).
 
 Distributed contexts: the strategy calls only context methods for operations over the whole pool
@@ -253,7 +253,7 @@ class RobustRun:
         self.ctx.timings["gate"] = time.perf_counter() - t
         rejected = self.ctx.pool_size - n_gated
         self.info.update(gate_rejected=rejected, gate_kept=n_gated)
-        self.info["gate"] = {"score": self.opt["gate_score"], "threshold": threshold,
+        self.info["gate"] = {"score": self.opt["gate_score"], "term": primary, "threshold": threshold,
                              "quantile": self.opt["gate_quantile"], **params, "rejected": rejected, "kept": n_gated,
                              "histogram": _histograms(self.o, held, gate_value, threshold)}
         return mask, n_gated, gate_value
