@@ -5,8 +5,8 @@ import argparse
 import sys
 import time
 
-
 HELP = "build the open-world benchmark"  # the one line `mak --help` shows
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help=HELP,

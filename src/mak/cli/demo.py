@@ -15,8 +15,8 @@ DEMO_SETTINGS = {
     "evaluate.draws": 5,
 }
 
-
 HELP = "a small open-world run on Fashion-MNIST with a report (minutes on a CPU)"  # the one line `mak --help` shows
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help=HELP,

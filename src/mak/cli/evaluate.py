@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-
 HELP = "evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium/Few)"  # the one line `mak --help` shows
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

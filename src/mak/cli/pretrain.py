@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-
 HELP = "SimCLR pre-training on the seed set"  # the one line `mak --help` shows
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.data.sources import add_source_args

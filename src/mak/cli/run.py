@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-
 HELP = "the whole MAK loop from a config, with cached stages"  # the one line `mak --help` shows
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help=HELP,

@@ -6,6 +6,7 @@ import os
 
 HELP = "pick N pool images from feature stores"  # the one line `mak --help` shows
 
+
 def strategy_flags() -> dict[str, tuple[object, list[str]]]:
     """Every strategy option once: name -> (its declaration, the strategies that take it)."""
     from mak.selection.strategies import STRATEGY_OPTIONS
@@ -22,8 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("select", help=HELP,
                        description="Score every pool image and pick --budget of them with a strategy.")
-    p.add_argument("--seed-store", metavar="DIR", help="feature store of the seed set (features.npy, items.txt)")
-    p.add_argument("--pool-store", metavar="DIR", required=True, help="feature store of the pool (features.npy, views.npy, items.txt)")
+    p.add_argument("--seed-store", metavar="STORE", help="the seed's features: a store directory (`mak embed`, "
+                   "`mak store import`) or an N x D array (.npy, or .npz with 'features')")
+    p.add_argument("--pool-store", metavar="STORE", required=True,
+                   help="the pool's features, as --seed-store; mak and tailness also need its augmented views "
+                        "(views.npy, which only `mak embed` writes); every other strategy reads features only")
+    p.add_argument("--pool-items", metavar="FILE", help="with an array --pool-store: one item line per row, "
+                   "written to selection.txt (default: the row index)")
+    p.add_argument("--seed-items", metavar="FILE", help="with an array --seed-store: one item line per row")
     p.add_argument("--budget", type=int, required=True, metavar="N", help="number of pool images to pick")
     p.add_argument("--strategy", default="mak", metavar="S",
                    help=f"selection strategy: {', '.join(STRATEGIES)} (default: mak)")
@@ -72,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from mak.run.select_job import select_stores
 
     sel = select_stores(args.seed_store, args.pool_store, args.out, args.budget, strategy=args.strategy,
-                        overwrite=args.overwrite, progress=not args.no_progress, **params_from_args(args))
+                        overwrite=args.overwrite, progress=not args.no_progress, pool_items=args.pool_items,
+                        seed_items=args.seed_items, **params_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     print(f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> {args.out}/selection.txt")

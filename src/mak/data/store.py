@@ -7,6 +7,11 @@ A *store* is a directory holding
 - ``items.txt``: N lines, the item each row came from (a split-file line or a path);
 - ``meta.json`` (optional): how the store was made.
 
+A *plain array* is a store too: a ``.npy`` file (N x D) or a ``.npz`` file holding ``features``
+(and optionally ``views``, R x N x d), with an optional items file (one line per row; without
+one, the row index is the item). Its ``meta`` is :data:`EXTERNAL_META`: features of a model mak
+did not train (``mak store import`` writes such arrays as a proper store directory).
+
 A *sharded store* is a directory with ``shards.json`` (``{"shards": ["shard-00000", ...]}``)
 listing, in order, sub-directories that are each a plain store; rows are their concatenation.
 Every reader goes through :func:`open_store`, which accepts both forms, opens ``.npy`` files
@@ -31,6 +36,17 @@ META = "meta.json"
 SHARDS = "shards.json"
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+ARRAY_SUFFIXES = (".npy", ".npz")
+EXTERNAL_META = {"model": "external"}  # a store made from arrays: the model is the user's, not mak's
+
+
+def model_kind(meta: dict) -> str:
+    """Which model embedded a store, from its ``meta.json``: ``pool-aware`` (mak's SimCLR on seed + pool),
+    ``seed-only`` (mak's SimCLR on the seed), ``external`` (arrays from the user's encoder) or ``unknown``."""
+    trained = meta.get("model_trained_on")
+    if isinstance(trained, dict):
+        return "pool-aware" if trained.get("pool_rows", 0) else "seed-only"
+    return "external" if meta.get("model") == "external" else "unknown"
 
 
 def _open_npy(path: Path) -> np.ndarray:
@@ -40,6 +56,10 @@ def _open_npy(path: Path) -> np.ndarray:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # corrupt header, truncated file, object array...
         raise MakError(f"{path}: unreadable .npy file ({exc})") from None
+    return _float_array(path, arr)
+
+
+def _float_array(path: Path | str, arr: np.ndarray) -> np.ndarray:
     if arr.dtype.type not in _FLOAT_DTYPES:
         raise MakError(f"{path}: expected float16/float32 data, found {arr.dtype}")
     return arr
@@ -62,8 +82,21 @@ class _Shard:
     path: Path
     features: np.ndarray
     views: np.ndarray | None
-    items_path: Path
+    items_path: Path | None  # None: the row index is the item
     start: int  # first global row
+
+    def file(self, name: str) -> Path:
+        """Where the shard's ``name`` (features.npy, views.npy) lives: in its directory, or its array file."""
+        return self.path / name if self.path.is_dir() else self.path
+
+    def item_lines(self) -> Iterator[str]:
+        """The shard's item lines in row order, streamed (no items file: the global row index)."""
+        if self.items_path is None:
+            yield from (str(self.start + i) for i in range(self.features.shape[0]))
+            return
+        with open(self.items_path, encoding="utf-8") as fh:
+            for line in fh:
+                yield line[:-1] if line.endswith("\n") else line
 
 
 @dataclass
@@ -93,7 +126,7 @@ class FeatureStore:
         if self._items is None:
             out: list[str] = []
             for sh in self.shards:
-                out.extend(read_items(sh.items_path))
+                out.extend(sh.item_lines())
             self._items = out
         return self._items
 
@@ -170,7 +203,7 @@ class FeatureStore:
                 for s in range(a, b, chunk):
                     block = arr[..., s: min(b, s + chunk), :]
                     if not np.isfinite(block).all():
-                        return ValueScan(f"{sh.path / name}: contains NaN or Inf values", nonzero, varies)
+                        return ValueScan(f"{sh.file(name)}: contains NaN or Inf values", nonzero, varies)
                     if name == FEATURES:
                         nonzero = nonzero or bool(block.any())
                         varies = varies or bool((block != first).any())
@@ -197,7 +230,7 @@ def value_problem(store: FeatureStore, scans: Sequence[ValueScan]) -> str | None
     for sc in scans:
         if sc.nonfinite:
             return sc.nonfinite
-    path = store.shards[0].path / FEATURES if len(store.shards) == 1 else store.path
+    path = store.shards[0].file(FEATURES) if len(store.shards) == 1 else store.path
     if not any(sc.nonzero for sc in scans):
         return f"{path}: every feature is zero (no image can be told from another)"
     if store.num_rows > 1 and not any(sc.varies for sc in scans):
@@ -256,15 +289,28 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def open_store(path: str | Path, require_views: bool = False, check_finite: bool = True) -> FeatureStore:
-    """Open and validate a store or sharded store at ``path``.
+def open_store(path: str | Path, require_views: bool = False, check_finite: bool = True,
+               items: str | Path | None = None) -> FeatureStore:
+    """Open and validate a store, a sharded store or a plain array (with its ``items`` file) at ``path``.
 
     Raises :class:`MakError` (one line naming the file) on a missing file, a row-count mismatch
     between features, views and items, a shard of the wrong dimension, or NaN/Inf values.
     """
     path = Path(path)
+    if path.suffix in ARRAY_SUFFIXES and not path.is_dir():
+        store = open_array_store(path, items, require_views)
+    else:
+        if items is not None:
+            raise MakError(f"{items}: an items file goes with a plain array (.npy/.npz), not with the store {path}")
+        store = _open_directory_store(path, require_views)
+    if check_finite:
+        store.check_finite()
+    return store
+
+
+def _open_directory_store(path: Path, require_views: bool) -> FeatureStore:
     if not path.is_dir():
-        raise MakError(f"{path}: feature store directory not found")
+        raise MakError(f"{path}: feature store not found (a store directory, or a .npy/.npz array)")
     meta: dict = {}
     if (path / META).is_file():
         try:
@@ -298,12 +344,57 @@ def open_store(path: str | Path, require_views: bool = False, check_finite: bool
                 raise MakError(f"{sd / VIEWS}: views shape (R={sr}, d={sdd}) differs from the first shard's (R={r}, d={d})")
         shards.append(sh)
         start += sh.features.shape[0]
-    store = FeatureStore(path, shards, start, int(dim), int(r), int(d), meta)
     if start == 0:
         raise MakError(f"{path}: feature store is empty (0 rows)")
-    if check_finite:
-        store.check_finite()
-    return store
+    return FeatureStore(path, shards, start, int(dim), int(r), int(d), meta)
+
+
+def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features, views or None) of a ``.npz``: ``features`` (or its only array) and ``views``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            key = "features" if "features" in names else (names[0] if len(names) == 1 else None)
+            if key is None:
+                raise MakError(f"{path}: holds {', '.join(names) or 'no arrays'}; name the feature array "
+                               "'features' (and the views 'views')")
+            feats, views = z[key], (z["views"] if "views" in names else None)
+    except MakError:
+        raise
+    except Exception as exc:
+        raise MakError(f"{path}: unreadable .npz file ({exc})") from None
+    return _float_array(f"{path}:{key}", feats), None if views is None else _float_array(f"{path}:views", views)
+
+
+def open_array_store(path: str | Path, items: str | Path | None = None, require_views: bool = False) -> FeatureStore:
+    """A plain array (``.npy``, or ``.npz`` with ``features`` and optional ``views``) as a store.
+
+    ``items``: a text file with one item line per row; without it the row index is the item.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MakError(f"{path}: feature array not found")
+    feats, views = (_open_npy(path), None) if path.suffix == ".npy" else _npz_arrays(path)
+    if feats.ndim != 2:
+        raise MakError(f"{path}: expected a 2-D feature array (N x D), found shape {feats.shape}")
+    n = feats.shape[0]
+    if n == 0:
+        raise MakError(f"{path}: feature array is empty (0 rows)")
+    if items is not None:
+        items = Path(items)
+        if not items.is_file():
+            raise MakError(f"{items}: items file not found")
+        if _count_lines(items) != n:
+            raise MakError(f"{items}: {_count_lines(items)} item lines but {path} has {n} rows")
+    r = d = 0
+    if views is not None:
+        if views.ndim != 3 or views.shape[0] < 2 or views.shape[1] != n:
+            raise MakError(f"{path}:views: expected R x {n} x d with R >= 2, found shape {views.shape}")
+        r, d = views.shape[0], views.shape[2]
+    elif require_views:
+        raise MakError(f"{path}: has no augmented views (this strategy needs them: `mak embed` makes them)")
+    shard = _Shard(path, feats, views, items, 0)
+    return FeatureStore(path, [shard], n, int(feats.shape[1]), int(r), int(d), dict(EXTERNAL_META))
 
 
 def write_store(path: str | Path, features: np.ndarray, items: Sequence[str], views: np.ndarray | None = None,
@@ -322,6 +413,28 @@ def write_store(path: str | Path, features: np.ndarray, items: Sequence[str], vi
         if meta is not None:
             write_json(tmp / META, meta)
     return Path(path)
+
+
+def import_store(features: str | Path, out: str | Path, items: str | Path | None = None,
+                 views: str | Path | None = None, model: str | None = None, overwrite: bool = False) -> Path:
+    """Write a store at ``out`` from arrays of the user's encoder: ``features`` (.npy, or .npz with
+    ``features`` and optional ``views``), ``views`` (.npy, R x N x d), ``items`` (one line per row;
+    default the row index). Its ``meta.json`` says the model is external (:data:`EXTERNAL_META`),
+    naming ``model`` when given. Validated first (shapes, NaN/Inf, constant features); written
+    atomically, so a failure leaves nothing at ``out``.
+    """
+    src = open_array_store(features, items)
+    view_arr = None if views is None else _open_npy(Path(views))
+    if view_arr is not None and (view_arr.ndim != 3 or view_arr.shape[0] < 2 or view_arr.shape[1] != src.num_rows):
+        raise MakError(f"{views}: expected R x {src.num_rows} x d views with R >= 2, found shape {view_arr.shape}")
+    if view_arr is not None and src.has_views:
+        raise MakError(f"{features} already holds views; drop --views {views}")
+    src.check_finite()
+    sh = src.shards[0]
+    meta = {**EXTERNAL_META, "model_name": model, "imported_from": {"features": str(features),
+            "items": None if items is None else str(items), "views": None if views is None else str(views)}}
+    return write_store(out, sh.features, list(sh.item_lines()), views=sh.views if view_arr is None else view_arr,
+                       meta=meta, overwrite=overwrite)
 
 
 def write_shards_index(path: str | Path, shard_names: Sequence[str]) -> None:

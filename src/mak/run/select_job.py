@@ -7,6 +7,7 @@ built in a temporary directory and renamed into place, so a failure leaves nothi
 from __future__ import annotations
 
 import csv
+import itertools
 import platform
 import shutil
 import sys
@@ -23,7 +24,7 @@ from mak import distributed as D
 from mak._tensor import auto_device, is_auto
 from mak.atomic import remove_debris, replace_dir, temp_dir, write_json
 from mak.data.pool_array import store_arrays
-from mak.data.store import FeatureStore, open_store, value_problem
+from mak.data.store import FeatureStore, model_kind, open_store, value_problem
 from mak.errors import MakError
 from mak.lock import job_lock
 from mak.selection.scale.context import DistributedContext
@@ -49,25 +50,29 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy: str,
-                options: dict[str, Any] | None = None) -> tuple[FeatureStore | None, FeatureStore]:
+                options: dict[str, Any] | None = None, items: tuple[Any, Any] = (None, None)
+                ) -> tuple[FeatureStore | None, FeatureStore]:
     """Open the stores ``strategy`` (with ``options``) needs and validate them: the pool's values
-    scanned once, each rank its own rows (all of them on one process); dimensions cross-checked."""
-    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False)
+    scanned once, each rank its own rows (all of them on one process); dimensions cross-checked.
+    A store may be a plain array; ``items`` = (seed, pool) items files of such arrays."""
+    pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False,
+                      items=items[1])
     lo, hi = D.shard_range(pool.num_rows)
     problem = value_problem(pool, D.all_gather_object(pool.scan(lo, hi)))
     if problem:
         raise MakError(problem)
-    return open_seed_store(seed_store, pool, strategy), pool
+    return open_seed_store(seed_store, pool, strategy, items[0]), pool
 
 
-def open_seed_store(seed_store: str | Path | None, pool: FeatureStore, strategy: str) -> FeatureStore | None:
+def open_seed_store(seed_store: str | Path | None, pool: FeatureStore, strategy: str,
+                    items: str | Path | None = None) -> FeatureStore | None:
     """The seed store when ``strategy`` uses it (validated against the pool's dimension), else None."""
     needs_seed = NEEDS[strategy][0]
     if seed_store is not None and (needs_seed or strategy == "kcenter"):
-        seed = open_store(seed_store)
+        seed = open_store(seed_store, items=items)
         if seed.feature_dim != pool.feature_dim:
-            raise MakError(f"{Path(seed_store) / 'features.npy'}: feature dimension {seed.feature_dim} "
-                           f"differs from the pool's {pool.feature_dim} ({pool.path / 'features.npy'})")
+            raise MakError(f"{seed.shards[0].file('features.npy')}: feature dimension {seed.feature_dim} "
+                           f"differs from the pool's {pool.feature_dim} ({pool.shards[0].file('features.npy')})")
         return seed
     if needs_seed:
         raise MakError(f"strategy '{strategy}' needs --seed-store")
@@ -92,20 +97,13 @@ def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any], echo: 
 # --------------------------------------------------------------------------------------------
 
 def iter_items(store: FeatureStore, lo: int = 0, hi: int | None = None) -> Iterator[str]:
-    """Item lines of pool rows ``[lo, hi)``, streamed from the shards' items.txt (as read_items reads them)."""
+    """Item lines of pool rows ``[lo, hi)``, streamed from the shards' items (as ``store.items`` reads them)."""
     hi = store.num_rows if hi is None else hi
     for sh in store.shards:
         n = sh.features.shape[0]
         a, b = max(lo, sh.start), min(hi, sh.start + n)
-        if a >= b:
-            continue
-        with open(sh.items_path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if i < a - sh.start:
-                    continue
-                if i >= b - sh.start:
-                    break
-                yield line[:-1] if line.endswith("\n") else line
+        if a < b:
+            yield from itertools.islice(sh.item_lines(), a - sh.start, b - sh.start)
 
 
 def _fmt(a: np.ndarray | None, present: np.ndarray) -> list[str]:
@@ -137,9 +135,11 @@ def _write_scores_part(path: Path, store: FeatureStore, lo: int, hi: int, cols: 
 def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
                   strategy: str = "mak", overwrite: bool = False, progress: bool = True,
                   dedup: float | None = None, dedup_clusters: int | None = None, kcenter: str = "exact",
-                  kcenter_parts: int | None = None, **params: Any) -> Selection:
+                  kcenter_parts: int | None = None, pool_items: str | Path | None = None,
+                  seed_items: str | Path | None = None, **params: Any) -> Selection:
     """Run ``strategy`` on feature stores; write ``selection.txt``, ``scores.csv``, ``summary.json``
-    (and ``dedup.csv`` with ``dedup``, a cosine threshold) to ``out``.
+    (and ``dedup.csv`` with ``dedup``, a cosine threshold) to ``out``. A store is a store directory
+    or a plain array (``.npy``/``.npz``), whose items file is ``seed_items``/``pool_items``.
 
     The same job on one process and under torchrun: rank r scores its contiguous share of the pool
     (:class:`~mak.selection.scale.context.DistributedContext`), one process being a world of size
@@ -154,7 +154,7 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
             params["device"] = str(D.local_device(device))
         with job_lock(out):  # one writer per --out
             sel = _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
-                           dedup_clusters, kcenter, kcenter_parts, params)
+                           dedup_clusters, kcenter, kcenter_parts, params, (seed_items, pool_items))
             if D.rank() == 0:
                 remove_debris(out)  # what killed selects of this --out left beside it
             return sel
@@ -162,14 +162,15 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
 
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,
              progress: bool, dedup: float | None, dedup_clusters: int | None, kcenter: str,
-             kcenter_parts: int | None, params: dict[str, Any]) -> Selection:
+             kcenter_parts: int | None, params: dict[str, Any], items: tuple[Any, Any] = (None, None)
+             ) -> Selection:
     """Check, load, drop duplicates, select, write: the job's steps on every rank."""
     kcenter = _check_job(out, overwrite, kcenter, kcenter_parts)
     # the work directory beside --out first: an unwritable --out fails before any work
     tmp = Path(D.broadcast_object(str(temp_dir(out)) if D.rank() == 0 else None))
     try:
         t0 = time.perf_counter()
-        seed, pool = load_inputs(seed_store, pool_store, strategy, options=params)
+        seed, pool = load_inputs(seed_store, pool_store, strategy, options=params, items=items)
         note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
         if budget > pool.num_rows:
             raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
@@ -185,7 +186,8 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
         if D.rank() == 0:
             _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
                     params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
-                                 kcenter_parts=kcenter_parts), timings, t1, D.world_size(), note=note)
+                                 kcenter_parts=kcenter_parts), timings, t1, D.world_size(), note=note,
+                    items=items)
     except BaseException:
         if D.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -293,7 +295,8 @@ def _write_own_scores(tmp: Path, pool: FeatureStore, sel: Selection, picks: np.n
 def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None, sel: Selection, picks: np.ndarray,
             cand: np.ndarray | None, dd: Any, ctx: DistributedContext | None, strategy: str, budget: int,
             seed_store: Any, pool_store: Any, params: dict[str, Any], scaled: dict[str, Any],
-            timings: dict[str, float], t1: float, w: int, note: str | None = None) -> None:
+            timings: dict[str, float], t1: float, w: int, note: str | None = None,
+            items: tuple[Any, Any] = (None, None)) -> None:
     """Rank 0: scores.csv from the parts, selection.txt, dedup.csv, summary.json; then publish."""
     with open(tmp / "scores.csv", "wb") as fh:
         fh.write(b"index,item,ecle,distance,score,selected,pick_rank\r\n")
@@ -349,7 +352,9 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
     summary = {
         "strategy": strategy,
         "parameters": parameters,
-        "inputs": {"seed_store": str(seed_store) if seed_store is not None else None, "pool_store": str(pool_store)},
+        "inputs": {"seed_store": str(seed_store) if seed_store is not None else None, "pool_store": str(pool_store),
+                   **{k: str(v) for k, v in zip(("seed_items", "pool_items"), items) if v is not None},
+                   "pool_model": model_kind(pool.meta)},
         "counts": counts,
         "timings_s": {**{k: round(v, 4) for k, v in timings.items()},
                       **{k: round(v, 4) for k, v in sel.timings.items()},

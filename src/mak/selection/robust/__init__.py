@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from mak import options as opts
+from mak.data.store import model_kind
 from mak.errors import MakError
 from mak.selection.proximity import kmeans, nearest_centroid_distance
 from mak.selection.robust.density_ratio import ratio_ensemble, ratio_logits, seed_heldout_logits
@@ -300,25 +301,30 @@ class RobustRun:
 
 
 SEED_MODEL_GATE_QUANTILE = 0.98
+MODEL_WORDS = {"seed-only": "a seed-only model", "external": "a model mak did not train on this pool "
+               "(your own encoder)", "unknown": "a model its meta.json does not name"}
 SEED_MODEL_NOTE = ("robust's defaults suit features of a pool-aware model (SimCLR on seed + a pool sample: "
-                   "`mak pretrain --mix-split`); {store} was embedded with a seed-only model, which does not push "
-                   "junk away, so {what} (on the open-world benchmark with a seed-only model, quantile 0.98 let "
-                   "1.2% junk into the pick and the pool-aware setting 16.8%; a pool-aware model does better "
-                   "still: docs/robust.md)")
+                   "`mak pretrain --mix-split`); {store} was embedded with {model}, which was not trained to push "
+                   "this pool's junk away, so {what} (on the open-world benchmark with a seed-only model, quantile "
+                   "0.98 let 1.2% junk into the pick and the pool-aware setting 16.8%: docs/robust.md)")
 
 
 def seed_model_note(meta: dict[str, Any], options: dict[str, Any], store: str) -> str | None:
-    """On a store whose ``meta.json`` names a seed-only model: ``gate_quantile`` auto (or unset) in
-    ``options`` becomes :data:`SEED_MODEL_GATE_QUANTILE`, and a note says so. Otherwise None."""
-    trained = meta.get("model_trained_on")
-    if not isinstance(trained, dict) or trained.get("pool_rows", 0) != 0:
+    """Unless ``meta`` names a pool-aware model (:func:`mak.data.store.model_kind`): ``gate_quantile``
+    auto (or unset) in ``options`` becomes :data:`SEED_MODEL_GATE_QUANTILE`, and a note says so.
+
+    Seed-only, external (arrays, ``mak store import``) and unnamed models alike: none was trained
+    on this pool, so none pushes its junk away from the seed. Pool-aware: None, options unchanged.
+    """
+    kind = model_kind(meta)
+    if kind == "pool-aware":
         return None
     if options.get("gate_quantile", "auto") in (None, "auto"):
         options["gate_quantile"] = SEED_MODEL_GATE_QUANTILE
         what = f"the gate quantile auto is {SEED_MODEL_GATE_QUANTILE} here"
     else:
         what = f"consider --gate-quantile {SEED_MODEL_GATE_QUANTILE} (the default here)"
-    return SEED_MODEL_NOTE.format(store=store, what=what)
+    return SEED_MODEL_NOTE.format(store=store, model=MODEL_WORDS[kind], what=what)
 
 
 def robust_select(ctx: Context) -> Selection:

@@ -1,0 +1,35 @@
+"""``mak store``: feature stores from your own encoder's arrays (see :func:`mak.data.store.import_store`)."""
+from __future__ import annotations
+
+import argparse
+
+
+HELP = "make a feature store from your own embeddings (.npy/.npz)"  # the one line `mak --help` shows
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help=HELP, description="Feature-store tools.")
+    ssub = p.add_subparsers(dest="store_command", metavar="ACTION")
+    ssub.required = True
+    imp = ssub.add_parser(
+        "import", help="write a store from arrays of your own encoder",
+        description="Write a feature store (features.npy, items.txt, meta.json naming the model external) from "
+                    "an N x D array of your encoder's embeddings. `mak select` also reads the arrays directly; a "
+                    "store keeps features, items and where they came from together.")
+    imp.add_argument("--features", required=True, metavar="FILE",
+                     help="N x D embeddings: .npy, or .npz holding 'features' (and optionally 'views')")
+    imp.add_argument("--items", metavar="FILE", help="one item line per row (default: the row index)")
+    imp.add_argument("--views", metavar="FILE", help="R x N x d augmented views (.npy) for mak/tailness (optional)")
+    imp.add_argument("--model", metavar="NAME", help="the encoder's name, recorded in meta.json")
+    imp.add_argument("--out", required=True, metavar="STORE", help="the store directory to write")
+    imp.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
+    imp.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mak.data.store import import_store
+
+    out = import_store(args.features, args.out, items=args.items, views=args.views, model=args.model,
+                       overwrite=args.overwrite)
+    print(f"feature store -> {out}")
+    return 0
