@@ -119,7 +119,7 @@ OPTIONS: tuple[opts.Option, ...] = (
     opts.Option("ratio_folds", 5, "cross-fitting folds of the seed-vs-pool classifier (default 5)",
                 opts.integer(2), "F"),
     opts.Option("ratio_hidden", 256, "hidden units of the classifier (default 256)", opts.integer(1), "H"),
-    opts.Option("ratio_epochs", 60, "training epochs of the classifier over seed + pool reference (default 60)",
+    opts.Option("ratio_epochs", 30, "training epochs of the classifier over seed + pool reference (default 30)",
                 opts.integer(1), "E"),
 )
 DEFAULTS: dict[str, Any] = opts.defaults(OPTIONS)
