@@ -231,3 +231,18 @@ def test_stores_no_strategy_can_use_are_one_line_before_any_work(cli, stores, tm
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "o").exists()
+
+
+def test_order_score_sorts_the_same_picks_by_score(cli, stores, tmp_path, capsys):
+    assert cli(*select_args(stores, tmp_path / "pick")) == 0
+    assert cli(*select_args(stores, tmp_path / "score", "--order", "score")) == 0
+    picked = (tmp_path / "pick" / "selection.txt").read_text().splitlines()
+    by_score = (tmp_path / "score" / "selection.txt").read_text().splitlines()
+    assert sorted(picked) == sorted(by_score) and len(by_score) == 10
+    with open(tmp_path / "score" / "scores.csv", newline="") as fh:
+        score = {r["item"]: float(r["score"]) for r in csv.DictReader(fh) if r["selected"] == "1"}
+    assert [score[it] for it in by_score] == sorted(score.values(), reverse=True)
+    assert (tmp_path / "pick" / "scores.csv").read_bytes() == (tmp_path / "score" / "scores.csv").read_bytes()
+    capsys.readouterr()
+    assert cli(*select_args(stores, tmp_path / "r", "--order", "score", "--strategy", "random")) == 2
+    assert "picks without a score" in capsys.readouterr().err and not (tmp_path / "r").exists()

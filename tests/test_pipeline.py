@@ -139,6 +139,20 @@ def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp
         plan_of("pretrain.pool_mix=-3")
 
 
+@pytest.mark.parametrize("extra, evaluates", [([], True), (["retrain.enabled=false"], False),
+                                             (["retrain.enabled=no"], False)])
+def test_a_run_without_evaluation_stops_after_selection(tmp_path, extra, evaluates):
+    from mak.run.pipeline import build_plan
+
+    kinds = {st.name.split("/")[0] for st in build_plan(load_config(None, TINY + extra), tmp_path).stages}
+    assert ({"retrain", "eval"} <= kinds) == evaluates and "select" in kinds
+    user = ["data.seed.split=seed.txt", "data.pool.split=pool.txt", "select.budget=5"]
+    kinds = {st.name.split("/")[0] for st in build_plan(load_config(None, user), tmp_path).stages}
+    assert "retrain" not in kinds and "select" in kinds  # user data without data.eval splits
+    with pytest.raises(MakError, match="retrain.enabled"):
+        load_config(None, TINY + ["retrain.enabled=maybe"])
+
+
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_dry_run_every_config(cli, config, tmp_path, capsys):
     assert cli("run", config, "--dry-run", "--out", tmp_path / "run") == 0
@@ -248,8 +262,9 @@ def test_run_under_torchrun_on_image_folders(tmp_path, monkeypatch, device):
     res = torchrun(2, "run", "--out", tmp_path / "run", *_sets(cfg))
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "run/results.json").read_text())["results"]
-    assert [r["strategy"] for r in results] == ["none", "robust", "mak"]
-    assert json.loads((tmp_path / "run/r0/eval/mak/eval.json").read_text())["skipped"].startswith("no labeled")
+    assert [r["strategy"] for r in results] == ["robust", "mak"]  # no labels: a select-only run
+    assert not (tmp_path / "run/r0/retrain").exists() and not (tmp_path / "run/r0/eval").exists()
+    assert "Nothing to compare" in (tmp_path / "run/report.html").read_text()
     picked = (tmp_path / "run/r0/select/robust/selection.txt").read_text().splitlines()
     assert len(picked) == 15 == len(set(picked))
     shutil.copytree(tmp_path / "run", tmp_path / "one")

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
+    p.add_argument("--order", choices=("pick", "score"), default="pick",
+                   help="selection.txt's order: pick (the strategy's pick order; k-center reaches for the farthest "
+                        "images first, so it is not a ranking) or score (highest score first, for cutting the "
+                        "list) (default pick)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--kcenter", choices=("exact", "two-round"), default="exact",
                    help="k-center over the candidates: exact greedy, or two-round (per-process greedy, then greedy "
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     sel = select_stores(args.seed_store, args.pool_store, args.out, args.budget, strategy=args.strategy,
                         overwrite=args.overwrite, progress=not args.no_progress, pool_items=args.pool_items,
-                        seed_items=args.seed_items, **params_from_args(args))
+                        seed_items=args.seed_items, order=args.order, **params_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     print(f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> {args.out}/selection.txt")

@@ -59,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
         "options": {},          # strategy options, e.g. {gate_quantile: 0.99, tail: ecle}; each goes to the strategies that declare it
     },
     "retrain": {
+        # false, or no labeled evaluation (no benchmark, no data.eval train + test): stop after selection
+        "enabled": True,
         "match": "epochs",      # epochs: same epochs on seed + selection; steps: same optimizer steps
         "epochs": None,         # default: pretrain.epochs
     },
@@ -171,7 +173,7 @@ def _kinds() -> dict[str, Any]:
         "pretrain.channels_last": or_none(switch), "pretrain.workers": or_none(integer(0)),
         "pretrain.pool_mix": or_auto(integer(0)), "pretrain.pool_mix_epochs": or_none(count),
         "embed.views": integer(0), "embed.dtype": choice("float16", "float32"), "embed.batch_size": count,
-        "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),
+        "retrain.enabled": switch, "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),
         "evaluate.shots": count, "evaluate.draws": count, "evaluate.many": count, "evaluate.few": integer(0),
         "evaluate.knn_k": count, "evaluate.batch_size": count,
     }

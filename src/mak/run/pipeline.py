@@ -294,6 +294,9 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
                                [eseed, epool, *([ecle_stage] if ecle_stage is not None else [])], _run_select,
                                ("selection.txt", "summary.json")))
             roles["select"][strategy] = s
+        if not evaluates(config):
+            plan.repeats.append(roles)  # a select-only run: no re-training, no evaluation
+            continue
         epochs = ret["epochs"] if ret["epochs"] is not None else pre["epochs"]
         for strategy in ["none", *sel["strategies"]]:
             src = [roles["select"][strategy]] if strategy != "none" else []
@@ -310,6 +313,14 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
     for st in plan.stages:
         st.plan = plan  # type: ignore[attr-defined]
     return plan
+
+
+def evaluates(config: dict) -> bool:
+    """Whether the run re-trains and evaluates: ``retrain.enabled`` and labeled evaluation data (the
+    benchmark's, or ``data.eval``'s train and test splits). Otherwise it stops after selection."""
+    ev = config["data"]["eval"]
+    labeled = bool(config["data"]["benchmark"]["build"] or (ev.get("train") and ev.get("test")))
+    return bool(config["retrain"]["enabled"]) and labeled
 
 
 def _user_data_fingerprint(data: dict) -> str:
@@ -551,7 +562,9 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
     for name in names:
         per_rep = []
         for roles in plan.repeats:
-            ev = json.loads((roles["eval"][name].path / "eval.json").read_text())
+            if name == "none" and name not in roles["eval"]:
+                break  # a select-only run: no seed-alone baseline
+            ev = json.loads((roles["eval"][name].path / "eval.json").read_text()) if name in roles["eval"] else {}
             an = None
             if name != "none":
                 f = roles["select"][name].path / "analysis.json"
@@ -565,6 +578,8 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
                 "knn_acc": ev.get("knn_acc"), "group_std": ev.get("group_std"),
                 "many": g.get("many"), "medium": g.get("medium"), "few": g.get("few"),
             })
+        if not per_rep:
+            continue
         entry: dict[str, Any] = {"strategy": name}
         single = len(per_rep) == 1
 

@@ -32,6 +32,8 @@ from mak.selection.strategies import NEEDS, STORE_NOTES, Selection, select, stra
 
 
 OUTPUT_FILES = ("selection.txt", "scores.csv", "summary.json")
+ORDERS = ("pick", "score")  # selection.txt: the strategy's pick order, or highest score first
+UNSCORED = ("random", "kcenter")  # strategies that pick without a score
 
 
 def versions() -> dict[str, str]:
@@ -136,16 +138,22 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
                   strategy: str = "mak", overwrite: bool = False, progress: bool = True,
                   dedup: float | None = None, dedup_clusters: int | None = None, kcenter: str = "exact",
                   kcenter_parts: int | None = None, pool_items: str | Path | None = None,
-                  seed_items: str | Path | None = None, **params: Any) -> Selection:
+                  seed_items: str | Path | None = None, order: str = "pick", **params: Any) -> Selection:
     """Run ``strategy`` on feature stores; write ``selection.txt``, ``scores.csv``, ``summary.json``
     (and ``dedup.csv`` with ``dedup``, a cosine threshold) to ``out``. A store is a store directory
     or a plain array (``.npy``/``.npz``), whose items file is ``seed_items``/``pool_items``.
+    ``selection.txt`` lists the picks in the strategy's pick order (k-center's: farthest first, not
+    a ranking), or with ``order="score"`` by score, highest first (ties: pick order).
 
     The same job on one process and under torchrun: rank r scores its contiguous share of the pool
     (:class:`~mak.selection.scale.context.DistributedContext`), one process being a world of size
     1. It initialises the process group under torchrun (gloo on CPU, NCCL with ``device='cuda'``)
     and tears it down again when it started it. ``params`` are :func:`mak.select`'s.
     """
+    if order not in ORDERS:
+        raise MakError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "score" and strategy in UNSCORED:
+        raise MakError(f"--order score: strategy '{strategy}' picks without a score; use --order pick")
     device = params.get("device")
     if is_auto(device):
         device = params["device"] = str(auto_device(device))
@@ -154,7 +162,7 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
             params["device"] = str(D.local_device(device))
         with job_lock(out):  # one writer per --out
             sel = _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
-                           dedup_clusters, kcenter, kcenter_parts, params, (seed_items, pool_items))
+                           dedup_clusters, kcenter, kcenter_parts, params, (seed_items, pool_items), order)
             if D.rank() == 0:
                 remove_debris(out)  # what killed selects of this --out left beside it
             return sel
@@ -162,8 +170,8 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
 
 def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,
              progress: bool, dedup: float | None, dedup_clusters: int | None, kcenter: str,
-             kcenter_parts: int | None, params: dict[str, Any], items: tuple[Any, Any] = (None, None)
-             ) -> Selection:
+             kcenter_parts: int | None, params: dict[str, Any], items: tuple[Any, Any] = (None, None),
+             order: str = "pick") -> Selection:
     """Check, load, drop duplicates, select, write: the job's steps on every rank."""
     kcenter = _check_job(out, overwrite, kcenter, kcenter_parts)
     # the work directory beside --out first: an unwritable --out fails before any work
@@ -186,7 +194,8 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
         if D.rank() == 0:
             _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
                     params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
-                                 kcenter_parts=kcenter_parts), timings, t1, D.world_size(), note=note,
+                                 kcenter_parts=kcenter_parts, order=None if order == "pick" else order),
+                    timings, t1, D.world_size(), note=note,
                     items=items)
     except BaseException:
         if D.rank() == 0:
@@ -196,6 +205,19 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
     sel.indices = np.asarray(picks, dtype=np.int64)
     sel.candidates = cand
     return sel
+
+
+def _score_order(scores_csv: Path, picks: np.ndarray) -> list[int]:
+    """Positions of ``picks`` ordered by their ``score`` in ``scores_csv``, highest first; ties and
+    empty scores keep the pick order (empty last)."""
+    pos_of = {int(p): i for i, p in enumerate(picks)}
+    score = np.full(len(picks), -np.inf)
+    with open(scores_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            i = pos_of.get(int(row["index"]))
+            if i is not None and row["score"]:
+                score[i] = float(row["score"])
+    return sorted(range(len(picks)), key=lambda i: (-score[i], i))
 
 
 def _check_job(out: Path, overwrite: bool, kcenter: str | None, kcenter_parts: int | None) -> str:
@@ -330,6 +352,8 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
     finally:
         if dfh is not None:
             dfh.close()
+    if scaled.get("order") == "score":
+        chosen = [chosen[p] for p in _score_order(tmp / "scores.csv", picks)]
     (tmp / "selection.txt").write_text("".join(f"{it}\n" for it in chosen), encoding="utf-8")
     info = {k: v for k, v in sel.info.items() if not isinstance(v, (int, float, str))}
     counts = {"pool": pool.num_rows, "seed": seed.num_rows if seed is not None else None, "selected": len(picks),

@@ -9,7 +9,7 @@ takeaway cards name the best strategy on a headline figure with its margin over 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from mak.run.report.charts import _legend
 from mak.run.report.format import _esc, _num, _pct
@@ -102,7 +102,8 @@ def _takeaways(ctx: _Context) -> str:
              _card(ctx, rows, base, "Largest Few-class share", cols["few_share"], exclude_none=True, vs_none=False)]
     cards = [c for c in cards if c]
     if not cards:
-        return '<p class="note">No evaluation results to compare.</p>'
+        return ('<p class="note">No evaluation results to compare: nothing was re-trained (a select-only '
+                'run). The picks are below.</p>')
     return '<div class="cards">' + "".join(cards) + "</div>"
 
 
@@ -138,15 +139,21 @@ def _card(ctx: _Context, rows: list[tuple[str, Mapping[str, Any]]], base: Mappin
 
 
 def _table(ctx: _Context) -> str:
-    """The comparison table, a row per results entry, and the legend of its columns."""
+    """The comparison table, a row per results entry, and the legend of its columns (those with a value)."""
     if not ctx.results:
         return '<p class="note">No results.</p>'
-    figs = [[c.get(r) for c in COLUMNS] for r in ctx.results]
-    best = _best_rows(figs)
+    figs_all = [[c.get(r) for c in COLUMNS] for r in ctx.results]
+    keep = [j for j in range(len(COLUMNS)) if any(f[j] is not None for f in figs_all)]
+    if not keep:
+        return ('<p class="note">Nothing to compare: no strategy has a figure (a select-only run on '
+                'unlabeled data). The picks are in the sections below.</p>')
+    cols = [COLUMNS[j] for j in keep]
+    figs = [[f[j] for j in keep] for f in figs_all]
+    best = _best_rows(figs, cols)
     h = ['<div class="tablewrap"><table class="cmp"><thead><tr class="grp"><th></th>']
-    h += [f'<th colspan="{k}" class="g">{_esc(g)}</th>' for g, k in _column_groups()]
+    h += [f'<th colspan="{k}" class="g">{_esc(g)}</th>' for g, k in _column_groups(cols)]
     h.append('</tr><tr><th class="name">Strategy</th>')
-    h += [f'<th title="{c.legend}">{_esc(c.head)}{" &#8595;" if c.lower_better else ""}</th>' for c in COLUMNS]
+    h += [f'<th title="{c.legend}">{_esc(c.head)}{" &#8595;" if c.lower_better else ""}</th>' for c in cols]
     h.append("</tr></thead><tbody>")
     for i, r in enumerate(ctx.results):
         name = str(r.get("strategy", f"#{i}"))
@@ -155,22 +162,22 @@ def _table(ctx: _Context) -> str:
                 if name in ctx.strategies else _esc(label))
         h.append(f'<tr class="{"none" if name == "none" else "s"}"><td class="name">'
                  f'<span class="dot" style="background:{ctx.colors.get(name, NONE_COLOR)}"></span>{link}</td>')
-        for j, c in enumerate(COLUMNS):
-            cls = ' class="best"' if i in best[j] else ""
-            h.append(f"<td{cls}>{_cell_html(figs[i][j])}</td>")
+        for j in range(len(cols)):
+            klass = ' class="best"' if i in best[j] else ""
+            h.append(f"<td{klass}>{_cell_html(figs[i][j])}</td>")
         h.append("</tr>")
     h.append("</tbody></table></div>")
     h.append('<ul class="keys">')
-    h += [f"<li><b>{_esc(c.head)}</b> &mdash; {c.legend}</li>" for c in COLUMNS]
+    h += [f"<li><b>{_esc(c.head)}</b> &mdash; {c.legend}</li>" for c in cols]
     h.append("<li><b>Highlighted</b> &mdash; best value of the column (&#8595; lower is better); "
              "all figures in percent</li></ul>")
     return "".join(h)
 
 
-def _best_rows(figs: list[list[tuple[float, float | None] | None]]) -> list[set[int]]:
-    """Per column, the rows holding its best shown value (none when fewer than two values differ)."""
+def _best_rows(figs: list[list[tuple[float, float | None] | None]], cols: Sequence[_Col]) -> list[set[int]]:
+    """Per column of ``cols``, the rows holding its best shown value (none when fewer than two values differ)."""
     best: list[set[int]] = []
-    for j, c in enumerate(COLUMNS):
+    for j, c in enumerate(cols):
         vals = [(i, round(100 * f[j][0], 1)) for i, f in enumerate(figs) if f[j] is not None]
         distinct = {v for _, v in vals}
         if len(vals) < 2 or len(distinct) < 2:
@@ -181,10 +188,10 @@ def _best_rows(figs: list[list[tuple[float, float | None] | None]]) -> list[set[
     return best
 
 
-def _column_groups() -> list[tuple[str, int]]:
-    """``(group, number of columns)`` of the runs of consecutive ``COLUMNS`` that share a group."""
+def _column_groups(cols: Sequence[_Col]) -> list[tuple[str, int]]:
+    """``(group, number of columns)`` of the runs of consecutive ``cols`` that share a group."""
     groups: list[tuple[str, int]] = []
-    for c in COLUMNS:
+    for c in cols:
         if groups and groups[-1][0] == c.group:
             groups[-1] = (c.group, groups[-1][1] + 1)
         else:
