@@ -246,3 +246,24 @@ def test_order_score_sorts_the_same_picks_by_score(cli, stores, tmp_path, capsys
     capsys.readouterr()
     assert cli(*select_args(stores, tmp_path / "r", "--order", "score", "--strategy", "random")) == 2
     assert "picks without a score" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_robust_scores_csv_says_why_an_image_was_rejected(cli, stores, tmp_path):
+    out = tmp_path / "r"
+    assert cli(*select_args(stores, out, "--strategy", "robust", "--ratio-bags", "1", "--ratio-epochs", "2",
+                            "--ratio-hidden", "8", "--gate-quantile", "0.8")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    thresholds = summary["info"]["gate"]["thresholds"]
+    assert set(thresholds) == {"centroid", "share", "ratio"}
+    with open(out / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    kept = 0
+    for r in rows:
+        passes = {t: r[f"gate_{t}_pass"] == "1" for t in thresholds}
+        assert passes["centroid"] == (float(r["gate_centroid"]) <= thresholds["centroid"])
+        assert passes["share"] == (float(r["gate_share"]) >= thresholds["share"])
+        assert passes["ratio"] == (float(r["gate_ratio"]) >= thresholds["ratio"])
+        kept += all(passes.values())
+        if not all(passes.values()):
+            assert float(r["score"]) == float("-inf")  # rejected: never ranked
+    assert kept == summary["counts"]["gate_kept"] and summary["counts"]["gate_rejected"] == len(rows) - kept > 0

@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, as in `mak run`")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (one line per stage still)")
     p.set_defaults(func=run)
 
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         settings["pretrain.epochs"] = args.epochs
     overrides = [f"{k}={_yaml(v)}" for k, v in settings.items()] + list(args.overrides)
     config = load_config(None, overrides)
-    plan = run_pipeline(config, args.out, dry_run=args.dry_run)
+    plan = run_pipeline(config, args.out, dry_run=args.dry_run, progress=not args.quiet)
     if not args.dry_run:
         print(f"\nOpen the report: {plan.run_dir / 'report.html'}")
     return 0

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--strict", action="store_true",
                    help="refuse a checkpoint whose pre-training did not finish (default: warn)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", "--quiet", "-q", dest="no_progress", action="store_true",
+                   help="hide the progress bar (--quiet, -q: the same)")
     p.set_defaults(func=run)
 
 

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-iter", type=int, default=200, metavar="N", help="L-BFGS iterations of the linear probes (default 200)")
     p.add_argument("--device", default="auto", metavar="DEV", help="device for feature extraction (default auto: CUDA when available)")
     p.add_argument("--batch-size", type=int, default=256, metavar="B", help="feature extraction batch size (default 256)")
-    p.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader workers (default 0)")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers decoding images (default 0)")
     p.set_defaults(func=run)
 
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate_checkpoint(
         args.checkpoint, args.bench, train_split=args.train_split, fewshot_split=args.fewshot_split,
         test_split=args.test_split, seed_split=args.seed_split, root=args.root, out=args.out,
-        device=args.device, batch_size=args.batch_size, num_workers=args.num_workers, shots=args.shots,
+        device=args.device, batch_size=args.batch_size, num_workers=args.workers, shots=args.shots,
         draws=args.draws, seed=args.seed, many=args.many, few=args.few, k=args.k,
         temperature=args.knn_temperature, l2=args.l2, max_iter=args.max_iter, verbose=True,
     )

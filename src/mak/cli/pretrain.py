@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     mix.add_argument("--mix-count", default="auto", metavar="N",
                      help="pool images in the sample (default auto: min(pool, 8 x seed images))")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", "--quiet", "-q", dest="no_progress", action="store_true",
+                   help="hide the progress bar (--quiet, -q: the same)")
     p.set_defaults(func=run)
 
 

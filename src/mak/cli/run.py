@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a config key, e.g. --set select.budget=500 (repeatable)")
     p.add_argument("--repeats", type=int, metavar="N", help="run everything with N seeds and report mean +- std")
     p.add_argument("--dry-run", action="store_true", help="print the stages, what is cached and what would run")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (one line per stage still)")
     p.set_defaults(func=run)
 
 
@@ -32,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"run.repeats={args.repeats}")
     config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / str(config["run"]["name"])
-    run_pipeline(config, out, dry_run=args.dry_run)
+    run_pipeline(config, out, dry_run=args.dry_run, progress=not args.quiet)
     return 0

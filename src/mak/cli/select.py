@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="selection.txt's order: pick (the strategy's pick order; k-center reaches for the farthest "
                         "images first, so it is not a ranking) or score (highest score first, for cutting the "
                         "list) (default pick)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", "--quiet", "-q", dest="no_progress", action="store_true",
+                   help="hide progress bars (--quiet, -q: the same)")
     p.add_argument("--kcenter", choices=("exact", "two-round"), default="exact",
                    help="k-center over the candidates: exact greedy, or two-round (per-process greedy, then greedy "
                         "on the union; radius <= 4x) for huge budgets (default exact)")

@@ -205,6 +205,7 @@ class Plan:
     config: dict
     stages: list[Stage] = field(default_factory=list)
     repeats: list[dict] = field(default_factory=list)  # per repeat: stage handles by role
+    progress: bool = True  # progress bars in the stages (mak run --quiet: none)
 
     def add(self, stage: Stage) -> Stage:
         self.stages.append(stage)
@@ -334,6 +335,10 @@ def _user_data_fingerprint(data: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- stage bodies
+def _progress(stage: Stage) -> bool:
+    return bool(getattr(stage, "plan").progress)
+
+
 def _roles(stage: Stage) -> dict:
     plan: Plan = stage.plan  # type: ignore[attr-defined]
     r = int(stage.name.split("/")[1][1:])
@@ -388,7 +393,7 @@ def _run_pretrain(stage: Stage) -> None:
         if D.rank() == 0:
             write_json(stage.path / "train_set.json", {"seed": len(srcs["seed"]), "pool_rows": len(rows),
                                                        "images": len(src)})
-    pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(),
+    pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(), progress=_progress(stage),
              **_pretrain_kwargs(stage.params, len(src)))
 
 
@@ -416,7 +421,7 @@ def _run_embed(stage: Stage) -> None:
     src = _sources(stage)[p["part"]]
     ckpt = stage.deps[0].path / "checkpoint.pt"  # the seed-only or the pool-aware model
     embed(src, ckpt, stage.path / "store", views=int(p["views"]), seed=p["seed"], dtype=p["dtype"],
-          batch_size=p["batch_size"], device=p["device"], overwrite=True)
+          batch_size=p["batch_size"], device=p["device"], overwrite=True, progress=_progress(stage))
     if D.rank() != 0:  # under torchrun rank 0 has published the one store (embed waits for every shard)
         return
     move_entries(stage.path / "store", stage.path)
@@ -434,7 +439,7 @@ def _run_ecle(stage: Stage) -> None:
     # under torchrun each rank scores its share of the batches; the exact float64 sums add up on rank 0
     acc, terms = ecle_sum(views, temperature=p["temperature"], batch_size=p["ecle_batch_size"],
                           partitions=p["partitions"], seed=p["seed"], device=device,
-                          owner=ecle_batch_owner(pool.num_rows, p["ecle_batch_size"]), progress=D.rank() == 0)
+                          owner=ecle_batch_owner(pool.num_rows, p["ecle_batch_size"]), progress=D.rank() == 0 and _progress(stage))
     acc = D.all_reduce_array(acc, "sum")
     if D.rank() == 0:
         np.save(stage.path / "ecle.npy", (acc / terms).astype(np.float32))
@@ -456,7 +461,7 @@ def _run_select(stage: Stage) -> None:
     if ecle_stage is not None:
         p["ecle_file"] = ecle_stage.path / "ecle.npy"
     select_stores(eseed.path, epool.path, stage.path, int(budget), strategy=strategy,
-                  overwrite=True, progress=True, **p, **options)
+                  overwrite=True, progress=_progress(stage), **p, **options)
     if D.rank() != 0:
         return
     analysis = analyse(stage.path, srcs)
@@ -517,7 +522,7 @@ def _run_retrain(stage: Stage) -> None:
             if (pre.path / name).exists():
                 shutil.copyfile(pre.path / name, stage.path / name)
         return
-    pretrain(source, stage.path, resume=(stage.path / "checkpoint.pt").exists(), **kw)
+    pretrain(source, stage.path, resume=(stage.path / "checkpoint.pt").exists(), progress=_progress(stage), **kw)
 
 
 def _run_eval(stage: Stage) -> None:
@@ -652,11 +657,14 @@ def describe_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: Callable[[str], None] = print) -> Plan:
-    """Execute (or with ``dry_run`` only describe) every stage that is not cached."""
+def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: Callable[[str], None] = print,
+                 progress: bool = True) -> Plan:
+    """Execute (or with ``dry_run`` only describe) every stage that is not cached; ``progress``: the
+    stages' progress bars (the stage lines of ``log`` come either way)."""
     import yaml
 
     plan = build_plan(config, run_dir)
+    plan.progress = progress
     if dry_run:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one plan, not one per rank
             log(describe_plan(plan))

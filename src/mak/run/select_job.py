@@ -111,6 +111,8 @@ def iter_items(store: FeatureStore, lo: int = 0, hi: int | None = None) -> Itera
 def _fmt(a: np.ndarray | None, present: np.ndarray) -> list[str]:
     if a is None:
         return [""] * present.size
+    if a.dtype == bool:
+        return [("1" if v else "0") if ok else "" for v, ok in zip(a, present)]
     vals = np.asarray(a, dtype=np.float64)
     return [repr(float(v)) if ok else "" for v, ok in zip(vals, present)]
 
@@ -128,10 +130,11 @@ def _write_scores_part(path: Path, store: FeatureStore, lo: int, hi: int, cols: 
         for c0 in range(0, hi - lo, chunk):
             c1 = min(hi - lo, c0 + chunk)
             ok = present[c0:c1]
-            e, d, s = (_fmt(None if c is None else c[c0:c1], ok) for c in cols)
+            e, d, s, *extra = (_fmt(None if c is None else c[c0:c1], ok) for c in cols)
             for j in range(c1 - c0):
                 r = int(rank[c0 + j])
-                w.writerow([lo + c0 + j, next(items), e[j], d[j], s[j], 1 if r >= 0 else 0, r if r >= 0 else ""])
+                w.writerow([lo + c0 + j, next(items), e[j], d[j], s[j], 1 if r >= 0 else 0, r if r >= 0 else "",
+                            *(x[j] for x in extra)])
 
 
 def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
@@ -298,14 +301,14 @@ def _write_own_scores(tmp: Path, pool: FeatureStore, sel: Selection, picks: np.n
         present = dd.keep[plo:phi].copy()
         where = np.searchsorted(kept, rows) - slo
     cols = []
-    for a in (sel.ecle, sel.distance, sel.score):
+    for a in (sel.ecle, sel.distance, sel.score, *sel.columns.values()):
         if a is None:
             cols.append(None)
             continue
         a = np.asarray(a)
         if a.shape[0] != shi - slo:
             raise RuntimeError(f"per-image vector of length {a.shape[0]} on rank {me}, expected {shi - slo}")
-        full = np.zeros(rows.size, dtype=np.float64)
+        full = np.zeros(rows.size, dtype=bool if a.dtype == bool else np.float64)
         full[present] = a[where[present]]
         cols.append(full)
     rank_of = np.full(rows.size, -1, dtype=np.int64)
@@ -321,7 +324,8 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
             items: tuple[Any, Any] = (None, None)) -> None:
     """Rank 0: scores.csv from the parts, selection.txt, dedup.csv, summary.json; then publish."""
     with open(tmp / "scores.csv", "wb") as fh:
-        fh.write(b"index,item,ecle,distance,score,selected,pick_rank\r\n")
+        fh.write(",".join(["index", "item", "ecle", "distance", "score", "selected", "pick_rank",
+                           *sel.columns]).encode() + b"\r\n")
         for r in range(w):
             part = tmp / f".scores.part-{r:05d}"
             with open(part, "rb") as src:

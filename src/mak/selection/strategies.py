@@ -44,6 +44,7 @@ class Selection:
     candidates: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # more per-image columns for scores.csv
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])

@@ -330,7 +330,7 @@ def _check_options(out: Path, views: int, dtype: str, batch_size: int, overwrite
     if batch_size < 1:
         raise MakError(f"--batch-size must be positive, got {batch_size}")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
+        raise MakError(f"{out}: already exists (choose another --out, or pass --overwrite)")
 
 
 def _check_finished(info: dict, checkpoint, strict: bool) -> None:
@@ -786,6 +786,6 @@ def _write_items(path: Path, source, a: int, b: int, skipped: dict[int, str]) ->
 def _publish(final: Path, out: Path, overwrite: bool) -> None:
     """Move the finished store in ``final`` to ``out`` all at once (replacing an existing store when allowed)."""
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MakError(f"{out}: already exists (choose another --out, or overwrite)")
+        raise MakError(f"{out}: already exists (choose another --out, or pass --overwrite)")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         move_entries(final, tmp)

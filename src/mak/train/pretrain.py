@@ -364,6 +364,8 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
 
 def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | None, progress: bool) -> Path:
     """Resume or start, then the epoch loop: what :func:`pretrain` does once its directory is locked."""
+    from tqdm.auto import tqdm
+
     from mak.train.models import SimCLRModel
 
     ckpt = _checkpoint_to_resume(run, resume)
@@ -383,15 +385,22 @@ def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | 
         _print_banner(run)
 
     stop_epoch = epochs if stop_after is None else min(epochs, start_epoch + stop_after)
-    for epoch in range(start_epoch, stop_epoch):
-        mean_loss, elapsed = _train_epoch(run, trainer, data.batches(epoch), epoch, progress)
-        trainer.log_rows.append({"epoch": epoch + 1, "loss": mean_loss,
-                                 "lr": float(trainer.scheduler.get_last_lr()[0]),
-                                 "images_per_s": run.steps_per_epoch * run.batch_size / max(elapsed, 1e-9)})
-        if run.main_proc:
-            _write_outputs(run, trainer, epoch + 1)
-        D.barrier()
+    bar = tqdm(total=(stop_epoch - start_epoch) * run.steps_per_epoch, desc="pretrain", unit="step",
+               disable=not (progress and run.main_proc), file=sys.stderr, dynamic_ncols=True)
+    with bar:  # one bar for the run; its postfix names the epoch
+        for epoch in range(start_epoch, stop_epoch):
+            _epoch_and_outputs(run, trainer, data, epoch, bar)
     return run.ckpt_path
+
+
+def _epoch_and_outputs(run: "_Run", trainer: "_Trainer", data: "_EpochData", epoch: int, bar: Any) -> None:
+    """One epoch, its log row and (rank 0) its checkpoint and log.csv."""
+    mean_loss, elapsed = _train_epoch(run, trainer, data.batches(epoch), epoch, bar)
+    trainer.log_rows.append({"epoch": epoch + 1, "loss": mean_loss, "lr": float(trainer.scheduler.get_last_lr()[0]),
+                             "images_per_s": run.steps_per_epoch * run.batch_size / max(elapsed, 1e-9)})
+    if run.main_proc:
+        _write_outputs(run, trainer, epoch + 1)
+    D.barrier()
 
 
 # ---- setup: the run's settings, resumption, seed images, model and optimizer ---------------
@@ -612,12 +621,8 @@ def _print_banner(run: _Run) -> None:
 
 # ---- the epoch and the step -----------------------------------------------------------------
 
-def _train_epoch(run: _Run, trainer: _Trainer, batches: Iterable, epoch: int, progress: bool) -> tuple[float, float]:
-    """One pass over ``batches``; returns the mean loss and the seconds it took."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", unit="step",
-               disable=not (progress and run.main_proc), leave=True, file=sys.stderr, dynamic_ncols=True)
+def _train_epoch(run: _Run, trainer: _Trainer, batches: Iterable, epoch: int, bar: Any) -> tuple[float, float]:
+    """One pass over ``batches``, advancing the run's progress ``bar``; returns the mean loss and the seconds."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.dev)
     t0 = time.perf_counter()
     t_last, step_last = t0, 0
@@ -630,12 +635,12 @@ def _train_epoch(run: _Run, trainer: _Trainer, batches: Iterable, epoch: int, pr
         now = time.perf_counter()
         if now - t_last > 0.5 or step + 1 == run.steps_per_epoch:
             ips = (step + 1 - step_last) * run.batch_size / max(now - t_last, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}", refresh=False)
+            bar.set_postfix(epoch=f"{epoch + 1}/{run.epochs}", loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}",
+                            refresh=False)
             t_last, step_last = now, step + 1
     if run.dev.type == "cuda":
         torch.cuda.synchronize(run.dev)
     elapsed = time.perf_counter() - t0
-    bar.close()
     return float(loss_sum.item()) / max(1, run.steps_per_epoch), elapsed
 
 

@@ -43,10 +43,14 @@ whose ``meta.json`` names a seed-only model, :func:`seed_model_note` resolves
    centers picks the budget. Fewer gated images than the budget: all of them, best first, then the
    rejected ones with the lowest gate score; ``gate_filled`` and ``note`` in the info say so.
 
+Columns (-> scores.csv): ``gate_TERM`` (the term's value: centroid distance, seed share or
+classifier logit) and ``gate_TERM_pass`` (1 when it passes that term) for each gate term.
+
 ``gate="off", tail="ecle", fusion="z"`` reproduces ``mak`` exactly: same scores, candidates, indices.
 
 Info (-> summary.json): ``gate_rejected``, ``gate_kept``, ``gate_filled``, ``gate`` (score,
-threshold, quantile, parameters, ``term`` (the primary term), and ``histogram``: shared ``edges`` with the counts of the
+threshold, quantile, parameters, ``term`` (the primary term), ``thresholds`` (each term's, in its own
+units: distance, share, logit), and ``histogram``: shared ``edges`` with the counts of the
 held-out seed scores ``seed_heldout`` and of the pool's ``pool``), ``robust`` (effective settings).
 
 Distributed contexts: the strategy calls only context methods for operations over the whole pool
@@ -148,6 +152,7 @@ class RobustRun:
             self.opt["gate_quantile"] = auto_gate_quantile(m)
         self.distance = ctx.distance()
         self.info: dict[str, Any] = {"robust": dict(self.opt)}
+        self.columns: dict[str, np.ndarray] = {}  # scores.csv: each gate term's value and pass
 
     @cached_property
     def reference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -245,16 +250,22 @@ class RobustRun:
         terms = self.opt["gate_score"].split("+")
         primary = "centroid" if "centroid" in terms else terms[0]
         mask = None
+        thresholds = {}
         for term in terms:
             value, thr, held_t, params_t = self.gate_term(term)
             mask = value <= thr if mask is None else mask & (value <= thr)
+            sign = 1.0 if term == "centroid" else -1.0  # share and ratio are kept above their thresholds
+            self.columns[f"gate_{term}"] = sign * np.asarray(value, dtype=np.float64)
+            self.columns[f"gate_{term}_pass"] = np.asarray(value <= thr)
+            thresholds[term] = sign * float(thr)
             if term == primary:
                 gate_value, threshold, held, params = value, thr, held_t, params_t
         n_gated = self.o.count(mask)
         self.ctx.timings["gate"] = time.perf_counter() - t
         rejected = self.ctx.pool_size - n_gated
         self.info.update(gate_rejected=rejected, gate_kept=n_gated)
-        self.info["gate"] = {"score": self.opt["gate_score"], "term": primary, "threshold": threshold,
+        self.info["gate"] = {"score": self.opt["gate_score"], "term": primary, "thresholds": thresholds,
+                             "threshold": threshold,
                              "quantile": self.opt["gate_quantile"], **params, "rejected": rejected, "kept": n_gated,
                              "histogram": _histograms(self.o, held, gate_value, threshold)}
         return mask, n_gated, gate_value
@@ -297,7 +308,7 @@ class RobustRun:
                 self.info["gate_filled"] = 0
         ecle = ctx.ecle() if self.opt["tail"] == "ecle" else None
         return Selection(np.asarray(picks, dtype=np.int64), "robust", ecle=ecle, distance=self.distance, score=score,
-                         candidates=np.asarray(cand, dtype=np.int64), info=self.info)
+                         candidates=np.asarray(cand, dtype=np.int64), info=self.info, columns=self.columns)
 
 
 SEED_MODEL_GATE_QUANTILE = 0.98
