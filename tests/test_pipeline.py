@@ -342,3 +342,22 @@ def test_benchmark_ood_ratio_is_keyed_only_when_set(tmp_path):
     for bad in ("-2", "x", "true"):
         with pytest.raises(MakError, match="data.benchmark.ood_ratio must be a number >= 0"):
             load_config(None, [*base, f"data.benchmark.ood_ratio={bad}"])
+
+
+def test_one_set_of_training_defaults():
+    """mak run's config, mak pretrain's and mak embed's flags and the API share their defaults."""
+    import inspect
+
+    from mak.cli import build_parser
+    from mak.train.embed import embed
+    from mak.train.pretrain import pretrain
+
+    cfg = load_config(None, ["data.benchmark.build=true"])
+    sig = inspect.signature(pretrain).parameters
+    assert cfg["pretrain"]["epochs"] == sig["epochs"].default == 100
+    assert cfg["pretrain"]["lr"] == sig["base_lr"].default == 0.5
+    pre = build_parser("pretrain").parse_args(["pretrain", "--split", "s.txt", "--out", "o"])
+    assert (pre.epochs, pre.lr) == (100, 0.5)
+    emb = build_parser("embed").parse_args(["embed", "--split", "s.txt", "--checkpoint", "c", "--out", "o"])
+    assert emb.batch_size == cfg["embed"]["batch_size"] == cfg["evaluate"]["batch_size"] == \
+        inspect.signature(embed).parameters["batch_size"].default

@@ -8,6 +8,7 @@ HELP = "write a feature store (features, augmented views) from a checkpoint"  # 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.data.sources import add_source_args
+    from mak.train.embed import DEFAULT_BATCH_SIZE
 
     p = sub.add_parser(
         "embed", help=HELP,
@@ -21,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="augmented views per image for views.npy; 0 for none (default 10)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="augmentation seed: same seed, same store (default 0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision (default float16)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass (default 256)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
+                   help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)")

@@ -7,6 +7,8 @@ HELP = "evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mak.train.embed import DEFAULT_BATCH_SIZE
+
     p = sub.add_parser(
         "evaluate", help=HELP,
         description="Compute the checkpoint's backbone features (no augmentation) on labeled splits and report "
@@ -35,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--l2", type=float, default=1e-3, metavar="L", help="L2 penalty of the linear probes (default 1e-3)")
     p.add_argument("--max-iter", type=int, default=200, metavar="N", help="L-BFGS iterations of the linear probes (default 200)")
     p.add_argument("--device", default="auto", metavar="DEV", help="device for feature extraction (default auto: CUDA when available)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="feature extraction batch size (default 256)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
+                   help=f"feature extraction batch size (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers decoding images (default 0)")
     p.set_defaults(func=run)
 

@@ -1,7 +1,7 @@
 """Run configurations for ``mak run``: defaults, YAML files and ``--set`` overrides.
 
 A config is a nested mapping of sections (``run``, ``data``, ``pretrain``, ``embed``, ``select``,
-``retrain``, ``evaluate``, ``report``). Every key a user sets must exist in :data:`DEFAULTS`: an
+``retrain``, ``evaluate``). Every key a user sets must exist in :data:`DEFAULTS`: an
 unknown key is an error that names it, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 from mak.errors import MakError
 from mak.selection.strategies import SELECT_OPTIONS  # the select section's defaults and checks
+from mak.train.embed import DEFAULT_BATCH_SIZE as EMBED_BATCH_SIZE
+from mak.train.pretrain import DEFAULT_BASE_LR, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
 
 DEFAULTS: dict[str, Any] = {
     "run": {
@@ -33,9 +35,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "pretrain": {
         "backbone": None,       # default: the small convnet for <= 64 px, else ResNet
-        "epochs": 20,
-        "batch_size": 256,
-        "lr": 0.5,              # base lr; lr = base * batch / 256
+        "epochs": DEFAULT_EPOCHS,  # 100; the defaults' sources: mak.train.pretrain
+        "batch_size": DEFAULT_BATCH_SIZE,
+        "lr": DEFAULT_BASE_LR,     # base lr 0.5; lr = base * batch / 256
         "warmup_epochs": None,
         "image_size": None,
         "amp": None,
@@ -49,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "embed": {
         "views": 10,
         "dtype": "float16",
-        "batch_size": 512,
+        "batch_size": EMBED_BATCH_SIZE,
     },
     "select": {
         "strategies": ["robust", "mak", "random"],
@@ -70,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "many": 300,
         "few": 30,
         "knn_k": 20,
-        "batch_size": 512,
+        "batch_size": EMBED_BATCH_SIZE,
     },
 }
 

@@ -67,12 +67,14 @@ COPY_ROWS = 65536
 
 
 
+DEFAULT_BATCH_SIZE = 256  # images per forward pass of `mak embed`, `mak evaluate` and `mak run`'s embed stage
+
 def model_trained_on(config: dict) -> dict:
     """What the checkpoint's model was trained on: images, and pool rows mixed in (0: the seed alone)."""
     src = config.get("source") or {}
     return {"images": config.get("num_images"), "pool_rows": int(src.get("pool_rows", 0) or 0)}
 
-def compute_features(model, source, image_size: int, channels: int, batch_size: int = 256,
+def compute_features(model, source, image_size: int, channels: int, batch_size: int = DEFAULT_BATCH_SIZE,
                      device: str | torch.device = "cpu", num_workers: int = 0) -> np.ndarray:
     """Backbone features of every image of ``source`` without augmentation: float32 N x D.
 
@@ -219,7 +221,7 @@ class _Progress:
 
 
 def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: int = 10, seed: int = 0,
-          dtype: str = "float16", batch_size: int = 256, device: str | torch.device = "cpu",
+          dtype: str = "float16", batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device = "cpu",
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
           flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False) -> Path:

@@ -76,9 +76,13 @@ WEIGHT_DECAY = 1e-4
 #: Decoded seed sets up to this size (bytes, uint8) are kept in memory for the whole run.
 CACHE_BYTES = 1 << 30
 
+# One set of defaults for `mak pretrain`, `mak run` (pretrain.*, retrain.*) and the Python API:
+# base lr 0.5 (lr = 0.5 x batch / 256, the rate of MAK's reference SimCLR runs and of every figure in
+# docs/results.md); 100 epochs, enough for a seed of a few thousand images on a CPU (the paper's
+# ImageNet-100-LT runs use 1,000: configs/imagenet100lt-*.yaml; the benchmark 30: configs/openworld.yaml).
 DEFAULT_EPOCHS = 100
 DEFAULT_BATCH_SIZE = 256
-DEFAULT_BASE_LR = 0.3
+DEFAULT_BASE_LR = 0.5
 
 
 # ------------------------------------------------------------------------------------------
