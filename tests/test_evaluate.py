@@ -134,6 +134,11 @@ def test_fewshot_probe_draws():
     assert r["mean"] == pytest.approx(np.mean(r["accs"]))
     assert r == fewshot_probe(px, py, qx, qy, shots=3, draws=5, seed=0)  # deterministic
     assert r["accs"] != fewshot_probe(px, py, qx, qy, shots=3, draws=5, seed=1)["accs"]
+    # shots=None: the few-shot split as given, one fit on all of it (a fixed split such as MAK's 1%)
+    whole = fewshot_probe(px, py, qx, qy, shots=None, draws=5)
+    assert whole["accs"] == [linear_probe(px, py, qx, qy).accuracy] and whole["std"] == 0.0
+    with pytest.raises(MakError, match="shots >= 1"):
+        fewshot_probe(px, py, qx, qy, shots=0)
 
 
 def test_evaluate_features_and_table():

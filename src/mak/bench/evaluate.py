@@ -323,7 +323,7 @@ def fewshot_probe(
     pool_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
-    shots: int = 10,
+    shots: int | None = 10,
     draws: int = 5,
     seed: int = 0,
     *,
@@ -331,6 +331,9 @@ def fewshot_probe(
     max_iter: int = DEFAULT_MAX_ITER,
 ) -> dict[str, Any]:
     """Few-shot linear probe: ``draws`` times, fit on ``shots`` labeled items per class of the pool.
+
+    ``shots=None``: the few-shot pool as given is the training set (a fixed split such as MAK's
+    1% ImageNet-100 split), fitted once.
 
     Draw ``d`` uses ``numpy.random.default_rng([seed, d])``; a class with fewer than ``shots``
     items contributes all of them. Returns ``mean`` and ``std`` (population, ddof 0) of the
@@ -341,13 +344,13 @@ def fewshot_probe(
     py = _labels(pool_y, px.shape[0], "few-shot pool labels")
     qx = _features(test_x, "test features")
     qy = _labels(test_y, qx.shape[0], "test labels")
-    if shots < 1 or draws < 1:
-        raise MakError("few-shot probe needs shots >= 1 and draws >= 1")
+    if (shots is not None and shots < 1) or draws < 1:
+        raise MakError("few-shot probe needs shots >= 1 (or None: the split as given) and draws >= 1")
     classes = np.unique(qy)
     accs, per_class = [], []
-    for d in range(int(draws)):
+    for d in range(int(draws) if shots is not None else 1):
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, d])
-        pick = fewshot_draw(py, int(shots), rng)
+        pick = fewshot_draw(py, int(shots), rng) if shots is not None else np.arange(len(py))
         res = linear_probe(px[pick], py[pick], qx, qy, l2=l2, max_iter=max_iter)
         accs.append(res.accuracy)
         pc = per_class_accuracy(qy, res.predictions, classes)
@@ -377,7 +380,7 @@ def evaluate_features(
     groups: Mapping[str, Iterable[int]] | None = None,
     many: float = DEFAULT_MANY,
     few: float = DEFAULT_FEW,
-    shots: int = 10,
+    shots: int | None = 10,
     draws: int = 5,
     seed: int = 0,
     k: int = DEFAULT_K,
@@ -462,7 +465,8 @@ def evaluate_features(
             ((int(c), int(n)) for c, n in seed_counts.items()))},
         "n": {"train": int(len(ty)), "fewshot_pool": int(len(fy)), "test": int(len(qy)), "dim": int(tx.shape[1])},
         "settings": {
-            "shots": int(shots), "draws": int(draws), "seed": int(seed), "k": int(k),
+            "shots": None if shots is None else int(shots), "draws": int(draws) if shots is not None else 1,
+            "seed": int(seed), "k": int(k),
             "temperature": float(temperature), "l2": float(l2), "max_iter": int(max_iter),
             "many": float(many), "few": float(few),
         },
@@ -551,7 +555,7 @@ def evaluate_checkpoint(
     device: str = "cpu",
     batch_size: int = 256,
     num_workers: int = 0,
-    shots: int = 10,
+    shots: int | None = 10,
     draws: int = 5,
     seed: int = 0,
     many: float | None = None,

@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
         "epochs": None,         # default: pretrain.epochs
     },
     "evaluate": {
-        "shots": 10,
+        "shots": 10,            # labeled images per class drawn from the few-shot split; null: the split as given
         "draws": 5,
         "many": 300,
         "few": 30,
@@ -176,7 +176,7 @@ def _kinds() -> dict[str, Any]:
         "pretrain.pool_mix": or_auto(integer(0)), "pretrain.pool_mix_epochs": or_none(count),
         "embed.views": integer(0), "embed.dtype": choice("float16", "float32"), "embed.batch_size": count,
         "retrain.enabled": switch, "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),
-        "evaluate.shots": count, "evaluate.draws": count, "evaluate.many": count, "evaluate.few": integer(0),
+        "evaluate.shots": or_none(count), "evaluate.draws": count, "evaluate.many": count, "evaluate.few": integer(0),
         "evaluate.knn_k": count, "evaluate.batch_size": count,
     }
 
