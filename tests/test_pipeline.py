@@ -180,8 +180,16 @@ def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys):
     assert results[0]["ood_rate"] is None and 0.0 <= results[1]["ood_rate"] <= 1.0
     assert (run_dir / "report.html").is_file()
 
+    # debris of killed runs beside cached and re-run stages alike: removed by the next run (it holds the lock)
+    debris = [run_dir / "r0" / ".bench.1234.tmp", run_dir / "r0" / "select" / ".mak.99.tmp",
+              run_dir / "r0" / "retrain" / ".none.7.old"]
+    debris[0].mkdir()
+    (debris[0] / "seed.txt").write_text("half a benchmark")
+    debris[1].write_text("half a selection")
+    debris[2].mkdir()
     again = run_pipeline(load_config(None, TINY), run_dir)
     assert ran(again) == set()
+    assert not any(d.exists() for d in debris)
 
     report_before = (run_dir / "report.html").stat().st_mtime_ns
     changed = run_pipeline(load_config(None, TINY + ["select.budget=20"]), run_dir)

@@ -127,6 +127,13 @@ def test_pretrain_loss_falls_and_resume_is_bit_identical(seed_array, tmp_path):
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
     assert a["log"][1]["loss"] == b["log"][1]["loss"]
+    # a kill between the last checkpoint and its log.csv: the resume that finds the run finished
+    # brings log.csv in line with the checkpoint
+    (tmp_path / "split" / "log.csv").write_text("epoch,loss,lr,images_per_s\n1,9.0,0.1,1.0\n")
+    pretrain(src, tmp_path / "split", resume=True, **kw)
+    rows = _read_log(tmp_path / "split" / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [float(r["loss"]) for r in rows] == [float(f"{r['loss']:.6f}") for r in b["log"]]
     import zipfile  # records are named after no temporary file: the same names in every checkpoint
 
     assert {n.split("/")[0] for n in zipfile.ZipFile(full).namelist()} == {"archive"}

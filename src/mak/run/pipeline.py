@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mak import distributed as D
-from mak.atomic import move_entries, write_json, write_text
+from mak.atomic import atomic_path, move_entries, remove_debris, write_json, write_text
 from mak._tensor import auto_device, is_auto
 from mak.data.sources import CombinedSource, pool_mix_rows
 from mak.errors import MakError
@@ -520,7 +520,8 @@ def _run_retrain(stage: Stage) -> None:
         # The seed-alone run is the pre-training run itself (same data, seed and schedule): reuse it.
         for name in ("checkpoint.pt", "log.csv") if main else ():
             if (pre.path / name).exists():
-                shutil.copyfile(pre.path / name, stage.path / name)
+                with atomic_path(stage.path / name) as tmp:
+                    shutil.copyfile(pre.path / name, tmp)
         return
     pretrain(source, stage.path, resume=(stage.path / "checkpoint.pt").exists(), progress=_progress(stage), **kw)
 
@@ -674,6 +675,8 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
         main = D.rank() == 0  # one run per directory: a second one stops at the lock, naming this one
         if main:
             plan.run_dir.mkdir(parents=True, exist_ok=True)
+            for st in plan.stages:  # what killed runs of this directory left beside its stages
+                remove_debris(st.path)
             write_text(plan.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         todo = D.broadcast_object([not st.cached() for st in plan.stages] if main else None)
         for st, pending in zip(plan.stages, todo):

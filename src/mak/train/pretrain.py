@@ -374,6 +374,8 @@ def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | 
 
     ckpt = _checkpoint_to_resume(run, resume)
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
+    if ckpt is not None and run.main_proc:  # a kill between the checkpoint and its log.csv: the log catches up
+        _write_log(run.log_path, [dict(r) for r in ckpt.get("log", [])])
     if start_epoch >= epochs:
         if run.main_proc and progress:
             print(f"mak pretrain: {run.ckpt_path} has already finished {start_epoch} epochs", file=sys.stderr)
