@@ -282,3 +282,25 @@ def test_report_of_a_real_robust_selection(fake_run: dict, tmp_path: Path) -> No
     assert f"gate {gate['threshold']:.3g}" in chart and "distance to the nearest seed centroid" in chart
     assert f"selection took {summary['timings_s']['total']:.1f}s" in text
     assert summary["timings_s"]["total"] < sum(summary["timings_s"].values())  # the sum would overstate it
+
+
+def _entry(name: str, few: float, std: float | None) -> dict:
+    v = few if std is None else {"mean": few, "std": std}
+    return {"strategy": name, "ood_rate": None, "few_share": None, "fullshot_acc": v, "fewshot_acc": v,
+            "knn_acc": v, "group_acc": {"many": v, "medium": v, "few": v}, "group_std": None}
+
+
+def _cards(text: str) -> str:
+    return text[:text.index("</header>")]
+
+
+@pytest.mark.parametrize("runs, winner", [
+    ([("none", 0.50, None), ("robust", 0.60, None)], False),           # one run: no winner, say so
+    ([("none", 0.50, 0.08), ("robust", 0.55, 0.06)], False),           # repeats, lead within the spread
+    ([("none", 0.50, 0.01), ("robust", 0.60, 0.02)], True),            # repeats, lead beyond the spread
+])
+def test_headline_cards_name_a_winner_only_beyond_the_spread(fake_run, runs, winner):
+    cards = _cards(_write(fake_run, results=[_entry(*r) for r in runs]))
+    assert ("Best Few-group accuracy" in cards) == winner
+    assert ("Single run" in cards) == (runs[0][2] is None)
+    assert ("No strategy leads" in cards) == (not winner and runs[0][2] is not None)

@@ -101,10 +101,27 @@ def _takeaways(ctx: _Context) -> str:
              _card(ctx, rows, base, "Lowest out-of-domain rate", cols["ood"], exclude_none=True, vs_none=False),
              _card(ctx, rows, base, "Largest Few-class share", cols["few_share"], exclude_none=True, vs_none=False)]
     cards = [c for c in cards if c]
+    single = any(col.get(r) is not None and col.get(r)[1] is None for _, r in rows for col in
+                 (cols["few"], cols["all"], cols["fullshot"], cols["knn"]))
+    if single:
+        cards.insert(0, '<div class="card"><div class="k">Single run</div><div class="v"><span>no accuracy '
+                        'winner</span></div><div class="d">one run cannot tell its differences from noise: '
+                        "run with --repeats 3 to rank those beyond the seed-to-seed spread</div></div>")
+    if not cards and any(col.get(r) is not None for _, r in rows for col in COLUMNS):
+        return '<p class="note">No strategy leads another by more than the spread of the repeats.</p>'
     if not cards:
         return ('<p class="note">No evaluation results to compare: nothing was re-trained (a select-only '
                 'run). The picks are below.</p>')
     return '<div class="cards">' + "".join(cards) + "</div>"
+
+
+def _beyond_spread(vals: list[tuple[str, tuple[float, float | None]]], best: str, col: _Col) -> bool:
+    """Whether ``best`` leads every other entry by more than the larger std of the two."""
+    m, s = dict(vals)[best]
+    for n, (m2, s2) in vals:
+        if n != best and abs(m - m2) <= max(s or 0.0, s2 or 0.0):
+            return False
+    return True
 
 
 def _card(ctx: _Context, rows: list[tuple[str, Mapping[str, Any]]], base: Mapping[str, Any] | None, label: str,
@@ -122,6 +139,8 @@ def _card(ctx: _Context, rows: list[tuple[str, Mapping[str, Any]]], base: Mappin
     tied.sort(key=lambda t: t[0] == "none")  # on a tie, name a strategy before the seed alone
     n, (m, s) = tied[0]
     unit = " pts" if col.key == "group_std" else "%"
+    if vs_none and (s is None or not _beyond_spread(vals, n, col)):
+        return ""  # a single run, or a lead within the spread of the repeats: no winner to name
     detail = ""
     if len(tied) > 1:
         detail = "tied with " + ", ".join(_esc(t[0]) for t in tied[1:4]) + ("&hellip;" if len(tied) > 4 else "")
