@@ -290,3 +290,35 @@ def test_ddp_pretrain_two_processes_matches_one(tmp_path, precision):
         if v.is_floating_point() and "running" not in k:
             step_one, step_ddp = (v - w0[k]).double(), (ddp["model"][k] - w0[k]).double()
             assert (step_ddp - step_one).norm() <= 4 * layers * BF16_STEP * step_one.norm(), k
+
+
+def test_pretrain_starts_from_pretrained_backbone_weights(seed_array, tmp_path):
+    """--weights: the backbone starts from a saved state dict (prefixes stripped, head and classifier
+    tensors left out); lr 0 keeps it exactly; the hash keys the run; bad files are one-line errors."""
+    from mak.train.pretrain import pretrain
+
+    src = array_source(seed_array)
+    kw = dict(epochs=1, batch_size=32, seed=5, num_workers=0, progress=False)
+    donor = _state(pretrain(src, tmp_path / "donor", base_lr=1.0, **kw))["model"]
+    weights = {f"module.{k}": v for k, v in donor.items()}  # as a DDP-wrapped model saves them
+    weights["classifier.weight"] = torch.zeros(3, 3)
+    torch.save(weights, tmp_path / "w.pt")
+    got = _state(pretrain(src, tmp_path / "init", base_lr=0.0, weights=tmp_path / "w.pt", **kw))
+    for k, v in donor.items():
+        if k.startswith("backbone.") and "running" not in k and "num_batches" not in k:
+            assert torch.equal(got["model"][k], v), k
+    loaded = got["config"]["init_weights_loaded"]
+    assert loaded["unused"] >= 1 and loaded["loaded"] > 0 and len(got["config"]["init_weights"]) == 64
+    with pytest.raises(MakError, match="resume"):  # another weights file is another run
+        torch.save({"backbone." + k: v for k, v in donor.items() if k.startswith("backbone.")}, tmp_path / "v.pt")
+        pretrain(src, tmp_path / "init", base_lr=0.0, weights=tmp_path / "v.pt", resume=True, **{**kw, "epochs": 2})
+    torch.save({"something.else": torch.zeros(2)}, tmp_path / "bad.pt")
+    with pytest.raises(MakError, match="none of its 1 tensors"):
+        pretrain(src, tmp_path / "bad", weights=tmp_path / "bad.pt", **kw)
+    first = next(k for k in donor if k.startswith("backbone.") and donor[k].ndim == 4)
+    torch.save({first: torch.zeros(1, 1, 1, 1)}, tmp_path / "shape.pt")
+    with pytest.raises(MakError, match="has shape"):
+        pretrain(src, tmp_path / "shape", weights=tmp_path / "shape.pt", **kw)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MakError, match="unreadable weights"):
+        pretrain(src, tmp_path / "junk", weights=tmp_path / "junk.pt", **kw)

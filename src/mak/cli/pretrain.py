@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-epochs", type=int, default=None, metavar="W",
                    help="epochs of linear lr warm-up before the cosine decay (default: min(10, epochs/10))")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed: same seed, same weights (default 0)")
+    p.add_argument("--weights", metavar="FILE", help="start from pretrained backbone weights: .safetensors or a "
+                   "torch state dict (read with weights_only; 'module.'/'backbone.' prefixes are stripped)")
     p.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="working image size in pixels (default: the images' typical size)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                     base_lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed,
                     image_size=args.image_size, channels=args.channels, device=args.device,
                     amp=args.amp, channels_last=False if args.no_channels_last else None,
-                    resume=args.resume, num_workers=args.workers, progress=not args.no_progress)
+                    resume=args.resume, num_workers=args.workers, progress=not args.no_progress,
+                    weights=args.weights)
     if D.rank() == 0:
         print(f"checkpoint -> {ckpt}", file=sys.stdout)
     D.cleanup()

@@ -24,8 +24,11 @@ under ``torch.autocast``. Initialisation uses only torch's global generator, so
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
-from typing import Callable
+import os
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -293,6 +296,60 @@ def build_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
             return _timm_backbone(name, arch, channels)
     raise MakError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)}, "
                    "torchvision:NAME or timm:NAME)")
+
+
+WEIGHT_PREFIXES = ("module.", "backbone.", "model.", "encoder.")  # stripped until a key is the backbone's
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``: safetensors, or a ``torch.save`` file read with ``weights_only``
+    (a dict of tensors, or one holding it under ``state_dict`` or ``model``, as mak's checkpoints do)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MakError(f"{p}: weights file not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise MakError(f"{p}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+    except Exception as exc:
+        raise MakError(f"{p}: unreadable weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MakError(f"{p}: expected a state dict (names -> tensors)")
+    return state
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load the tensors of ``path`` that name ``backbone``'s (after stripping :data:`WEIGHT_PREFIXES`).
+
+    Tensors the backbone lacks (a classifier, a projection head) are left out and counted; a shape
+    mismatch or no match at all is a :class:`MakError`. Returns what was loaded, for the record.
+    """
+    state, own = read_weights(path), backbone.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key
+        while name not in own and name.startswith(WEIGHT_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in own:
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise MakError(f"{path}: {key} has shape {tuple(value.shape)}, the backbone's {name} "
+                               f"{tuple(own[name].shape)} (another architecture or input channels?)")
+            mapped[name] = value
+    if not mapped:
+        raise MakError(f"{path}: none of its {len(state)} tensors is one of the backbone's "
+                       f"(its first: {', '.join(list(state)[:3])}; the backbone's: {', '.join(list(own)[:3])})")
+    backbone.load_state_dict(mapped, strict=False)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"file": str(path), "sha256": digest, "loaded": len(mapped), "missing": len(own) - len(mapped),
+            "unused": len(state) - len(mapped)}
 
 
 def default_backbone(image_size: int) -> str:

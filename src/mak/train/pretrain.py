@@ -190,7 +190,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
     (``backbone``, ``image_size``, ``channels``, ``feat_dim`` ...) plus ``checkpoint``: the sha256
     of the bytes loaded, the epochs completed and whether the pre-training finished.
     """
-    from mak.train.models import SimCLRModel
+    from mak.train.models import SimCLRModel, load_backbone_weights
 
     ckpt = read_checkpoint(checkpoint)
     cfg = dict(ckpt["config"])
@@ -321,7 +321,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 _RESUME_KEYS = ("backbone", "image_size", "channels", "epochs", "batch_size", "base_lr",
-                "warmup_epochs", "seed", "num_images")
+                "warmup_epochs", "seed", "num_images", "init_weights")
 
 
 def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, epochs: int = DEFAULT_EPOCHS,
@@ -329,7 +329,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
              seed: int = 0, image_size: int | None = None, channels: int | None = None,
              device: str | torch.device = "cpu", amp: bool | None = None, channels_last: bool | None = None,
              resume: bool = False, num_workers: int | None = None, progress: bool = True, *,
-             stop_after: int | None = None) -> Path:
+             stop_after: int | None = None, weights: str | os.PathLike | None = None) -> Path:
     """Pre-train SimCLR on ``source`` (a :class:`mak.data.sources.ImageSource`); return the checkpoint path.
 
     Parameters
@@ -348,6 +348,9 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         an existing checkpoint in ``out_dir`` is an error.
     num_workers: DataLoader workers for decoding (default :func:`default_num_workers`).
     stop_after: stop after this many epochs *in this call* (the checkpoint allows ``resume``).
+    weights: pretrained backbone weights to start from (safetensors or a state dict, read with
+        ``weights_only``; :func:`mak.train.models.load_backbone_weights`); the checkpoint records
+        the file and its hash, and a resume must name the same file.
 
     Raises :class:`MakError` for unreadable seed images (before training), a batch larger than
     the seed set, or a checkpoint that does not match the requested run.
@@ -358,6 +361,11 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         raise MakError(f"--epochs must be >= 1, got {epochs}")
     run = _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed,
                      image_size, channels, device, amp, channels_last, num_workers)
+    run.weights = weights
+    if weights is not None:  # the weights' hash keys the run (a resume must start from the same ones)
+        if not Path(weights).is_file():
+            raise MakError(f"{weights}: weights file not found")
+        run.config["init_weights"] = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
     with job_lock(run.out_dir):  # one writer per checkpoint directory
         path = _train(run, resume, epochs, seed, stop_after, progress)
         if run.main_proc:  # temporaries of killed writes of this directory's files
@@ -370,7 +378,7 @@ def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | 
     """Resume or start, then the epoch loop: what :func:`pretrain` does once its directory is locked."""
     from tqdm.auto import tqdm
 
-    from mak.train.models import SimCLRModel
+    from mak.train.models import SimCLRModel, load_backbone_weights
 
     ckpt = _checkpoint_to_resume(run, resume)
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
@@ -383,6 +391,8 @@ def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | 
 
     torch.manual_seed(seed)
     model = SimCLRModel(run.backbone, run.channels)  # built first: an unknown backbone fails fast
+    if run.weights is not None and ckpt is None:  # a resume has them in its checkpoint already
+        run.config["init_weights_loaded"] = load_backbone_weights(model.backbone, run.weights)
     cache = _seed_images(run, progress)
     trainer = _build_trainer(run, model, ckpt)
     del ckpt
@@ -435,6 +445,7 @@ class _Run:
     use_cl: bool
     workers: int
     config: dict = field(default_factory=dict)
+    weights: Any = None  # pretrained backbone weights to start from (a path), or None
 
     @property
     def main_proc(self) -> bool:
