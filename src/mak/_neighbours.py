@@ -50,14 +50,14 @@ def cosine_topk(queries: Any, bank: Any, k: int, *, device: str | torch.device |
                     cols = excl[qlo : qlo + q.shape[0]] - slo
                     hit = (cols >= 0) & (cols < s.shape[0])
                     sim[hit.nonzero().flatten(), cols[hit]] = -float("inf")
-                cand = sim if best is None else torch.cat([best, sim], dim=1)
-                top, pos = torch.topk(cand, min(k, cand.shape[1]), dim=1, largest=True, sorted=True)
+                top, pos = torch.topk(sim, min(k, sim.shape[1]), dim=1, largest=True, sorted=True)
                 if best is None:
-                    best_idx = pos + slo
-                else:
-                    cols_idx = torch.arange(slo, slo + s.shape[0], device=dev).expand(q.shape[0], -1)
-                    best_idx = torch.gather(torch.cat([best_idx, cols_idx], dim=1), 1, pos)
-                best = top
+                    best, best_idx = top, pos + slo
+                else:  # merge the chunk's own top k with the running one: 2k columns, not chunk + k
+                    merged = torch.cat([best, top], dim=1)
+                    top, sel = torch.topk(merged, min(k, merged.shape[1]), dim=1, largest=True, sorted=True)
+                    best_idx = torch.gather(torch.cat([best_idx, pos + slo], dim=1), 1, sel)
+                    best = top
             yield qlo, qlo + q.shape[0], best, best_idx
 
 
