@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from mak import __version__
+from mak._cores import choose_wait_policy
 from mak.errors import MakError
 
 
@@ -53,6 +54,8 @@ def _with_flags(exc: MakError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "torch" not in sys.modules:  # before torch loads OpenMP: sleep at once on shared cores (mak._cores)
+        choose_wait_policy()
     named = [a for a in argv if a in commands()]  # the first command-like word; --help alone: none
     first_word = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first_word if named and first_word == named[0] else "")
