@@ -281,6 +281,8 @@ def test_report_of_a_real_robust_selection(fake_run: dict, tmp_path: Path) -> No
     assert sum(gate["histogram"]["seed_heldout"]) == 60 and f"pool (n={N_POOL})" in chart
     assert f"gate {gate['threshold']:.3g}" in chart and "distance to the nearest seed centroid" in chart
     assert f"selection took {summary['timings_s']['total']:.1f}s" in text
+    for name in ("selection.txt", "scores.csv", "summary.json"):  # links relative to the page
+        assert f'href="../sel/{name}"' in text
     assert summary["timings_s"]["total"] < sum(summary["timings_s"].values())  # the sum would overstate it
 
 
@@ -304,3 +306,27 @@ def test_headline_cards_name_a_winner_only_beyond_the_spread(fake_run, runs, win
     assert ("Best Few-group accuracy" in cards) == winner
     assert ("Single run" in cards) == (runs[0][2] is None)
     assert ("No strategy leads" in cards) == (not winner and runs[0][2] is not None)
+
+
+def test_epoch_axes_have_whole_ticks():
+    from mak.run.report.charts import _svg_lines
+
+    svg = _svg_lines([("run", "#000", "", np.array([1.0, 2.0, 3.0]), np.array([5.0, 4.0, 3.5]))],
+                     "epoch", "loss", "t")
+    assert ">1.5<" not in svg and ">2.5<" not in svg and ">2<" in svg and ">3<" in svg
+
+
+def test_per_class_table_with_the_benchmarks_class_names(fake_run):
+    results = [dict(r) for r in fake_run["results"]]
+    results[0]["per_class_acc"] = {"0": 0.9, "1": 0.5, "4": 0.1}
+    results[1]["per_class_acc"] = {"0": {"mean": 0.8, "std": 0.01}, "1": {"mean": 0.7, "std": 0.02},
+                                   "4": {"mean": 0.3, "std": 0.05}}
+    names = {"0": "T-shirt/top", "1": "Trouser", "4": "Coat"}
+    text = _write(fake_run, results=results, class_names=names)
+    table = text[text.index("Few-shot accuracy per class"):]
+    table = table[:table.index("</table>")]
+    # columns by seed count, most first (the fake seed: 50 of class 0, 20 of 1, 2 of 4)
+    assert table.index("T-shirt/top") < table.index("Trouser") < table.index("Coat")
+    assert "seed 50" in table and "seed 2" in table
+    assert table.count('class="best"') == 3  # one best per column
+    assert "Trouser" in text[text.index("Per-class counts"):]  # the class bars are named too

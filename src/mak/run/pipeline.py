@@ -583,6 +583,7 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
                 "fullshot_acc": ev.get("fullshot_acc"), "fewshot_acc": ev.get("fewshot_acc"),
                 "knn_acc": ev.get("knn_acc"), "group_std": ev.get("group_std"),
                 "many": g.get("many"), "medium": g.get("medium"), "few": g.get("few"),
+                "per_class": dict((ev.get("per_class") or {}).get("fewshot") or {}),
             })
         if not per_rep:
             continue
@@ -600,6 +601,11 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
         for key in FIGURES:
             entry[key] = agg(key)
         entry["group_acc"] = {g: agg(g) for g in ("many", "medium", "few")}
+        classes = sorted({c for r in per_rep for c in r["per_class"]}, key=int)
+        for r in per_rep:  # one few-shot accuracy per class and repeat, aggregated like the figures
+            r.update({f"class {c}": r["per_class"].get(c) for c in classes})
+        if classes:
+            entry["per_class_acc"] = {c: agg(f"class {c}") for c in classes}
         out.append(entry)
     return out
 
@@ -641,7 +647,10 @@ def _write_report(plan: Plan, results: list[dict]) -> Path:
     pool = srcs["pool"]
     store_items = (roles["embed_pool"].path / "items.txt").read_text().splitlines()
     rows = pool_rows_for_items(pool, store_items)
+    bench = roles.get("bench")
+    manifest = json.loads((bench.path / "benchmark.json").read_text()) if bench is not None else {}
     return write_report(plan.run_dir / "report.html", title=plan.config["run"]["name"], results=results,
+                        class_names=manifest.get("class_names"),
                         strategies=strategies, seed_items=srcs["seed"].items(),
                         pool_images=lambda i: pool.load(int(rows[i])), pool_items=store_items,
                         loss_logs={k: v for k, v in logs.items() if v.is_file()}, notes=notes)

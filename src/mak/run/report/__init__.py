@@ -46,7 +46,8 @@ __all__ = ["write_report"]
 def write_report(out_path: str | os.PathLike, *, title: str, results: list[dict],
                  strategies: dict[str, dict], seed_items: list[str],
                  pool_images: Callable[[int], np.ndarray] | None, pool_items: list[str],
-                 loss_logs: dict[str, str | Path], notes: list[str] | None = None) -> Path:
+                 loss_logs: dict[str, str | Path], notes: list[str] | None = None,
+                 class_names: dict[str, str] | None = None) -> Path:
     """Write the run report, one self-contained HTML file, atomically to ``out_path``; return its path.
 
     Args:
@@ -65,8 +66,10 @@ def write_report(out_path: str | os.PathLike, *, title: str, results: list[dict]
         pool_items: the pool's item lines, by pool row (labels, tooltips, the pool size).
         loss_logs: run name -> training ``log.csv`` (``epoch, loss, lr, images_per_s``).
         notes: free-text lines shown at the end of the page.
+        class_names: label -> name (the benchmark's Fashion-MNIST names), shown for the labels.
     """
     out = Path(out_path)
-    page = _page(_Context(title, results, strategies, seed_items, pool_images, pool_items, loss_logs, notes))
+    page = _page(_Context(title, results, strategies, seed_items, pool_images, pool_items, loss_logs, notes,
+                          out_dir=out.parent, class_names=class_names))
     write_text(out, page)
     return out

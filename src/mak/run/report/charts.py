@@ -172,7 +172,7 @@ def _svg_class_counts(classes: Sequence[str], seed: Sequence[int], added: Sequen
     n = len(classes)
     slots = n + (1.6 if ood is not None else 0)
     w, ml, mr, mt = 480, 50, 10, 20
-    rotate = 12 < n <= 30
+    rotate = n <= 30 and (n > 12 or max((len(c) for c in classes), default=0) > 6)  # long names slant
     show_labels = n <= 30
     mb = 58 if rotate else 40
     h = 250 + (18 if rotate else 0)
@@ -255,6 +255,8 @@ def _svg_lines(series: Sequence[tuple[str, str, str, np.ndarray, np.ndarray]], x
         xhi = xlo + 1
     pad = (yhi - ylo) * 0.06 or max(abs(yhi) * 0.05, 0.05)
     xt, xstep = _ticks(xlo, xhi, 8)
+    if np.all(xs_all == np.round(xs_all)) and xstep < 1:  # whole epochs: whole ticks
+        xt, xstep = [float(v) for v in range(math.ceil(xlo), math.floor(xhi) + 1)], 1.0
     xt = [t for t in xt if xlo - 1e-9 <= t <= xhi + 1e-9]
     yt, ystep = _ticks(ylo - pad, yhi + pad, 5)
     y0 = math.floor((ylo - pad) / ystep + 1e-9) * ystep

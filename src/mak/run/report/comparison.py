@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from mak.run.report.charts import _legend
 from mak.run.report.format import _esc, _num, _pct
+from mak.run.report.inputs import _labels_of
 from mak.run.report.style import FEW_COLOR, NONE_COLOR, OOD_COLOR, REST_COLOR
 
 if TYPE_CHECKING:
@@ -216,6 +219,38 @@ def _column_groups(cols: Sequence[_Col]) -> list[tuple[str, int]]:
         else:
             groups.append((c.group, 1))
     return groups
+
+
+BEST = ' class="best"'
+
+
+def _per_class_table(ctx: _Context) -> str:
+    """Few-shot accuracy per class (columns by seed count, most first) for each results entry with one."""
+    rows = [(str(r.get("strategy", "")), r["per_class_acc"]) for r in ctx.results
+            if isinstance(r.get("per_class_acc"), Mapping) and r["per_class_acc"]]
+    if not rows:
+        return ""
+    seed_labels = _labels_of(ctx.seed_items)
+    seed_n: dict[str, int] = {}
+    if seed_labels is not None:
+        u, c = np.unique(seed_labels, return_counts=True)
+        seed_n = {str(int(a)): int(b) for a, b in zip(u, c)}
+    classes = sorted({c for _, pc in rows for c in pc}, key=lambda c: (-seed_n.get(c, 0), c))
+    figs = [[_fig(pc.get(c)) for c in classes] for _, pc in rows]
+    best = _best_rows(figs, [_Col(c, c, "", False, "", lambda r: None) for c in classes])
+    h = ['<div class="tablewrap"><table class="cmp"><thead><tr><th class="name">Strategy</th>']
+    h += [f'<th title="seed images: {seed_n.get(c, 0)}">{_esc(ctx.class_names.get(c, c))}'
+          f'<br><span class="sd">seed {seed_n.get(c, 0)}</span></th>' for c in classes]
+    h.append("</tr></thead><tbody>")
+    for i, (name, _) in enumerate(rows):
+        label = "none (seed alone)" if name == "none" else name
+        h.append(f'<tr class="{"none" if name == "none" else "s"}"><td class="name"><span class="dot" '
+                 f'style="background:{ctx.colors.get(name, NONE_COLOR)}"></span>{_esc(label)}</td>')
+        h += [f"<td{BEST if i in best[j] else ''}>{_cell_html(figs[i][j])}</td>" for j in range(len(classes))]
+        h.append("</tr>")
+    h.append("</tbody></table></div>")
+    return ('<h3>Few-shot accuracy per class</h3><p class="note">columns: the classes by seed count, most '
+            "first; highlighted: the best of the column</p>" + "".join(h))
 
 
 def _composition(ctx: _Context) -> str:

@@ -25,8 +25,11 @@ class _Context:
     def __init__(self, title: str, results: list[dict], strategies: Mapping[str, Mapping[str, Any]],
                  seed_items: Sequence[str], pool_images: Callable[[int], np.ndarray] | None,
                  pool_items: Sequence[str], loss_logs: Mapping[str, str | Path],
-                 notes: Sequence[str] | None) -> None:
+                 notes: Sequence[str] | None, out_dir: Path | None = None,
+                 class_names: Mapping[str, str] | None = None) -> None:
         self.title = str(title)
+        self.out_dir = out_dir  # where the page is written: links are relative to it
+        self.class_names = {str(k): str(v) for k, v in (class_names or {}).items()}
         self.results = [r for r in (results or []) if isinstance(r, Mapping)]
         self.strategies = dict(strategies or {})
         self.seed_items = list(seed_items or [])

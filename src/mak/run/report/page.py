@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from mak.run.report.charts import _legend, _svg_lines
-from mak.run.report.comparison import _composition, _table, _takeaways
+from mak.run.report.comparison import _composition, _per_class_table, _table, _takeaways
 from mak.run.report.context import _Context
 from mak.run.report.format import _count, _esc, _num
 from mak.run.report.inputs import _read_loss_log
@@ -28,7 +28,7 @@ def _page(ctx: _Context) -> str:
     from mak import __version__
 
     body = [_header(ctx)]
-    body.append(f"<section><h2>Comparison</h2>{_table(ctx)}{_composition(ctx)}</section>")
+    body.append(f"<section><h2>Comparison</h2>{_table(ctx)}{_per_class_table(ctx)}{_composition(ctx)}</section>")
     strat_html = []
     for name in ctx.names:
         if name in ctx.strategies and isinstance(ctx.strategies[name], Mapping):

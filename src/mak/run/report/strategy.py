@@ -39,7 +39,8 @@ def _strategy_section(ctx: _Context, name: str, info: Mapping[str, Any]) -> str:
     gate_charts, gate_facts = _gate_charts(ctx, name, summary, sc)
     facts = _facts(summary, sc, labels, gate_facts)
     parts = [f'<details class="strat" open id="{ctx.anchors[name]}"><summary>{ctx.chip(name)}'
-             f'<span class="facts">{_esc(" · ".join(facts))}</span></summary>', _params(summary)]
+             f'<span class="facts">{_esc(" · ".join(facts))}</span></summary>', _params(summary),
+             _file_links(ctx, info.get("scores_csv"))]
     charts = [_class_chart(ctx, name, info, sc, labels)]
     if sc is not None:
         charts.append(_score_hist(ctx, name, sc, labels, "ecle"))
@@ -55,6 +56,19 @@ def _strategy_section(ctx: _Context, name: str, info: Mapping[str, Any]) -> str:
         parts.append(_picks_table(ctx, sc, labels))
     parts.append("</details>")
     return "".join(parts)
+
+
+def _file_links(ctx: _Context, scores_csv: Any) -> str:
+    """Links to the selection's files beside ``scores_csv``, relative to the page; "" when none exist."""
+    if not isinstance(scores_csv, (str, os.PathLike)) or ctx.out_dir is None:
+        return ""
+    folder = Path(scores_csv).parent
+    links = []
+    for name in ("selection.txt", "scores.csv", "summary.json"):
+        if (folder / name).is_file():
+            href = Path(os.path.relpath(folder / name, ctx.out_dir)).as_posix()
+            links.append(f'<a href="{_esc(href)}">{name}</a>')
+    return f'<p class="files">files: {" · ".join(links)}</p>' if links else ""
 
 
 def _load_summary(ctx: _Context, name: str, summary: Any) -> Mapping[str, Any]:
@@ -130,7 +144,8 @@ def _class_chart(ctx: _Context, name: str, info: Mapping[str, Any], sc: _Scores 
     ood = sel.get("-1") if sel else None
     seed_v = [seed.get(k, 0) for k in classes]
     add_v = [sel.get(k, 0) for k in classes]
-    svg = _svg_class_counts(classes, seed_v, add_v, ood, ctx.colors[name], f"class counts {name}")
+    shown = [ctx.class_names.get(k, k) for k in classes]  # Fashion-MNIST's names where the benchmark has them
+    svg = _svg_class_counts(shown, seed_v, add_v, ood, ctx.colors[name], f"class counts {name}")
     total_sel = sum(sel.values())
     sub = (f"seed {_count(sum(seed_v))} &#8594; seed + selection {_count(sum(seed_v) + sum(add_v))} in-domain"
            + (f"; {_count(ood)} of {_count(total_sel)} selected are out-of-domain" if ood is not None else ""))
