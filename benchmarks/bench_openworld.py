@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mak.run.config import load_config
-from mak.run.pipeline import build_plan, collect_results, write_outputs
+from mak.run.pipeline import build_plan, collect_results, interval95, write_outputs
 
 ALL = ["robust", "mak", "random", "kcenter", "tailness", "proximity", "tailness+proximity"]
 
@@ -127,6 +127,8 @@ def main() -> None:
                     d.setdefault(key, []).append(res[key])
                 for g in ("many", "medium", "few"):
                     d.setdefault(g, []).append(res["group_acc"][g])
+                for g, v in (res.get("gain") or {}).items():  # paired: this seed's own seed-alone run
+                    d.setdefault(f"gain {g}", []).append(v["mean"])
         for plan in steps_plans:
             for res in collect_results(plan, strategies=["none"]):
                 d = per.setdefault("none (steps)", {})
@@ -142,6 +144,18 @@ def main() -> None:
         print(f"{'strategy':<20}" + "".join(f"{c:>14}" for c in cols))
         for name, d in per.items():
             print(f"{name:<20}" + "".join(f"{fmt(d[c]):>14}" for c in cols))
+        print("\nFew-shot gain over the seed alone, class by class on the same seed and draws (points; mean and "
+              "95% t-interval over seeds)")
+        groups = ["all", "many", "medium", "few"]
+        print(f"{'strategy':<20}" + "".join(f"{g:>16}" for g in groups))
+        for name, d in per.items():
+            if any(f"gain {g}" in d for g in groups):
+                cells = []
+                for g in groups:
+                    iv = interval95(d[f"gain {g}"]) if d.get(f"gain {g}") else None
+                    cells.append("-" if iv is None else f"{100 * iv['mean']:+.1f}" +
+                                 ("" if iv["ci95"] is None else f"±{100 * iv['ci95']:.1f}"))
+                print(f"{name:<20}" + "".join(f"{c:>16}" for c in cells))
     print(f"\nwall time {time.perf_counter() - t0:.0f}s")
 
 

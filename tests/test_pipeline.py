@@ -369,3 +369,18 @@ def test_one_set_of_training_defaults():
     emb = build_parser("embed").parse_args(["embed", "--split", "s.txt", "--checkpoint", "c", "--out", "o"])
     assert emb.batch_size == cfg["embed"]["batch_size"] == cfg["evaluate"]["batch_size"] == \
         inspect.signature(embed).parameters["batch_size"].default
+
+
+def test_paired_gains_are_class_by_class_and_their_interval_is_a_t_interval():
+    from mak.run.pipeline import interval95, paired_gains
+
+    strategy = {"0": 0.9, "1": 0.6, "2": 0.5, "3": 0.2}
+    seed_alone = {"0": 0.8, "1": 0.6, "2": 0.3, "3": 0.1}
+    groups = {"many": [0], "medium": [1, 2], "few": [3]}
+    g = paired_gains(strategy, seed_alone, groups)
+    assert g == pytest.approx({"all": (0.1 + 0.0 + 0.2 + 0.1) / 4, "many": 0.1, "medium": 0.1, "few": 0.1})
+    values = [0.01, 0.03, 0.02]
+    iv = interval95(values)
+    assert iv["mean"] == pytest.approx(0.02) and iv["values"] == values
+    assert iv["ci95"] == pytest.approx(4.303 * np.std(values, ddof=1) / np.sqrt(3))
+    assert interval95([0.5])["ci95"] is None

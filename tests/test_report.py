@@ -330,3 +330,13 @@ def test_per_class_table_with_the_benchmarks_class_names(fake_run):
     assert "seed 50" in table and "seed 2" in table
     assert table.count('class="best"') == 3  # one best per column
     assert "Trouser" in text[text.index("Per-class counts"):]  # the class bars are named too
+
+
+def test_paired_gain_columns(fake_run):
+    results = [dict(r) for r in fake_run["results"]]
+    results[1]["gain"] = {"all": {"mean": 0.021, "ci95": 0.008, "values": [0.02, 0.022]},
+                          "few": {"mean": 0.054, "ci95": 0.03, "values": [0.05, 0.058]}}
+    text = _write(fake_run, results=results)
+    assert "Gain over the seed alone (paired)" in text
+    row = _row(text, "robust")
+    assert '2.1<span class="sd">&plusmn;0.8</span>' in row and '5.4<span class="sd">&plusmn;3.0</span>' in row

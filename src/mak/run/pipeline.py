@@ -556,6 +556,42 @@ def _run_eval(stage: Stage) -> None:
 
 
 # ----------------------------------------------------------------------------- results
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def interval95(values: list[float]) -> dict[str, Any]:
+    """Mean and 95% t-interval half-width of per-seed values (``ci95`` None for one value)."""
+    n = len(values)
+    mean = float(np.mean(values))
+    half = None if n < 2 else float(T975.get(n - 1, 1.96) * np.std(values, ddof=1) / np.sqrt(n))
+    return {"mean": mean, "ci95": half, "values": [float(v) for v in values]}
+
+
+def paired_gains(per_class: dict[str, float], base: dict[str, float], groups: dict[str, list]) -> dict[str, float]:
+    """Mean few-shot accuracy gain over the seed alone, class by class (the same class, seed and
+    evaluation draws), over all classes and within each group."""
+    gain = {c: per_class[c] - base[c] for c in per_class if c in base}
+    out = {"all": float(np.mean(list(gain.values())))} if gain else {}
+    for g, members in (groups or {}).items():
+        vals = [gain[str(c)] for c in members if str(c) in gain]
+        if vals:
+            out[g] = float(np.mean(vals))
+    return out
+
+
+def _gains_entry(plan: Plan, name: str) -> dict[str, Any] | None:
+    """``name``'s paired per-class gains over "none": per group, mean and 95% interval over seeds."""
+    per_seed: dict[str, list[float]] = {}
+    for roles in plan.repeats:
+        if name not in roles["eval"] or "none" not in roles["eval"]:
+            return None
+        ev, base = (json.loads((roles["eval"][k].path / "eval.json").read_text()) for k in (name, "none"))
+        pc, pb = ((e.get("per_class") or {}).get("fewshot") or {} for e in (ev, base))
+        for g, v in paired_gains(pc, pb, ev.get("groups") or {}).items():
+            per_seed.setdefault(g, []).append(v)
+    return {g: interval95(v) for g, v in per_seed.items()} or None
+
+
 FIGURES = ("ood_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_std", "balance_entropy")
 
 
@@ -606,6 +642,10 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
             r.update({f"class {c}": r["per_class"].get(c) for c in classes})
         if classes:
             entry["per_class_acc"] = {c: agg(f"class {c}") for c in classes}
+        if name != "none":
+            gains = _gains_entry(plan, name)
+            if gains:
+                entry["gain"] = gains
         out.append(entry)
     return out
 

@@ -61,7 +61,21 @@ def _group_fig(g: str) -> Callable[[Mapping[str, Any]], tuple[float, float | Non
     return get
 
 
+def _gain_fig(g: str) -> Callable[[Mapping[str, Any]], tuple[float, float | None] | None]:
+    def get(r: Mapping[str, Any]) -> tuple[float, float | None] | None:
+        gain = r.get("gain")
+        v = gain.get(g) if isinstance(gain, Mapping) else None
+        return None if not isinstance(v, Mapping) else _fig(v.get("mean"), v.get("ci95"))
+    return get
+
+
 COLUMNS: tuple[_Col, ...] = (
+    _Col("gain_all", "All", "Gain over the seed alone (paired)", False,
+         "few-shot accuracy gain over the seed alone, class by class on the same seed and draws, in points; "
+         "&plusmn; is the 95% interval over seeds", _gain_fig("all")),
+    _Col("gain_few", "Few", "Gain over the seed alone (paired)", False,
+         "the same paired gain averaged over the seed's Few classes", _gain_fig("few")),
+
     _Col("all", "All", "Few-shot linear probe", False,
          "few-shot linear-probe accuracy over all test classes (labeled images drawn per class; "
          "&plusmn; is the std over repeats, or over the labeled draws of a single run)",
