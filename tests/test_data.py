@@ -98,6 +98,25 @@ def test_folder_recursive_sorted(image_tree):
     assert src.describe() == {"kind": "folder", "path": str(image_tree.resolve()), "count": 4}
 
 
+def test_folder_labels_from_dirs(image_tree):
+    """An ImageFolder layout: class folders sorted by name are labels 0, 1, ...; item lines carry them."""
+    from mak.data.sources import labeled_source, open_source
+    from mak.run.pipeline import labels_or_none
+
+    (image_tree / "c.bmp").rename(image_tree / "b" / "c.bmp")
+    src = FolderSource(image_tree, labels_from_dirs=True)
+    assert src.items() == ["a/y.JPG 0", "a/z.webp 0", "b/c.bmp 1", "b/x1.png 1"]
+    assert src.classes == ["a", "b"] and src.describe()["classes"] == ["a", "b"]
+    assert list(labels_or_none(src.items())) == [0, 0, 1, 1]
+    assert src.load(0).shape == (30, 16, 3)  # the image, not the label, is read
+    assert labeled_source(image_tree).items() == src.items()  # a directory as an evaluation split
+    with pytest.raises(MakError, match="only applies to --folder"):
+        open_source("split", image_tree / "x.txt", labels_from_dirs=True)
+    (image_tree / "loose.png").write_bytes((image_tree / "b" / "x1.png").read_bytes())
+    with pytest.raises(MakError, match="inside a class folder"):
+        FolderSource(image_tree, labels_from_dirs=True)
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(MakError, match="not found"):
         FolderSource(tmp_path / "missing")

@@ -578,7 +578,7 @@ def evaluate_checkpoint(
     ``verbose``, and returns the results.
     """
     from mak.atomic import write_json
-    from mak.data.sources import open_source
+    from mak.data.sources import labeled_source
     from mak.train.embed import compute_features
     from mak.train.pretrain import load_model
 
@@ -598,7 +598,7 @@ def evaluate_checkpoint(
     image_size, channels = int(config["image_size"]), int(config["channels"])
 
     def embed(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
-        source = open_source("split", path, root=root)
+        source = labeled_source(path, root=root)
         labels = _split_labels(source)
         t0 = time.time()
         feats = compute_features(model, source, image_size, channels, batch_size=batch_size,
@@ -617,7 +617,7 @@ def evaluate_checkpoint(
     groups = None
     counts = None
     if seed_split is not None:
-        seed_labels = _split_labels(open_source("split", seed_split, root=root))
+        seed_labels = _split_labels(labeled_source(seed_split, root=root))
         seed_labels = seed_labels[seed_labels >= 0]
         counts = {int(c): int(n) for c, n in zip(*np.unique(seed_labels, return_counts=True))}
         for c in np.unique(np.concatenate([train_y[train_y >= 0], test_y[test_y >= 0]])):

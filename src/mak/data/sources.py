@@ -291,11 +291,16 @@ class SplitSource(_FileSource):
 
 
 class FolderSource(_FileSource):
-    """Every image file under ``directory`` (recursive), sorted by relative POSIX path."""
+    """Every image file under ``directory`` (recursive), sorted by relative POSIX path.
+
+    ``labels_from_dirs``: an ImageFolder layout, ``DIR/CLASS/.../image``; the class folders,
+    sorted by name, are labels 0, 1, ... and each item line ends with its label (``classes``
+    holds the names). An image outside a class folder is an error.
+    """
 
     kind = "folder"
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, labels_from_dirs: bool = False) -> None:
         directory = Path(directory)
         if not directory.exists():
             raise MakError(f"{directory}: image folder not found")
@@ -326,12 +331,25 @@ class FolderSource(_FileSource):
         self._paths = [str(base / r) for r in rels]
         self.directory = base
         self.name = f"folder:{base.name}"
+        self.classes: list[str] = []
+        self._labels: list[int] | None = None
+        if labels_from_dirs:
+            loose = next((r for r in rels if "/" not in r), None)
+            if loose is not None:
+                raise MakError(f"{directory}/{loose}: --labels-from-dirs needs every image inside a class folder")
+            self.classes = sorted({r.split("/", 1)[0] for r in rels})
+            index = {c: k for k, c in enumerate(self.classes)}
+            self._labels = [index[r.split("/", 1)[0]] for r in rels]
 
     def item(self, i: int) -> str:
-        return self._rels[self._check_index(i)]
+        i = self._check_index(i)
+        return self._rels[i] if self._labels is None else f"{self._rels[i]} {self._labels[i]}"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.directory), "count": len(self)}
+        out: dict[str, Any] = {"kind": self.kind, "path": str(self.directory), "count": len(self)}
+        if self.classes:
+            out["classes"] = list(self.classes)
+        return out
 
 
 def _check_image_array(arr: np.ndarray, what: str) -> np.ndarray:
@@ -578,6 +596,9 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
                     help=".npy/.npz uint8 array of images, N x H x W or N x H x W x C")
     ex.add_argument("--fashion-mnist", choices=("train", "test"), metavar="{train,test}",
                     help="Fashion-MNIST split, read from its IDX files")
+    group.add_argument("--labels-from-dirs", action="store_true",
+                       help="with --folder: an ImageFolder layout, DIR/CLASS/...; the class folders (sorted) "
+                            "are labels 0, 1, ...")
     group.add_argument("--root", metavar="DIR",
                        help="directory the --split paths are relative to (default: the split file's directory)")
     group.add_argument("--data-dir", metavar="DIR",
@@ -591,14 +612,24 @@ def source_from_args(args: argparse.Namespace) -> ImageSource:
         value = getattr(args, attr, None)
         if value is not None:
             return open_source(kind, value, root=getattr(args, "root", None),
-                               data_dir=getattr(args, "data_dir", None))
+                               data_dir=getattr(args, "data_dir", None),
+                               labels_from_dirs=getattr(args, "labels_from_dirs", False))
     raise MakError("no image source given: use --split, --folder, --array or --fashion-mnist")
 
 
+def labeled_source(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageSource:
+    """A labeled evaluation split: a split file (``path label`` lines), or an ImageFolder directory."""
+    if Path(path).is_dir():
+        return FolderSource(path, labels_from_dirs=True)
+    return open_source("split", path, root=root)
+
+
 def open_source(kind: str, value: str | os.PathLike, root: str | os.PathLike | None = None,
-                data_dir: str | os.PathLike | None = None) -> ImageSource:
+                data_dir: str | os.PathLike | None = None, labels_from_dirs: bool = False) -> ImageSource:
     """Open a source by kind (``split``, ``folder``, ``array``, ``fashion-mnist``) and value."""
     kind = kind.replace("_", "-")
+    if labels_from_dirs and kind != "folder":
+        raise MakError("--labels-from-dirs only applies to --folder")
     if root is not None and kind != "split":
         raise MakError("--root only applies to --split")
     if data_dir is not None and kind != "fashion-mnist":
@@ -606,7 +637,7 @@ def open_source(kind: str, value: str | os.PathLike, root: str | os.PathLike | N
     if kind == "split":
         return SplitSource(value, root)
     if kind == "folder":
-        return FolderSource(value)
+        return FolderSource(value, labels_from_dirs)
     if kind == "array":
         return ArraySource(value)
     if kind == "fashion-mnist":

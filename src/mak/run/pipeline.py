@@ -331,6 +331,10 @@ def _user_data_fingerprint(data: dict) -> str:
             f = data[part].get(k)
             if f and Path(f).is_file():
                 h.update(Path(f).read_bytes())
+            elif f and Path(f).is_dir():  # an ImageFolder split: its files' names and sizes
+                for q in sorted(Path(f).rglob("*")):
+                    if q.is_file():
+                        h.update(f"{q.relative_to(f).as_posix()} {q.stat().st_size}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -350,7 +354,7 @@ def _sources(stage: Stage) -> dict[str, Any]:
     plan: Plan = stage.plan  # type: ignore[attr-defined]
     roles = _roles(stage)
     data = plan.config["data"]
-    from mak.data.sources import open_source
+    from mak.data.sources import labeled_source, open_source
 
     if "bench" in roles:
         bdir = roles["bench"].path
@@ -361,7 +365,7 @@ def _sources(stage: Stage) -> dict[str, Any]:
     ev = data["eval"]
     out = {"seed": _source_from(data["seed"], "seed"), "pool": _source_from(data["pool"], "pool"), "manifest": None}
     for k in ("train", "fewshot", "test"):
-        out[k] = open_source("split", ev[k], root=ev.get("root")) if ev.get(k) else None
+        out[k] = labeled_source(ev[k], root=ev.get("root")) if ev.get(k) else None
     return out
 
 
