@@ -267,3 +267,52 @@ def test_an_unfinished_pretraining_is_recorded_warned_and_refused_with_strict(tm
     meta = json.loads((tmp_path / "store" / "meta.json").read_text())
     assert (meta["checkpoint_epoch"], meta["checkpoint_epochs"], meta["pretraining_finished"]) == (1, 3, False)
     assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
+def _tar_shards(folder: Path, pool: np.ndarray, per_shard: int, bad: int) -> None:
+    """WebDataset shards of ``pool``'s images as PNG (key.png + key.json), image ``bad`` corrupt."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    for k in range(0, len(pool), per_shard):
+        with tarfile.open(folder / f"pool-{k // per_shard:03d}.tar", "w") as tar:
+            for i in range(k, min(len(pool), k + per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(pool[i]).save(buf, format="PNG")
+                data = b"\x89PNG\r\n\x1a\nbroken" if i == bad else buf.getvalue()
+                for name, payload in ((f"s/{i:05d}.png", data), (f"s/{i:05d}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_webdataset_shards_embed_as_the_same_images_do(setup, tmp_path, cli, capsys):
+    """--webdataset 'pool-{000..002}.tar': SHARD/KEY items, the same features as the images from an
+    array, a corrupt sample skipped and counted; a missing shard is a one-line error."""
+    from mak.data.sources import WebDatasetSource, expand_braces
+
+    d, ckpt = setup
+    pool = np.load(d / "pool.npy")[:30]
+    _tar_shards(tmp_path, pool, per_shard=12, bad=13)
+    assert expand_braces("a-{008..010}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    src = WebDatasetSource(tmp_path / "pool-{000..002}.tar")
+    assert len(src) == 30 and src.item(0) == "pool-000/s/00000" and src.item(29) == "pool-002/s/00029"
+    np.testing.assert_array_equal(src.load(29)[:, :, 0], pool[29])
+    out = tmp_path / "store"
+    assert cli("embed", "--webdataset", str(tmp_path / "pool-{000..002}.tar"), "--checkpoint", ckpt, "--views", "0",
+               "--out", out, "--batch-size", "8", "--workers", "0", "--no-progress") == 0
+    assert "pool-001/s/00013" in capsys.readouterr().err
+    st = open_store(out)
+    assert st.num_rows == 29 and "pool-001/s/00013" not in st.items
+    np.save(tmp_path / "pool30.npy", pool)
+    ref = tmp_path / "ref"
+    assert cli("embed", "--array", tmp_path / "pool30.npy", "--checkpoint", ckpt, "--views", "0", "--out", ref,
+               "--batch-size", "8", "--workers", "0", "--no-progress") == 0
+    keep = [i for i in range(30) if i != 13]
+    np.testing.assert_array_equal(st.features(), open_store(ref).features()[keep])
+    assert cli("embed", "--webdataset", str(tmp_path / "pool-{000..003}.tar"), "--checkpoint", ckpt,
+               "--out", tmp_path / "x", "--no-progress") == 2
+    assert "pool-003.tar: shard not found" in capsys.readouterr().err and not (tmp_path / "x").exists()

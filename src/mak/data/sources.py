@@ -39,8 +39,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import io
 import os
+import re
 import struct
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -69,7 +72,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-SOURCE_KINDS = ("split", "folder", "array", "fashion-mnist")
+SOURCE_KINDS = ("split", "folder", "array", "fashion-mnist", "webdataset")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -120,11 +123,12 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _open_file(path: str, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Open, fully decode and normalise the mode of one image file; ImageError on any failure."""
+def _open_file(path: str, draft: tuple[int, int] | None = None, fp: Any = None) -> Image.Image:
+    """Open, fully decode and normalise the mode of one image file (or of ``fp``, an open binary file
+    named ``path`` in messages); ImageError on any failure."""
     img = None
     try:
-        img = Image.open(path)
+        img = Image.open(path if fp is None else fp)
         if draft is not None and img.format == "JPEG":
             # let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= draft in both sides
             img.draft(img.mode if img.mode in ("L", "RGB") else None, draft)
@@ -350,6 +354,93 @@ class FolderSource(_FileSource):
         if self.classes:
             out["classes"] = list(self.classes)
         return out
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset shard names: each ``{A..B}`` (zero padding kept) or ``{x,y}`` expanded, left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        a, b = rng.groups()
+        if int(b) < int(a):
+            raise MakError(f"{pattern}: empty shard range {{{body}}}")
+        width = len(a) if a.startswith("0") or len(a) == len(b) else 0
+        parts = [str(k).zfill(width) for k in range(int(a), int(b) + 1)]
+    else:
+        parts = body.split(",")
+    return [name for part in parts for name in expand_braces(head + part + tail)]
+
+
+class WebDatasetSource(ImageSource):
+    """Images of WebDataset tar shards (``pool-{000000..000099}.tar``), in shard then member order.
+
+    A sample is the files of one key (``dir/key.jpg``, ``dir/key.json``, ...); its image is the
+    first member with an image extension, the rest is ignored. The shards are indexed once (tar
+    headers only: each member's offset and size, with the standard library's ``tarfile``), so an
+    image is one seek and one read, a DataLoader reads each shard front to back, and torchrun
+    ranks, which take contiguous rows, take contiguous shards. Item lines are ``SHARD/KEY``
+    (the shard's file name without ``.tar``). A missing or unreadable shard is an error; a
+    corrupt image is an :class:`ImageError` like any other (``mak embed`` skips and counts it).
+    """
+
+    kind = "webdataset"
+
+    def __init__(self, pattern: str | os.PathLike) -> None:
+        self.pattern = str(pattern)
+        self.shards = [Path(p) for p in expand_braces(self.pattern)]
+        self._index: list[tuple[int, int, int]] = []  # (shard, data offset, size)
+        self._items: list[str] = []
+        for k, shard in enumerate(self.shards):
+            self._index_shard(k, shard)
+        if not self._index:
+            raise MakError(f"{self.pattern}: no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) in "
+                           f"{len(self.shards)} shard(s)")
+        self.name = f"webdataset:{self.shards[0].name}"
+
+    def _index_shard(self, k: int, shard: Path) -> None:
+        if not shard.is_file():
+            raise MakError(f"{shard}: shard not found")
+        stem = shard.name[:-4] if shard.name.endswith(".tar") else shard.name
+        seen: set[str] = set()
+        try:
+            with tarfile.open(shard, mode="r:") as tar:  # uncompressed tars: offsets are seekable
+                for member in tar:
+                    base = member.name.rsplit("/", 1)[-1]
+                    key, dot, ext = member.name.rpartition(".")
+                    if not member.isfile() or not dot or f".{ext.lower()}" not in IMAGE_EXTENSIONS \
+                            or base.startswith(".") or key in seen or "\n" in key:
+                        continue
+                    seen.add(key)
+                    self._index.append((k, member.offset_data, member.size))
+                    self._items.append(f"{stem}/{key}")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise MakError(f"{shard}: unreadable tar shard ({exc})") from None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def item(self, i: int) -> str:
+        return self._items[self._check_index(i)]
+
+    def open_image(self, i: int, draft: tuple[int, int] | None = None) -> Image.Image:
+        i = self._check_index(i)
+        k, offset, size = self._index[i]
+        where = f"{self.shards[k]}:{self._items[i]}"
+        with open(self.shards[k], "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+        if len(data) != size:
+            raise ImageError(where, "truncated in its shard")
+        return _open_file(where, draft, fp=io.BytesIO(data))
+
+    def load(self, i: int) -> np.ndarray:
+        return _pil_to_array(self.open_image(i))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "pattern": self.pattern, "shards": len(self.shards), "count": len(self)}
 
 
 def _check_image_array(arr: np.ndarray, what: str) -> np.ndarray:
@@ -585,7 +676,7 @@ def pool_mix_rows(pool_size: int, seed_size: int, count: int | str = "auto", see
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
-    """Add the image-source options: exactly one of --split/--folder/--array/--fashion-mnist."""
+    """Add the image-source options: exactly one of --split/--folder/--array/--fashion-mnist/--webdataset."""
     group = parser.add_argument_group("image source (exactly one)")
     ex = group.add_mutually_exclusive_group(required=True)
     ex.add_argument("--split", metavar="FILE",
@@ -596,6 +687,8 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
                     help=".npy/.npz uint8 array of images, N x H x W or N x H x W x C")
     ex.add_argument("--fashion-mnist", choices=("train", "test"), metavar="{train,test}",
                     help="Fashion-MNIST split, read from its IDX files")
+    ex.add_argument("--webdataset", metavar="PATTERN",
+                    help="WebDataset tar shards, e.g. 'pool-{000000..000099}.tar' (quote it); items are SHARD/KEY")
     group.add_argument("--labels-from-dirs", action="store_true",
                        help="with --folder: an ImageFolder layout, DIR/CLASS/...; the class folders (sorted) "
                             "are labels 0, 1, ...")
@@ -608,13 +701,13 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
 def source_from_args(args: argparse.Namespace) -> ImageSource:
     """Open the source named by the options of :func:`add_source_args`."""
     for kind, attr in (("split", "split"), ("folder", "folder"), ("array", "array"),
-                       ("fashion-mnist", "fashion_mnist")):
+                       ("fashion-mnist", "fashion_mnist"), ("webdataset", "webdataset")):
         value = getattr(args, attr, None)
         if value is not None:
             return open_source(kind, value, root=getattr(args, "root", None),
                                data_dir=getattr(args, "data_dir", None),
                                labels_from_dirs=getattr(args, "labels_from_dirs", False))
-    raise MakError("no image source given: use --split, --folder, --array or --fashion-mnist")
+    raise MakError("no image source given: use --split, --folder, --array, --fashion-mnist or --webdataset")
 
 
 def labeled_source(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageSource:
@@ -642,6 +735,8 @@ def open_source(kind: str, value: str | os.PathLike, root: str | os.PathLike | N
         return ArraySource(value)
     if kind == "fashion-mnist":
         return FashionMNISTSource(str(value), data_dir)
+    if kind == "webdataset":
+        return WebDatasetSource(value)
     raise MakError(f"unknown image source kind {kind!r} (expected one of {', '.join(SOURCE_KINDS)})")
 
 

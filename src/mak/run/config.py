@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
                       "ood_ratio": 1.0},
         # ... or point at your own images (split files with optional labels, or folders).
         "seed": {"split": None, "folder": None, "root": None},
-        "pool": {"split": None, "folder": None, "root": None},
+        "pool": {"split": None, "folder": None, "webdataset": None, "root": None},  # webdataset: 'p-{000..099}.tar'
         # Labeled evaluation splits (split files: `path label`); optional for user data.
         "eval": {"train": None, "fewshot": None, "test": None, "root": None},
     },
@@ -143,9 +143,9 @@ def validate(config: dict) -> None:
     data = config["data"]
     if not data["benchmark"]["build"]:
         for part in ("seed", "pool"):
-            if not (data[part]["split"] or data[part]["folder"]):
-                raise MakError(f"config: data.{part}.split or data.{part}.folder is required "
-                               "(or set data.benchmark.build: true)")
+            if not (data[part]["split"] or data[part]["folder"] or data[part].get("webdataset")):
+                raise MakError(f"config: data.{part}.split, .folder{' or .webdataset' if part == 'pool' else ''} "
+                               "is required (or set data.benchmark.build: true)")
         if config["select"]["budget"] is None:
             raise MakError("config: select.budget is required for user data")
     from mak.bench.openworld import check_ood_ratio

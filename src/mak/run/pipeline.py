@@ -63,7 +63,9 @@ def _source_from(spec: dict, what: str):
         return open_source("split", spec["split"], root=spec.get("root"))
     if spec.get("folder"):
         return open_source("folder", spec["folder"])
-    raise MakError(f"config: data.{what} needs a split or a folder")
+    if spec.get("webdataset"):
+        return open_source("webdataset", spec["webdataset"])
+    raise MakError(f"config: data.{what} needs a split, a folder or (the pool) webdataset shards")
 
 
 def pool_rows_for_items(pool_source, selected_items: list[str]) -> np.ndarray:
@@ -335,6 +337,12 @@ def _user_data_fingerprint(data: dict) -> str:
                 for q in sorted(Path(f).rglob("*")):
                     if q.is_file():
                         h.update(f"{q.relative_to(f).as_posix()} {q.stat().st_size}\n".encode())
+    if data["pool"].get("webdataset"):  # shards: their names and sizes
+        from mak.data.sources import expand_braces
+
+        for shard in expand_braces(str(data["pool"]["webdataset"])):
+            size = Path(shard).stat().st_size if Path(shard).is_file() else -1
+            h.update(f"{shard} {size}\n".encode())
     return h.hexdigest()[:16]
 
 
