@@ -316,3 +316,31 @@ def test_webdataset_shards_embed_as_the_same_images_do(setup, tmp_path, cli, cap
     assert cli("embed", "--webdataset", str(tmp_path / "pool-{000..003}.tar"), "--checkpoint", ckpt,
                "--out", tmp_path / "x", "--no-progress") == 2
     assert "pool-003.tar: shard not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_pretrained_weights_as_a_frozen_encoder(setup, tmp_path, cli, capsys):
+    """embed --weights: the backbone of a saved state dict, no head; features equal the checkpoint's
+    own backbone features, views are normalised backbone outputs, meta.json names the model external."""
+    import torch
+
+    from mak.data.store import model_kind
+
+    d, ckpt = setup
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    torch.save({k: v for k, v in state["model"].items() if k.startswith("backbone.")}, tmp_path / "w.pt")
+    args = ["embed", "--array", d / "pool.npy", "--views", "2", "--batch-size", "32", "--workers", "0",
+            "--no-progress"]
+    assert cli(*args, "--checkpoint", ckpt, "--out", tmp_path / "a") == 0
+    assert cli(*args, "--weights", tmp_path / "w.pt", "--backbone", cfg["backbone"], "--image-size",
+               str(cfg["image_size"]), "--channels", str(cfg["channels"]), "--out", tmp_path / "b") == 0
+    a, b = open_store(tmp_path / "a"), open_store(tmp_path / "b", require_views=True)
+    np.testing.assert_array_equal(a.features(), b.features())
+    assert b.view_dim == b.feature_dim  # views come from the backbone, not a projection head
+    np.testing.assert_allclose(np.linalg.norm(b.views(dtype=np.float32), axis=2), 1.0, atol=2e-3)
+    assert model_kind(b.meta) == "external" and b.meta["weights_loaded"]["loaded"] > 0
+    capsys.readouterr()
+    assert cli(*args, "--weights", tmp_path / "w.pt", "--out", tmp_path / "c") == 2
+    assert "--weights needs --backbone" in capsys.readouterr().err
+    assert cli(*args, "--checkpoint", ckpt, "--backbone", "resnet18", "--out", tmp_path / "c") == 2
+    assert "go with --weights" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -16,7 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "views.npy (R augmented projections, L2-normalised), items.txt, meta.json. "
                     "Under torchrun each process embeds its share; a killed run resumes.")
     add_source_args(p)
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint.pt written by `mak pretrain`")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", metavar="FILE", help="checkpoint.pt written by `mak pretrain`")
+    model.add_argument("--weights", metavar="FILE", help="pretrained backbone weights (safetensors or a state "
+                       "dict) used as a frozen encoder, no projection head: views are its own outputs")
+    p.add_argument("--backbone", metavar="NAME", help="with --weights: the architecture (e.g. resnet18, "
+                   "timm:resnet18)")
+    p.add_argument("--image-size", type=int, metavar="PX", help="with --weights: input size (default: the source's)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="with --weights: input channels (default: the source's)")
     p.add_argument("--out", required=True, metavar="STORE", help="output feature-store directory")
     p.add_argument("--views", type=int, default=10, metavar="R",
                    help="augmented views per image for views.npy; 0 for none (default 10)")
@@ -44,11 +51,17 @@ def run(args: argparse.Namespace) -> int:
 
     from mak import distributed as D
     from mak.data.sources import source_from_args
+    from mak.errors import MakError
     from mak.train.embed import embed
 
     source = source_from_args(args)
-    out = embed(source, args.checkpoint, args.out, views=args.views, seed=args.seed, dtype=args.dtype,
-                batch_size=args.batch_size, device=args.device, num_workers=args.workers, merge=args.merge,
+    encoder = None
+    if args.weights is not None:
+        encoder = {"backbone": args.backbone, "image_size": args.image_size, "channels": args.channels}
+    elif args.backbone or args.image_size or args.channels:
+        raise MakError("--backbone, --image-size and --channels go with --weights (a checkpoint names its own)")
+    out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, views=args.views,
+                seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device, num_workers=args.workers, merge=args.merge,
                 progress=not args.no_progress, amp=args.amp, overwrite=args.overwrite,
                 strict=args.strict)
     if D.rank() == 0:

@@ -224,8 +224,14 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
           dtype: str = "float16", batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device = "cpu",
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
-          flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False) -> Path:
+          flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False,
+          encoder: dict | None = None) -> Path:
     """Embed every image of ``source`` with ``checkpoint``'s model; write a feature store at ``out``.
+
+    ``encoder`` (``{"backbone": NAME, "image_size": PX, "channels": C}``, size and channels
+    optional): ``checkpoint`` is then a file of pretrained backbone weights, used as a frozen
+    encoder with no projection head; views are its own outputs, and ``meta.json`` names the
+    model external.
 
     Parameters
     ----------
@@ -248,7 +254,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     """
     out = Path(out)
     _check_options(out, views, dtype, batch_size, overwrite)
-    job = _setup(source, checkpoint, out, views, seed, dtype, batch_size, device, merge, amp, channels_last)
+    job = _setup(source, checkpoint, out, views, seed, dtype, batch_size, device, merge, amp, channels_last, encoder)
     _check_finished(job.cfg["checkpoint"], checkpoint, strict)
     with job_lock(out):  # one writer per store: a second one stops here, naming this one
         plan = _plan(job, progress)
@@ -347,8 +353,27 @@ def _check_finished(info: dict, checkpoint, strict: bool) -> None:
         print(f"mak embed: warning: {what}; the store records the epoch", file=sys.stderr)
 
 
+def _frozen(source, weights, encoder: dict, dev: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A pretrained backbone as a frozen encoder (``encoder``: ``backbone``, optional ``image_size``
+    and ``channels``, else the source's), with a config like :func:`mak.train.pretrain.load_model`'s."""
+    from mak.data.sources import infer_geometry
+    from mak.train.models import frozen_encoder
+
+    if not encoder.get("backbone"):
+        raise MakError("--weights needs --backbone NAME: the architecture the weights belong to")
+    size, channels = encoder.get("image_size"), encoder.get("channels")
+    if size is None or channels is None:
+        guess = infer_geometry(source)
+        size, channels = size or guess[0], channels or guess[1]
+    model, info = frozen_encoder(weights, encoder["backbone"], int(channels))
+    cfg = {"backbone": encoder["backbone"], "image_size": int(size), "channels": int(channels),
+           "feat_dim": int(model.feat_dim), "frozen_encoder": True, "weights_loaded": info,
+           "checkpoint": {"sha256": info["sha256"], "epoch": None, "epochs": None, "finished": True}}
+    return model.to(dev), cfg
+
+
 def _setup(source, checkpoint, out: Path, views: int, seed: int, dtype: str, batch_size: int, device,
-           merge: bool, amp: bool | None, channels_last: bool | None) -> _Job:
+           merge: bool, amp: bool | None, channels_last: bool | None, encoder: dict | None = None) -> _Job:
     """Join the process group, load the checkpoint's model and measure its output sizes."""
     from mak.data.sources import ImageDataset
     from mak.train.pretrain import autocast_context, load_model, resolve_amp, resolve_channels_last
@@ -357,7 +382,7 @@ def _setup(source, checkpoint, out: Path, views: int, seed: int, dtype: str, bat
     D.init(dev)
     world, rank = D.world_size(), D.rank()
     dev = D.local_device(str(dev))
-    model, cfg = load_model(checkpoint, dev)
+    model, cfg = load_model(checkpoint, dev) if encoder is None else _frozen(source, checkpoint, encoder, dev)
     size, channels = int(cfg["image_size"]), int(cfg["channels"])
     amp_dtype = resolve_amp(dev, amp)
     use_cl = resolve_channels_last(dev, channels_last)
@@ -697,7 +722,9 @@ def _meta(job: _Job, skipped: dict[int, str], n_ok: int) -> dict:
         "views": int(job.views), "views_normalized": True, "dtype": job.dtype, "seed": int(job.seed),
         "num_images": job.n, "num_rows": n_ok, "feature_dim": job.feat_dim,
         "view_dim": job.view_dim if job.views else 0, "skipped": len(skipped),
-        "skipped_items": skipped_items[:1000], "model_trained_on": model_trained_on(job.cfg),
+        "skipped_items": skipped_items[:1000],
+        **({"model": "external", "weights_loaded": job.cfg["weights_loaded"]} if job.cfg.get("frozen_encoder")
+           else {"model_trained_on": model_trained_on(job.cfg)}),
     }
 
 

@@ -392,3 +392,23 @@ class SimCLRModel(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.backbone(x)
         return feats, self.head(feats)
+
+
+class FrozenEncoder(nn.Module):
+    """A pretrained backbone used as it is, no projection head: ``forward(x)`` returns
+    ``(features, features)``, so ``mak embed``'s views are the backbone's own outputs."""
+
+    def __init__(self, backbone: nn.Module, feat_dim: int) -> None:
+        super().__init__()
+        self.backbone, self.feat_dim = backbone, int(feat_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone(x)
+        return feats, feats
+
+
+def frozen_encoder(weights: str | os.PathLike, backbone: str, channels: int) -> tuple[FrozenEncoder, dict[str, Any]]:
+    """``backbone`` with ``weights`` loaded (:func:`load_backbone_weights`), in eval mode, and what was loaded."""
+    net, dim = build_backbone(backbone, int(channels))
+    info = load_backbone_weights(net, weights)
+    return FrozenEncoder(net, dim).eval(), info

@@ -190,7 +190,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"
     (``backbone``, ``image_size``, ``channels``, ``feat_dim`` ...) plus ``checkpoint``: the sha256
     of the bytes loaded, the epochs completed and whether the pre-training finished.
     """
-    from mak.train.models import SimCLRModel, load_backbone_weights
+    from mak.train.models import SimCLRModel
 
     ckpt = read_checkpoint(checkpoint)
     cfg = dict(ckpt["config"])
