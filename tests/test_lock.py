@@ -96,3 +96,31 @@ def test_pretrain_removes_temporaries_of_killed_checkpoint_writes(tmp_path):
     pretrain(ArraySource(tmp_path / "a.npy"), tmp_path / "pre", epochs=1, batch_size=16, num_workers=0,
              progress=False)
     assert sorted(p.name for p in (tmp_path / "pre").iterdir()) == ["checkpoint.pt", "log.csv"]
+
+
+@pytest.mark.parametrize("command", ["run", "pretrain"])
+def test_run_and_pretrain_refuse_a_directory_another_process_holds(tmp_path, cli, capsys, command):
+    """A second `mak run` on a run directory (or `mak pretrain` on a checkpoint directory) stops at
+    once with one line naming the holder, before writing anything there."""
+    np.save(tmp_path / "imgs.npy", (np.random.default_rng(0).random((40, 16, 16)) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mak.lock import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        if command == "run":
+            (tmp_path / "seed.txt").write_text("a.png\n")
+            argv = ["run", "--out", out, "--set", f"data.seed.split={tmp_path / 'seed.txt'}",
+                    "--set", f"data.pool.split={tmp_path / 'seed.txt'}", "--set", "select.budget=1"]
+        else:
+            argv = ["pretrain", "--array", tmp_path / "imgs.npy", "--epochs", "1", "--batch-size", "8",
+                    "--out", out, "--no-progress"]
+        assert cli(*argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {holder.pid} on" in err[0], err
+        assert not out.exists() or not any(out.iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
