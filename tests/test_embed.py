@@ -344,3 +344,20 @@ def test_pretrained_weights_as_a_frozen_encoder(setup, tmp_path, cli, capsys):
     assert "--weights needs --backbone" in capsys.readouterr().err
     assert cli(*args, "--checkpoint", ckpt, "--backbone", "resnet18", "--out", tmp_path / "c") == 2
     assert "go with --weights" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_torchrun_embeds_webdataset_shards_as_one_process_does(setup, tmp_path):
+    """Two ranks take contiguous rows, so contiguous shards; the merged store is one process's."""
+    d, ckpt = setup
+    _tar_shards(tmp_path, np.load(d / "pool.npy")[:40], per_shard=10, bad=-1)
+    common = ["--webdataset", str(tmp_path / "pool-{000..003}.tar"), "--checkpoint", ckpt, "--views", "0",
+              "--batch-size", "8", "--workers", "0", "--no-progress", "--dtype", "float32"]
+    res = _torchrun(2, "embed", *common, "--out", tmp_path / "two")
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "mak", "embed", *map(str, common), "--out", tmp_path / "one"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two, one = _arrays(tmp_path / "two"), _arrays(tmp_path / "one")
+    assert two[2] == one[2] and two[2][10] == "pool-001/s/00010"
+    assert np.array_equal(two[0], one[0])
