@@ -177,7 +177,8 @@ class RobustRun:
         models = ratio_ensemble(self.seed_feats, reference, bags=opt["ratio_bags"], folds=opt["ratio_folds"],
                                 hidden=opt["ratio_hidden"], epochs=opt["ratio_epochs"], seed=self.ctx.seed,
                                 device=self.ctx.device, progress=self.ctx.progress)
-        pool = ratio_logits(self.ctx.pool_features, self.seed_feats, reference, self_index=position, models=models)
+        pool = ratio_logits(self.ctx.pool_features, self.seed_feats, reference, self_index=position, models=models,
+                            progress="robust: classifier logits of the pool" if self.ctx.progress else None)
         held = seed_heldout_logits(self.seed_feats, models)
         self.info["ratio"] = {"reference": len(reference), "folds": opt["ratio_folds"], "hidden": opt["ratio_hidden"],
                               "epochs": opt["ratio_epochs"], "bags": opt["ratio_bags"]}

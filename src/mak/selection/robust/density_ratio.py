@@ -224,7 +224,8 @@ def _bag_mean(parts: list[np.ndarray]) -> np.ndarray:
     return (np.sum([p.astype(np.float64) for p in parts], axis=0) / len(parts)).astype(np.float32)
 
 
-def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | None, chunk: int) -> np.ndarray:
+def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | None, chunk: int,
+                 progress: str | None = None) -> np.ndarray:
     """Each query's logit from the model of its ``own_fold`` (-1 or None: the mean of all models). (n,) float32.
 
     Chunks of ``chunk`` rows are scored on one intra-op thread each (:func:`mak._threads.pinned_map`),
@@ -249,7 +250,7 @@ def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | No
                     val[idx] = logits[idx, torch.as_tensor(f[inside], device=dev)]
             return val.cpu().numpy().astype(np.float32)
 
-    parts = pinned_map(score, range(0, n, chunk), dev)
+    parts = pinned_map(score, range(0, n, chunk), dev, progress=progress)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
@@ -268,14 +269,15 @@ def seed_heldout_logits(seed_features: Any, models: RatioModels | Sequence[Ratio
 def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: np.ndarray | None = None,
                  folds: int = DEFAULT_FOLDS, hidden: int = DEFAULT_HIDDEN, epochs: int = DEFAULT_EPOCHS,
                  seed: int = 0, device: str | torch.device | None = None, chunk: int = CHUNK,
-                 *, models: RatioModels | Sequence[RatioModels] | None = None, bags: int = 1) -> np.ndarray:
+                 *, models: RatioModels | Sequence[RatioModels] | None = None, bags: int = 1,
+                 progress: str | None = None) -> np.ndarray:
     """Cross-fitted seed-vs-pool logit of each query (high: seed-like; low: the pool has more of it). (n,) float32.
 
     ``self_index[i]`` is the reference row query ``i`` itself is (-1: none): such a query is scored
     by the one model that never saw it; any other query by the mean of all fold models. With
     ``bags`` > 1 (:func:`ratio_ensemble`) the logit is the mean over the bags. Pass ``models``
     (:func:`ratio_models`, or a list from :func:`ratio_ensemble`) to score several query sets with
-    the same classifiers.
+    the same classifiers. ``progress``: a label for a progress bar per bag over the scored chunks.
     """
     fitted = _members(models) if models is not None else ratio_ensemble(
         seed_features, reference, bags=bags, folds=folds, hidden=hidden, epochs=epochs, seed=seed, device=device)
@@ -286,9 +288,10 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
             raise MakError(f"density ratio: self_index has {len(self_index)} rows for {n} queries")
         own = np.asarray(self_index, dtype=np.int64)
     parts = []
-    for bag in fitted:
+    for b, bag in enumerate(fitted):
         own_fold = None if own is None else np.where(own >= 0, bag.reference_fold[np.maximum(own, 0)], -1)
-        parts.append(_fold_logits(bag.models, queries, own_fold, chunk))
+        label = None if progress is None else f"{progress} (bag {b + 1}/{len(fitted)})"
+        parts.append(_fold_logits(bag.models, queries, own_fold, chunk, progress=label))
     return _bag_mean(parts)
 
 
