@@ -267,3 +267,14 @@ def test_robust_scores_csv_says_why_an_image_was_rejected(cli, stores, tmp_path)
         if not all(passes.values()):
             assert float(r["score"]) == float("-inf")  # rejected: never ranked
     assert kept == summary["counts"]["gate_kept"] and summary["counts"]["gate_rejected"] == len(rows) - kept > 0
+
+
+@pytest.mark.parametrize("argv", [["bench", "build"], ["demo"], ["embed"], ["evaluate"], ["pretrain"], ["run"],
+                                  ["select"], ["store", "import"]])
+def test_every_command_takes_quiet(argv, capsys):
+    from mak.cli import commands, main
+
+    assert argv[0] in commands()
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    assert "--quiet" in capsys.readouterr().out

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--budget", type=int, default=None, metavar="N",
                    help="selection budget recorded in the manifest (default: 2 x seed size)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    b.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     b.set_defaults(func=run_build)
 
 
@@ -41,6 +42,7 @@ def run_build(args: argparse.Namespace) -> int:
     t0 = time.time()
     manifest = build_benchmark(args.out, seed=args.seed, scale=args.scale, data_dir=args.data_dir,
                                budget=args.budget, overwrite=args.overwrite, ood_ratio=args.ood_ratio)
-    print(summary(manifest))
-    print(f"benchmark written to {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    if not args.quiet:
+        print(summary(manifest))
+        print(f"benchmark written to {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

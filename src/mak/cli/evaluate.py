@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"feature extraction batch size (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers decoding images (default 0)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no results table on stdout (with --out: the file only)")
     p.set_defaults(func=run)
 
 
@@ -54,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
         test_split=args.test_split, seed_split=args.seed_split, root=args.root, out=args.out,
         device=args.device, batch_size=args.batch_size, num_workers=args.workers, shots=args.shots,
         draws=args.draws, seed=args.seed, many=args.many, few=args.few, k=args.k,
-        temperature=args.knn_temperature, l2=args.l2, max_iter=args.max_iter, verbose=True,
+        temperature=args.knn_temperature, l2=args.l2, max_iter=args.max_iter, verbose=not args.quiet,
     )
-    if args.out:
+    if args.out and not args.quiet:
         import sys
 
         print(f"results written to {args.out}", file=sys.stderr)

@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--model", metavar="NAME", help="the encoder's name, recorded in meta.json")
     imp.add_argument("--out", required=True, metavar="STORE", help="the store directory to write")
     imp.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
+    imp.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     imp.set_defaults(func=run)
 
 
@@ -31,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
 
     out = import_store(args.features, args.out, items=args.items, views=args.views, model=args.model,
                        overwrite=args.overwrite)
-    print(f"feature store -> {out}")
+    if not args.quiet:
+        print(f"feature store -> {out}")
     return 0
