@@ -160,4 +160,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from mak.errors import MakError
+
+    try:
+        main()
+    except MakError as exc:  # a missing dataset, a bad option: one line, as the mak commands do
+        print(f"bench_openworld: error: {exc}", file=sys.stderr)
+        sys.exit(2)
