@@ -56,9 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "torch" not in sys.modules:  # before torch loads OpenMP: sleep at once on shared cores (mak._cores)
         choose_wait_policy()
-    named = [a for a in argv if a in commands()]  # the first command-like word; --help alone: none
-    first_word = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(first_word if named and first_word == named[0] else "")
+    first_word = next((a for a in argv if not a.startswith("-")), None)  # the command, if one is given
+    parser = build_parser(first_word if first_word in commands() else "")
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.backbone or args.image_size or args.channels:
         raise MakError("--backbone, --image-size and --channels go with --weights (a checkpoint names its own)")
     out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, views=args.views,
-                seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device, num_workers=args.workers, merge=args.merge,
+                seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
+                num_workers=args.workers, merge=args.merge,
                 progress=not args.no_progress, amp=args.amp, overwrite=args.overwrite,
                 strict=args.strict)
     if D.rank() == 0:

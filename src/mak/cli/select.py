@@ -19,6 +19,7 @@ def strategy_flags() -> dict[str, tuple[object, list[str]]]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mak.run.select_job import ORDERS
     from mak.selection.strategies import SELECT_OPTIONS, STRATEGIES
 
     p = sub.add_parser("select", help=HELP,
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
-    p.add_argument("--order", choices=("pick", "score"), default="pick",
+    p.add_argument("--order", choices=ORDERS, default=ORDERS[0],
                    help="selection.txt's order: pick (the strategy's pick order; k-center reaches for the farthest "
                         "images first, so it is not a ranking) or score (highest score first, for cutting the "
                         "list) (default pick)")

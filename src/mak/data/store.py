@@ -65,18 +65,6 @@ def _float_array(path: Path | str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def read_items(path: Path) -> list[str]:
-    """Read ``items.txt``: one item line per row (trailing newline stripped)."""
-    if not path.is_file():
-        raise MakError(f"{path}: missing store file")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
 @dataclass
 class _Shard:
     path: Path
@@ -366,6 +354,13 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return _float_array(f"{path}:{key}", feats), None if views is None else _float_array(f"{path}:views", views)
 
 
+def _check_array_views(views: np.ndarray, n: int, what: str) -> np.ndarray:
+    """``views`` when they are R x ``n`` x d with R >= 2; else a MakError naming ``what``."""
+    if views.ndim != 3 or views.shape[0] < 2 or views.shape[1] != n:
+        raise MakError(f"{what}: expected R x {n} x d views with R >= 2, found shape {views.shape}")
+    return views
+
+
 def open_array_store(path: str | Path, items: str | Path | None = None, require_views: bool = False) -> FeatureStore:
     """A plain array (``.npy``, or ``.npz`` with ``features`` and optional ``views``) as a store.
 
@@ -384,12 +379,12 @@ def open_array_store(path: str | Path, items: str | Path | None = None, require_
         items = Path(items)
         if not items.is_file():
             raise MakError(f"{items}: items file not found")
-        if _count_lines(items) != n:
-            raise MakError(f"{items}: {_count_lines(items)} item lines but {path} has {n} rows")
+        n_items = _count_lines(items)
+        if n_items != n:
+            raise MakError(f"{items}: {n_items} item lines but {path} has {n} rows")
     r = d = 0
     if views is not None:
-        if views.ndim != 3 or views.shape[0] < 2 or views.shape[1] != n:
-            raise MakError(f"{path}:views: expected R x {n} x d with R >= 2, found shape {views.shape}")
+        _check_array_views(views, n, f"{path}:views")
         r, d = views.shape[0], views.shape[2]
     elif require_views:
         raise MakError(f"{path}: has no augmented views (this strategy needs them: `mak embed` makes them)")
@@ -424,9 +419,7 @@ def import_store(features: str | Path, out: str | Path, items: str | Path | None
     atomically, so a failure leaves nothing at ``out``.
     """
     src = open_array_store(features, items)
-    view_arr = None if views is None else _open_npy(Path(views))
-    if view_arr is not None and (view_arr.ndim != 3 or view_arr.shape[0] < 2 or view_arr.shape[1] != src.num_rows):
-        raise MakError(f"{views}: expected R x {src.num_rows} x d views with R >= 2, found shape {view_arr.shape}")
+    view_arr = None if views is None else _check_array_views(_open_npy(Path(views)), src.num_rows, str(views))
     if view_arr is not None and src.has_views:
         raise MakError(f"{features} already holds views; drop --views {views}")
     src.check_finite()

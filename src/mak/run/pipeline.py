@@ -31,6 +31,7 @@ Layout (repeat r uses seed ``run.seed + r``)::
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -591,13 +592,13 @@ def paired_gains(per_class: dict[str, float], base: dict[str, float], groups: di
     return out
 
 
-def _gains_entry(plan: Plan, name: str) -> dict[str, Any] | None:
+def _gains_entry(plan: Plan, name: str, read_eval: Callable[[int, str], dict]) -> dict[str, Any] | None:
     """``name``'s paired per-class gains over "none": per group, mean and 95% interval over seeds."""
     per_seed: dict[str, list[float]] = {}
-    for roles in plan.repeats:
+    for r, roles in enumerate(plan.repeats):
         if name not in roles["eval"] or "none" not in roles["eval"]:
             return None
-        ev, base = (json.loads((roles["eval"][k].path / "eval.json").read_text()) for k in (name, "none"))
+        ev, base = read_eval(r, name), read_eval(r, "none")
         pc, pb = ((e.get("per_class") or {}).get("fewshot") or {} for e in (ev, base))
         for g, v in paired_gains(pc, pb, ev.get("groups") or {}).items():
             per_seed.setdefault(g, []).append(v)
@@ -612,13 +613,19 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
 
     ``strategies`` limits the entries (default: "none" and every strategy of the plan)."""
     names = strategies if strategies is not None else ["none", *plan.config["select"]["strategies"]]
+
+    @functools.lru_cache(maxsize=None)
+    def read_eval(r: int, name: str) -> dict:  # each eval.json read once (the gains read "none"'s again)
+        stage = plan.repeats[r]["eval"].get(name)
+        return json.loads((stage.path / "eval.json").read_text()) if stage is not None else {}
+
     out = []
     for name in names:
         per_rep = []
-        for roles in plan.repeats:
+        for r, roles in enumerate(plan.repeats):
             if name == "none" and name not in roles["eval"]:
                 break  # a select-only run: no seed-alone baseline
-            ev = json.loads((roles["eval"][name].path / "eval.json").read_text()) if name in roles["eval"] else {}
+            ev = read_eval(r, name)
             an = None
             if name != "none":
                 f = roles["select"][name].path / "analysis.json"
@@ -655,7 +662,7 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
         if classes:
             entry["per_class_acc"] = {c: agg(f"class {c}") for c in classes}
         if name != "none":
-            gains = _gains_entry(plan, name)
+            gains = _gains_entry(plan, name, read_eval)
             if gains:
                 entry["gain"] = gains
         out.append(entry)

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -301,19 +302,29 @@ def build_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
 WEIGHT_PREFIXES = ("module.", "backbone.", "model.", "encoder.")  # stripped until a key is the backbone's
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+class Weights(NamedTuple):
+    """A state dict read by :func:`read_weights`, with the sha256 of the bytes it was read from."""
+
+    state: dict[str, torch.Tensor]
+    sha256: str
+    path: str
+
+
+def read_weights(path: str | os.PathLike) -> Weights:
     """A state dict from ``path``: safetensors, or a ``torch.save`` file read with ``weights_only``
-    (a dict of tensors, or one holding it under ``state_dict`` or ``model``, as mak's checkpoints do)."""
+    (a dict of tensors, or one holding it under ``state_dict`` or ``model``, as mak's checkpoints do).
+    The file is read once: the hash is of the bytes the tensors come from."""
     p = Path(path)
     if not p.is_file():
         raise MakError(f"{p}: weights file not found")
+    data = p.read_bytes()
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load as load_safetensors
 
-            state = load_file(str(p))
+            state = load_safetensors(data)
         else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except ImportError:
         raise MakError(f"{p}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
     except Exception as exc:
@@ -323,16 +334,17 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MakError(f"{p}: expected a state dict (names -> tensors)")
-    return state
+    return Weights(state, hashlib.sha256(data).hexdigest(), str(path))
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load the tensors of ``path`` that name ``backbone``'s (after stripping :data:`WEIGHT_PREFIXES`).
+def load_backbone_weights(backbone: nn.Module, weights: Weights) -> dict[str, Any]:
+    """Load the tensors of ``weights`` (:func:`read_weights`) that name ``backbone``'s, after
+    stripping :data:`WEIGHT_PREFIXES`.
 
     Tensors the backbone lacks (a classifier, a projection head) are left out and counted; a shape
     mismatch or no match at all is a :class:`MakError`. Returns what was loaded, for the record.
     """
-    state, own = read_weights(path), backbone.state_dict()
+    state, own, path = weights.state, backbone.state_dict(), weights.path
     mapped: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         name = key
@@ -347,8 +359,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[
         raise MakError(f"{path}: none of its {len(state)} tensors is one of the backbone's "
                        f"(its first: {', '.join(list(state)[:3])}; the backbone's: {', '.join(list(own)[:3])})")
     backbone.load_state_dict(mapped, strict=False)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"file": str(path), "sha256": digest, "loaded": len(mapped), "missing": len(own) - len(mapped),
+    return {"file": path, "sha256": weights.sha256, "loaded": len(mapped), "missing": len(own) - len(mapped),
             "unused": len(state) - len(mapped)}
 
 
@@ -410,5 +421,5 @@ class FrozenEncoder(nn.Module):
 def frozen_encoder(weights: str | os.PathLike, backbone: str, channels: int) -> tuple[FrozenEncoder, dict[str, Any]]:
     """``backbone`` with ``weights`` loaded (:func:`load_backbone_weights`), in eval mode, and what was loaded."""
     net, dim = build_backbone(backbone, int(channels))
-    info = load_backbone_weights(net, weights)
+    info = load_backbone_weights(net, read_weights(weights))
     return FrozenEncoder(net, dim).eval(), info

@@ -361,11 +361,11 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         raise MakError(f"--epochs must be >= 1, got {epochs}")
     run = _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed,
                      image_size, channels, device, amp, channels_last, num_workers)
-    run.weights = weights
     if weights is not None:  # the weights' hash keys the run (a resume must start from the same ones)
-        if not Path(weights).is_file():
-            raise MakError(f"{weights}: weights file not found")
-        run.config["init_weights"] = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+        from mak.train.models import read_weights
+
+        run.weights = read_weights(weights)
+        run.config["init_weights"] = run.weights.sha256
     with job_lock(run.out_dir):  # one writer per checkpoint directory
         path = _train(run, resume, epochs, seed, stop_after, progress)
         if run.main_proc:  # temporaries of killed writes of this directory's files
@@ -445,7 +445,7 @@ class _Run:
     use_cl: bool
     workers: int
     config: dict = field(default_factory=dict)
-    weights: Any = None  # pretrained backbone weights to start from (a path), or None
+    weights: Any = None  # pretrained backbone weights to start from (mak.train.models.Weights), or None
 
     @property
     def main_proc(self) -> bool:
