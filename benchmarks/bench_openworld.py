@@ -62,6 +62,24 @@ def run_steps_none(steps, epochs, seed: int):
     return steps
 
 
+def outside_seed_classes(plan, name: str, an: dict) -> str:
+    """One line: the pick's count of each class the seed lacks, its junk, and the gate's counts."""
+    roles = plan.repeats[0]
+    if "bench" not in roles:
+        return ""
+    manifest = json.loads((roles["bench"].path / "benchmark.json").read_text())
+    near = manifest.get("near_classes") or []
+    if not near:
+        return ""
+    names = manifest["class_names"]
+    parts = [f"{names[str(c)]} {an['counts'][str(c)]}" for c in near] + [f"out-of-domain {an['ood_count']}"]
+    counts = json.loads((roles["select"][name].path / "summary.json").read_text()).get("counts") or {}
+    if "gate_kept" in counts:
+        parts.append(f"gate kept {counts['gate_kept']}, filled {counts.get('gate_filled', 0)}, "
+                     f"short {counts.get('gate_short', 0)}")
+    return ", ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench-openworld", help="run directory (cached stages)")
@@ -69,6 +87,10 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="benchmark scale")
     ap.add_argument("--ood-ratio", type=float, default=1.0,
                     help="out-of-domain pool images per in-domain one (default 1: half junk; 4: 80%%)")
+    ap.add_argument("--pool-classes", default="all", metavar="all|disjoint",
+                    help="disjoint: the pool holds none of the seed's classes (the paper's setting)")
+    ap.add_argument("--near-classes", type=int, default=None, metavar="K",
+                    help="K classes only in the pool (default 0, or 4 with --pool-classes disjoint)")
     ap.add_argument("--strategies", nargs="+", default=ALL)
     ap.add_argument("--epochs", type=int, default=30, help="SimCLR epochs (pretrain and re-train)")
     ap.add_argument("--backbone", default="smallconv")
@@ -88,12 +110,14 @@ def main() -> None:
     def make_plan(seed: int, match: str):
         cfg = load_config(None, [
             "data.benchmark.build=true", f"data.benchmark.scale={args.scale}", f"data.benchmark.seed={seed}",
-            f"data.benchmark.ood_ratio={args.ood_ratio}",
+            f"data.benchmark.ood_ratio={args.ood_ratio}", f"data.benchmark.pool_classes={args.pool_classes}",
+            f"data.benchmark.near_classes={json.dumps(args.near_classes)}",
             f"run.seed={seed}", f"pretrain.epochs={args.epochs}", f"pretrain.backbone={args.backbone}",
             f"select.strategies={json.dumps(args.strategies)}", f"retrain.match={match}", "run.name=openworld",
             *args.overrides])
         return build_plan(cfg, Path(args.out) / f"seed{seed}-{match}")
 
+    picks: dict[str, list[str]] = {}  # per strategy: a line per seed of what falls outside the seed's classes
     for seed in args.seeds:
         plan = make_plan(seed, first)
         plans.append(plan)
@@ -107,16 +131,27 @@ def main() -> None:
             steps_plans.append(run_steps_none(make_plan(seed, "steps"), plan, seed))
         for name in args.strategies:
             an = json.loads((plan.repeats[0]["select"][name].path / "analysis.json").read_text())
-            r = rows.setdefault(name, {k: [] for k in ("ood", "few", "many", "entropy")})
+            r = rows.setdefault(name, {k: [] for k in ("ood", "near", "few", "many", "entropy")})
             r["ood"].append(an["ood_rate"])
+            r["near"].append(an.get("near_rate", 0.0))
             r["few"].append(an["few_share"])
             r["many"].append(an["many_share"])
             r["entropy"].append(an["balance"]["entropy"])
+            picks.setdefault(name, []).append(outside_seed_classes(plan, name, an))
+    setting = f"pool classes {args.pool_classes}" + (f", {args.near_classes} near" if args.near_classes else "")
     print(f"\nSelection on the open-world benchmark (scale {args.scale}, out-of-domain ratio {args.ood_ratio:g}, "
-          f"seeds {args.seeds}, mean±std, %)")
-    print(f"{'strategy':<20}{'OOD share':>14}{'Few share':>14}{'Many share':>14}{'balance H/logC':>18}")
+          f"{setting}, seeds {args.seeds}, mean±std, %; 'near' = classes the seed lacks)")
+    print(f"{'strategy':<20}{'OOD share':>14}{'near share':>14}{'Few share':>14}{'Many share':>14}"
+          f"{'balance H/logC':>18}")
     for name, r in rows.items():
-        print(f"{name:<20}{fmt(r['ood']):>14}{fmt(r['few']):>14}{fmt(r['many']):>14}{fmt(r['entropy'], False):>18}")
+        print(f"{name:<20}{fmt(r['ood']):>14}{fmt(r['near']):>14}{fmt(r['few']):>14}{fmt(r['many']):>14}"
+              f"{fmt(r['entropy'], False):>18}")
+    if any(an_line for lines in picks.values() for an_line in lines):
+        print("\nOutside the seed's classes, per seed: images of each class the seed lacks, out-of-domain images, "
+              "and robust's gate (pool images kept; rejected ones filled in; budget left unspent)")
+        for name, lines in picks.items():
+            for seed, line in zip(args.seeds, lines):
+                print(f"{name:<20}seed {seed}: {line}")
     if not args.selection_only:
         per: dict[str, dict[str, list]] = {}
         for plan in plans:

@@ -54,6 +54,23 @@ def test_analyse_selection_by_hand():
     assert "few" in format_analysis({"x": r})
 
 
+def test_classes_outside_the_groups_are_near():
+    """Classes the seed lacks count as near: shares still sum to 1, balance is over the seed's classes."""
+    groups = {"many": [0], "medium": [1], "few": [2]}
+    selected = [-1, 0, 1, 2, 2, 3, 3, 3, 4, -1]  # OOD 2, many 1, medium 1, few 2, near 3 + 1
+    seed = [0] * 6 + [1] * 3 + [2]
+    r = analyse_selection(selected, seed, groups, num_classes=5)
+    assert r["near_count"] == 4 and r["near_rate"] == pytest.approx(0.4)
+    assert r["many_share"] + r["medium_share"] + r["few_share"] + r["near_rate"] + r["ood_rate"] == pytest.approx(1.0)
+    p = np.array([7, 4, 3]) / 14  # seed + pick over classes 0, 1, 2 only
+    assert r["balance"]["entropy"] == pytest.approx(-(p * np.log(p)).sum() / math.log(3))
+    assert r["balance"]["imbalance"] == pytest.approx(7 / 3) and r["seed_balance"]["imbalance"] == 6.0
+    assert r["counts"]["3"] == 3 and r["counts"]["4"] == 1
+    full = analyse_selection([0, 1, 2, -1], seed, groups, num_classes=3)
+    assert full["near_count"] == 0 and full["near_rate"] == 0.0
+    assert "near" in format_analysis({"x": r})
+
+
 def test_analyse_selection_edge_cases():
     groups = {"many": [0], "medium": [], "few": [1]}
     r = analyse_selection([], [0, 1], groups, num_classes=2)

@@ -114,6 +114,31 @@ def test_profile_scaled_and_limits():
             openworld.benchmark_counts(0.1, ood_ratio=bad)
 
 
+def test_counts_with_classes_the_seed_lacks():
+    base = openworld.benchmark_counts(1.0)
+    assert openworld.benchmark_counts(1.0, near_classes=0) == base
+    c = openworld.benchmark_counts(1.0, near_classes=2)
+    # the seed: the same profile over 8 ranks; the last 2 ranks only in the pool, 2,000 each
+    assert c["seed"] == [int(np.floor(1000 * 100 ** (-k / 7) + 0.5)) for k in range(8)] + [0, 0]
+    assert c["pool"] == [int(np.floor(2000 * 10 ** (-k / 7) + 0.5)) for k in range(8)] + [2000, 2000]
+    assert c["pool_ood"] == [sum(c["pool"])]
+    for split in ("fullshot", "fewshot", "test"):
+        assert c[split] == base[split][:8] + [0, 0]
+    d = openworld.benchmark_counts(1.0, pool_classes="disjoint")  # K defaults to 4
+    assert d["seed"] == [1000, 398, 158, 63, 25, 10, 0, 0, 0, 0]
+    assert d["pool"] == [0] * 6 + [2000] * 4 and d["pool_ood"] == [8000]
+    assert openworld.benchmark_counts(0.5, pool_classes="disjoint", near_classes=1, ood_ratio=4)["pool"] == \
+        [0] * 9 + [1000]
+    assert openworld.group_ranks(num_classes=6) == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+    assert openworld.group_ranks(num_classes=8) == {"many": [0, 1], "medium": [2, 3, 4, 5], "few": [6, 7]}
+    for pool_classes, k, match in (("all", 9, "near-classes must be an integer from 0 to 8"),
+                                   ("all", -1, "from 0 to 8"), ("all", 1.5, "from 0 to 8"),
+                                   ("disjoint", 0, "from 1 to 8 when --pool-classes is disjoint"),
+                                   ("some", None, "pool-classes must be one of all, disjoint")):
+        with pytest.raises(MakError, match=match):
+            openworld.benchmark_counts(1.0, pool_classes=pool_classes, near_classes=k)
+
+
 # --------------------------------------------------------------------------- built benchmark
 
 
@@ -196,6 +221,47 @@ def test_ood_ratio_sets_the_junk_share_of_the_pool(bench, fake_data, tmp_path):
     assert m3["counts"]["seed"] == m["counts"]["seed"] and m3["class_order"] == m["class_order"]
 
 
+def _labels_of(path: Path) -> np.ndarray:
+    return np.array([lab for _, lab in _read_split(path)])
+
+
+def test_disjoint_pool_holds_no_seed_class(bench, fake_data, fonts, tmp_path):
+    m = openworld.build_benchmark(tmp_path / "d", seed=3, scale=SCALE, data_dir=fake_data, pool_classes="disjoint")
+    seed_classes, near = m["seed_classes"], m["near_classes"]
+    assert m["pool_classes"] == "disjoint" and len(seed_classes) == 6 and len(near) == 4
+    assert seed_classes + near == m["class_order"] == bench[1]["class_order"]
+    assert sorted(c for g in ("many", "medium", "few") for c in m["groups"][g]) == sorted(seed_classes)
+    assert [len(m["groups"][g]) for g in ("many", "medium", "few")] == [2, 2, 2]
+    pool = _labels_of(tmp_path / "d" / "pool.txt")
+    assert set(pool[pool >= 0].tolist()) == set(near)
+    assert all(int((pool == c).sum()) == 100 for c in near)  # 2,000 x SCALE each
+    assert int((pool == -1).sum()) == 400 == m["counts"]["pool"]["-1"]  # ood_ratio 1 x 4 x 100
+    for split in ("seed", "fullshot", "fewshot", "test"):
+        assert set(_labels_of(tmp_path / "d" / f"{split}.txt").tolist()) == set(seed_classes), split
+    assert m["budget"] == 2 * m["totals"]["seed"]
+    assert "classes the seed lacks (the pool holds only these)" in openworld.summary(m)
+    # seed images and pool images are still distinct Fashion-MNIST images
+    prov = dict(line.split(" ", 1) for line in (tmp_path / "d" / "sources.txt").read_text().splitlines())
+    fm = [v for v in prov.values() if v.startswith("fmnist-train")]
+    assert len(fm) == len(set(fm))
+
+
+def test_near_classes_only_in_the_pool(bench, fake_data, fonts, tmp_path):
+    out, m0 = bench
+    # K = 0 spelled out is the default benchmark, byte for byte
+    openworld.build_benchmark(tmp_path / "k0", seed=3, scale=SCALE, data_dir=fake_data, near_classes=0)
+    assert _tree_digest(tmp_path / "k0") == _tree_digest(out)
+    m = openworld.build_benchmark(tmp_path / "k2", seed=3, scale=SCALE, data_dir=fake_data, near_classes=2)
+    near, seed_classes = m["near_classes"], m["seed_classes"]
+    assert near == m0["class_order"][8:] and len(seed_classes) == 8
+    pool = _labels_of(tmp_path / "k2" / "pool.txt")
+    assert set(pool[pool >= 0].tolist()) == set(range(10))
+    assert [int((pool == c).sum()) for c in near] == [100, 100]
+    assert set(_labels_of(tmp_path / "k2" / "seed.txt").tolist()) == set(seed_classes)
+    assert set(_labels_of(tmp_path / "k2" / "test.txt").tolist()) == set(seed_classes)
+    assert openworld.seed_counts(m) == {c: m["counts"]["seed"][str(c)] for c in seed_classes}
+
+
 def test_build_errors(fake_data, tmp_path):
     with pytest.raises(MakError, match="dataset-fashion-mnist"):
         openworld.build_benchmark(tmp_path / "x", scale=SCALE, data_dir=tmp_path)
@@ -265,6 +331,16 @@ def test_cli_bench_build(fake_data, tmp_path, capsys, fonts):
                "--ood-ratio", "-1"])
     assert rc == 2 and "ood-ratio must be a number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+    rc = main(["bench", "build", "--out", str(tmp_path / "dj"), "--scale", str(SCALE), "--data-dir", str(fake_data),
+               "--pool-classes", "disjoint", "--near-classes", "3", "-q"])
+    m = openworld.load_manifest(tmp_path / "dj")
+    assert rc == 0 and m["pool_classes"] == "disjoint" and len(m["near_classes"]) == 3
+    for bad, named in ((["--near-classes", "9"], "--near-classes"), (["--pool-classes", "none"], "--pool-classes")):
+        rc = main(["bench", "build", "--out", str(tmp_path / "r3"), "--scale", str(SCALE),
+                   "--data-dir", str(fake_data), *bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and named in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "r3").exists()
     rc = main(["bench", "build", "--out", str(tmp_path / "n"), "--data-dir", str(tmp_path / "nowhere")])
     assert rc == 2
     assert "Fashion-MNIST not found" in capsys.readouterr().err

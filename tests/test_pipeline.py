@@ -328,20 +328,26 @@ def test_demo_smallest_scale(cli, tmp_path, capsys):
     assert not (out / "r0" / "embed-pool-mix" / "views.npy").exists()  # robust's default needs no views
 
 
+BENCH_BASE = ["data.benchmark.build=true", "data.benchmark.scale=0.02"]
+
+
+def bench_stage(run_dir, *extra):
+    """The benchmark stage of a plan for the benchmark at scale 0.02 with ``extra`` settings."""
+    from mak.run.pipeline import build_plan
+
+    plan = build_plan(load_config(None, [*BENCH_BASE, *extra]), run_dir)
+    return next(st for st in plan.stages if st.name.startswith("bench/"))
+
+
 def test_benchmark_ood_ratio_is_keyed_only_when_set(tmp_path):
     """A half-junk run keeps its cached stages; another junk ratio is a new benchmark, passed to the builder."""
     from mak.run.pipeline import build_plan
 
-    base = ["data.benchmark.build=true", "data.benchmark.scale=0.02"]
-
-    def bench_stage(*extra):
-        plan = build_plan(load_config(None, [*base, *extra]), tmp_path)
-        return next(st for st in plan.stages if st.name.startswith("bench/"))
-
-    default = bench_stage()
+    base = BENCH_BASE
+    default = bench_stage(tmp_path)
     assert "ood_ratio" not in default.params
-    assert bench_stage("data.benchmark.ood_ratio=1").key == default.key
-    four = bench_stage("data.benchmark.ood_ratio=4")
+    assert bench_stage(tmp_path, "data.benchmark.ood_ratio=1").key == default.key
+    four = bench_stage(tmp_path, "data.benchmark.ood_ratio=4")
     assert four.params["ood_ratio"] == 4.0 and four.key != default.key
     # every stage downstream of the benchmark moves with it
     plan1 = build_plan(load_config(None, base), tmp_path)
@@ -384,3 +390,21 @@ def test_paired_gains_are_class_by_class_and_their_interval_is_a_t_interval():
     assert iv["mean"] == pytest.approx(0.02) and iv["values"] == values
     assert iv["ci95"] == pytest.approx(4.303 * np.std(values, ddof=1) / np.sqrt(3))
     assert interval95([0.5])["ci95"] is None
+
+
+def test_benchmark_classes_are_keyed_only_when_they_change_the_pool(tmp_path):
+    """The default pool keeps its key; equal class settings share one; others reach the builder."""
+    default = bench_stage(tmp_path)
+    assert "pool_classes" not in default.params and "near_classes" not in default.params
+    assert bench_stage(tmp_path, "data.benchmark.near_classes=0").key == default.key
+    near = bench_stage(tmp_path, "data.benchmark.near_classes=2")
+    assert near.params["near_classes"] == 2 and near.key != default.key
+    disjoint = bench_stage(tmp_path, "data.benchmark.pool_classes=disjoint")
+    assert disjoint.params == {**default.params, "pool_classes": "disjoint", "near_classes": 4}
+    assert bench_stage(tmp_path, "data.benchmark.pool_classes=disjoint", "data.benchmark.near_classes=4").key == disjoint.key
+    for extra, named in ((["data.benchmark.pool_classes=other"], "data.benchmark.pool_classes"),
+                         (["data.benchmark.near_classes=9"], "data.benchmark.near_classes"),
+                         (["data.benchmark.pool_classes=disjoint", "data.benchmark.near_classes=0"],
+                          "data.benchmark.near_classes")):
+        with pytest.raises(MakError, match=named):
+            load_config(None, [*BENCH_BASE, *extra])

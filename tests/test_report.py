@@ -340,3 +340,16 @@ def test_paired_gain_columns(fake_run):
     assert "Gain over the seed alone (paired)" in text
     row = _row(text, "robust")
     assert '2.1<span class="sd">&plusmn;0.8</span>' in row and '5.4<span class="sd">&plusmn;3.0</span>' in row
+
+
+def test_near_share_column_only_where_some_pick_holds_classes_the_seed_lacks(fake_run: dict) -> None:
+    text = _write(fake_run)
+    assert "Near share" not in text and "classes the seed lacks" not in text  # no figure: no column
+    zero = [{**r, "near_rate": 0.0} if r["strategy"] != "none" else r for r in fake_run["results"]]
+    assert "Near share" not in _write(fake_run, results=zero)  # all zero: the default benchmark
+    near = [{**r, "near_rate": {"mean": 0.25, "std": 0.01}} if r["strategy"] == "robust" else r
+            for r in zero]
+    text = _write(fake_run, results=near)
+    assert "Near share" in text
+    assert "25.0<span class=\"sd\">&plusmn;1.0</span>" in _row(text, "robust")
+    assert 'title="classes the seed lacks: 25.0%"' in text  # its segment of robust's composition bar

@@ -117,14 +117,38 @@ def test_gate_in_the_strategy_counts_rejections_and_reports_histograms(world):
     json.dumps(info)  # lands in summary.json as is
 
 
+def test_too_few_gated_images_pick_only_those(world):
+    """By default a pick never reaches beyond the gate: it is smaller than the budget, and says so."""
+    seed, pool_in, junk, _, _ = world
+    pool = np.concatenate([pool_in[:20], junk])
+    views = make_views(np.random.default_rng(1), pool)
+    kw = dict(strategy="robust", clusters=5, partitions=1, gate_score="centroid", gate_clusters=5)
+    sel = mak.select(seed, pool, views, 30, **kw)
+    kept = sel.info["gate_kept"]
+    assert 0 < kept <= 20 and len(sel.indices) == kept
+    assert sel.info["gate_filled"] == 0 and sel.info["gate_short"] == 30 - kept
+    assert f"only {kept} pool images pass the gate" in sel.info["note"]
+    gated = np.flatnonzero(np.isfinite(sel.score))
+    assert set(sel.indices) == set(gated)
+    np.testing.assert_array_equal(sel.indices, gated[np.argsort(-sel.score[gated], kind="stable")])  # best first
+    # the same pick is the head of the filled one
+    filled = mak.select(seed, pool, views, 30, gate_fill="distance", **kw)
+    np.testing.assert_array_equal(filled.indices[:kept], sel.indices)
+    # nothing past the gate: an error naming the way out, not an empty pick
+    with pytest.raises(MakError, match="no pool image passes the in-domain gate.*gate_fill=distance"):
+        mak.select(seed, junk, make_views(np.random.default_rng(1), junk), 10, **kw)
+    with pytest.raises(MakError, match="gate_fill"):
+        mak.select(seed, pool, views, 30, gate_fill="nearest", **kw)
+
+
 def test_too_few_gated_images_are_filled_with_the_least_distant_rejected(world):
     seed, pool_in, junk, _, _ = world
     pool = np.concatenate([pool_in[:20], junk])
     views = make_views(np.random.default_rng(1), pool)
     sel = mak.select(seed, pool, views, 30, strategy="robust", clusters=5, partitions=1, gate_score="centroid",
-                     gate_clusters=5)
+                     gate_clusters=5, gate_fill="distance")
     kept = sel.info["gate_kept"]
-    assert kept <= 20 and sel.info["gate_filled"] == 30 - kept
+    assert kept <= 20 and sel.info["gate_filled"] == 30 - kept and sel.info["gate_short"] == 0
     assert "filled" in sel.info["note"]
     assert len(np.unique(sel.indices)) == 30
     rejected = np.flatnonzero(~np.isfinite(sel.score))
@@ -250,7 +274,7 @@ def test_cli_flags_are_the_declared_options(tmp_path, cli, capsys):
 
     given = dict(gate="off", gate_quantile="0.95", gate_folds="3", gate_score="centroid+ratio", gate_clusters="auto",
                  tail="ecle", fusion="z", share_k="20", share_reference="5000", gate_core_ratio="1.25",
-                 ratio_folds="3", ratio_hidden="16", ratio_epochs="9", ratio_bags="2")
+                 ratio_folds="3", ratio_hidden="16", ratio_epochs="9", ratio_bags="2", gate_fill="distance")
     assert set(given) == {o.name for o in OPTIONS} == set(DEFAULTS)  # every declared option has its flag
     argv = [x for k, v in given.items() for x in ("--" + k.replace("_", "-"), v)]
     params = params_from_args(build_parser().parse_args(
@@ -258,7 +282,7 @@ def test_cli_flags_are_the_declared_options(tmp_path, cli, capsys):
     assert robust_options({k: params[k] for k in DEFAULTS}) == dict(
         gate=False, gate_quantile=0.95, gate_folds=3, gate_score="centroid+ratio", gate_clusters="auto", tail="ecle",
         fusion="z", share_k=20, share_reference=5000, gate_core_ratio=1.25, ratio_folds=3, ratio_hidden=16,
-        ratio_epochs=9, ratio_bags=2)
+        ratio_epochs=9, ratio_bags=2, gate_fill="distance")
     params = params_from_args(build_parser().parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o"]))
     assert not set(params) & set(DEFAULTS)  # unset options keep the strategy's defaults
     for flag in ("--lof-k", "--share-smooth", "--knn-k", "--fusion-distance"):
@@ -268,7 +292,7 @@ def test_cli_flags_are_the_declared_options(tmp_path, cli, capsys):
 
 @pytest.mark.parametrize("bad", [["--tail", "x"], ["--fusion", "x"], ["--gate", "x"], ["--gate-clusters", "x"],
                                  ["--share-reference", "x"], ["--gate-core-ratio", "x"], ["--ratio-folds", "x"],
-                                 ["--ratio-epochs", "1.5"], ["--ratio-bags", "0"], ["--gate-score", "share+x"],
+                                 ["--ratio-epochs", "1.5"], ["--ratio-bags", "0"], ["--gate-score", "share+x"], ["--gate-fill", "x"],
                                  ["--gate-quantile", "x"]])
 def test_cli_bad_option_values_are_one_line_naming_the_flag(tmp_path, cli, capsys, bad):
     with pytest.raises(SystemExit) as exc:

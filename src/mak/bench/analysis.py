@@ -10,12 +10,14 @@ or selection reads them.
 - ``counts``: the number of selected items per class (``"0"`` .. ``"C-1"``);
 - ``group_share`` (and ``many_share`` / ``medium_share`` / ``few_share``): the share of the
   selection in each group of classes. The denominator is **all** selected items, out-of-domain
-  ones included, so ``many + medium + few + ood_rate == 1``: a strategy cannot raise its Few
-  share by picking junk;
-- ``balance``: the class balance of seed + selection (in-domain items only): the normalised
-  entropy ``H(p) / log(C)`` of the class distribution (1 = perfectly balanced, 0 = one class)
-  and the imbalance ratio ``max count / max(min count, 1)``; the same for the seed alone under
-  ``seed_balance``.
+  ones included, so ``many + medium + few + near_rate + ood_rate == 1``: a strategy cannot
+  raise its Few share by picking junk;
+- ``near_rate``: the share of the selection in classes outside the groups, i.e. images of the
+  seed's kind but of classes the seed lacks (0 when the groups cover every class);
+- ``balance``: the class balance of seed + selection over the grouped (seed) classes: the
+  normalised entropy ``H(p) / log(C)`` of the class distribution (1 = perfectly balanced, 0 =
+  one class) and the imbalance ratio ``max count / max(min count, 1)``; the same for the seed
+  alone under ``seed_balance``.
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def analyse_selection(
 
     ``groups`` maps ``many`` / ``medium`` / ``few`` to lists of class labels (e.g. a benchmark
     manifest's ``groups``). Returns a JSON-ready dict: ``n_selected``, ``ood_count``,
-    ``ood_rate``, ``counts`` (per class, string keys), ``group_counts``, ``group_share``,
+    ``ood_rate``, ``near_count``, ``near_rate``, ``counts`` (per class, string keys), ``group_counts``, ``group_share``,
     ``many_share``, ``medium_share``, ``few_share`` (shares of all selected items, OOD included),
     ``seed_counts``, ``combined_counts`` (seed + selection), ``balance`` (of seed + selection)
     and ``seed_balance``. An empty selection has rates and shares of 0.
@@ -121,11 +123,15 @@ def analyse_selection(
     ood = int((sel == OOD_LABEL).sum())
     group_counts = {g: int(sel_counts[grp[g]].sum()) if grp[g] else 0 for g in GROUPS}
     share = {g: (group_counts[g] / n if n else 0.0) for g in GROUPS}
+    grouped = sorted(c for g in GROUPS for c in grp[g])
+    near = int(sel_counts.sum()) - sum(group_counts.values())
     combined = seed_counts + sel_counts
     return {
         "n_selected": n,
         "ood_count": ood,
         "ood_rate": ood / n if n else 0.0,
+        "near_count": near,
+        "near_rate": near / n if n else 0.0,
         "counts": {str(c): int(sel_counts[c]) for c in range(num_classes)},
         "group_counts": group_counts,
         "group_share": share,
@@ -135,18 +141,19 @@ def analyse_selection(
         "groups": grp,
         "seed_counts": {str(c): int(seed_counts[c]) for c in range(num_classes)},
         "combined_counts": {str(c): int(combined[c]) for c in range(num_classes)},
-        "balance": balance(combined),
-        "seed_balance": balance(seed_counts),
+        "balance": balance(combined[grouped] if grouped else combined),
+        "seed_balance": balance(seed_counts[grouped] if grouped else seed_counts),
     }
 
 
 def format_analysis(results: Mapping[str, Mapping]) -> str:
     """A printable table of several analyses, ``{strategy: analyse_selection(...)}``."""
-    header = f"{'strategy':<22}{'n':>7}{'ood':>8}{'many':>8}{'medium':>8}{'few':>8}{'entropy':>9}{'imbal.':>8}"
+    header = (f"{'strategy':<22}{'n':>7}{'ood':>8}{'near':>8}{'many':>8}{'medium':>8}{'few':>8}"
+              f"{'entropy':>9}{'imbal.':>8}")
     lines = [header, "-" * len(header)]
     for name, r in results.items():
         lines.append(
-            f"{name:<22}{r['n_selected']:>7d}{r['ood_rate']:>8.3f}{r['many_share']:>8.3f}"
+            f"{name:<22}{r['n_selected']:>7d}{r['ood_rate']:>8.3f}{r['near_rate']:>8.3f}{r['many_share']:>8.3f}"
             f"{r['medium_share']:>8.3f}{r['few_share']:>8.3f}{r['balance']['entropy']:>9.3f}"
             f"{r['balance']['imbalance']:>8.1f}"
         )

@@ -30,6 +30,17 @@ Seed, pool, fullshot and fewshot use disjoint images of the 60,000 training imag
 the 10,000 test images. The labels are there for analysis and evaluation only: pretraining,
 embedding and selection must not read them.
 
+Classes the seed lacks (``near_classes`` K, default 0): the last K classes of the class order
+appear only in the pool, ``NEAR_PER_CLASS`` = 2,000 images each (as many as the pool's head
+class), the way a web pool holds images of the seed's kind but of other classes. The seed then
+holds the first ``10 - K`` classes (the same exponential profile over ``10 - K`` ranks: 1,000
+down to 10), the pool's seed classes the pool profile over those ranks, and the evaluation
+splits (fullshot, fewshot, test) the seed's classes only. ``pool_classes`` ``"disjoint"`` is
+the paper's setting (ImageNet-100-LT seed, ImageNet-900 pool): the pool holds **no** image of a
+seed class, only the K classes the seed lacks (K defaults to 4 there: a seed of six classes,
+1,000 / 398 / 158 / 63 / 25 / 10, two in each group) plus the out-of-domain images;
+``ood_ratio`` is relative to those K x 2,000 images.
+
 ``scale`` multiplies every count (rounded, at least 2 per class; the few-shot pool keeps at
 least ``2 * shots`` = 20 per class so that draws of 10 differ). The Many / Medium / Few groups
 are defined by the unrounded seed profile against thresholds ``300 * scale`` and ``30 * scale``
@@ -74,6 +85,9 @@ FEWSHOT_PER_CLASS = 100
 FEWSHOT_SHOTS = 10
 TEST_PER_CLASS = 1000
 MANY_THRESHOLD, FEW_THRESHOLD = 300.0, 30.0
+NEAR_PER_CLASS = POOL_MAX  # pool images of each class the seed lacks
+POOL_CLASSES: tuple[str, ...] = ("all", "disjoint")  # the pool holds the seed's classes, or only others
+DISJOINT_NEAR_CLASSES = 4  # classes the seed lacks when pool_classes is disjoint and K is not given
 TRAIN_PER_CLASS = 6000  # Fashion-MNIST's training images per class
 
 DEFAULT_DATA_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
@@ -183,24 +197,51 @@ def check_ood_ratio(value: Any, what: str = "--ood-ratio") -> None:
         raise MakError(f"{what} must be a number >= 0, got {value!r}")
 
 
-def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS, ood_ratio: float = 1.0) -> dict[str, list[int]]:
-    """Per-rank image counts of each split at ``scale`` (rank 0 = head class).
+def near_class_count(pool_classes: str = "all", near_classes: int | None = None,
+                     names: tuple[str, str] = ("--pool-classes", "--near-classes")) -> int:
+    """The number K of classes the seed lacks, checked: ``near_classes``, or 4 when disjoint, else 0.
+
+    The seed keeps at least two classes (K <= 8); a disjoint pool needs K >= 1. Errors name the
+    parameters as ``names`` (option names by default).
+    """
+    if pool_classes not in POOL_CLASSES:
+        raise MakError(f"{names[0]} must be one of {', '.join(POOL_CLASSES)}, got {pool_classes!r}")
+    if near_classes is None:
+        return DISJOINT_NEAR_CLASSES if pool_classes == "disjoint" else 0
+    low = 1 if pool_classes == "disjoint" else 0
+    if isinstance(near_classes, bool) or not isinstance(near_classes, int) or not low <= near_classes <= NUM_CLASSES - 2:
+        raise MakError(f"{names[1]} must be an integer from {low} to {NUM_CLASSES - 2} "
+                       f"when {names[0]} is {pool_classes}, got {near_classes!r}")
+    return near_classes
+
+
+def benchmark_counts(
+    scale: float = 1.0, shots: int = FEWSHOT_SHOTS, ood_ratio: float = 1.0,
+    pool_classes: str = "all", near_classes: int | None = None,
+) -> dict[str, list[int]]:
+    """Per-rank image counts of each split at ``scale`` (rank 0 = head class, 10 ranks).
 
     Keys: ``seed``, ``pool`` (in-domain only), ``pool_ood`` (one number: out-of-domain images,
     ``round(ood_ratio x`` the in-domain pool size``)``), ``fullshot``, ``fewshot``, ``test``.
+    The last K ranks (``near_classes``) are the classes the seed lacks: 0 in every split but the
+    pool; with ``pool_classes`` disjoint the seed's ranks have no pool images.
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise MakError(f"--scale must be a positive number, got {scale!r}")
     check_ood_ratio(ood_ratio)
+    k = near_class_count(pool_classes, near_classes)
+    s = NUM_CLASSES - k  # the seed's classes
+    near = [max(2, _round(NEAR_PER_CLASS * scale))] * k
+    pool_seed = [0] * s if pool_classes == "disjoint" else profile_counts(POOL_MAX, POOL_IMBALANCE, s, scale)
     counts = {
-        "seed": profile_counts(SEED_MAX, SEED_IMBALANCE, scale=scale),
-        "pool": profile_counts(POOL_MAX, POOL_IMBALANCE, scale=scale),
-        "fullshot": [max(2, _round(FULLSHOT_PER_CLASS * scale))] * NUM_CLASSES,
-        "fewshot": [max(2 * shots, _round(FEWSHOT_PER_CLASS * scale))] * NUM_CLASSES,
-        "test": [min(TEST_PER_CLASS, max(2, _round(TEST_PER_CLASS * scale)))] * NUM_CLASSES,
+        "seed": profile_counts(SEED_MAX, SEED_IMBALANCE, s, scale) + [0] * k,
+        "pool": pool_seed + near,
+        "fullshot": [max(2, _round(FULLSHOT_PER_CLASS * scale))] * s + [0] * k,
+        "fewshot": [max(2 * shots, _round(FEWSHOT_PER_CLASS * scale))] * s + [0] * k,
+        "test": [min(TEST_PER_CLASS, max(2, _round(TEST_PER_CLASS * scale)))] * s + [0] * k,
     }
     counts["pool_ood"] = [_round(ood_ratio * sum(counts["pool"]))]
-    need = counts["seed"][0] + counts["pool"][0] + counts["fullshot"][0] + counts["fewshot"][0]
+    need = max(sum(counts[split][r] for split in ("seed", "pool", "fullshot", "fewshot")) for r in range(NUM_CLASSES))
     if need > TRAIN_PER_CLASS:
         raise MakError(
             f"--scale {scale:g} needs {need} training images for the head class but Fashion-MNIST "
@@ -210,14 +251,15 @@ def benchmark_counts(scale: float = 1.0, shots: int = FEWSHOT_SHOTS, ood_ratio: 
     return counts
 
 
-def group_ranks(many: float = MANY_THRESHOLD, few: float = FEW_THRESHOLD) -> dict[str, list[int]]:
-    """Ranks in the Many (> many), Medium (few..many) and Few (< few) groups.
+def group_ranks(many: float = MANY_THRESHOLD, few: float = FEW_THRESHOLD,
+                num_classes: int = NUM_CLASSES) -> dict[str, list[int]]:
+    """Ranks in the Many (> many), Medium (few..many) and Few (< few) groups of a seed of ``num_classes``.
 
     Decided on the unrounded, unscaled seed profile against the unscaled thresholds, which is the
     same as the scaled profile against ``many * scale`` and ``few * scale`` before rounding.
     """
     out: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
-    for rank, x in enumerate(profile(SEED_MAX, SEED_IMBALANCE)):
+    for rank, x in enumerate(profile(SEED_MAX, SEED_IMBALANCE, num_classes)):
         out["many" if x > many else "few" if x < few else "medium"].append(rank)
     return out
 
@@ -273,6 +315,8 @@ def build_benchmark(
     overwrite: bool = False,
     fonts: Sequence[str | os.PathLike] | None = None,
     ood_ratio: float = 1.0,
+    pool_classes: str = "all",
+    near_classes: int | None = None,
 ) -> dict[str, Any]:
     """Build the open-world benchmark into directory ``out`` and return its manifest.
 
@@ -280,12 +324,15 @@ def build_benchmark(
     size. The directory is written atomically: it appears complete or not at all; an existing
     non-empty ``out`` is an error unless ``overwrite``. ``fonts`` overrides the fonts used for glyphs (default
     :func:`mak.bench.glyphs.find_fonts`). ``ood_ratio``: out-of-domain images per in-domain pool image
-    (default 1: a half-junk pool; 4 = 80% junk, as a web crawl is more like).
+    (default 1: a half-junk pool; 4 = 80% junk, as a web crawl is more like). ``near_classes``: how
+    many classes appear only in the pool; ``pool_classes="disjoint"``: the pool holds none of the
+    seed's classes (see the module docstring).
     """
     from mak.bench import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
 
     seed = int(seed)
-    counts = benchmark_counts(scale, ood_ratio=ood_ratio)
+    counts = benchmark_counts(scale, ood_ratio=ood_ratio, pool_classes=pool_classes, near_classes=near_classes)
+    num_seed = NUM_CLASSES - near_class_count(pool_classes, near_classes)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MakError(f"{out} exists and is not a directory")
@@ -347,7 +394,7 @@ def build_benchmark(
     if budget < 1 or budget > n_pool:
         raise MakError(f"--budget must be between 1 and the pool size {n_pool}, got {budget}")
 
-    ranks = group_ranks()
+    ranks = group_ranks(num_classes=num_seed)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -359,6 +406,9 @@ def build_benchmark(
         "num_classes": NUM_CLASSES,
         "class_names": {str(c): CLASS_NAMES[c] for c in range(NUM_CLASSES)},
         "class_order": class_order,
+        "seed_classes": class_order[:num_seed],
+        "near_classes": class_order[num_seed:],
+        "pool_classes": pool_classes,
         "ood_label": OOD_LABEL,
         "splits": {s: f"{s}.txt" for s in SPLITS},
         "sources": "sources.txt",
@@ -369,7 +419,8 @@ def build_benchmark(
         "group_thresholds": {"many": MANY_THRESHOLD * scale, "few": FEW_THRESHOLD * scale},
         "profiles": {
             "seed": {"max": SEED_MAX, "imbalance": SEED_IMBALANCE},
-            "pool": {"max": POOL_MAX, "imbalance": POOL_IMBALANCE, "ood_ratio": float(ood_ratio)},
+            "pool": {"max": POOL_MAX, "imbalance": POOL_IMBALANCE, "ood_ratio": float(ood_ratio),
+                     "near_per_class": NEAR_PER_CLASS},
         },
         "fewshot_shots": FEWSHOT_SHOTS,
         "budget": budget,
@@ -425,7 +476,8 @@ def split_path(bench: str | os.PathLike, split: str) -> Path:
 
 def seed_counts(manifest: dict[str, Any]) -> dict[int, int]:
     """Per-class (Fashion-MNIST label) image counts of the seed split of a manifest."""
-    return {int(c): int(n) for c, n in manifest["counts"]["seed"].items() if int(c) >= 0}
+    classes = {int(c) for c in manifest.get("seed_classes", manifest["class_order"])}
+    return {int(c): int(n) for c, n in manifest["counts"]["seed"].items() if int(c) in classes}
 
 
 def groups(manifest: dict[str, Any]) -> dict[str, list[int]]:
@@ -436,13 +488,19 @@ def groups(manifest: dict[str, Any]) -> dict[str, list[int]]:
 def summary(manifest: dict[str, Any]) -> str:
     """A few human-readable lines describing a built benchmark."""
     names = manifest["class_names"]
-    order = ", ".join(f"{c} ({names[str(c)]})" for c in manifest["class_order"])
+    seed_classes = manifest.get("seed_classes", manifest["class_order"])
+    order = ", ".join(f"{c} ({names[str(c)]})" for c in seed_classes)
     lines = [
         f"class order (head -> tail): {order}",
         "images: " + ", ".join(f"{s} {manifest['totals'][s]}" for s in SPLITS)
         + f" (pool: {manifest['counts']['pool'][str(OOD_LABEL)]} out-of-domain)",
-        "seed per class: " + " ".join(str(manifest["counts"]["seed"][str(c)]) for c in manifest["class_order"]),
+        "seed per class: " + " ".join(str(manifest["counts"]["seed"][str(c)]) for c in seed_classes),
         "groups: " + "; ".join(f"{g} {manifest['groups'][g]}" for g in ("many", "medium", "few")),
-        f"budget: {manifest['budget']}",
     ]
+    near = manifest.get("near_classes") or []
+    if near:
+        where = "the pool holds only these" if manifest.get("pool_classes") == "disjoint" else "pool only"
+        lines.append("classes the seed lacks (" + where + "): "
+                     + ", ".join(f"{c} ({names[str(c)]}) {manifest['counts']['pool'][str(c)]}" for c in near))
+    lines.append(f"budget: {manifest['budget']}")
     return "\n".join(lines)

@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--ood-ratio", type=float, default=1.0, metavar="R",
                    help="out-of-domain pool images per in-domain pool image (default 1: half the pool is "
                         "junk; 4: 80%%)")
+    b.add_argument("--pool-classes", default="all", metavar="all|disjoint",
+                   help="all: the pool holds the seed's classes (milder tail) and --near-classes others; "
+                        "disjoint: it holds only classes the seed lacks, as in the paper (default all)")
+    b.add_argument("--near-classes", type=int, default=None, metavar="K",
+                   help="K classes appear only in the pool, 2,000 images each; the seed keeps the other "
+                        "10 - K (default 0, or 4 with --pool-classes disjoint)")
     b.add_argument("--budget", type=int, default=None, metavar="N",
                    help="selection budget recorded in the manifest (default: 2 x seed size)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -41,7 +47,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     manifest = build_benchmark(args.out, seed=args.seed, scale=args.scale, data_dir=args.data_dir,
-                               budget=args.budget, overwrite=args.overwrite, ood_ratio=args.ood_ratio)
+                               budget=args.budget, overwrite=args.overwrite, ood_ratio=args.ood_ratio,
+                               pool_classes=args.pool_classes, near_classes=args.near_classes)
     if not args.quiet:
         print(summary(manifest))
         print(f"benchmark written to {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)

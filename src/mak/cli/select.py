@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 HELP = "pick N pool images from feature stores"  # the one line `mak --help` shows
 
@@ -90,4 +91,6 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     print(f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> {args.out}/selection.txt")
+    if sel.info.get("note"):  # e.g. fewer images than the budget pass robust's gate
+        print(f"mak select: note: {sel.info['note']}", file=sys.stderr)
     return 0

@@ -25,8 +25,11 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         # Either build the open-world benchmark from Fashion-MNIST ...
         # ood_ratio: out-of-domain pool images per in-domain one (1: half junk; 4: 80% junk).
+        # pool_classes: all (the pool holds the seed's classes) or disjoint (only classes the seed
+        # lacks, the paper's setting); near_classes: how many classes only the pool holds
+        # (null: 0, or 4 when disjoint).
         "benchmark": {"build": False, "scale": 1.0, "seed": None, "data_dir": None, "vary_with_repeat": True,
-                      "ood_ratio": 1.0},
+                      "ood_ratio": 1.0, "pool_classes": "all", "near_classes": None},
         # ... or point at your own images (split files with optional labels, or folders).
         "seed": {"split": None, "folder": None, "root": None},
         "pool": {"split": None, "folder": None, "webdataset": None, "root": None},  # webdataset: 'p-{000..099}.tar'
@@ -148,9 +151,11 @@ def validate(config: dict) -> None:
                                "is required (or set data.benchmark.build: true)")
         if config["select"]["budget"] is None:
             raise MakError("config: select.budget is required for user data")
-    from mak.bench.openworld import check_ood_ratio
+    from mak.bench.openworld import check_ood_ratio, near_class_count
 
     check_ood_ratio(data["benchmark"]["ood_ratio"], "config: data.benchmark.ood_ratio")
+    near_class_count(data["benchmark"]["pool_classes"], data["benchmark"]["near_classes"],
+                     ("config: data.benchmark.pool_classes", "data.benchmark.near_classes"))
     _check_kinds(config)
     from mak.selection.strategies import STRATEGIES
 
@@ -169,6 +174,7 @@ def _kinds() -> dict[str, Any]:
         "run.name": text, "run.seed": integer(0), "run.repeats": count, "run.device": text,
         "data.benchmark.build": switch, "data.benchmark.scale": number(0.0),
         "data.benchmark.seed": or_none(integer(0)), "data.benchmark.vary_with_repeat": switch,
+        "data.benchmark.pool_classes": text, "data.benchmark.near_classes": or_none(integer(0)),
         "pretrain.backbone": or_none(text), "pretrain.epochs": count, "pretrain.batch_size": integer(2),
         "pretrain.lr": number(0.0), "pretrain.warmup_epochs": or_none(integer(0)),
         "pretrain.image_size": or_none(count), "pretrain.amp": or_none(switch),

@@ -235,6 +235,7 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
             bp = {"seed": bseed, "scale": b["scale"], "data_dir": b["data_dir"]}
             if float(b["ood_ratio"]) != 1.0:  # keyed only when set, so half-junk runs keep their cache
                 bp["ood_ratio"] = float(b["ood_ratio"])
+            bp.update(_class_params(b["pool_classes"], b["near_classes"]))
             bench = plan.add(Stage(f"bench/r{r}", base / "bench", bp, [], _run_bench,
                                    ("benchmark.json", "seed.txt", "pool.txt")))
             roles["bench"] = bench
@@ -378,12 +379,24 @@ def _sources(stage: Stage) -> dict[str, Any]:
     return out
 
 
+def _class_params(pool_classes: str, near_classes: int | None) -> dict:
+    """The benchmark's class settings as stage parameters, keyed only where they differ from the
+    default pool (so existing runs keep their cache, and equal settings share one key)."""
+    from mak.bench.openworld import near_class_count
+
+    k = near_class_count(pool_classes, near_classes)
+    if pool_classes != "all":
+        return {"pool_classes": pool_classes, "near_classes": k}
+    return {"near_classes": k} if k else {}
+
+
 def _run_bench(stage: Stage) -> None:
     from mak.bench.openworld import build_benchmark
 
     p = stage.params
     build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], overwrite=True,
-                    ood_ratio=p.get("ood_ratio", 1.0))
+                    ood_ratio=p.get("ood_ratio", 1.0), pool_classes=p.get("pool_classes", "all"),
+                    near_classes=p.get("near_classes"))
 
 
 def _pretrain_kwargs(p: dict, n_images: int) -> dict:
@@ -605,7 +618,7 @@ def _gains_entry(plan: Plan, name: str, read_eval: Callable[[int, str], dict]) -
     return {g: interval95(v) for g, v in per_seed.items()} or None
 
 
-FIGURES = ("ood_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_std", "balance_entropy")
+FIGURES = ("ood_rate", "near_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_std", "balance_entropy")
 
 
 def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dict]:
@@ -633,6 +646,7 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
             g = ev.get("group_acc") or {}
             per_rep.append({
                 "ood_rate": an["ood_rate"] if an else None,
+                "near_rate": an.get("near_rate") if an else None,
                 "few_share": an["few_share"] if an else None,
                 "balance_entropy": an["balance"]["entropy"] if an else None,
                 "fullshot_acc": ev.get("fullshot_acc"), "fewshot_acc": ev.get("fewshot_acc"),

@@ -172,7 +172,7 @@ STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | Non
 # strategy -> behaviour version (default 1): bump it when a strategy picks differently for the same
 # inputs and options, so that `mak run` re-runs its cached select stage (mak.run.pipeline.stage_version)
 # Version 2 of the strategies that read the seed's k-means: it is the best of N_INIT starts.
-STRATEGY_VERSIONS: dict[str, int] = {"mak": 2, "proximity": 2, "tailness+proximity": 2, "robust": 3}
+STRATEGY_VERSIONS: dict[str, int] = {"mak": 2, "proximity": 2, "tailness+proximity": 2, "robust": 4}
 
 
 def _known(strategy: str) -> None:

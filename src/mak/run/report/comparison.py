@@ -16,7 +16,7 @@ import numpy as np
 from mak.run.report.charts import _legend
 from mak.run.report.format import _esc, _num, _pct
 from mak.run.report.inputs import _labels_of
-from mak.run.report.style import FEW_COLOR, NONE_COLOR, OOD_COLOR, REST_COLOR
+from mak.run.report.style import FEW_COLOR, NEAR_COLOR, NONE_COLOR, OOD_COLOR, REST_COLOR
 
 if TYPE_CHECKING:
     from mak.run.report.context import _Context
@@ -52,6 +52,7 @@ class _Col:
     lower_better: bool
     legend: str
     get: Callable[[Mapping[str, Any]], tuple[float, float | None] | None]
+    hide_if_zero: bool = False  # dropped when every row shows 0 (a figure only some benchmarks have)
 
 
 def _group_fig(g: str) -> Callable[[Mapping[str, Any]], tuple[float, float | None] | None]:
@@ -99,6 +100,9 @@ COLUMNS: tuple[_Col, ...] = (
     _Col("ood", "OOD rate", "Selection", True,
          "share of the selection that is out-of-domain (label -1): lower is better",
          lambda r: _fig(r.get("ood_rate"))),
+    _Col("near", "Near share", "Selection", False,
+         "share of the selection in classes the seed lacks (images of the seed's kind, other classes)",
+         lambda r: _fig(r.get("near_rate")), hide_if_zero=True),
     _Col("few_share", "Few share", "Selection", False,
          "share of the selection (out-of-domain included) that belongs to Few classes",
          lambda r: _fig(r.get("few_share"))),
@@ -179,7 +183,8 @@ def _table(ctx: _Context) -> str:
     if not ctx.results:
         return '<p class="note">No results.</p>'
     figs_all = [[c.get(r) for c in COLUMNS] for r in ctx.results]
-    keep = [j for j in range(len(COLUMNS)) if any(f[j] is not None for f in figs_all)]
+    keep = [j for j in range(len(COLUMNS)) if any(f[j] is not None for f in figs_all)
+            and not (COLUMNS[j].hide_if_zero and all(f[j] is None or f[j][0] == 0 for f in figs_all))]
     if not keep:
         return ('<p class="note">Nothing to compare: no strategy has a figure (a select-only run on '
                 'unlabeled data). The picks are in the sections below.</p>')
@@ -281,6 +286,8 @@ def _composition(ctx: _Context) -> str:
         return ""
     has_mm = any(_fig(r.get("many_share")) is not None for r in ctx.results)
     leg = [("out-of-domain", OOD_COLOR, "fill"), ("Few classes", FEW_COLOR, "fill")]
+    if any((_fig(r.get("near_rate")) or (0.0,))[0] > 0 for r in ctx.results):
+        leg.append(("classes the seed lacks", NEAR_COLOR, "fill"))
     if has_mm:
         leg += [("Medium classes", "#7fb3a0", "fill"), ("Many classes", "#98a6b8", "fill")]
     leg.append(("other in-domain" if not has_mm else "rest", REST_COLOR, "fill"))
@@ -295,6 +302,7 @@ def _composition_bar(r: Mapping[str, Any], ood: tuple[float, float | None] | Non
     segs = []
     used = 0.0
     for label, f, color in (("out-of-domain", ood, OOD_COLOR), ("Few classes", few, FEW_COLOR),
+                            ("classes the seed lacks", _fig(r.get("near_rate")), NEAR_COLOR),
                             ("Medium classes", _fig(r.get("medium_share")), "#7fb3a0"),
                             ("Many classes", _fig(r.get("many_share")), "#98a6b8")):
         if f is None:

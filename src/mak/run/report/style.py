@@ -12,6 +12,7 @@ SEED_COLOR = "#c3cad5"
 REST_COLOR = "#aab4c2"
 OOD_COLOR = "#d64545"
 FEW_COLOR = "#2f9e6a"
+NEAR_COLOR = "#d9a13b"  # classes the seed lacks
 EXTRA_COLORS = ("#374151", "#9ca3af", "#7c3aed", "#0f766e")
 
 CSS = """
