@@ -191,7 +191,23 @@ def main() -> None:
                     cells.append("-" if iv is None else f"{100 * iv['mean']:+.1f}" +
                                  ("" if iv["ci95"] is None else f"±{100 * iv['ci95']:.1f}"))
                 print(f"{name:<20}" + "".join(f"{c:>16}" for c in cells))
+        if "random" in per and "none (steps)" in per:
+            data_matters(per["random"], per["none (steps)"])
     print(f"\nwall time {time.perf_counter() - t0:.0f}s")
+
+
+def data_matters(random: dict, alone: dict) -> None:
+    """Does seed + random beat the seed alone trained for as many steps? Paired over seeds."""
+    print("\nData matters? seed + random minus the seed alone at matched steps, paired by seed (points; mean, "
+          "95% t-interval; 'yes' when the interval is above 0)")
+    for key in ("fewshot_acc", "fullshot_acc", "knn_acc"):
+        diffs = [a - b for a, b in zip(random[key], alone[key])]
+        if not diffs:
+            continue
+        iv = interval95(diffs)
+        ci = iv["ci95"]
+        verdict = "-" if ci is None else ("yes" if iv["mean"] - ci > 0 else "no")
+        print(f"  {key:<14}{100 * iv['mean']:+6.1f}" + ("" if ci is None else f" ±{100 * ci:.1f}") + f"   {verdict}")
 
 
 if __name__ == "__main__":

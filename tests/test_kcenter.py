@@ -68,6 +68,25 @@ def test_chunked_init_equals_unchunked(rng, monkeypatch):
     assert mak.kcenter_greedy(x, 40, init=init).tolist() == full.tolist()
 
 
+@pytest.mark.parametrize("with_init", [False, True])
+def test_blocked_threaded_update_matches_bruteforce_for_any_thread_count(rng, monkeypatch, with_init):
+    """The per-pick product over fixed row blocks spread over threads picks what the reference picks."""
+    import mak.selection.kcenter as kc
+
+    x = rng.normal(size=(1000, 6)).astype(np.float32)
+    init = rng.normal(size=(9, 6)).astype(np.float32) if with_init else None
+    monkeypatch.setattr(kc, "PICK_BLOCK", 64)  # 16 blocks, the last one short
+    ref = ref_kcenter(x, 20, init, seed=4)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert mak.kcenter_greedy(x, 20, init=init, seed=4).tolist() == ref, threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before  # the workers' one-thread setting stays theirs
+
+
 def test_torch_input_and_radius_decreases(rng):
     x = rng.normal(size=(200, 4)).astype(np.float32)
     picks = mak.kcenter_greedy(torch.from_numpy(x), 30, seed=2)

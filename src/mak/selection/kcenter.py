@@ -5,6 +5,11 @@ its smallest distance); each step picks the point with the smallest such similar
 the lowest index), then updates the vector with one matrix-vector product over the features.
 Memory O(N + chunk x chunk) beyond the features themselves; the initial centers are compared in
 chunks, never as an N x M matrix. Runs on the device of the features (or ``device``).
+
+On a CPU the per-pick product runs over fixed blocks of ``PICK_BLOCK`` rows, the blocks spread
+over the intra-op threads (one BLAS thread each): a matrix-vector product is one BLAS call that
+some libraries run on a single core, and the fixed blocks make every block's arithmetic the same
+for any thread count.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from mak._tensor import l2_normalize, resolve_device, to_tensor
 from mak.errors import MakError
 
 CHUNK = 4096  # chunk x chunk float32 similarity block: 64 MiB
+PICK_BLOCK = 16384  # rows per block of the per-pick product on a CPU (a multiple of every BLAS row block)
 
 
 def max_similarity(x: torch.Tensor, centers: Any, chunk: int = CHUNK) -> torch.Tensor:
@@ -65,14 +71,53 @@ def kcenter_greedy(features: Any, budget: int, init: Any = None, seed: int = 0,
             sim[first] = float("inf")
             start = 1
         bar = tqdm(total=budget, initial=start, desc="k-center", unit="pick", disable=not progress, leave=False)
-        for step in range(start, budget):
-            j = int(torch.argmin(sim))  # first occurrence: lowest index among ties
-            picks[step] = j
-            torch.maximum(sim, x @ x[j], out=sim)
-            sim[j] = float("inf")
-            bar.update(1)
+        with _Updater(x, sim) as update:
+            for step in range(start, budget):
+                j = int(torch.argmin(sim))  # first occurrence: lowest index among ties
+                picks[step] = j
+                update(j)
+                sim[j] = float("inf")
+                bar.update(1)
         bar.close()
     return picks
+
+
+class _Updater:
+    """``sim = max(sim, x @ x[j])``: one product on a GPU; fixed row blocks over the threads on a CPU."""
+
+    def __init__(self, x: torch.Tensor, sim: torch.Tensor):
+        self.x, self.sim = x, sim
+        n = int(x.shape[0])
+        self.blocks = [(lo, min(lo + PICK_BLOCK, n)) for lo in range(0, n, PICK_BLOCK)]
+        self.threads_before = torch.get_num_threads()
+        self.threads = min(self.threads_before, len(self.blocks)) if x.device.type == "cpu" else 1
+        self.pool = None
+
+    def __enter__(self):
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads, initargs=(1,))
+        return self.update
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            torch.set_num_threads(self.threads_before)  # BLAS keeps one process-wide count: the caller's back
+
+    def block(self, lo: int, hi: int, v: torch.Tensor) -> None:
+        with torch.inference_mode():  # thread-local: a worker enters it itself
+            torch.maximum(self.sim[lo:hi], self.x[lo:hi] @ v, out=self.sim[lo:hi])
+
+    def update(self, j: int) -> None:
+        v = self.x[j]
+        if self.x.device.type != "cpu":
+            torch.maximum(self.sim, self.x @ v, out=self.sim)
+        elif self.pool is None:
+            for lo, hi in self.blocks:
+                self.block(lo, hi, v)
+        else:
+            list(self.pool.map(lambda b: self.block(b[0], b[1], v), self.blocks))
 
 
 def covering_radius(features: Any, centers_idx: np.ndarray, init: Any = None,
