@@ -6,6 +6,7 @@ the selection itself (out-of-domain share, Few/Many share, balance of seed + pic
 
     python benchmarks/bench_openworld.py --seeds 100 101 102            # the reported table
     python benchmarks/bench_openworld.py --seeds 7 --selection-only     # a tuning seed, never reported
+    python benchmarks/bench_openworld.py --out runs/disjoint --scale 0.5 --pool-classes disjoint  # the paper's setting
 """
 from __future__ import annotations
 

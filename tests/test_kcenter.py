@@ -70,7 +70,7 @@ def test_chunked_init_equals_unchunked(rng, monkeypatch):
 
 @pytest.mark.parametrize("with_init", [False, True])
 def test_blocked_threaded_update_matches_bruteforce_for_any_thread_count(rng, monkeypatch, with_init):
-    """The per-pick product over fixed row blocks spread over threads picks what the reference picks."""
+    """The per-pick product over fixed column blocks spread over threads picks what the reference picks."""
     import mak.selection.kcenter as kc
 
     x = rng.normal(size=(1000, 6)).astype(np.float32)
@@ -85,6 +85,24 @@ def test_blocked_threaded_update_matches_bruteforce_for_any_thread_count(rng, mo
     finally:
         torch.set_num_threads(before)
     assert torch.get_num_threads() == before  # the workers' one-thread setting stays theirs
+
+
+def test_ties_across_blocks_go_to_lowest_index(monkeypatch):
+    """Exact ties whose copies sit in different blocks: each block's own minimum, merged, keeps the lowest index."""
+    import mak.selection.kcenter as kc
+
+    basis = np.eye(4, dtype=np.float32)
+    halves = np.array([[0.5, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, -0.5], [-0.5, 0.5, 0.5, -0.5]], dtype=np.float32)
+    x = np.concatenate([halves, basis, -basis, basis, halves] * 3)  # 57 rows, every direction 3-6 times
+    monkeypatch.setattr(kc, "PICK_BLOCK", 8)  # 8 blocks, the last one short
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert mak.kcenter_greedy(x, 12, init=basis[:1]).tolist() == ref_kcenter(x, 12, basis[:1], 0), threads
+            assert mak.kcenter_greedy(x, 10, seed=5).tolist() == ref_kcenter(x, 10, None, 5), threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_torch_input_and_radius_decreases(rng):

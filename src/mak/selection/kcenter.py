@@ -6,10 +6,13 @@ the lowest index), then updates the vector with one matrix-vector product over t
 Memory O(N + chunk x chunk) beyond the features themselves; the initial centers are compared in
 chunks, never as an N x M matrix. Runs on the device of the features (or ``device``).
 
-On a CPU the per-pick product runs over fixed blocks of ``PICK_BLOCK`` rows, the blocks spread
-over the intra-op threads (one BLAS thread each): a matrix-vector product is one BLAS call that
-some libraries run on a single core, and the fixed blocks make every block's arithmetic the same
-for any thread count.
+The normalised features are held as the columns of a d x N matrix: the per-pick product
+``v @ X`` then streams the matrix once at memory speed (the row-major product ``X @ v`` is a
+BLAS matrix-vector kernel that runs at well under half of it on AVX2 CPUs). On a CPU the product
+runs over fixed blocks of ``PICK_BLOCK`` columns spread over the intra-op threads (one BLAS thread
+each), and each block returns its own smallest similarity with the update, so the next pick needs
+no second pass over the vector; the fixed blocks make every block's arithmetic the same for any
+thread count.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from mak._tensor import l2_normalize, resolve_device, to_tensor
 from mak.errors import MakError
 
 CHUNK = 4096  # chunk x chunk float32 similarity block: 64 MiB
-PICK_BLOCK = 16384  # rows per block of the per-pick product on a CPU (a multiple of every BLAS row block)
+PICK_BLOCK = 16384  # columns per block of the per-pick product on a CPU
 
 
 def max_similarity(x: torch.Tensor, centers: Any, chunk: int = CHUNK) -> torch.Tensor:
@@ -59,38 +62,50 @@ def kcenter_greedy(features: Any, budget: int, init: Any = None, seed: int = 0,
     from tqdm.auto import tqdm
 
     with torch.inference_mode():
-        x = l2_normalize(to_tensor(features, dev))
+        xt = columns(features, dev)
         picks = np.empty(budget, dtype=np.int64)
         start = 0
         if init is not None and int(init.shape[0]) > 0:
-            sim = max_similarity(x, init)
+            sim = max_similarity(xt.T, init)
         else:
             first = int(np.random.default_rng(seed).integers(n))
             picks[0] = first
-            sim = x @ x[first]
+            sim = xt[:, first] @ xt
             sim[first] = float("inf")
             start = 1
         bar = tqdm(total=budget, initial=start, desc="k-center", unit="pick", disable=not progress, leave=False)
-        with _Updater(x, sim) as update:
+        with _Updater(xt, sim) as update:
+            j = int(torch.argmin(sim))  # first occurrence: lowest index among ties
             for step in range(start, budget):
-                j = int(torch.argmin(sim))  # first occurrence: lowest index among ties
                 picks[step] = j
-                update(j)
-                sim[j] = float("inf")
+                j = update(j)
                 bar.update(1)
         bar.close()
     return picks
 
 
-class _Updater:
-    """``sim = max(sim, x @ x[j])``: one product on a GPU; fixed row blocks over the threads on a CPU."""
+def columns(features: Any, device: torch.device, chunk: int = CHUNK) -> torch.Tensor:
+    """The L2-normalised rows of ``features`` as the columns of a d x N float32 tensor, ``chunk`` rows at a time."""
+    n, d = int(features.shape[0]), int(features.shape[1])
+    xt = torch.empty((d, n), dtype=torch.float32, device=device)
+    for lo in range(0, n, chunk):
+        xt[:, lo : lo + chunk] = l2_normalize(to_tensor(features[lo : lo + chunk], device)).T
+    return xt
 
-    def __init__(self, x: torch.Tensor, sim: torch.Tensor):
-        self.x, self.sim = x, sim
-        n = int(x.shape[0])
+
+class _Updater:
+    """``sim = max(sim, v @ X)`` with the pick pinned to +inf; returns the next pick (argmin, lowest index).
+
+    One product on a GPU; fixed column blocks over the threads on a CPU, each block reporting its
+    own minimum.
+    """
+
+    def __init__(self, xt: torch.Tensor, sim: torch.Tensor):
+        self.xt, self.sim = xt, sim
+        n = int(xt.shape[1])
         self.blocks = [(lo, min(lo + PICK_BLOCK, n)) for lo in range(0, n, PICK_BLOCK)]
         self.threads_before = torch.get_num_threads()
-        self.threads = min(self.threads_before, len(self.blocks)) if x.device.type == "cpu" else 1
+        self.threads = min(self.threads_before, len(self.blocks)) if xt.device.type == "cpu" else 1
         self.pool = None
 
     def __enter__(self):
@@ -105,19 +120,27 @@ class _Updater:
             self.pool.shutdown()
             torch.set_num_threads(self.threads_before)  # BLAS keeps one process-wide count: the caller's back
 
-    def block(self, lo: int, hi: int, v: torch.Tensor) -> None:
+    def block(self, lo: int, hi: int, v: torch.Tensor, j: int) -> tuple[float, int]:
+        """Update columns lo:hi; their smallest similarity and its (lowest) index."""
         with torch.inference_mode():  # thread-local: a worker enters it itself
-            torch.maximum(self.sim[lo:hi], self.x[lo:hi] @ v, out=self.sim[lo:hi])
+            s = self.sim[lo:hi]
+            torch.maximum(s, v @ self.xt[:, lo:hi], out=s)
+            if lo <= j < hi:
+                s[j - lo] = float("inf")
+            k = int(torch.argmin(s))
+            return float(s[k]), lo + k
 
-    def update(self, j: int) -> None:
-        v = self.x[j]
-        if self.x.device.type != "cpu":
-            torch.maximum(self.sim, self.x @ v, out=self.sim)
-        elif self.pool is None:
-            for lo, hi in self.blocks:
-                self.block(lo, hi, v)
+    def update(self, j: int) -> int:
+        v = self.xt[:, j].clone()
+        if self.xt.device.type != "cpu":
+            torch.maximum(self.sim, v @ self.xt, out=self.sim)
+            self.sim[j] = float("inf")
+            return int(torch.argmin(self.sim))
+        if self.pool is None:
+            mins = [self.block(lo, hi, v, j) for lo, hi in self.blocks]
         else:
-            list(self.pool.map(lambda b: self.block(b[0], b[1], v), self.blocks))
+            mins = list(self.pool.map(lambda b: self.block(b[0], b[1], v, j), self.blocks))
+        return min(mins)[1]  # smallest similarity; among equal ones the lowest index
 
 
 def covering_radius(features: Any, centers_idx: np.ndarray, init: Any = None,

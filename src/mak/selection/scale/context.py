@@ -36,11 +36,11 @@ rank 0 concatenates, so no rank gathers all N scores; rank 0 writes the other fi
 
 Exactness: ECLE, distances and z-scores are bit-identical to one process (same batch and chunk
 shapes, same summation order), and so is every ``scores.csv``. The k-center similarities are
-bit-identical across any number of ranks (blocks padded, see :mod:`mak.selection.scale.kcenter`), but the
-one-process :func:`mak.kcenter_greedy` lets MKL round the last few rows of its matrix-vector
-product differently, so exact greedy could in principle pick differently where two candidates'
-similarities tie to within one float32 ulp (e.g. exact duplicate rows at the tail of the
-matrix). Padding ``kcenter_greedy``'s matrix the same way would remove that case.
+bit-identical across any number of ranks (blocks padded, see :mod:`mak.selection.scale.kcenter`).
+The one-process :func:`mak.kcenter_greedy` uses the same column layout over fixed, unpadded
+blocks; where a BLAS rounds a product's last entries by its length, exact greedy could in
+principle pick differently where two candidates' similarities tie to within one float32 ulp
+(e.g. exact duplicate rows at the end of the matrix).
 """
 from __future__ import annotations
 

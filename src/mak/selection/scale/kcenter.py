@@ -9,11 +9,12 @@ Sharded exact greedy (:func:`greedy_sharded`)
     normalised feature vector broadcast from its owner; a local matrix-vector update.
     Communication is O(d) per step, memory O(block x d) per rank.
 
-    Bit-exactness: MKL's matrix-vector product rounds the last few rows of a matrix differently
-    depending on the row count, so the same row could get a different float32 similarity in a
-    block of another size. Every block is therefore padded with zero rows to a multiple of
-    :data:`PAD` (their similarity is pinned to +inf), which makes each row's similarity
-    independent of how the candidates are split: the picks are identical for any number of ranks.
+    Bit-exactness: a BLAS matrix-vector product may round the last few entries of its result
+    differently depending on its length, so the same candidate could get a different float32
+    similarity in a block of another size. Every block is therefore padded with zero columns to a
+    multiple of :data:`PAD` (their similarity is pinned to +inf), which makes each candidate's
+    similarity independent of how the candidates are split: the picks are identical for any
+    number of ranks.
 
 Two-round k-center (:func:`kcenter_two_round`, ``mak select --kcenter two-round``)
     For budgets too large for one greedy pass (budget x candidates too big): split the
@@ -84,21 +85,25 @@ def _unpack_pos(key: int) -> int:
 
 
 class _Block:
-    """A rank's (or part's) normalised candidate rows, zero-padded to a multiple of :data:`PAD`."""
+    """A rank's (or part's) normalised candidate rows as the columns of a d x rows matrix, zero-padded
+    to a multiple of :data:`PAD` columns (see :mod:`mak.selection.kcenter` for the layout)."""
 
     def __init__(self, x: torch.Tensor):
         self.n = int(x.shape[0])
         rows = max(PAD, -(-self.n // PAD) * PAD)
-        self.x = torch.zeros((rows, x.shape[1]), dtype=torch.float32, device=x.device)
-        self.x[: self.n] = x
+        self.xt = torch.zeros((x.shape[1], rows), dtype=torch.float32, device=x.device)
+        self.xt[:, : self.n] = x.T
         self.sim = torch.full((rows,), _INF, dtype=torch.float32, device=x.device)
+
+    def row(self, i: int) -> torch.Tensor:
+        return self.xt[:, i]
 
     def init_sim(self, init: Any) -> None:
         if self.n:
-            self.sim[: self.n] = max_similarity(self.x, init, chunk=SIM_CHUNK)[: self.n]
+            self.sim[: self.n] = max_similarity(self.xt.T, init, chunk=SIM_CHUNK)[: self.n]
 
     def update(self, w: torch.Tensor) -> None:
-        torch.maximum(self.sim, self.x @ w, out=self.sim)
+        torch.maximum(self.sim, w @ self.xt, out=self.sim)
 
     def radius(self) -> float:
         """Cosine distance from the farthest unpicked row to its nearest center (0 when none)."""
@@ -153,13 +158,13 @@ def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: i
         """The normalised row at global ``pos``, broadcast from its owner."""
         src = owner(pos)
         if not comm:
-            return blk.x[pos - offset]
+            return blk.row(pos - offset).clone()
         if src == me:
-            buf = blk.x[pos - offset].contiguous().to(D.comm_device())
+            buf = blk.row(pos - offset).contiguous().to(D.comm_device())
         else:
             buf = torch.empty(d, dtype=torch.float32, device=D.comm_device())
         torch.distributed.broadcast(buf, src=src)
-        return buf.to(blk.x.device)
+        return buf.to(blk.xt.device)
 
     def pin(pos: int) -> None:
         if offset <= pos < offset + blk.n:
