@@ -121,13 +121,13 @@ def main() -> None:
     nb = len(batch_plan(nv, bs)) * parts
     zb = torch.nn.functional.normalize(torch.randn(r * bs, dv, generator=g), dim=1).to(dev)
 
-    def gram_floor():
+    def gram_floor():  # the Gram blocks ECLE forms: (a, c) for c >= a
         for _ in range(nb):
             for a in range(r):
-                zb[a * bs : (a + 1) * bs] @ zb.T
+                zb[a * bs : (a + 1) * bs] @ zb[a * bs :].T
 
     t_mm = best_of(gram_floor, repeats=2)
-    flops = nb * 2 * (r * bs) ** 2 * dv
+    flops = nb * 2 * bs * bs * dv * r * (r + 1) // 2
     pairwise = nb * r * (r - 1) // 2 * 2 * (2 * bs) ** 2 * dv
     print(f"\n[3] ECLE R={r} N={nv} d={dv} batch={bs} partitions={parts}")
     print(f"    ecle {t_ecle * 1e3:8.1f} ms   bare matmuls of the same FLOPs ({flops / 1e9:.1f} GFLOP) {t_mm * 1e3:8.1f} ms   "

@@ -96,7 +96,7 @@ def labels_or_none(items: list[str]) -> np.ndarray | None:
 #: instead of reusing a stale cached result. Version 1 is not written into the key: caches made
 #: before versions existed stay valid.
 STAGE_VERSIONS: dict[str, int] = {"bench": 1, "pretrain": 1, "pretrain-mix": 1, "embed-seed": 1, "embed-pool": 1,
-                                  "embed-seed-mix": 1, "embed-pool-mix": 1, "ecle": 1, "ecle-mix": 1, "select": 1,
+                                  "embed-seed-mix": 1, "embed-pool-mix": 1, "ecle": 2, "ecle-mix": 2, "select": 1,
                                   "retrain": 1, "eval": 1}
 
 

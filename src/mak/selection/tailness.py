@@ -6,11 +6,13 @@ vectors form one NT-Xent problem and every image takes the mean of its two direc
 ECLE is the mean over pairs and orderings. Tail-class images have few similar neighbours in the
 model's embedding, hence a high loss.
 
-Implementation: for one batch all R views are gathered once and one (R*B) x (R*B) Gram matrix is
+Implementation: for one batch all R views are gathered once and the (R*B) x (R*B) Gram matrix is
 formed block-row by block-row. With ``S[a, b, i] = sum_j exp(cos(a_i, b_j) / t)`` (self excluded
 when a == b), the loss of ``a_i`` in pair (a, b) is ``log(S[a,a,i] + S[a,b,i]) - cos(a_i, b_i)/t``,
-so every pair of views reuses the same Gram blocks: about half the FLOPs of scoring each pair
-separately, in O(R * B^2) memory per batch and O(N) overall.
+so every pair of views reuses the same Gram blocks. The matrix is symmetric, so only the blocks
+(a, c) with c >= a are formed: their row sums are ``S[a, c]`` and their column sums ``S[c, a]``.
+R(R+1)/2 blocks of B x B: 0.31x the FLOPs and exponentials of scoring each pair separately at
+R = 10, in O(R * B^2) memory per batch and O(N) overall.
 """
 from __future__ import annotations
 
@@ -63,14 +65,17 @@ def batch_losses(z: torch.Tensor, temperature: float) -> torch.Tensor:
     pos = torch.empty((r, r, b), dtype=work, device=z.device)  # (cos(a_i, c_i) - 1) / t
     shift = torch.full((1,), -inv_t, dtype=work, device=z.device)
     for a in range(r):
-        # Block row a of the Gram matrix as logits (cos - 1) / t, in one fused matmul; then
-        # exponentiated in place: one (B, R*B) buffer per block row, no temporaries.
-        g = torch.addmm(shift, zw[a], flat.T, alpha=inv_t)  # (B, R*B)
-        gv = g.view(b, r, b)  # [i, c, j]
-        pos[a] = torch.diagonal(gv, dim1=0, dim2=2)  # [c, i]
+        # Blocks (a, c >= a) of the Gram matrix as logits (cos - 1) / t, in one fused matmul; then
+        # exponentiated in place: one (B, (R-a)*B) buffer per block row, no temporaries.
+        g = torch.addmm(shift, zw[a], flat[a * b :].T, alpha=inv_t)  # (B, (R-a)*B)
+        gv = g.view(b, r - a, b)  # [i, c - a, j]
+        same = torch.diagonal(gv, dim1=0, dim2=2)  # [c - a, i]: (cos(a_i, c_i) - 1) / t
+        pos[a, a:] = same
+        pos[a + 1 :, a] = same[1:]  # cos(c_i, a_i) = cos(a_i, c_i)
         g.exp_()
-        torch.diagonal(gv[:, a, :]).zero_()  # exclude k = a_i itself
-        s[a] = gv.sum(dim=2).T  # [c, i]
+        torch.diagonal(gv[:, 0, :]).zero_()  # exclude k = a_i itself
+        s[a, a:] = gv.sum(dim=2).T  # row sums: S[a, c, i]
+        s[a + 1 :, a] = gv[:, 1:, :].sum(dim=0)  # column sums: S[c, a, j] = sum_i exp(cos(c_j, a_i) / t)
     # loss of a_i in pair (a, c): log(S[a,a,i] + S[a,c,i]) - pos[a,c,i]; image i's sum over the
     # unordered pairs of the mean of both directions is half the sum over ordered pairs a != c
     # (all pairs in a few batched kernels: one launch per op, not per pair, matters on GPUs)
