@@ -155,13 +155,13 @@ def main() -> None:
             qt[lo:lo + step] @ bank_t.T
 
     t_sim = best_of(sim_floor, repeats=1)
-    import mak._neighbours as nb
+    import mak._neighbours as neighbours
 
-    keep, nb.FILTER_SHARE = nb.FILTER_SHARE, 2**62  # every bank chunk merged through its own top k
+    keep, neighbours.FILTER_SHARE = neighbours.FILTER_SHARE, 2**62  # every bank chunk merged through its own top k
     try:
         t_topk = best_of(lambda: seed_share(q, sd, ref, k=k, device=dev, bank=bank), repeats=1)
     finally:
-        nb.FILTER_SHARE = keep
+        neighbours.FILTER_SHARE = keep
     print(f"\n[4] seed share N={nq} seed={ms} reference={nref} d={d} k={k}")
     print(f"    seed_share {t_share:8.2f} s   bare similarity matmuls {t_sim:8.2f} s   ratio {t_share / t_sim:5.2f}x   "
           f"{t_share / nq * 1e6:.2f} us per pool image")

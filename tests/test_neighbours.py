@@ -8,10 +8,17 @@ import torch
 import mak._neighbours as nb
 
 
+def unit(x: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+
+
+def similarities(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    return (unit(queries) @ unit(bank).T).numpy()
+
+
 def full_sort(queries: np.ndarray, bank: np.ndarray, k: int, self_index=None) -> tuple[np.ndarray, np.ndarray]:
     """Slow reference: every similarity (float32, as the search computes them), sorted, the query's own row dropped."""
-    q = torch.nn.functional.normalize(torch.from_numpy(queries), dim=1)
-    b = torch.nn.functional.normalize(torch.from_numpy(bank), dim=1)
+    q, b = unit(queries), unit(bank)
     vals, idx = [], []
     for i in range(len(queries)):
         sims = (q[i : i + 1] @ b.T)[0].numpy()  # the same float32 products as one row of a chunk
@@ -43,8 +50,7 @@ def test_matches_a_full_sort_over_many_bank_chunks(filter_share, k, monkeypatch)
     bank = rng.standard_normal((203, 6)).astype(np.float32)  # 13 chunks of 16, the last short
     want = full_sort(queries, bank, k)
     got = search(queries, bank, k, chunk=16)
-    sims = (torch.nn.functional.normalize(torch.from_numpy(queries), dim=1)
-            @ torch.nn.functional.normalize(torch.from_numpy(bank), dim=1).T).numpy()
+    sims = similarities(queries, bank)
     close_to_reference(got, want, sims)
     np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(want[1], axis=1))  # no near-ties here
 
@@ -61,8 +67,7 @@ def test_filtered_merge_equals_the_top_k_merge_with_exact_ties_and_an_excluded_r
         monkeypatch.setattr(nb, "FILTER_SHARE", share)
         runs[share] = search(queries, bank, 6, chunk=8, self_index=self_index)
     np.testing.assert_array_equal(runs[4][0], runs[10**9][0])  # the same values, bit for bit
-    sims = (torch.nn.functional.normalize(torch.from_numpy(queries), dim=1)
-            @ torch.nn.functional.normalize(torch.from_numpy(bank), dim=1).T).numpy()
+    sims = similarities(queries, bank)
     for got in runs.values():
         close_to_reference(got, full_sort(queries, bank, 6, self_index), sims)
         assert not (got[1] == self_index[:, None]).any()  # the excluded row never comes back
