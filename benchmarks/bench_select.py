@@ -5,6 +5,8 @@
 3. ecle vs bare matmuls of the same FLOPs (the Gram blocks ECLE forms).
 4. robust's seed share (k nearest in seed + pool reference) vs the bare similarity matmuls it needs.
 5. robust (defaults) vs mak (10-view ECLE) on the same synthetic half-junk stores: the time ratio.
+6. one training step of robust's classifier (gradients by hand, fused Adam) vs autograd and
+   torch's per-parameter Adam, and vs the step's two matrix products alone; one thread, as a fit runs.
 
 Prints ratios; nothing here asserts a time. Usage::
 
@@ -175,6 +177,14 @@ def main() -> None:
     for n5, m5, d5 in sizes:
         strategies_ratio(g, n5, m5, d5, r5=10, b5=m5, dev=dev)
 
+    # 6. the classifier's training step, as each of robust's fits runs it
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        classifier_step(dev, steps=20 if args.quick else 200)
+    finally:
+        torch.set_num_threads(before)
+
 
 def strategies_ratio(g: torch.Generator, n5: int, m5: int, d5: int, r5: int, b5: int, dev: torch.device) -> None:
     """Section 5: ``mak`` (R-view ECLE) and ``robust`` (defaults) on one synthetic half-junk pool."""
@@ -194,6 +204,50 @@ def strategies_ratio(g: torch.Generator, n5: int, m5: int, d5: int, r5: int, b5:
     parts = ", ".join(f"{k} {timings[k]:.1f} s" for k in ("ratio", "share") if k in timings)
     print(f"\n[5] strategies, pool {n5} (half junk) seed {m5} d {d5}, mak with R={r5} views, budget {b5}")
     print(f"    mak {t_mak:8.2f} s   robust (defaults) {t_rob:8.2f} s ({parts})   robust / mak {t_rob / t_mak:5.2f}x")
+
+def classifier_step(dev: torch.device, steps: int, n: int = 16_384, d: int = 128) -> None:
+    """Section 6: ms per step of the default classifier, by hand vs autograd, and its two products."""
+    from torch.nn.functional import binary_cross_entropy_with_logits, normalize
+
+    from mak.selection.robust.density_ratio import BATCH, DEFAULT_HIDDEN, LR, WEIGHT_DECAY, RatioMLP, _set_gradients
+
+    g = torch.Generator().manual_seed(1)
+    x = normalize(torch.randn(n, d, generator=g), dim=1).to(dev)
+    y = (torch.rand(n, generator=g) < 0.15).float().to(dev)
+    w = torch.where(y > 0, 3.0, 0.6)
+    batches = [torch.randperm(n, generator=g)[:BATCH].to(dev) for _ in range(8)]
+
+    def train(by_hand: bool) -> float:
+        model = RatioMLP(d, DEFAULT_HIDDEN, torch.Generator().manual_seed(0)).to(dev).requires_grad_(not by_hand)
+        opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=by_hand or None)
+
+        def run() -> None:
+            for k in range(steps):
+                j = batches[k % len(batches)]
+                if by_hand:
+                    with torch.no_grad():
+                        _set_gradients(model, x.index_select(0, j), y.index_select(0, j), w.index_select(0, j))
+                        opt.step()
+                else:
+                    loss = (binary_cross_entropy_with_logits(model(x[j]), y[j], reduction="none") * w[j]).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+        return best_of(run, repeats=3) / steps
+
+    xb, w1 = x[:BATCH], torch.randn(DEFAULT_HIDDEN, d, generator=g).to(dev)
+
+    def products() -> None:
+        for _ in range(steps):
+            h = xb @ w1.T  # the forward product; the first layer's weight gradient has the same FLOPs
+            h.T @ xb
+
+    t_hand, t_auto, t_mm = train(True), train(False), best_of(products, repeats=3) / steps
+    print(f"\n[6] robust's classifier step, batch {BATCH}, d {d} -> {DEFAULT_HIDDEN} -> 1, one thread")
+    print(f"    by hand + fused Adam {t_hand * 1e3:6.3f} ms   autograd + Adam {t_auto * 1e3:6.3f} ms "
+          f"({t_auto / t_hand:4.2f}x)   its two products {t_mm * 1e3:6.3f} ms (by hand {t_hand / t_mm:4.2f}x)")
+
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mak
-from mak.selection.robust.density_ratio import (BAG_SEED_STRIDE, ratio_ensemble, ratio_logits, ratio_models, reference_folds,
+from mak.selection.robust.density_ratio import (BAG_SEED_STRIDE, RatioMLP, _set_gradients, ratio_ensemble, ratio_logits, ratio_models, reference_folds,
                                 seed_folds_of, seed_heldout_logits, train_ratio_model)
 from mak.errors import MakError
 from mak.selection.robust import robust_options
@@ -29,6 +29,22 @@ def test_reference_folds_partition_the_rows():
     f = reference_folds(23, 4, seed=5)
     assert f.shape == (23,) and sorted(np.bincount(f).tolist()) == [5, 6, 6, 6]
     np.testing.assert_array_equal(f, reference_folds(23, 4, seed=5))
+
+
+def test_hand_written_gradients_equal_autograd():
+    g = torch.Generator().manual_seed(3)
+    model = RatioMLP(8, 16, g)
+    x = torch.randn(37, 8, generator=g)  # a batch that is not a multiple of anything
+    y = (torch.rand(37, generator=g) < 0.3).float()
+    w = torch.where(y > 0, 2.5, 0.7)
+    want = RatioMLP(8, 16, torch.Generator().manual_seed(3))
+    loss = (torch.nn.functional.binary_cross_entropy_with_logits(want(x), y, reduction="none") * w).mean()
+    loss.backward()
+    model.requires_grad_(False)
+    _set_gradients(model, torch.nn.functional.normalize(x, dim=1), y, w)
+    for (name, got), ref in zip(model.named_parameters(), want.parameters()):
+        assert got.grad.shape == ref.shape, name
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_cross_fitted_logits_equal_a_model_per_fold(data):

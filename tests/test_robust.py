@@ -417,12 +417,13 @@ def test_default_robust_score_is_the_gated_rank_of_a_low_ratio_logit(world):
     sel = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10,
                      ratio_epochs=5, seed=3)
     assert o["ratio_bags"] == 5  # the logit: the mean of 5 independent cross-fitted fits
-    logit = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), folds=5, hidden=256, epochs=5, seed=3,
+    hidden = DEFAULTS["ratio_hidden"]
+    logit = ratio_logits(pool, seed, pool, self_index=np.arange(len(pool)), folds=5, hidden=hidden, epochs=5, seed=3,
                          bags=5)
     gated = np.isfinite(sel.score)
     # the score is the percentile rank of -logit over the gated rows, alpha and the distance unused
     np.testing.assert_allclose(sel.score[gated], rank_normalize(-logit.astype(np.float64), gated)[gated])
-    assert sel.info["ratio"] == {"reference": len(pool), "folds": 5, "hidden": 256, "epochs": 5, "bags": 5}
+    assert sel.info["ratio"] == {"reference": len(pool), "folds": 5, "hidden": hidden, "epochs": 5, "bags": 5}
     again = mak.select(seed, pool, views, 40, strategy="robust", clusters=5, partitions=2, share_k=10,
                        ratio_epochs=5, seed=3, alpha=0.1)
     np.testing.assert_array_equal(again.indices, sel.indices)
@@ -441,7 +442,7 @@ def test_default_gate_is_every_term_at_its_own_held_out_seed_quantile(world):
     c_keep = mak.proximity(seed, pool, clusters=5, seed=3) <= c_thr
     s_thr, _ = share_gate(seed, pool, k=10, quantile=q)
     s_keep = seed_share(pool, seed, pool, k=10, self_index=len(seed) + np.arange(len(pool))) >= s_thr
-    models = [ratio_models(seed, pool, folds=5, hidden=256, epochs=5, seed=3 + b * BAG_SEED_STRIDE)
+    models = [ratio_models(seed, pool, folds=5, hidden=DEFAULTS["ratio_hidden"], epochs=5, seed=3 + b * BAG_SEED_STRIDE)
               for b in range(DEFAULTS["ratio_bags"])]  # the ratio term: the bags' mean logit
     held = seed_heldout_logits(seed, models)
     r_thr = float(np.quantile(held.astype(np.float64), 1.0 - q))

@@ -174,7 +174,7 @@ STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | Non
 # The seed's k-means is the best of N_INIT starts (proximity, tailness+proximity: 2); k-center's
 # similarities come from the column-layout product, whose last-bit rounding can flip a near-tie
 # (mak: 3, kcenter: 2; robust: 4, which also covers its gate fill).
-STRATEGY_VERSIONS: dict[str, int] = {"mak": 3, "kcenter": 2, "proximity": 2, "tailness+proximity": 2, "robust": 4}
+STRATEGY_VERSIONS: dict[str, int] = {"mak": 3, "kcenter": 2, "proximity": 2, "tailness+proximity": 2, "robust": 5}
 
 
 def _known(strategy: str) -> None:

@@ -81,7 +81,8 @@ from mak import options as opts
 from mak.data.store import model_kind
 from mak.errors import MakError
 from mak.selection.proximity import kmeans, nearest_centroid_distance
-from mak.selection.robust.density_ratio import ratio_ensemble, ratio_logits, seed_heldout_logits
+from mak.selection.robust.density_ratio import (DEFAULT_EPOCHS, DEFAULT_HIDDEN, ratio_ensemble, ratio_logits,
+                                                seed_heldout_logits)
 from mak.selection.robust.fusion import FUSIONS, RobustContext, RobustOps, _histograms, fuse, masked_zscore, ops, \
     rank_fusion, rank_normalize
 from mak.selection.robust.gate import GATE_TAIL_IMAGES, auto_gate_clusters, auto_gate_quantile, seed_gate
@@ -132,9 +133,10 @@ OPTIONS: tuple[opts.Option, ...] = (
                 "(default 5)", opts.integer(1), "B"),
     opts.Option("ratio_folds", 5, "cross-fitting folds of the seed-vs-pool classifier (default 5)",
                 opts.integer(2), "F"),
-    opts.Option("ratio_hidden", 256, "hidden units of the classifier (default 256)", opts.integer(1), "H"),
-    opts.Option("ratio_epochs", 30, "training epochs of the classifier over seed + pool reference (default 30)",
-                opts.integer(1), "E"),
+    opts.Option("ratio_hidden", DEFAULT_HIDDEN, f"hidden units of the classifier (default {DEFAULT_HIDDEN})",
+                opts.integer(1), "H"),
+    opts.Option("ratio_epochs", DEFAULT_EPOCHS, "training epochs of the classifier over seed + pool reference "
+                f"(default {DEFAULT_EPOCHS})", opts.integer(1), "E"),
 )
 DEFAULTS: dict[str, Any] = opts.defaults(OPTIONS)
 
