@@ -6,7 +6,8 @@
 4. robust's seed share (k nearest in seed + pool reference) vs the bare similarity matmuls it needs.
 5. robust (defaults) vs mak (10-view ECLE) on the same synthetic half-junk stores: the time ratio.
 6. one training step of robust's classifier (gradients by hand, fused Adam) vs autograd and
-   torch's per-parameter Adam, and vs the step's two matrix products alone; one thread, as a fit runs.
+   torch's per-parameter Adam, and vs the step's two matrix products alone; one thread, as a fit
+   runs; and 25 fits one at a time vs as one batched model (what robust does on a GPU).
 
 Prints ratios; nothing here asserts a time. Usage::
 
@@ -209,7 +210,8 @@ def classifier_step(dev: torch.device, steps: int, n: int = 16_384, d: int = 128
     """Section 6: ms per step of the default classifier, by hand vs autograd, and its two products."""
     from torch.nn.functional import binary_cross_entropy_with_logits, normalize
 
-    from mak.selection.robust.density_ratio import BATCH, DEFAULT_HIDDEN, LR, WEIGHT_DECAY, RatioMLP, _set_gradients
+    from mak.selection.robust.density_ratio import (BATCH, DEFAULT_HIDDEN, LR, WEIGHT_DECAY, RatioMLP, _set_gradients,
+                                                    fit_models)
 
     g = torch.Generator().manual_seed(1)
     x = normalize(torch.randn(n, d, generator=g), dim=1).to(dev)
@@ -247,6 +249,11 @@ def classifier_step(dev: torch.device, steps: int, n: int = 16_384, d: int = 128
     print(f"\n[6] robust's classifier step, batch {BATCH}, d {d} -> {DEFAULT_HIDDEN} -> 1, one thread")
     print(f"    by hand + fused Adam {t_hand * 1e3:6.3f} ms   autograd + Adam {t_auto * 1e3:6.3f} ms "
           f"({t_auto / t_hand:4.2f}x)   its two products {t_mm * 1e3:6.3f} ms (by hand {t_hand / t_mm:4.2f}x)")
+    fits = [(x[:1024].cpu().numpy(), x[1024:4096].cpu().numpy(), i) for i in range(25)]  # 25 fits of 3 steps
+    t_one = best_of(lambda: fit_models(fits, DEFAULT_HIDDEN, 1, dev, batched=False), repeats=2)
+    t_all = best_of(lambda: fit_models(fits, DEFAULT_HIDDEN, 1, dev, batched=True), repeats=2)
+    print(f"    25 fits x 3 steps: one at a time {t_one * 1e3:7.1f} ms   as one batched model {t_all * 1e3:7.1f} ms "
+          f"({t_one / t_all:4.2f}x; robust batches on a GPU)")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,23 @@ def test_kcenter_and_proximity_cuda_match_cpu():
     np.testing.assert_allclose(d_gpu, d_cpu, atol=1e-4)
 
 
+@cuda
+def test_ratio_ensemble_cuda_batched_matches_cpu():
+    from mak.selection.robust.density_ratio import ratio_ensemble, ratio_logits
+
+    rng = np.random.default_rng(4)
+    seed = (rng.standard_normal((400, 16)) + 0.5).astype(np.float32)
+    pool = rng.standard_normal((2500, 16)).astype(np.float32)
+    kw = dict(bags=2, folds=3, hidden=32, epochs=3, seed=1)
+    own = np.arange(len(pool))
+    cpu = ratio_logits(pool, seed, pool, self_index=own, models=ratio_ensemble(seed, pool, device="cpu", **kw))
+    gpu_models = ratio_ensemble(seed, pool, device="cuda", **kw)  # one batched model of 6 fits
+    gpu = ratio_logits(pool, seed, pool, self_index=own, models=gpu_models)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+    again = ratio_logits(pool, seed, pool, self_index=own, models=ratio_ensemble(seed, pool, device="cuda", **kw))
+    np.testing.assert_array_equal(again, gpu)
+
+
 # -- pretrain / embed / select on the GPU ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mak
-from mak.selection.robust.density_ratio import (BAG_SEED_STRIDE, RatioMLP, _set_gradients, ratio_ensemble, ratio_logits, ratio_models, reference_folds,
+from mak.selection.robust.density_ratio import (BAG_SEED_STRIDE, RatioMLP, _fit, _set_gradients, fit_models,
+                                ratio_ensemble, ratio_logits, ratio_models, reference_folds,
                                 seed_folds_of, seed_heldout_logits, train_ratio_model)
 from mak.errors import MakError
 from mak.selection.robust import robust_options
@@ -45,6 +46,23 @@ def test_hand_written_gradients_equal_autograd():
     for (name, got), ref in zip(model.named_parameters(), want.parameters()):
         assert got.grad.shape == ref.shape, name
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_batched_fits_equal_one_at_a_time():
+    # rows per fit: 2,048 (two full batches), 2,049 (a third batch of one row), 300 (one short batch),
+    # so the fits fall into three groups by steps per epoch and the short batches carry padding
+    rng = np.random.default_rng(0)
+    shapes = [(300, 1748, 1), (301, 1748, 2), (300, 1749, 3), (100, 200, 4)]
+    fits = [((rng.normal(size=(m, 8)) + 0.3).astype(np.float32), rng.normal(size=(n, 8)).astype(np.float32), s)
+            for m, n, s in shapes]
+    cpu = torch.device("cpu")
+    one = [_fit(s, p, 16, 3, seed, cpu) for s, p, seed in fits]
+    together = fit_models(fits, 16, 3, cpu, batched=True)
+    assert fit_models(fits, 16, 3, cpu)[2].fc1.weight.equal(one[2].fc1.weight)  # CPU default: one at a time
+    for a, b in zip(one, together):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pb, pa, rtol=0, atol=1e-5, msg=name)
+    assert not one[0].fc1.weight.equal(one[1].fc1.weight)  # each fit its own seed
 
 
 def test_cross_fitted_logits_equal_a_model_per_fold(data):

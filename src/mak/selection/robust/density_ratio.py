@@ -137,17 +137,98 @@ def _set_gradients(model: RatioMLP, xb: torch.Tensor, yb: torch.Tensor, wb: torc
 
 
 def fit_models(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
-               device: torch.device, progress: bool = False) -> list[RatioMLP]:
+               device: torch.device, progress: bool = False, batched: bool | None = None) -> list[RatioMLP]:
     """:func:`train_ratio_model` of each ``(seed rows, reference rows, seed)``, in order.
 
     On a CPU each fit runs on one intra-op thread (:func:`mak._threads.pinned_map`): BLAS splits
     the 1,024-row gradient product across threads, and the split changes the float32 rounding, so
     a fit on the caller's threads would give other weights for another thread count. Pinned, a
     fit's weights are the same bits on any thread count and on any torchrun rank; the cores are
-    used by fitting several models at once.
+    used by fitting several models at once. ``batched`` (default: on any device but a CPU) trains
+    all fits as one batched model instead (:func:`_fit_batched`).
     """
+    label = "robust: seed-vs-pool classifier fits" if progress else None
+    if device.type != "cpu" if batched is None else batched:
+        return _fit_batched(fits, int(hidden), int(epochs), device, label)
     return pinned_map(lambda job: _fit(job[0], job[1], int(hidden), int(epochs), job[2], device), fits, device,
-                      progress="robust: seed-vs-pool classifier fits" if progress else None)
+                      progress=label)
+
+
+def _fit_batched(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
+                 dev: torch.device, progress: str | None = None) -> list[RatioMLP]:
+    """Every fit of :func:`fit_models` at once, as one model with a batch dimension over the fits.
+
+    Each fit keeps what :func:`_fit` gives it (its initial weights, its rows, its batch orders, its
+    Adam state), so the weights equal one-at-a-time training up to float rounding; each step is a
+    few batched kernels for all fits, where one at a time a GPU would wait on ~15 small launches
+    per fit and step. Fits with another number of steps per epoch (fold sizes differ by a row)
+    train as a group of their own. Memory: every fit's rows on the device at once.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, (s, p, _) in enumerate(fits):
+        groups.setdefault(math.ceil((len(s) + len(p)) / BATCH), []).append(i)
+    out: list[RatioMLP | None] = [None] * len(fits)
+    for members in groups.values():
+        for i, model in zip(members, _train_group([fits[i] for i in members], hidden, epochs, dev, progress)):
+            out[i] = model
+    return out  # type: ignore[return-value]
+
+
+def _train_group(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
+                 dev: torch.device, progress: str | None) -> list[RatioMLP]:
+    """:func:`_fit_batched` for fits with the same number of steps per epoch."""
+    gens = [torch.Generator().manual_seed(int(seed)) for _, _, seed in fits]
+    models = [RatioMLP(fits[0][0].shape[1], hidden, g).to(dev) for g in gens]
+    sizes = [len(s) + len(p) for s, p, _ in fits]
+    k, n_max, steps = len(fits), max(sizes), math.ceil(sizes[0] / BATCH)
+    x = torch.zeros(k, n_max, fits[0][0].shape[1], device=dev)
+    y, w = torch.zeros(k, n_max, device=dev), torch.zeros(k, n_max, device=dev)
+    for i, (s, p, _) in enumerate(fits):
+        x[i, :sizes[i]] = F.normalize(torch.cat([to_tensor(s, dev), to_tensor(p, dev)]), dim=1)
+        y[i, :len(s)] = 1.0
+        w[i, :sizes[i]] = torch.where(y[i, :sizes[i]] > 0, sizes[i] / (2.0 * len(s)), sizes[i] / (2.0 * len(p)))
+    with torch.no_grad():
+        params = [torch.stack([m.fc1.weight for m in models]), torch.stack([m.fc1.bias for m in models]),
+                  torch.stack([m.fc2.weight[0] for m in models]), torch.stack([m.fc2.bias for m in models])]
+    opt = torch.optim.Adam(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=dev.type in ("cpu", "cuda") or None)
+    rows = torch.arange(k, device=dev)[:, None]
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, desc=f"{progress} ({k} batched)", leave=False)
+    with torch.no_grad():
+        for _ in range(epochs):
+            order = torch.zeros(k, steps * BATCH, dtype=torch.int64)  # padding: row 0 at weight 0
+            for i, g in enumerate(gens):
+                order[i, :sizes[i]] = torch.randperm(sizes[i], generator=g)
+            order, valid = order.to(dev), (torch.arange(steps * BATCH) < torch.tensor(sizes)[:, None]).to(dev)
+            for t in range(steps):
+                j, v = order[:, t * BATCH:(t + 1) * BATCH], valid[:, t * BATCH:(t + 1) * BATCH]
+                _set_batched_gradients(params, x[rows, j], y.gather(1, j), w.gather(1, j) * v, v.sum(1))
+                opt.step()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    with torch.no_grad():
+        for i, m in enumerate(models):
+            m.fc1.weight.copy_(params[0][i]), m.fc1.bias.copy_(params[1][i])
+            m.fc2.weight[0].copy_(params[2][i]), m.fc2.bias.copy_(params[3][i])
+    return [m.eval() for m in models]
+
+
+def _set_batched_gradients(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor,
+                           count: torch.Tensor) -> None:
+    """:func:`_set_gradients` for ``k`` fits at once: ``xb`` (k, B, d), ``yb`` and ``wb`` (k, B), ``count`` (k,) rows
+    in each fit's batch (padding rows have weight 0)."""
+    w1, b1, w2, b2 = params  # (k, H, d), (k, H), (k, H), (k, 1)
+    h = torch.baddbmm(b1[:, None, :], xb, w1.transpose(1, 2)).clamp_(min=0)  # (k, B, H)
+    z = torch.baddbmm(b2[:, :, None], h, w2[:, :, None])[:, :, 0]  # (k, B)
+    dz = (torch.sigmoid(z) - yb).mul_(wb * (1.0 / count.to(wb.dtype))[:, None])
+    dh = torch.ops.aten.threshold_backward(dz[:, :, None] * w2[:, None, :], h, 0)
+    w1.grad, b1.grad = torch.bmm(dh.transpose(1, 2), xb), dh.sum(1)
+    w2.grad, b2.grad = torch.bmm(h.transpose(1, 2), dz[:, :, None])[:, :, 0], dz.sum(1, keepdim=True)
 
 
 def fold_parts(n: int, folds: int, seed: int = 0) -> list[np.ndarray]:
@@ -190,9 +271,10 @@ def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int
     """``bags`` independent cross-fitted fits (:func:`ratio_models`), bag ``b`` with seed ``seed + b * 7919``.
 
     Bag 0 is ``ratio_models(..., seed=seed)`` itself, so one bag scores exactly as an unbagged fit.
-    Under ``torchrun`` the ``bags x folds`` models are shared out over the ranks (model ``j`` is
-    trained by rank ``j % world``) and each is broadcast from the rank that trained it, so every
-    rank scores with the same weights, trained as on one process.
+    Under ``torchrun`` on CPUs the ``bags x folds`` models are shared out over the ranks (model
+    ``j`` is trained by rank ``j % world``) and each is broadcast from the rank that trained it, so
+    every rank scores with the same weights, trained as on one process. On a GPU every rank trains
+    all of them as one batched model (:func:`_fit_batched`), which is what one process does.
     """
     check_settings(folds, hidden, epochs, bags)
     s, ref = _checked_pair(seed_features, reference)
@@ -210,13 +292,16 @@ def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int
         plans.append((fold_of, seed_fold))
         for f in range(folds):
             fits.append((s[seed_fold != f], ref[fold_of != f], bag_seed * 1000 + f))
+    share_out = dev.type == "cpu"  # elsewhere every rank trains all models as one batched model, as one process does
+    if not share_out:
+        world, me = 1, 0
     mine = [j for j in range(len(fits)) if j % world == me]
     trained = dict(zip(mine, fit_models([fits[j] for j in mine], hidden, epochs, dev, progress)))
     models = []
     for j in range(len(fits)):  # another rank trains the rest; their weights arrive below
         models.append(trained[j] if j in trained
                       else RatioMLP(ref.shape[1], int(hidden), torch.Generator().manual_seed(0)).to(dev).eval())
-    if distributed.active():
+    if distributed.active() and share_out:
         for j, model in enumerate(models):
             for t in model.state_dict().values():
                 torch.distributed.broadcast(t, src=j % world)
