@@ -136,62 +136,90 @@ def _set_gradients(model: RatioMLP, xb: torch.Tensor, yb: torch.Tensor, wb: torc
     w2.grad, b2.grad = (h.t() @ dz).unsqueeze(0), dz.sum().reshape(1)
 
 
+class FitRows(NamedTuple):
+    """One classifier fit of :func:`fit_rows`: the seed rows and reference rows it trains on, and its seed."""
+
+    seed_rows: np.ndarray
+    reference_rows: np.ndarray
+    seed: int
+
+
 def fit_models(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
                device: torch.device, progress: bool = False, batched: bool | None = None) -> list[RatioMLP]:
-    """:func:`train_ratio_model` of each ``(seed rows, reference rows, seed)``, in order.
+    """:func:`train_ratio_model` of each ``(seed rows, reference rows, seed)``, in order (:func:`fit_rows`)."""
+    plans, a, b = [], 0, 0
+    for fs, fp, seed in fits:
+        plans.append(FitRows(np.arange(a, a + len(fs)), np.arange(b, b + len(fp)), int(seed)))
+        a, b = a + len(fs), b + len(fp)
+    return fit_rows(np.concatenate([f[0] for f in fits]), np.concatenate([f[1] for f in fits]), plans, hidden,
+                    epochs, device, progress, batched)
+
+
+def fit_rows(seed_features: np.ndarray, reference: np.ndarray, fits: Sequence[FitRows], hidden: int, epochs: int,
+             device: torch.device, progress: bool = False, batched: bool | None = None) -> list[RatioMLP]:
+    """:func:`train_ratio_model` of each fit's rows of ``seed_features`` and ``reference``, in order.
 
     On a CPU each fit runs on one intra-op thread (:func:`mak._threads.pinned_map`): BLAS splits
     the 1,024-row gradient product across threads, and the split changes the float32 rounding, so
     a fit on the caller's threads would give other weights for another thread count. Pinned, a
     fit's weights are the same bits on any thread count and on any torchrun rank; the cores are
-    used by fitting several models at once. ``batched`` (default: on any device but a CPU) trains
-    all fits as one batched model instead (:func:`_fit_batched`).
+    used by fitting several models at once, and only those hold a copy of their rows. ``batched``
+    (default: on any device but a CPU) trains all fits as one batched model instead
+    (:func:`_fit_batched`).
     """
     label = "robust: seed-vs-pool classifier fits" if progress else None
     if device.type != "cpu" if batched is None else batched:
-        return _fit_batched(fits, int(hidden), int(epochs), device, label)
-    return pinned_map(lambda job: _fit(job[0], job[1], int(hidden), int(epochs), job[2], device), fits, device,
-                      progress=label)
+        return _fit_batched(seed_features, reference, fits, int(hidden), int(epochs), device, label)
+
+    def one(fit: FitRows) -> RatioMLP:
+        return _fit(seed_features[fit.seed_rows], reference[fit.reference_rows], int(hidden), int(epochs),
+                    fit.seed, device)
+
+    return pinned_map(one, fits, device, progress=label)
 
 
-def _fit_batched(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
-                 dev: torch.device, progress: str | None = None) -> list[RatioMLP]:
-    """Every fit of :func:`fit_models` at once, as one model with a batch dimension over the fits.
+def _fit_batched(seed_features: np.ndarray, reference: np.ndarray, fits: Sequence[FitRows], hidden: int,
+                 epochs: int, dev: torch.device, progress: str | None = None) -> list[RatioMLP]:
+    """Every fit of :func:`fit_rows` at once, as one model with a batch dimension over the fits.
 
     Each fit keeps what :func:`_fit` gives it (its initial weights, its rows, its batch orders, its
     Adam state), so the weights equal one-at-a-time training up to float rounding; each step is a
     few batched kernels for all fits, where one at a time a GPU would wait on ~15 small launches
-    per fit and step. Fits with another number of steps per epoch (fold sizes differ by a row)
-    train as a group of their own. Memory: every fit's rows on the device at once.
+    per fit and step. The seed and the reference are on the device once; each fit's batches are
+    gathered from them. Fits with another number of steps per epoch (fold sizes differ by a row)
+    train as a group of their own.
     """
+    m = len(seed_features)
+    x = F.normalize(torch.cat([to_tensor(seed_features, dev), to_tensor(reference, dev)]), dim=1)
     groups: dict[int, list[int]] = {}
-    for i, (s, p, _) in enumerate(fits):
-        groups.setdefault(math.ceil((len(s) + len(p)) / BATCH), []).append(i)
+    for i, fit in enumerate(fits):
+        groups.setdefault(math.ceil((len(fit.seed_rows) + len(fit.reference_rows)) / BATCH), []).append(i)
     out: list[RatioMLP | None] = [None] * len(fits)
     for members in groups.values():
-        for i, model in zip(members, _train_group([fits[i] for i in members], hidden, epochs, dev, progress)):
+        for i, model in zip(members, _train_group(x, m, [fits[i] for i in members], hidden, epochs, dev, progress)):
             out[i] = model
     return out  # type: ignore[return-value]
 
 
-def _train_group(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int, epochs: int,
-                 dev: torch.device, progress: str | None) -> list[RatioMLP]:
-    """:func:`_fit_batched` for fits with the same number of steps per epoch."""
-    gens = [torch.Generator().manual_seed(int(seed)) for _, _, seed in fits]
-    models = [RatioMLP(fits[0][0].shape[1], hidden, g).to(dev) for g in gens]
-    sizes = [len(s) + len(p) for s, p, _ in fits]
+def _train_group(x: torch.Tensor, m: int, fits: Sequence[FitRows], hidden: int, epochs: int, dev: torch.device,
+                 progress: str | None) -> list[RatioMLP]:
+    """:func:`_fit_batched` for fits with the same number of steps per epoch; ``x``: seed rows then reference rows."""
+    gens = [torch.Generator().manual_seed(int(fit.seed)) for fit in fits]
+    models = [RatioMLP(x.shape[1], hidden, g).to(dev) for g in gens]
+    sizes = [len(fit.seed_rows) + len(fit.reference_rows) for fit in fits]
     k, n_max, steps = len(fits), max(sizes), math.ceil(sizes[0] / BATCH)
-    x = torch.zeros(k, n_max, fits[0][0].shape[1], device=dev)
-    y, w = torch.zeros(k, n_max, device=dev), torch.zeros(k, n_max, device=dev)
-    for i, (s, p, _) in enumerate(fits):
-        x[i, :sizes[i]] = F.normalize(torch.cat([to_tensor(s, dev), to_tensor(p, dev)]), dim=1)
-        y[i, :len(s)] = 1.0
-        w[i, :sizes[i]] = torch.where(y[i, :sizes[i]] > 0, sizes[i] / (2.0 * len(s)), sizes[i] / (2.0 * len(p)))
+    rows = torch.zeros(k, n_max, dtype=torch.int64)  # each fit's rows of x, in _fit's order
+    y, w = torch.zeros(k, n_max), torch.zeros(k, n_max)
+    for i, (fit, n) in enumerate(zip(fits, sizes)):
+        ms = len(fit.seed_rows)
+        rows[i, :n] = torch.from_numpy(np.concatenate([fit.seed_rows, m + np.asarray(fit.reference_rows)]))
+        y[i, :ms] = 1.0
+        w[i, :n] = torch.where(y[i, :n] > 0, n / (2.0 * ms), n / (2.0 * (n - ms)))
+    rows, y, w = rows.to(dev), y.to(dev), w.to(dev)
     with torch.no_grad():
-        params = [torch.stack([m.fc1.weight for m in models]), torch.stack([m.fc1.bias for m in models]),
-                  torch.stack([m.fc2.weight[0] for m in models]), torch.stack([m.fc2.bias for m in models])]
+        params = [torch.stack([mod.fc1.weight for mod in models]), torch.stack([mod.fc1.bias for mod in models]),
+                  torch.stack([mod.fc2.weight[0] for mod in models]), torch.stack([mod.fc2.bias for mod in models])]
     opt = torch.optim.Adam(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=dev.type in ("cpu", "cuda") or None)
-    rows = torch.arange(k, device=dev)[:, None]
     bar = None
     if progress is not None:
         from tqdm.auto import tqdm
@@ -199,23 +227,23 @@ def _train_group(fits: Sequence[tuple[np.ndarray, np.ndarray, int]], hidden: int
         bar = tqdm(total=epochs, desc=f"{progress} ({k} batched)", leave=False)
     with torch.no_grad():
         for _ in range(epochs):
-            order = torch.zeros(k, steps * BATCH, dtype=torch.int64)  # padding: row 0 at weight 0
+            order = torch.zeros(k, steps * BATCH, dtype=torch.int64)  # padding: position 0 at weight 0
             for i, g in enumerate(gens):
                 order[i, :sizes[i]] = torch.randperm(sizes[i], generator=g)
             order, valid = order.to(dev), (torch.arange(steps * BATCH) < torch.tensor(sizes)[:, None]).to(dev)
             for t in range(steps):
                 j, v = order[:, t * BATCH:(t + 1) * BATCH], valid[:, t * BATCH:(t + 1) * BATCH]
-                _set_batched_gradients(params, x[rows, j], y.gather(1, j), w.gather(1, j) * v, v.sum(1))
+                _set_batched_gradients(params, x[rows.gather(1, j)], y.gather(1, j), w.gather(1, j) * v, v.sum(1))
                 opt.step()
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     with torch.no_grad():
-        for i, m in enumerate(models):
-            m.fc1.weight.copy_(params[0][i]), m.fc1.bias.copy_(params[1][i])
-            m.fc2.weight[0].copy_(params[2][i]), m.fc2.bias.copy_(params[3][i])
-    return [m.eval() for m in models]
+        for i, mod in enumerate(models):
+            mod.fc1.weight.copy_(params[0][i]), mod.fc1.bias.copy_(params[1][i])
+            mod.fc2.weight[0].copy_(params[2][i]), mod.fc2.bias.copy_(params[3][i])
+    return [mod.eval() for mod in models]
 
 
 def _set_batched_gradients(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor,
@@ -291,12 +319,12 @@ def ratio_ensemble(seed_features: Any, reference: Any, bags: int = 1, folds: int
         fold_of, seed_fold = reference_folds(ref.shape[0], folds, bag_seed), seed_folds_of(s.shape[0], folds, bag_seed)
         plans.append((fold_of, seed_fold))
         for f in range(folds):
-            fits.append((s[seed_fold != f], ref[fold_of != f], bag_seed * 1000 + f))
+            fits.append(FitRows(np.flatnonzero(seed_fold != f), np.flatnonzero(fold_of != f), bag_seed * 1000 + f))
     share_out = dev.type == "cpu"  # elsewhere every rank trains all models as one batched model, as one process does
     if not share_out:
         world, me = 1, 0
     mine = [j for j in range(len(fits)) if j % world == me]
-    trained = dict(zip(mine, fit_models([fits[j] for j in mine], hidden, epochs, dev, progress)))
+    trained = dict(zip(mine, fit_rows(s, ref, [fits[j] for j in mine], hidden, epochs, dev, progress)))
     models = []
     for j in range(len(fits)):  # another rank trains the rest; their weights arrive below
         models.append(trained[j] if j in trained
@@ -396,5 +424,5 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
     return _bag_mean(parts)
 
 
-__all__ = ["RatioMLP", "RatioModels", "check_settings", "fit_models", "fold_parts", "ratio_ensemble", "ratio_logits", "ratio_models", "reference_folds",
+__all__ = ["FitRows", "RatioMLP", "RatioModels", "check_settings", "fit_models", "fit_rows", "fold_parts", "ratio_ensemble", "ratio_logits", "ratio_models", "reference_folds",
            "seed_folds_of", "seed_heldout_logits", "train_ratio_model"]
