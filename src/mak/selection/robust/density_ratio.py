@@ -207,15 +207,8 @@ def _train_group(x: torch.Tensor, m: int, fits: Sequence[FitRows], hidden: int, 
     gens = [torch.Generator().manual_seed(int(fit.seed)) for fit in fits]
     models = [RatioMLP(x.shape[1], hidden, g).to(dev) for g in gens]
     sizes = [len(fit.seed_rows) + len(fit.reference_rows) for fit in fits]
-    k, n_max, steps = len(fits), max(sizes), math.ceil(sizes[0] / BATCH)
-    rows = torch.zeros(k, n_max, dtype=torch.int64)  # each fit's rows of x, in _fit's order
-    y, w = torch.zeros(k, n_max), torch.zeros(k, n_max)
-    for i, (fit, n) in enumerate(zip(fits, sizes)):
-        ms = len(fit.seed_rows)
-        rows[i, :n] = torch.from_numpy(np.concatenate([fit.seed_rows, m + np.asarray(fit.reference_rows)]))
-        y[i, :ms] = 1.0
-        w[i, :n] = torch.where(y[i, :n] > 0, n / (2.0 * ms), n / (2.0 * (n - ms)))
-    rows, y, w = rows.to(dev), y.to(dev), w.to(dev)
+    k, steps = len(fits), math.ceil(sizes[0] / BATCH)
+    rows, y, w = (t.to(dev) for t in _fit_tables(fits, m, sizes))
     with torch.no_grad():
         params = [torch.stack([mod.fc1.weight for mod in models]), torch.stack([mod.fc1.bias for mod in models]),
                   torch.stack([mod.fc2.weight[0] for mod in models]), torch.stack([mod.fc2.bias for mod in models])]
@@ -244,6 +237,19 @@ def _train_group(x: torch.Tensor, m: int, fits: Sequence[FitRows], hidden: int, 
             mod.fc1.weight.copy_(params[0][i]), mod.fc1.bias.copy_(params[1][i])
             mod.fc2.weight[0].copy_(params[2][i]), mod.fc2.bias.copy_(params[3][i])
     return [mod.eval() for mod in models]
+
+
+def _fit_tables(fits: Sequence[FitRows], m: int, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per fit, padded to the longest: its rows of seed + reference (seed rows first, as :func:`_fit` stacks
+    them), their labels and their class-balancing weights (0 on padding). Each (fits, max size)."""
+    rows = torch.zeros(len(fits), max(sizes), dtype=torch.int64)
+    y, w = torch.zeros(len(fits), max(sizes)), torch.zeros(len(fits), max(sizes))
+    for i, (fit, n) in enumerate(zip(fits, sizes)):
+        ms = len(fit.seed_rows)
+        rows[i, :n] = torch.from_numpy(np.concatenate([fit.seed_rows, m + np.asarray(fit.reference_rows)]))
+        y[i, :ms] = 1.0
+        w[i, :n] = torch.where(y[i, :n] > 0, n / (2.0 * ms), n / (2.0 * (n - ms)))
+    return rows, y, w
 
 
 def _set_batched_gradients(params: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor,
