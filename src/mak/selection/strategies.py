@@ -173,7 +173,8 @@ STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | Non
 # inputs and options, so that `mak run` re-runs its cached select stage (mak.run.pipeline.stage_version)
 # The seed's k-means is the best of N_INIT starts (proximity, tailness+proximity: 2); k-center's
 # similarities come from the column-layout product, whose last-bit rounding can flip a near-tie
-# (mak: 3, kcenter: 2; robust: 4, which also covers its gate fill).
+# (mak: 3, kcenter: 2; robust: 4, which also covers its gate fill). robust 5: its classifier has 128
+# hidden units and a fused Adam step.
 STRATEGY_VERSIONS: dict[str, int] = {"mak": 3, "kcenter": 2, "proximity": 2, "tailness+proximity": 2, "robust": 5}
 
 

@@ -108,8 +108,7 @@ def _fit(s: np.ndarray, p: np.ndarray, hidden: int, epochs: int, seed: int, dev:
     n = x.shape[0]
     w = torch.where(y > 0, n / (2.0 * s.shape[0]), n / (2.0 * p.shape[0]))  # both classes weigh the same
     model.requires_grad_(False)  # gradients by hand (:func:`_set_gradients`), no autograd graph
-    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
-                           fused=dev.type in ("cpu", "cuda") or None)  # one kernel a step
+    opt = _adam(list(model.parameters()), dev)
     with torch.no_grad():
         for _ in range(int(epochs)):
             order = torch.randperm(n, generator=g).to(dev)
@@ -118,6 +117,11 @@ def _fit(s: np.ndarray, p: np.ndarray, hidden: int, epochs: int, seed: int, dev:
                 _set_gradients(model, x.index_select(0, j), y.index_select(0, j), w.index_select(0, j))
                 opt.step()
     return model.requires_grad_(True).eval()
+
+
+def _adam(params: list[torch.Tensor], dev: torch.device) -> torch.optim.Adam:
+    """The classifier's Adam (lr 6e-3, weight decay 1e-4), fused into one kernel a step where torch has one."""
+    return torch.optim.Adam(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=dev.type in ("cpu", "cuda") or None)
 
 
 def _set_gradients(model: RatioMLP, xb: torch.Tensor, yb: torch.Tensor, wb: torch.Tensor) -> None:
@@ -212,26 +216,22 @@ def _train_group(x: torch.Tensor, m: int, fits: Sequence[FitRows], hidden: int, 
     with torch.no_grad():
         params = [torch.stack([mod.fc1.weight for mod in models]), torch.stack([mod.fc1.bias for mod in models]),
                   torch.stack([mod.fc2.weight[0] for mod in models]), torch.stack([mod.fc2.bias for mod in models])]
-    opt = torch.optim.Adam(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=dev.type in ("cpu", "cuda") or None)
-    bar = None
-    if progress is not None:
-        from tqdm.auto import tqdm
+    opt = _adam(params, dev)
+    valid = (torch.arange(steps * BATCH) < torch.tensor(sizes)[:, None]).to(dev)  # padding: position 0 at weight 0
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=epochs, desc=f"{progress} ({k} batched)", leave=False)
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=epochs, desc=f"{progress} ({k} batched)", leave=False,
+                               disable=progress is None) as bar:
         for _ in range(epochs):
-            order = torch.zeros(k, steps * BATCH, dtype=torch.int64)  # padding: position 0 at weight 0
+            order = torch.zeros(k, steps * BATCH, dtype=torch.int64)
             for i, g in enumerate(gens):
                 order[i, :sizes[i]] = torch.randperm(sizes[i], generator=g)
-            order, valid = order.to(dev), (torch.arange(steps * BATCH) < torch.tensor(sizes)[:, None]).to(dev)
+            order = order.to(dev)
             for t in range(steps):
                 j, v = order[:, t * BATCH:(t + 1) * BATCH], valid[:, t * BATCH:(t + 1) * BATCH]
                 _set_batched_gradients(params, x[rows.gather(1, j)], y.gather(1, j), w.gather(1, j) * v, v.sum(1))
                 opt.step()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update(1)
     with torch.no_grad():
         for i, mod in enumerate(models):
             mod.fc1.weight.copy_(params[0][i]), mod.fc1.bias.copy_(params[1][i])
