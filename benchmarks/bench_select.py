@@ -138,6 +138,14 @@ def main() -> None:
     print(f"    (scoring each view pair separately would need {pairwise / 1e9:.1f} GFLOP, "
           f"{pairwise / flops:.2f}x the shared-Gram FLOPs)")
     print(f"    {t_ecle / (nv * parts) * 1e6:.1f} us per pool image per ordering")
+    from mak.selection.tailness import _block_row_sums, _block_sums
+
+    group = 1 if dev.type == "cpu" else 8
+    zg = zb.view(1, r, bs, dv).expand(group, r, bs, dv).contiguous()
+    t_blocks = best_of(lambda: _block_sums(zg, 5.0), repeats=3) if dev.type == "cpu" else float("nan")
+    t_rows = best_of(lambda: _block_row_sums(zg, 5.0), repeats=3)
+    print(f"    Gram sums per batch: B x B blocks (the CPU path) {t_blocks / group * 1e3:.2f} ms, "
+          f"block rows of {group} batch(es) (the GPU path) {t_rows / group * 1e3:.2f} ms")
 
     # 4. seed share (robust's gate and tail): k nearest among seed + reference for every query
     from mak.selection.robust import seed_share, share_bank

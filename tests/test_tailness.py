@@ -113,3 +113,35 @@ def test_ecle_unstable_images_score_higher(rng):
 def test_ecle_rejects_single_view(rng):
     with pytest.raises(mak.MakError, match="at least 2"):
         mak.ecle(rng.normal(size=(1, 10, 4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_block_and_block_row_sums_agree(rng, dtype):
+    # the CPU path (one B x B block at a time) and the GPU path (a block row of G batches per
+    # matmul) form the same sums; they differ only in the order of float additions
+    from mak._tensor import l2_normalize
+    from mak.selection.tailness import _block_row_sums, _block_sums
+
+    z = l2_normalize(torch.from_numpy(rng.normal(size=(3 * 4 * 9, 6))).to(dtype)).view(3, 4, 9, 6)
+    s_block, pos_block = _block_sums(z, 5.0)
+    s_row, pos_row = _block_row_sums(z, 5.0)
+    torch.testing.assert_close(s_row, s_block, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pos_row, pos_block, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 7])
+def test_grouped_device_loop_matches_host_loop(rng, group):
+    # the loop for views resident on a GPU scores `group` batches per call, across orderings,
+    # with the overlapping last batch and batches owned by another rank skipped
+    from tqdm import tqdm
+
+    from mak.selection.tailness import _ecle_sum_resident, ecle_sum
+
+    views = rng.normal(size=(3, 23, 5)).astype(np.float32)
+    owner = lambda p, k: (p + k) % 3 != 1  # noqa: E731
+    host, terms = ecle_sum(views, batch_size=5, partitions=3, seed=4, owner=owner)
+    acc = torch.zeros(23, dtype=torch.float64)
+    with tqdm(disable=True) as bar:
+        _ecle_sum_resident(torch.from_numpy(views), acc, 0.2, 5, 3, 4, owner, bar, group=group)
+    np.testing.assert_allclose(acc.numpy(), host, rtol=1e-6)
+    assert terms == 3 * 3

@@ -7,12 +7,13 @@ ECLE is the mean over pairs and orderings. Tail-class images have few similar ne
 model's embedding, hence a high loss.
 
 Implementation: for one batch all R views are gathered once and the (R*B) x (R*B) Gram matrix is
-formed block-row by block-row. With ``S[a, b, i] = sum_j exp(cos(a_i, b_j) / t)`` (self excluded
-when a == b), the loss of ``a_i`` in pair (a, b) is ``log(S[a,a,i] + S[a,b,i]) - cos(a_i, b_i)/t``,
-so every pair of views reuses the same Gram blocks. The matrix is symmetric, so only the blocks
+formed in B x B blocks. With ``S[a, b, i] = sum_j exp(cos(a_i, b_j) / t)`` (self excluded when
+a == b), the loss of ``a_i`` in pair (a, b) is ``log(S[a,a,i] + S[a,b,i]) - cos(a_i, b_i)/t``, so
+every pair of views reuses the same Gram blocks. The matrix is symmetric, so only the blocks
 (a, c) with c >= a are formed: their row sums are ``S[a, c]`` and their column sums ``S[c, a]``.
 R(R+1)/2 blocks of B x B: 0.31x the FLOPs and exponentials of scoring each pair separately at
-R = 10, in O(R * B^2) memory per batch and O(N) overall.
+R = 10, in O(R * B^2) memory per batch and O(N) overall. On a CPU each block is exponentiated and
+summed while it is in cache; on a GPU a block row of several batches is one batched matmul.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import torch
 
 from mak._tensor import is_tensor, l2_normalize, resolve_device, to_tensor
 from mak.errors import MakError
+
+GROUP_ELEMENTS = 2**26  # logits per grouped block-row product on a GPU: 256 MiB in float32
 
 
 def partition_order(n: int, seed: int, partition: int) -> torch.Tensor:
@@ -49,41 +52,76 @@ def batch_plan(n: int, batch_size: int) -> list[tuple[int, int, int]]:
 
 
 def batch_losses(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Summed NT-Xent losses over all view pairs for one batch.
+    """Summed NT-Xent losses over all view pairs for one batch, or for G batches at once.
 
-    ``z``: (R, B, d) L2-normalised views of B images. Returns (B,) float32: for each image the sum,
-    over the R(R-1)/2 unordered pairs (a, b), of the mean of its two directional losses.
+    ``z``: (R, B, d) L2-normalised views of B images, or (G, R, B, d) for G batches. Returns (B,)
+    (or (G, B)) float32: for each image the sum, over the R(R-1)/2 unordered pairs (a, b), of the
+    mean of its two directional losses. On a CPU the Gram matrix is formed one B x B block at a time
+    (the block stays in cache while it is exponentiated and summed); on a GPU one block row of all G
+    batches per kernel (few launches per batch).
     """
-    r, b, _ = z.shape
+    grouped = z.ndim == 4
+    zg = z if grouped else z[None]
     inv_t = 1.0 / float(temperature)
     # Exponentials relative to the largest possible logit (cos <= 1); exact algebra, and in
     # float32 no underflow while 2/t < ~80 (t > 0.025). Below that, work in float64.
     work = torch.float32 if temperature > 0.025 else torch.float64
-    zw = z.to(work)
-    flat = zw.reshape(r * b, -1)
-    s = torch.empty((r, r, b), dtype=work, device=z.device)  # S[a, c, i]
-    pos = torch.empty((r, r, b), dtype=work, device=z.device)  # (cos(a_i, c_i) - 1) / t
-    shift = torch.full((1,), -inv_t, dtype=work, device=z.device)
-    for a in range(r):
-        # Blocks (a, c >= a) of the Gram matrix as logits (cos - 1) / t, in one fused matmul; then
-        # exponentiated in place: one (B, (R-a)*B) buffer per block row, no temporaries.
-        g = torch.addmm(shift, zw[a], flat[a * b :].T, alpha=inv_t)  # (B, (R-a)*B)
-        gv = g.view(b, r - a, b)  # [i, c - a, j]
-        same = torch.diagonal(gv, dim1=0, dim2=2)  # [c - a, i]: (cos(a_i, c_i) - 1) / t
-        pos[a, a:] = same
-        pos[a + 1 :, a] = same[1:]  # cos(c_i, a_i) = cos(a_i, c_i)
-        g.exp_()
-        torch.diagonal(gv[:, 0, :]).zero_()  # exclude k = a_i itself
-        s[a, a:] = gv.sum(dim=2).T  # row sums: S[a, c, i]
-        s[a + 1 :, a] = gv[:, 1:, :].sum(dim=0)  # column sums: S[c, a, j] = sum_i exp(cos(c_j, a_i) / t)
+    zw = zg.to(work)
+    sums = _block_sums if zw.device.type == "cpu" else _block_row_sums
+    s, pos = sums(zw, inv_t)
     # loss of a_i in pair (a, c): log(S[a,a,i] + S[a,c,i]) - pos[a,c,i]; image i's sum over the
     # unordered pairs of the mean of both directions is half the sum over ordered pairs a != c
     # (all pairs in a few batched kernels: one launch per op, not per pair, matters on GPUs)
-    diag = torch.diagonal(s, dim1=0, dim2=1).T  # (R, B): S[a, a, i]
-    loss = torch.log(s + diag[:, None, :]).sub_(pos)  # (R, R, B)
-    torch.diagonal(loss, dim1=0, dim2=1).zero_()  # a == c is not a pair
-    total = loss.sum(dim=(0, 1)).mul_(0.5)
-    return total.float()
+    diag = torch.diagonal(s, dim1=1, dim2=2).transpose(1, 2)  # (G, R, B): S[a, a, i]
+    loss = torch.log(s + diag[:, :, None, :]).sub_(pos)  # (G, R, R, B)
+    torch.diagonal(loss, dim1=1, dim2=2).zero_()  # a == c is not a pair
+    total = loss.sum(dim=(1, 2)).mul_(0.5).float()
+    return total if grouped else total[0]
+
+
+def _block_sums(z: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S[g, a, c, i]`` and ``pos[g, a, c, i] = (cos(a_i, c_i) - 1) / t`` for (G, R, B, d) views,
+    one B x B Gram block (a, c >= a) at a time: its row sums are S[a, c], its column sums S[c, a]."""
+    gn, r, b, _ = z.shape
+    s = torch.empty((gn, r, r, b), dtype=z.dtype)
+    pos = torch.empty_like(s)
+    shift = torch.full((1,), -inv_t, dtype=z.dtype)
+    block = torch.empty((b, b), dtype=z.dtype)
+    for g in range(gn):
+        for a in range(r):
+            for c in range(a, r):
+                torch.addmm(shift, z[g, a], z[g, c].T, alpha=inv_t, out=block)  # (cos - 1) / t
+                same = torch.diagonal(block)
+                pos[g, a, c] = same
+                pos[g, c, a] = same  # cos(c_i, a_i) = cos(a_i, c_i)
+                block.exp_()
+                if c == a:
+                    same.zero_()  # exclude k = a_i itself
+                torch.sum(block, 1, out=s[g, a, c])
+                if c > a:
+                    torch.sum(block, 0, out=s[g, c, a])  # S[c, a, j] = sum_i exp(cos(c_j, a_i) / t)
+    return s, pos
+
+
+def _block_row_sums(z: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_block_sums` by block rows: the blocks (a, c >= a) of all G batches in one batched
+    matmul, exponentiated in place, then reduced (a handful of kernels per block row)."""
+    gn, r, b, _ = z.shape
+    flat = z.reshape(gn, r * b, -1)
+    s = torch.empty((gn, r, r, b), dtype=z.dtype, device=z.device)
+    pos = torch.empty_like(s)
+    shift = torch.full((1,), -inv_t, dtype=z.dtype, device=z.device)
+    for a in range(r):
+        rows = torch.baddbmm(shift, z[:, a], flat[:, a * b :].transpose(1, 2), alpha=inv_t)  # (G, B, (R-a)*B)
+        view = rows.view(gn, b, r - a, b)  # [g, i, c - a, j]
+        same = torch.diagonal(view, dim1=1, dim2=3)  # [g, c - a, i]
+        pos[:, a, a:] = same
+        pos[:, a + 1 :, a] = same[:, 1:]
+        rows.exp_()
+        torch.diagonal(view[:, :, 0, :], dim1=1, dim2=2).zero_()
+        s[:, a, a:] = view.sum(dim=3).transpose(1, 2)
+        s[:, a + 1 :, a] = view[:, :, 1:, :].sum(dim=1)
+    return s, pos
 
 
 def _views_getter(views: Any, device: torch.device) -> tuple[Callable[[np.ndarray], torch.Tensor], int, int, int]:
@@ -175,29 +213,41 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
 
 
 def _ecle_sum_resident(views: torch.Tensor, acc: torch.Tensor, temperature: float, batch_size: int,
-                       partitions: int, seed: int, owner: Callable[[int, int], bool] | None, bar) -> None:
+                       partitions: int, seed: int, owner: Callable[[int, int], bool] | None, bar,
+                       group: int | None = None) -> None:
     """:func:`ecle_sum`'s loop for views already on the GPU: the same batches as
     :func:`iter_batches`, with orderings, sorting and scatter-adds on the device (no host round
-    trip per batch)."""
+    trip per batch), ``group`` batches (all of one size) scored by one :func:`batch_losses` call."""
     r, n, _ = views.shape
     dev = views.device
     plan = batch_plan(n, batch_size)
+    size = plan[0][1] - plan[0][0]
+    group = group or max(1, GROUP_ELEMENTS // (size * size * r))
+    tasks = [(p, lo, hi, first) for p in range(partitions) for k, (lo, hi, first) in enumerate(plan)
+             if owner is None or owner(p, k)]
+    bar.update(len(plan) * partitions - len(tasks))
+    orders: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
-        for p in range(partitions):
-            order = (torch.arange(n, device=dev) if n <= batch_size
-                     else partition_order(n, seed, p).to(dev, non_blocking=True))
-            for k, (lo, hi, first) in enumerate(plan):
-                bar.update(1)
-                if owner is not None and not owner(p, k):
-                    continue
-                srt = torch.sort(order[lo:hi]).values
-                z = l2_normalize(views.index_select(1, srt).float().reshape(r * (hi - lo), -1)).view(r, hi - lo, -1)
-                loss = batch_losses(z, temperature).double()
+        for g0 in range(0, len(tasks), group):
+            chunk = tasks[g0 : g0 + group]
+            needed = {p for p, *_ in chunk}
+            orders = {p: o for p, o in orders.items() if p in needed}  # only this group's orderings
+            for p in sorted(needed - orders.keys()):
+                orders[p] = (torch.arange(n, device=dev) if n <= batch_size
+                             else partition_order(n, seed, p).to(dev, non_blocking=True))
+            rows = torch.stack([orders[p][lo:hi] for p, lo, hi, _ in chunk])  # (G, B)
+            srt = torch.sort(rows, dim=1).values
+            z = views.index_select(1, srt.flatten()).float()  # (R, G * B, d)
+            z = l2_normalize(z.reshape(-1, z.shape[-1])).view(r, len(chunk), size, -1)
+            z = z.transpose(0, 1).contiguous()  # (G, R, B, d)
+            loss = batch_losses(z, temperature).double()  # (G, B)
+            for j, (p, lo, hi, first) in enumerate(chunk):
                 if first > lo:
-                    scored = order[first:hi]
-                    acc.index_add_(0, scored, loss[torch.searchsorted(srt, scored)])
+                    scored = rows[j, first - lo :]
+                    acc.index_add_(0, scored, loss[j][torch.searchsorted(srt[j], scored)])
                 else:
-                    acc.index_add_(0, srt, loss)
+                    acc.index_add_(0, srt[j], loss[j])
+            bar.update(len(chunk))
 
 
 def ecle(views: Any, temperature: float = 0.2, batch_size: int = 512, partitions: int = 10, seed: int = 0,
