@@ -368,6 +368,124 @@ def fewshot_probe(
 # --------------------------------------------------------------------------- all together
 
 
+def _checked_splits(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    fewshot_x: np.ndarray | None,
+    fewshot_y: np.ndarray | None,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate the train, few-shot pool and test arrays and drop their out-of-domain (-1) items."""
+    tx = _features(train_x, "train features")
+    ty = _labels(train_y, tx.shape[0], "train labels")
+    qx = _features(test_x, "test features")
+    qy = _labels(test_y, qx.shape[0], "test labels")
+    tx, ty = _in_domain(tx, ty)
+    qx, qy = _in_domain(qx, qy)
+    if fewshot_x is None:
+        fx, fy = tx, ty
+    else:
+        fx = _features(fewshot_x, "few-shot pool features")
+        fy = _labels(fewshot_y, fx.shape[0], "few-shot pool labels")
+        fx, fy = _in_domain(fx, fy)
+    for name, a in (("train", tx), ("few-shot pool", fx), ("test", qx)):
+        if len(a) == 0:
+            raise MakError(f"the {name} split has no labeled in-domain items")
+        if a.shape[1] != tx.shape[1]:
+            raise MakError(f"the {name} features have dimension {a.shape[1]}, train features {tx.shape[1]}")
+    return tx, ty, fx, fy, qx, qy
+
+
+def _normalised_groups(
+    groups: Mapping[str, Iterable[int]] | None, seed_counts: Mapping[Any, int] | None, many: float, few: float
+) -> dict[str, list[int]] | None:
+    """The Many/Medium/Few class lists (given, or from seed counts and thresholds) as sorted ints, or None."""
+    if groups is None and seed_counts is not None:
+        groups = class_groups(seed_counts, many, few)
+    if groups is not None:
+        groups = {g: sorted(int(c) for c in groups.get(g, [])) for g in GROUPS}
+    return groups
+
+
+def _probes(
+    tx: np.ndarray, ty: np.ndarray, fx: np.ndarray, fy: np.ndarray, qx: np.ndarray, qy: np.ndarray, *,
+    shots: int | None, draws: int, seed: int, k: int, temperature: float, l2: float, max_iter: int,
+) -> tuple[ProbeResult, ProbeResult, dict[str, Any]]:
+    """Run the full-shot linear probe, the kNN classifier and the few-shot probes on the test split."""
+    full = linear_probe(tx, ty, qx, qy, l2=l2, max_iter=max_iter)
+    knn = knn_accuracy(tx, ty, qx, qy, k=k, temperature=temperature)
+    fs = fewshot_probe(fx, fy, qx, qy, shots=shots, draws=draws, seed=seed, l2=l2, max_iter=max_iter)
+    return full, knn, fs
+
+
+def _grouped(
+    pc: Mapping[int, float], groups: Mapping[str, Iterable[int]] | None
+) -> tuple[dict[str, float | None] | None, float | None]:
+    """Many/Medium/Few accuracies of per-class accuracies and their std; (None, None) without groups."""
+    if groups is None:
+        return None, None
+    ga = group_accuracy(pc, groups=groups)
+    return ga, group_std(ga)
+
+
+def _str_keys(d: Mapping[int, float]) -> dict[str, float]:
+    """Per-class figures keyed by the class label as a string (JSON object keys)."""
+    return {str(c): float(v) for c, v in d.items()}
+
+
+def _accuracy_figures(
+    qy: np.ndarray, full: ProbeResult, knn: ProbeResult, fs: Mapping[str, Any],
+    groups: Mapping[str, Iterable[int]] | None,
+) -> dict[str, Any]:
+    """Overall, Many/Medium/Few and per-class accuracy entries of an evaluation result."""
+    classes = np.unique(qy)
+    pc_full = per_class_accuracy(qy, full.predictions, classes)
+    pc_knn = per_class_accuracy(qy, knn.predictions, classes)
+    g_few, s_few = _grouped(fs["per_class"], groups)
+    g_full, s_full = _grouped(pc_full, groups)
+    g_knn, s_knn = _grouped(pc_knn, groups)
+    return {
+        "fullshot_acc": full.accuracy,
+        "fewshot_acc": fs["mean"],
+        "fewshot_std": fs["std"],
+        "fewshot_accs": fs["accs"],
+        "knn_acc": knn.accuracy,
+        "group_acc": g_few,
+        "group_std": s_few,
+        "fullshot_group_acc": g_full,
+        "fullshot_group_std": s_full,
+        "knn_group_acc": g_knn,
+        "knn_group_std": s_knn,
+        "per_class": {
+            "fullshot": _str_keys(pc_full),
+            "fewshot": _str_keys(fs["per_class"]),
+            "fewshot_std": _str_keys(fs["per_class_std"]),
+            "knn": _str_keys(pc_knn),
+        },
+    }
+
+
+def _sorted_seed_counts(seed_counts: Mapping[Any, int] | None) -> dict[str, int] | None:
+    """Seed counts sorted by class, with string class keys; None when not given."""
+    if seed_counts is None:
+        return None
+    return {str(int(c)): int(n) for c, n in sorted(((int(c), int(n)) for c, n in seed_counts.items()))}
+
+
+def _settings(
+    shots: int | None, draws: int, seed: int, k: int, temperature: float, l2: float, max_iter: int,
+    many: float, few: float,
+) -> dict[str, Any]:
+    """The evaluation settings entry of a result (one draw when the few-shot pool is used as given)."""
+    return {
+        "shots": None if shots is None else int(shots), "draws": int(draws) if shots is not None else 1,
+        "seed": int(seed), "k": int(k),
+        "temperature": float(temperature), "l2": float(l2), "max_iter": int(max_iter),
+        "many": float(many), "few": float(few),
+    }
+
+
 def evaluate_features(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -399,77 +517,16 @@ def evaluate_features(
     ``fewshot``, ``fewshot_std``, ``knn``; string class keys), ``groups``, ``seed_counts``,
     ``n`` (sample counts) and ``settings``. Labels -1 are dropped first.
     """
-    tx = _features(train_x, "train features")
-    ty = _labels(train_y, tx.shape[0], "train labels")
-    qx = _features(test_x, "test features")
-    qy = _labels(test_y, qx.shape[0], "test labels")
-    tx, ty = _in_domain(tx, ty)
-    qx, qy = _in_domain(qx, qy)
-    if fewshot_x is None:
-        fx, fy = tx, ty
-    else:
-        fx = _features(fewshot_x, "few-shot pool features")
-        fy = _labels(fewshot_y, fx.shape[0], "few-shot pool labels")
-        fx, fy = _in_domain(fx, fy)
-    for name, a in (("train", tx), ("few-shot pool", fx), ("test", qx)):
-        if len(a) == 0:
-            raise MakError(f"the {name} split has no labeled in-domain items")
-        if a.shape[1] != tx.shape[1]:
-            raise MakError(f"the {name} features have dimension {a.shape[1]}, train features {tx.shape[1]}")
-
-    if groups is None and seed_counts is not None:
-        groups = class_groups(seed_counts, many, few)
-    if groups is not None:
-        groups = {g: sorted(int(c) for c in groups.get(g, [])) for g in GROUPS}
-
-    classes = np.unique(qy)
-    full = linear_probe(tx, ty, qx, qy, l2=l2, max_iter=max_iter)
-    knn = knn_accuracy(tx, ty, qx, qy, k=k, temperature=temperature)
-    fs = fewshot_probe(fx, fy, qx, qy, shots=shots, draws=draws, seed=seed, l2=l2, max_iter=max_iter)
-    pc_full = per_class_accuracy(qy, full.predictions, classes)
-    pc_knn = per_class_accuracy(qy, knn.predictions, classes)
-
-    def grouped(pc: Mapping[int, float]) -> tuple[dict | None, float | None]:
-        if groups is None:
-            return None, None
-        ga = group_accuracy(pc, groups=groups)
-        return ga, group_std(ga)
-
-    g_few, s_few = grouped(fs["per_class"])
-    g_full, s_full = grouped(pc_full)
-    g_knn, s_knn = grouped(pc_knn)
-
-    def str_keys(d: Mapping[int, float]) -> dict[str, float]:
-        return {str(c): float(v) for c, v in d.items()}
-
+    tx, ty, fx, fy, qx, qy = _checked_splits(train_x, train_y, fewshot_x, fewshot_y, test_x, test_y)
+    groups = _normalised_groups(groups, seed_counts, many, few)
+    full, knn, fs = _probes(tx, ty, fx, fy, qx, qy, shots=shots, draws=draws, seed=seed, k=k,
+                            temperature=temperature, l2=l2, max_iter=max_iter)
     return {
-        "fullshot_acc": full.accuracy,
-        "fewshot_acc": fs["mean"],
-        "fewshot_std": fs["std"],
-        "fewshot_accs": fs["accs"],
-        "knn_acc": knn.accuracy,
-        "group_acc": g_few,
-        "group_std": s_few,
-        "fullshot_group_acc": g_full,
-        "fullshot_group_std": s_full,
-        "knn_group_acc": g_knn,
-        "knn_group_std": s_knn,
-        "per_class": {
-            "fullshot": str_keys(pc_full),
-            "fewshot": str_keys(fs["per_class"]),
-            "fewshot_std": str_keys(fs["per_class_std"]),
-            "knn": str_keys(pc_knn),
-        },
+        **_accuracy_figures(qy, full, knn, fs, groups),
         "groups": groups,
-        "seed_counts": None if seed_counts is None else {str(int(c)): int(n) for c, n in sorted(
-            ((int(c), int(n)) for c, n in seed_counts.items()))},
+        "seed_counts": _sorted_seed_counts(seed_counts),
         "n": {"train": int(len(ty)), "fewshot_pool": int(len(fy)), "test": int(len(qy)), "dim": int(tx.shape[1])},
-        "settings": {
-            "shots": None if shots is None else int(shots), "draws": int(draws) if shots is not None else 1,
-            "seed": int(seed), "k": int(k),
-            "temperature": float(temperature), "l2": float(l2), "max_iter": int(max_iter),
-            "many": float(many), "few": float(few),
-        },
+        "settings": _settings(shots, draws, seed, k, temperature, l2, max_iter, many, few),
     }
 
 
@@ -542,6 +599,114 @@ def _split_labels(source: Any) -> np.ndarray:
     return labels_from_items(items)
 
 
+def _resolve_splits(
+    bench: str | os.PathLike | None,
+    train_split: str | os.PathLike | None,
+    fewshot_split: str | os.PathLike | None,
+    test_split: str | os.PathLike | None,
+    seed_split: str | os.PathLike | None,
+) -> tuple[dict[str, Any] | None, Any, Any, Any, Any]:
+    """The benchmark manifest (or None) and the train, few-shot, test and seed split paths to use."""
+    manifest = None
+    if bench is not None:
+        from mak.bench import openworld
+
+        manifest = openworld.load_manifest(bench)
+        train_split = train_split or openworld.split_path(bench, "fullshot")
+        fewshot_split = fewshot_split or openworld.split_path(bench, "fewshot")
+        test_split = test_split or openworld.split_path(bench, "test")
+        seed_split = seed_split or openworld.split_path(bench, "seed")
+    if train_split is None or test_split is None:
+        raise MakError("give --bench DIR, or --train-split and --test-split")
+    return manifest, train_split, fewshot_split, test_split, seed_split
+
+
+def _embed_split(
+    model: Any, path: str | os.PathLike, what: str, image_size: int, channels: int, *,
+    root: str | os.PathLike | None, device: str, batch_size: int, num_workers: int, verbose: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features (float32) and labels of one split file, reporting the time taken when verbose."""
+    from mak.data.sources import labeled_source
+    from mak.train.embed import compute_features
+
+    source = labeled_source(path, root=root)
+    labels = _split_labels(source)
+    t0 = time.time()
+    feats = compute_features(model, source, image_size, channels, batch_size=batch_size,
+                             device=device, num_workers=num_workers)
+    if verbose:
+        print(f"features: {what} {np.asarray(feats).shape} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return np.asarray(feats, dtype=np.float32), labels
+
+
+def _embed_splits(
+    checkpoint: str | os.PathLike,
+    train_split: str | os.PathLike,
+    fewshot_split: str | os.PathLike | None,
+    test_split: str | os.PathLike,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Load the checkpoint's model and embed the train, few-shot pool (if any) and test splits."""
+    from mak.train.pretrain import load_model
+
+    model, config = load_model(checkpoint, options["device"])
+    image_size, channels = int(config["image_size"]), int(config["channels"])
+    train_x, train_y = _embed_split(model, train_split, "train", image_size, channels, **options)
+    if fewshot_split is not None:
+        few_x, few_y = _embed_split(model, fewshot_split, "few-shot pool", image_size, channels, **options)
+    else:
+        few_x = few_y = None
+    test_x, test_y = _embed_split(model, test_split, "test", image_size, channels, **options)
+    return train_x, train_y, few_x, few_y, test_x, test_y
+
+
+def _seed_class_counts(
+    seed_split: str | os.PathLike | None, root: str | os.PathLike | None, train_y: np.ndarray, test_y: np.ndarray
+) -> dict[int, int] | None:
+    """Per-class counts of the seed split, 0 for train/test classes absent from it; None without a seed split."""
+    if seed_split is None:
+        return None
+    from mak.data.sources import labeled_source
+
+    seed_labels = _split_labels(labeled_source(seed_split, root=root))
+    seed_labels = seed_labels[seed_labels >= 0]
+    counts = {int(c): int(n) for c, n in zip(*np.unique(seed_labels, return_counts=True))}
+    for c in np.unique(np.concatenate([train_y[train_y >= 0], test_y[test_y >= 0]])):
+        counts.setdefault(int(c), 0)
+    return counts
+
+
+def _group_thresholds(
+    manifest: Mapping[str, Any] | None, many: float | None, few: float | None
+) -> tuple[dict[str, list[int]] | None, float, float]:
+    """The manifest's groups and thresholds when no threshold is given, else no groups and the thresholds."""
+    if manifest is not None and many is None and few is None:
+        from mak.bench import openworld
+
+        groups = openworld.groups(manifest)
+        thr = manifest.get("group_thresholds", {})
+        return groups, float(thr.get("many", DEFAULT_MANY)), float(thr.get("few", DEFAULT_FEW))
+    many_v = DEFAULT_MANY if many is None else float(many)
+    few_v = DEFAULT_FEW if few is None else float(few)
+    return None, many_v, few_v
+
+
+def _report_checkpoint(
+    results: dict[str, Any], checkpoint: str | os.PathLike, splits: Mapping[str, Any],
+    out: str | os.PathLike | None, verbose: bool,
+) -> dict[str, Any]:
+    """Add the checkpoint and split paths to the results, write them to ``out`` and print the table."""
+    from mak.atomic import write_json
+
+    results["checkpoint"] = str(checkpoint)
+    results["splits"] = {name: None if path is None else str(path) for name, path in splits.items()}
+    if out is not None:
+        write_json(Path(out), results)
+    if verbose:
+        print(format_table(results, title=f"checkpoint {checkpoint}"))
+    return results
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     bench: str | os.PathLike | None = None,
@@ -577,72 +742,16 @@ def evaluate_checkpoint(
     Writes the results as JSON to ``out`` (atomically) when given, prints the table when
     ``verbose``, and returns the results.
     """
-    from mak.atomic import write_json
-    from mak.data.sources import labeled_source
-    from mak.train.embed import compute_features
-    from mak.train.pretrain import load_model
-
-    manifest = None
-    if bench is not None:
-        from mak.bench import openworld
-
-        manifest = openworld.load_manifest(bench)
-        train_split = train_split or openworld.split_path(bench, "fullshot")
-        fewshot_split = fewshot_split or openworld.split_path(bench, "fewshot")
-        test_split = test_split or openworld.split_path(bench, "test")
-        seed_split = seed_split or openworld.split_path(bench, "seed")
-    if train_split is None or test_split is None:
-        raise MakError("give --bench DIR, or --train-split and --test-split")
-
-    model, config = load_model(checkpoint, device)
-    image_size, channels = int(config["image_size"]), int(config["channels"])
-
-    def embed(path: str | os.PathLike, what: str) -> tuple[np.ndarray, np.ndarray]:
-        source = labeled_source(path, root=root)
-        labels = _split_labels(source)
-        t0 = time.time()
-        feats = compute_features(model, source, image_size, channels, batch_size=batch_size,
-                                 device=device, num_workers=num_workers)
-        if verbose:
-            print(f"features: {what} {np.asarray(feats).shape} in {time.time() - t0:.1f}s", file=sys.stderr)
-        return np.asarray(feats, dtype=np.float32), labels
-
-    train_x, train_y = embed(train_split, "train")
-    if fewshot_split is not None:
-        few_x, few_y = embed(fewshot_split, "few-shot pool")
-    else:
-        few_x = few_y = None
-    test_x, test_y = embed(test_split, "test")
-
-    groups = None
-    counts = None
-    if seed_split is not None:
-        seed_labels = _split_labels(labeled_source(seed_split, root=root))
-        seed_labels = seed_labels[seed_labels >= 0]
-        counts = {int(c): int(n) for c, n in zip(*np.unique(seed_labels, return_counts=True))}
-        for c in np.unique(np.concatenate([train_y[train_y >= 0], test_y[test_y >= 0]])):
-            counts.setdefault(int(c), 0)
-    if manifest is not None and many is None and few is None:
-        from mak.bench import openworld
-
-        groups = openworld.groups(manifest)
-        thr = manifest.get("group_thresholds", {})
-        many_v, few_v = float(thr.get("many", DEFAULT_MANY)), float(thr.get("few", DEFAULT_FEW))
-    else:
-        many_v = DEFAULT_MANY if many is None else float(many)
-        few_v = DEFAULT_FEW if few is None else float(few)
-
+    manifest, train_split, fewshot_split, test_split, seed_split = _resolve_splits(
+        bench, train_split, fewshot_split, test_split, seed_split)
+    train_x, train_y, few_x, few_y, test_x, test_y = _embed_splits(
+        checkpoint, train_split, fewshot_split, test_split, root=root, device=device, batch_size=batch_size,
+        num_workers=num_workers, verbose=verbose)
+    counts = _seed_class_counts(seed_split, root, train_y, test_y)
+    groups, many_v, few_v = _group_thresholds(manifest, many, few)
     results = evaluate_features(
         train_x, train_y, few_x, few_y, test_x, test_y, counts, groups=groups, many=many_v, few=few_v,
         shots=shots, draws=draws, seed=seed, k=k, temperature=temperature, l2=l2, max_iter=max_iter,
     )
-    results["checkpoint"] = str(checkpoint)
-    results["splits"] = {
-        "train": str(train_split), "fewshot": None if fewshot_split is None else str(fewshot_split),
-        "test": str(test_split), "seed": None if seed_split is None else str(seed_split),
-    }
-    if out is not None:
-        write_json(Path(out), results)
-    if verbose:
-        print(format_table(results, title=f"checkpoint {checkpoint}"))
-    return results
+    splits = {"train": train_split, "fewshot": fewshot_split, "test": test_split, "seed": seed_split}
+    return _report_checkpoint(results, checkpoint, splits, out, verbose)

@@ -305,48 +305,18 @@ def _write_pngs(folder: Path, images: np.ndarray) -> list[str]:
     return names
 
 
-def build_benchmark(
-    out: str | os.PathLike,
-    seed: int = 0,
-    scale: float = 1.0,
-    data_dir: str | os.PathLike | None = None,
-    budget: int | None = None,
-    *,
-    overwrite: bool = False,
-    fonts: Sequence[str | os.PathLike] | None = None,
-    ood_ratio: float = 1.0,
-    pool_classes: str = "all",
-    near_classes: int | None = None,
-) -> dict[str, Any]:
-    """Build the open-world benchmark into directory ``out`` and return its manifest.
-
-    See the module docstring for the layout and counts. ``budget`` defaults to twice the seed
-    size. The directory is written atomically: it appears complete or not at all; an existing
-    non-empty ``out`` is an error unless ``overwrite``. ``fonts`` overrides the fonts used for glyphs (default
-    :func:`mak.bench.glyphs.find_fonts`). ``ood_ratio``: out-of-domain images per in-domain pool image
-    (default 1: a half-junk pool; 4 = 80% junk, as a web crawl is more like). ``near_classes``: how
-    many classes appear only in the pool; ``pool_classes="disjoint"``: the pool holds none of the
-    seed's classes (see the module docstring).
-    """
-    from mak.bench import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
-
-    seed = int(seed)
-    counts = benchmark_counts(scale, ood_ratio=ood_ratio, pool_classes=pool_classes, near_classes=near_classes)
-    num_seed = NUM_CLASSES - near_class_count(pool_classes, near_classes)
-    out = Path(out)
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Raise MakError unless ``out`` is absent, an empty directory, or may be overwritten."""
     if out.exists() and not out.is_dir():
         raise MakError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MakError(f"{out} already exists and is not empty (use --overwrite to replace it)")
-    if fonts is None:
-        fonts = glyphs.find_fonts()
-    train_x, train_y = load_fashion_mnist("train", data_dir)
-    test_x, test_y = load_fashion_mnist("test", data_dir)
 
-    rng = np.random.default_rng([seed & 0xFFFFFFFF, 20211])
-    class_order = [int(c) for c in rng.permutation(NUM_CLASSES)]  # rank -> Fashion-MNIST label
 
-    # ---- pick disjoint training indices per class
+def _pick_train_indices(
+    rng: np.random.Generator, train_y: np.ndarray, class_order: list[int], counts: dict[str, list[int]], scale: float
+) -> dict[str, list[np.ndarray]]:
+    """Draw disjoint training indices of each class for the seed, pool, fullshot and fewshot splits."""
     picked: dict[str, list[np.ndarray]] = {s: [] for s in ("seed", "pool", "fullshot", "fewshot")}
     for rank, label in enumerate(class_order):
         idx = _permute(rng, np.flatnonzero(train_y == label))
@@ -360,42 +330,69 @@ def build_benchmark(
                 )
             picked[split].append(idx[start: start + n])
             start += n
+    return picked
+
+
+def _pick_test_indices(
+    rng: np.random.Generator, test_y: np.ndarray, class_order: list[int], counts: dict[str, list[int]]
+) -> np.ndarray:
+    """Draw the sorted test indices: ``counts["test"][rank]`` of each class, or all of a class when it has no more."""
     test_pick = []
     for rank, label in enumerate(class_order):
         idx = np.flatnonzero(test_y == label)
         n = counts["test"][rank]
         test_pick.append(np.sort(_permute(rng, idx)[:n]) if n < len(idx) else idx)
-    test_idx = np.sort(np.concatenate(test_pick))
+    return np.sort(np.concatenate(test_pick))
 
-    # ---- out-of-domain images (half glyphs, rounding up, half textures)
-    n_ood = counts["pool_ood"][0]
+
+def _ood_images(
+    n_ood: int, seed: int, fonts: Sequence[str | os.PathLike]
+) -> tuple[np.ndarray, list[str], int]:
+    """Generate ``n_ood`` out-of-domain images (half glyphs, rounding up); return images, provenance, glyph count."""
+    from mak.bench import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
+
     n_glyph = (n_ood + 1) // 2
     ood_images, ood_kinds = glyphs.make_ood_images(n_glyph, n_ood - n_glyph, seed=seed, size=IMAGE_SIZE, fonts=fonts)
     ood_index = list(range(n_glyph)) + list(range(n_ood - n_glyph))
+    return ood_images, [f"{k} {j}" for k, j in zip(ood_kinds, ood_index)], n_glyph
 
-    # ---- assemble each split: (images, labels, provenance)
+
+def _assemble_splits(
+    rng: np.random.Generator, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+    picked: dict[str, list[np.ndarray]], test_idx: np.ndarray, ood_images: np.ndarray, ood_prov: list[str],
+) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Shuffle each split's images into ``(images, labels, provenance)``; the pool mixes in the out-of-domain images."""
     splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
     for split in ("seed", "fullshot", "fewshot"):
         idx = _permute(rng, np.concatenate(picked[split]))
         splits[split] = (train_x[idx], train_y[idx], [f"fmnist-train {int(i)}" for i in idx])
     pool_idx = np.concatenate(picked["pool"])
     pool_images = np.concatenate([train_x[pool_idx], ood_images])
-    pool_labels = np.concatenate([train_y[pool_idx], np.full(n_ood, OOD_LABEL, np.int64)])
-    pool_prov = [f"fmnist-train {int(i)}" for i in pool_idx] + [f"{k} {j}" for k, j in zip(ood_kinds, ood_index)]
+    pool_labels = np.concatenate([train_y[pool_idx], np.full(len(ood_prov), OOD_LABEL, np.int64)])
+    pool_prov = [f"fmnist-train {int(i)}" for i in pool_idx] + ood_prov
     order = rng.permutation(len(pool_images))
     splits["pool"] = (pool_images[order], pool_labels[order], [pool_prov[i] for i in order])
     splits["test"] = (test_x[test_idx], test_y[test_idx], [f"fmnist-test {int(i)}" for i in test_idx])
+    return splits
 
-    n_pool = len(pool_images)
-    seed_size = int(sum(counts["seed"]))
+
+def _check_budget(budget: int | None, seed_size: int, n_pool: int) -> int:
+    """The selection budget: ``budget`` (default twice the seed size), checked to lie in 1..``n_pool``."""
     if budget is None:
         budget = 2 * seed_size
     budget = int(budget)
     if budget < 1 or budget > n_pool:
         raise MakError(f"--budget must be between 1 and the pool size {n_pool}, got {budget}")
+    return budget
 
+
+def _manifest(
+    seed: int, scale: float, class_order: list[int], num_seed: int, pool_classes: str, ood_ratio: float,
+    n_glyph: int, n_ood: int, budget: int,
+) -> dict[str, Any]:
+    """The benchmark's manifest, with empty ``counts`` and ``totals`` (see :func:`_fill_counts`)."""
     ranks = group_ranks(num_classes=num_seed)
-    manifest: dict[str, Any] = {
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "seed": seed,
@@ -425,12 +422,21 @@ def build_benchmark(
         "fewshot_shots": FEWSHOT_SHOTS,
         "budget": budget,
     }
+
+
+def _fill_counts(manifest: dict[str, Any], splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]]) -> None:
+    """Record each split's per-label image counts and total in ``manifest``."""
     for split in SPLITS:
         labels = splits[split][1]
         keys = list(range(NUM_CLASSES)) + ([OOD_LABEL] if split == "pool" else [])
         manifest["counts"][split] = {str(c): int((labels == c).sum()) for c in keys}
         manifest["totals"][split] = int(len(labels))
 
+
+def _write_benchmark(
+    out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], manifest: dict[str, Any]
+) -> None:
+    """Write the images, split lists, ``sources.txt`` and manifest into ``out`` atomically."""
     try:
         with atomic_dir(out, overwrite=True) as tmp:
             source_lines = []
@@ -444,6 +450,55 @@ def build_benchmark(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as exc:
         raise MakError(f"cannot write the benchmark to {out}: {exc}") from None
+
+
+def build_benchmark(
+    out: str | os.PathLike,
+    seed: int = 0,
+    scale: float = 1.0,
+    data_dir: str | os.PathLike | None = None,
+    budget: int | None = None,
+    *,
+    overwrite: bool = False,
+    fonts: Sequence[str | os.PathLike] | None = None,
+    ood_ratio: float = 1.0,
+    pool_classes: str = "all",
+    near_classes: int | None = None,
+) -> dict[str, Any]:
+    """Build the open-world benchmark into directory ``out`` and return its manifest.
+
+    See the module docstring for the layout and counts. ``budget`` defaults to twice the seed
+    size. The directory is written atomically: it appears complete or not at all; an existing
+    non-empty ``out`` is an error unless ``overwrite``. ``fonts`` overrides the fonts used for glyphs (default
+    :func:`mak.bench.glyphs.find_fonts`). ``ood_ratio``: out-of-domain images per in-domain pool image
+    (default 1: a half-junk pool; 4 = 80% junk, as a web crawl is more like). ``near_classes``: how
+    many classes appear only in the pool; ``pool_classes="disjoint"``: the pool holds none of the
+    seed's classes (see the module docstring).
+    """
+    from mak.bench import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
+
+    seed = int(seed)
+    counts = benchmark_counts(scale, ood_ratio=ood_ratio, pool_classes=pool_classes, near_classes=near_classes)
+    num_seed = NUM_CLASSES - near_class_count(pool_classes, near_classes)
+    out = Path(out)
+    _check_out(out, overwrite)
+    if fonts is None:
+        fonts = glyphs.find_fonts()
+    train_x, train_y = load_fashion_mnist("train", data_dir)
+    test_x, test_y = load_fashion_mnist("test", data_dir)
+
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, 20211])
+    class_order = [int(c) for c in rng.permutation(NUM_CLASSES)]  # rank -> Fashion-MNIST label
+    picked = _pick_train_indices(rng, train_y, class_order, counts, scale)
+    test_idx = _pick_test_indices(rng, test_y, class_order, counts)
+    n_ood = counts["pool_ood"][0]
+    ood_images, ood_prov, n_glyph = _ood_images(n_ood, seed, fonts)
+    splits = _assemble_splits(rng, train_x, train_y, test_x, test_y, picked, test_idx, ood_images, ood_prov)
+    budget = _check_budget(budget, int(sum(counts["seed"])), len(splits["pool"][0]))
+
+    manifest = _manifest(seed, scale, class_order, num_seed, pool_classes, ood_ratio, n_glyph, n_ood, budget)
+    _fill_counts(manifest, splits)
+    _write_benchmark(out, splits, manifest)
     return manifest
 
 

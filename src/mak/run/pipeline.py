@@ -219,105 +219,141 @@ def build_plan(config: dict, run_dir: str | Path) -> Plan:
     """Lay out every stage of the run (nothing is executed)."""
     run_dir = Path(run_dir)
     plan = Plan(run_dir, config)
-    cfg_run, data, sel = config["run"], config["data"], config["select"]
-    pre, emb, ret, ev = config["pretrain"], config["embed"], config["retrain"], config["evaluate"]
-    device = str(cfg_run["device"])
+    device = str(config["run"]["device"])
     if is_auto(device):  # resolved here, so stage keys name the real device
         device = str(auto_device(device))
-    for r in range(int(cfg_run["repeats"])):
-        seed = int(cfg_run["seed"]) + r
-        base = run_dir / f"r{r}"
-        roles: dict[str, Any] = {"seed": seed, "select": {}, "retrain": {}, "eval": {}}
-        deps: list[Stage] = []
-        if data["benchmark"]["build"]:
-            b = data["benchmark"]
-            bseed = (b["seed"] if b["seed"] is not None else int(cfg_run["seed"])) + (r if b["vary_with_repeat"] else 0)
-            bp = {"seed": bseed, "scale": b["scale"], "data_dir": b["data_dir"]}
-            if float(b["ood_ratio"]) != 1.0:  # keyed only when set, so half-junk runs keep their cache
-                bp["ood_ratio"] = float(b["ood_ratio"])
-            bp.update(_class_params(b["pool_classes"], b["near_classes"]))
-            bench = plan.add(Stage(f"bench/r{r}", base / "bench", bp, [], _run_bench,
-                                   ("benchmark.json", "seed.txt", "pool.txt")))
-            roles["bench"] = bench
-            deps = [bench]
-            data_params = {"bench": bench.key}
-        else:
-            data_params = {k: data[k] for k in ("seed", "pool", "eval")}
-            data_params["fingerprint"] = _user_data_fingerprint(data)
-        roles["data"] = data_params
-        pre_model = {k: v for k, v in pre.items() if k not in ("pool_mix", "pool_mix_epochs")}  # the seed model
-        pp = {**pre_model, "seed": seed, "device": device, "data": data_params}
-        pretrain = plan.add(Stage(f"pretrain/r{r}", base / "pretrain", pp, deps, _run_pretrain, ("checkpoint.pt",)))
-        ep = {**emb, "seed": seed, "device": device}
-        ecle_params = {k: sel[k] for k in ("temperature", "ecle_batch_size", "partitions")} | {"seed": seed,
-                                                                                             "device": device}
-        from mak.selection.strategies import POOL_AWARE, strategy_needs
-
-        sp = {k: v for k, v in sel.items() if k != "strategies"}
-        opts_of = own_options(sel["strategies"], sp.get("options") or {})
-        mix = pre.get("pool_mix", 0)
-        # strategies that declare it are scored with the pool-aware model (SimCLR on seed + a pool sample)
-        # when pretrain.pool_mix != 0; every other one, mak included, with the paper's seed-only model
-        mixed = [s for s in sel["strategies"] if s in POOL_AWARE and mix != 0]
-        models = {"seed": [s for s in sel["strategies"] if s not in mixed], "mix": mixed}
-        inputs: dict[str, tuple] = {}
-        for model, users in models.items():
-            if model == "seed":
-                tag, trained = "", pretrain
-            elif users:
-                tag = "-mix"
-                mp = {**pp, "pool_mix": mix}
-                if pre.get("pool_mix_epochs") is not None:
-                    mp["epochs"] = int(pre["pool_mix_epochs"])
-                trained = plan.add(Stage(f"pretrain-mix/r{r}", base / "pretrain-mix", mp, deps, _run_pretrain,
-                                         ("checkpoint.pt",)))
-                roles["pretrain_mix"] = trained
-            else:
-                continue
-            with_views = any(strategy_needs(s, opts_of[s])[1] for s in users)
-            eseed = plan.add(Stage(f"embed-seed{tag}/r{r}", base / f"embed-seed{tag}",
-                                   {**ep, "part": "seed", "views": 0},
-                                   [trained], _run_embed, ("features.npy", "items.txt")))
-            epool = plan.add(Stage(f"embed-pool{tag}/r{r}", base / f"embed-pool{tag}",
-                                   {**ep, "part": "pool", **({} if with_views else {"views": 0})},
-                                   [trained], _run_embed, ("features.npy", "items.txt")))
-            ecle_stage = None
-            if with_views:
-                # ECLE is the costly score: computed once per model and shared by every strategy.
-                ecle_stage = plan.add(Stage(f"ecle{tag}/r{r}", base / f"ecle{tag}", ecle_params, [epool], _run_ecle,
-                                            ("ecle.npy",)))
-            if model == "seed":
-                roles.update(pretrain=pretrain, embed_seed=eseed, embed_pool=epool, ecle=ecle_stage)
-            for strategy in users:
-                inputs[strategy] = (eseed, epool, ecle_stage if strategy_needs(strategy, opts_of[strategy])[1] else None)
-        roles["inputs"] = inputs
-        for strategy in sel["strategies"]:
-            eseed, epool, ecle_stage = inputs[strategy]
-            s = plan.add(Stage(f"select/r{r}/{strategy}", base / "select" / strategy,
-                               {**sp, "options": opts_of[strategy], "strategy": strategy, "seed": seed,
-                                "device": device},
-                               [eseed, epool, *([ecle_stage] if ecle_stage is not None else [])], _run_select,
-                               ("selection.txt", "summary.json")))
-            roles["select"][strategy] = s
-        if not evaluates(config):
-            plan.repeats.append(roles)  # a select-only run: no re-training, no evaluation
-            continue
-        epochs = ret["epochs"] if ret["epochs"] is not None else pre["epochs"]
-        for strategy in ["none", *sel["strategies"]]:
-            src = [roles["select"][strategy]] if strategy != "none" else []
-            rp = {**pre_model, "epochs": epochs, "match": ret["match"], "seed": seed, "device": device,
-                  "data": data_params, "strategy": strategy,
-                  "budget": sel["budget"] if ret["match"] == "steps" else None}
-            t = plan.add(Stage(f"retrain/r{r}/{strategy}", base / "retrain" / strategy, rp, [*deps, *src],
-                               _run_retrain, ("checkpoint.pt",)))
-            roles["retrain"][strategy] = t
-            e = plan.add(Stage(f"eval/r{r}/{strategy}", base / "eval" / strategy, {**ev, "seed": seed, "device": device},
-                               [t, *deps], _run_eval, ("eval.json",)))
-            roles["eval"][strategy] = e
-        plan.repeats.append(roles)
+    for r in range(int(config["run"]["repeats"])):
+        plan.repeats.append(_plan_repeat(plan, config, r, device))
     for st in plan.stages:
         st.plan = plan  # type: ignore[attr-defined]
     return plan
+
+
+def _plan_repeat(plan: Plan, config: dict, r: int, device: str) -> dict[str, Any]:
+    """Add the stages of repeat ``r`` to ``plan``; returns its roles (stage by role, for reports)."""
+    seed = int(config["run"]["seed"]) + r
+    base = plan.run_dir / f"r{r}"
+    roles: dict[str, Any] = {"seed": seed, "select": {}, "retrain": {}, "eval": {}}
+    deps, data_params = _plan_data(plan, config, r, base, roles)
+    roles["data"] = data_params
+    pp = {**_seed_model(config["pretrain"]), "seed": seed, "device": device, "data": data_params}
+    pretrain = plan.add(Stage(f"pretrain/r{r}", base / "pretrain", pp, deps, _run_pretrain, ("checkpoint.pt",)))
+    sel = config["select"]
+    sp = {k: v for k, v in sel.items() if k != "strategies"}
+    opts_of = own_options(sel["strategies"], sp.get("options") or {})
+    inputs = _plan_scoring(plan, config, r, base, roles, (deps, pp, pretrain), opts_of, device)
+    roles["inputs"] = inputs
+    for strategy in sel["strategies"]:
+        eseed, epool, ecle_stage = inputs[strategy]
+        roles["select"][strategy] = plan.add(Stage(
+            f"select/r{r}/{strategy}", base / "select" / strategy,
+            {**sp, "options": opts_of[strategy], "strategy": strategy, "seed": seed, "device": device},
+            [eseed, epool, *([ecle_stage] if ecle_stage is not None else [])], _run_select,
+            ("selection.txt", "summary.json")))
+    if evaluates(config):  # else a select-only run: no re-training, no evaluation
+        _plan_retrain(plan, config, r, base, roles, deps, pp)
+    return roles
+
+
+def _seed_model(pre: dict) -> dict:
+    """The pretrain parameters of the seed-only model (without the pool-aware model's)."""
+    return {k: v for k, v in pre.items() if k not in ("pool_mix", "pool_mix_epochs")}
+
+
+def _plan_data(plan: Plan, config: dict, r: int, base: Path, roles: dict) -> tuple[list[Stage], dict]:
+    """The benchmark stage of repeat ``r`` (when the run builds one) or the user's data: the stages
+    every training depends on and the data's part of their keys."""
+    data = config["data"]
+    if not data["benchmark"]["build"]:
+        data_params = {k: data[k] for k in ("seed", "pool", "eval")}
+        data_params["fingerprint"] = _user_data_fingerprint(data)
+        return [], data_params
+    b = data["benchmark"]
+    bseed = (b["seed"] if b["seed"] is not None else int(config["run"]["seed"])) + (r if b["vary_with_repeat"] else 0)
+    bp = {"seed": bseed, "scale": b["scale"], "data_dir": b["data_dir"]}
+    if float(b["ood_ratio"]) != 1.0:  # keyed only when set, so half-junk runs keep their cache
+        bp["ood_ratio"] = float(b["ood_ratio"])
+    bp.update(_class_params(b["pool_classes"], b["near_classes"]))
+    bench = plan.add(Stage(f"bench/r{r}", base / "bench", bp, [], _run_bench,
+                           ("benchmark.json", "seed.txt", "pool.txt")))
+    roles["bench"] = bench
+    return [bench], {"bench": bench.key}
+
+
+def _plan_scoring(plan: Plan, config: dict, r: int, base: Path, roles: dict, seed_model: tuple,
+                  opts_of: dict, device: str) -> dict[str, tuple]:
+    """The embedding (and ECLE) stages each strategy reads: ``{strategy: (seed store, pool store,
+    ECLE stage or None)}``. Strategies that declare it are scored with the pool-aware model (SimCLR
+    on seed + a pool sample) when ``pretrain.pool_mix != 0``; every other one, mak included, with
+    the paper's seed-only model."""
+    from mak.selection.strategies import POOL_AWARE, strategy_needs
+
+    deps, pp, pretrain = seed_model
+    pre, sel = config["pretrain"], config["select"]
+    seed = pp["seed"]
+    ep = {**config["embed"], "seed": seed, "device": device}
+    mix = pre.get("pool_mix", 0)
+    mixed = [s for s in sel["strategies"] if s in POOL_AWARE and mix != 0]
+    models = {"seed": [s for s in sel["strategies"] if s not in mixed], "mix": mixed}
+    inputs: dict[str, tuple] = {}
+    for model, users in models.items():
+        if model == "seed":
+            tag, trained = "", pretrain
+        elif users:
+            tag = "-mix"
+            mp = {**pp, "pool_mix": mix}
+            if pre.get("pool_mix_epochs") is not None:
+                mp["epochs"] = int(pre["pool_mix_epochs"])
+            trained = plan.add(Stage(f"pretrain-mix/r{r}", base / "pretrain-mix", mp, deps, _run_pretrain,
+                                     ("checkpoint.pt",)))
+            roles["pretrain_mix"] = trained
+        else:
+            continue
+        needs_views = {s: strategy_needs(s, opts_of[s])[1] for s in users}
+        eseed, epool, ecle_stage = _plan_embed(plan, sel, r, base, tag, trained, ep, any(needs_views.values()))
+        if model == "seed":
+            roles.update(pretrain=pretrain, embed_seed=eseed, embed_pool=epool, ecle=ecle_stage)
+        for strategy in users:
+            inputs[strategy] = (eseed, epool, ecle_stage if needs_views[strategy] else None)
+    return inputs
+
+
+def _plan_embed(plan: Plan, sel: dict, r: int, base: Path, tag: str, trained: Stage, ep: dict,
+                with_views: bool) -> tuple[Stage, Stage, Stage | None]:
+    """Seed and pool stores embedded with one model, and ECLE over the pool's views when a strategy
+    needs it (the costly score: computed once per model and shared by every strategy)."""
+    eseed = plan.add(Stage(f"embed-seed{tag}/r{r}", base / f"embed-seed{tag}", {**ep, "part": "seed", "views": 0},
+                           [trained], _run_embed, ("features.npy", "items.txt")))
+    epool = plan.add(Stage(f"embed-pool{tag}/r{r}", base / f"embed-pool{tag}",
+                           {**ep, "part": "pool", **({} if with_views else {"views": 0})},
+                           [trained], _run_embed, ("features.npy", "items.txt")))
+    if not with_views:
+        return eseed, epool, None
+    ecle_params = {k: sel[k] for k in ("temperature", "ecle_batch_size", "partitions")} | {
+        "seed": ep["seed"], "device": ep["device"]}
+    ecle_stage = plan.add(Stage(f"ecle{tag}/r{r}", base / f"ecle{tag}", ecle_params, [epool], _run_ecle,
+                                ("ecle.npy",)))
+    return eseed, epool, ecle_stage
+
+
+def _plan_retrain(plan: Plan, config: dict, r: int, base: Path, roles: dict, deps: list[Stage],
+                  pp: dict) -> None:
+    """Re-training on seed + each pick (and on the seed alone, ``none``) and its evaluation; ``pp``:
+    the seed model's pretrain parameters."""
+    pre, ret, sel = config["pretrain"], config["retrain"], config["select"]
+    epochs = ret["epochs"] if ret["epochs"] is not None else pre["epochs"]
+    for strategy in ["none", *sel["strategies"]]:
+        src = [roles["select"][strategy]] if strategy != "none" else []
+        rp = {**_seed_model(pre), "epochs": epochs, "match": ret["match"], "seed": pp["seed"],
+              "device": pp["device"], "data": pp["data"], "strategy": strategy,
+              "budget": sel["budget"] if ret["match"] == "steps" else None}
+        t = plan.add(Stage(f"retrain/r{r}/{strategy}", base / "retrain" / strategy, rp, [*deps, *src],
+                           _run_retrain, ("checkpoint.pt",)))
+        roles["retrain"][strategy] = t
+        roles["eval"][strategy] = plan.add(Stage(
+            f"eval/r{r}/{strategy}", base / "eval" / strategy,
+            {**config["evaluate"], "seed": pp["seed"], "device": pp["device"]}, [t, *deps], _run_eval,
+            ("eval.json",)))
 
 
 def evaluates(config: dict) -> bool:

@@ -337,14 +337,8 @@ def _schedule(sizes: np.ndarray) -> list[int]:
 # Driver
 # --------------------------------------------------------------------------------------------
 
-def find_duplicates(features: Any, threshold: float, clusters: int | None = None, seed: int = 0,
-                    device: str | torch.device | None = None, progress: bool = False) -> DedupResult:
-    """Find near-duplicates of the (N x D) ``features`` at cosine similarity ``threshold``.
-
-    ``features``: numpy array, memmap, tensor or lazy store array (streamed, never loaded whole).
-    ``clusters``: k-means clusters (default ``round(sqrt(N))``). Under ``torchrun`` every rank
-    must call it with the same arguments; all get the same result.
-    """
+def _check_args(features: Any, threshold: float, clusters: int | None) -> tuple[int, int]:
+    """Validate the threshold, row count and cluster count; return (rows N, clusters K)."""
     if not (isinstance(threshold, (int, float, np.floating)) and 0.0 < float(threshold) <= 1.0):
         raise MakError(f"dedup threshold must be a cosine similarity in (0, 1], got {threshold}")
     n = int(features.shape[0])
@@ -353,12 +347,12 @@ def find_duplicates(features: Any, threshold: float, clusters: int | None = None
     k = int(clusters) if clusters is not None else max(1, min(n, int(round(math.sqrt(n)))))
     if k < 1 or k > n:
         raise MakError(f"dedup clusters must be in [1, {n}], got {k}")
-    dev = resolve_device(device, features)
-    thr = float(threshold) - TOL
-    timings: dict[str, float] = {}
-    info: dict[str, Any] = {}
+    return n, k
 
-    t = time.perf_counter()
+
+def _cluster(features: Any, n: int, k: int, seed: int, dev: torch.device
+             ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Fit K k-means centroids and give every row its nearest (home) and second-nearest cluster."""
     allrows = np.arange(n, dtype=np.int64)
     c = _fit(features, allrows, k, seed, dev) if k > 1 else None
     if c is None:
@@ -367,10 +361,12 @@ def find_duplicates(features: Any, threshold: float, clusters: int | None = None
         c = torch.zeros((1, int(features.shape[1])), device=dev)
     else:
         home, second = _assign(features, None, c, n, dev)
-    timings["cluster"] = time.perf_counter() - t
+    return c, home, second
 
-    # split oversized clusters
-    t = time.perf_counter()
+
+def _split_oversized(features: Any, c: torch.Tensor, home: np.ndarray, second: np.ndarray, n: int,
+                     seed: int, dev: torch.device) -> tuple[torch.Tensor, int]:
+    """Split oversized clusters (up to 3 rounds), re-assigning home and second in place; (centroids, splits)."""
     splits = 0
     for rnd in range(3):
         kc = int(c.shape[0])
@@ -396,16 +392,15 @@ def find_duplicates(features: Any, threshold: float, clusters: int | None = None
         h, s2 = _assign(features, affected, c, n, dev)
         home[affected], second[affected] = h, s2
         splits += len(done)
-    k_final = int(c.shape[0])
-    timings["split"] = time.perf_counter() - t
-    info["splits"] = splits
+    return c, splits
 
-    # pass 1 (leaders within each cluster) and the boundary pairs for pass 2, in one read of
-    # each cluster: rows whose second cluster is this one vs its kept members
-    t = time.perf_counter()
-    keep = np.ones(n, dtype=bool)
-    rep = allrows.copy()
-    sim = np.full(n, np.nan, dtype=np.float32)
+
+def _pass_within(features: Any, home: np.ndarray, second: np.ndarray, k_final: int, thr: float,
+                 dev: torch.device, progress: bool
+                 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[list, list, list]]:
+    """Pass 1 on this rank's clusters: gathered (dropped, rep, sim) and this rank's boundary pair lists."""
+    # one read of each cluster: leaders among its members, then rows whose second cluster is
+    # this one against its kept members
     order, bounds = _groups(home, k_final)
     vorder, vbounds = _groups(np.where(second < 0, k_final, second), k_final + 1)
     sizes = np.diff(bounds)
@@ -432,47 +427,94 @@ def find_duplicates(features: Any, threshold: float, clusters: int | None = None
                 es.append(z)
             bar.update(1)
     bar.close()
-    a, b, s = _gather3(*_cat3(pr, prep, ps))
+    return _gather3(*_cat3(pr, prep, ps)), (ea, eb, es)
+
+
+def _resolve_pairs(x: np.ndarray, y: np.ndarray, z: np.ndarray, keep: np.ndarray, rep: np.ndarray,
+                   sim: np.ndarray) -> int:
+    """Drop the higher row of each pair whose lower row stays kept, in index order; the count dropped."""
+    moved = 0
+    lo, hi = np.minimum(x, y), np.maximum(x, y)
+    o = np.lexsort((lo, hi))
+    lo, hi, z = lo[o], hi[o], z[o]
+    starts = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
+    ends = np.r_[starts[1:], hi.size]
+    for s0, e0 in zip(starts, ends):
+        h = int(hi[s0])
+        if not keep[h]:
+            continue
+        ok = np.flatnonzero(keep[lo[s0:e0]])
+        if ok.size:
+            j = s0 + int(ok[0])  # lo sorted ascending within the group: lowest kept index
+            keep[h] = False
+            rep[h] = lo[j]
+            sim[h] = z[j]
+            moved += 1
+    return moved
+
+
+def _repoint(features: Any, keep: np.ndarray, rep: np.ndarray, sim: np.ndarray, dev: torch.device) -> int:
+    """Point dropped rows whose representative is dropped at that one's representative; the count."""
+    stale = np.flatnonzero(~keep & ~keep[rep])
+    if stale.size:
+        rep[stale] = rep[rep[stale]]
+        with torch.inference_mode():
+            xa = _read_rows_any(features, stale, dev)
+            xb = _read_rows_any(features, rep[stale], dev)
+            sim[stale] = (xa * xb).sum(dim=1).cpu().numpy()
+    return int(stale.size)
+
+
+def _pass_across(features: Any, pairs: tuple[list, list, list], keep: np.ndarray, rep: np.ndarray,
+                 sim: np.ndarray, info: dict[str, Any], dev: torch.device) -> None:
+    """Pass 2: resolve boundary pairs between rows still kept, updating keep/rep/sim/info in place."""
+    x, y, z = _gather3(*_cat3(*pairs))
+    moved = 0
+    both = keep[x] & keep[y] if x.size else np.zeros(0, dtype=bool)
+    x, y, z = x[both], y[both], z[both]
+    info["boundary_pairs"] = int(x.size)
+    if x.size:
+        moved = _resolve_pairs(x, y, z, keep, rep, sim)
+        info["repointed"] = _repoint(features, keep, rep, sim, dev)
+    info["dropped_across_clusters"] = moved
+
+
+def find_duplicates(features: Any, threshold: float, clusters: int | None = None, seed: int = 0,
+                    device: str | torch.device | None = None, progress: bool = False) -> DedupResult:
+    """Find near-duplicates of the (N x D) ``features`` at cosine similarity ``threshold``.
+
+    ``features``: numpy array, memmap, tensor or lazy store array (streamed, never loaded whole).
+    ``clusters``: k-means clusters (default ``round(sqrt(N))``). Under ``torchrun`` every rank
+    must call it with the same arguments; all get the same result.
+    """
+    n, k = _check_args(features, threshold, clusters)
+    dev = resolve_device(device, features)
+    thr = float(threshold) - TOL
+    timings: dict[str, float] = {}
+    info: dict[str, Any] = {}
+
+    t = time.perf_counter()
+    c, home, second = _cluster(features, n, k, seed, dev)
+    timings["cluster"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    c, info["splits"] = _split_oversized(features, c, home, second, n, seed, dev)
+    k_final = int(c.shape[0])
+    timings["split"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    keep = np.ones(n, dtype=bool)
+    rep = np.arange(n, dtype=np.int64)
+    sim = np.full(n, np.nan, dtype=np.float32)
+    (a, b, s), pairs = _pass_within(features, home, second, k_final, thr, dev, progress)
     keep[a] = False
     rep[a] = b
     sim[a] = s
     info["dropped_within_clusters"] = int(a.size)
     timings["within"] = time.perf_counter() - t
 
-    # pass 2: resolve the boundary pairs between rows still kept, in index order
     t = time.perf_counter()
-    x, y, z = _gather3(*_cat3(ea, eb, es))
-    moved = 0
-    both = keep[x] & keep[y] if x.size else np.zeros(0, dtype=bool)
-    x, y, z = x[both], y[both], z[both]
-    info["boundary_pairs"] = int(x.size)
-    if x.size:
-        lo, hi = np.minimum(x, y), np.maximum(x, y)
-        o = np.lexsort((lo, hi))
-        lo, hi, z = lo[o], hi[o], z[o]
-        starts = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
-        ends = np.r_[starts[1:], hi.size]
-        for s0, e0 in zip(starts, ends):
-            h = int(hi[s0])
-            if not keep[h]:
-                continue
-            ok = np.flatnonzero(keep[lo[s0:e0]])
-            if ok.size:
-                j = s0 + int(ok[0])  # lo sorted ascending within the group: lowest kept index
-                keep[h] = False
-                rep[h] = lo[j]
-                sim[h] = z[j]
-                moved += 1
-        # re-point rows whose representative was dropped here
-        stale = np.flatnonzero(~keep & ~keep[rep])
-        if stale.size:
-            rep[stale] = rep[rep[stale]]
-            with torch.inference_mode():
-                xa = _read_rows_any(features, stale, dev)
-                xb = _read_rows_any(features, rep[stale], dev)
-                sim[stale] = (xa * xb).sum(dim=1).cpu().numpy()
-        info["repointed"] = int(stale.size)
-    info["dropped_across_clusters"] = moved
+    _pass_across(features, pairs, keep, rep, sim, info, dev)
     timings["across"] = time.perf_counter() - t
     return DedupResult(keep, rep, sim, float(threshold), k_final, timings, info, home, second)
 

@@ -122,6 +122,49 @@ class GreedyResult:
     step_seconds: float = 0.0  # mean wall time per pick
 
 
+class _Layout:
+    """Where the candidates live: rank ``me``'s block starts at global position ``offset``; rows
+    are fetched from (and broadcast by) their owner when ``comm``."""
+
+    def __init__(self, blk: "_Block", counts: list[int], comm: bool) -> None:
+        self.blk, self.comm = blk, comm
+        self.total = sum(counts)
+        self.me = D.rank() if comm else 0
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.offset = int(self.offsets[self.me])
+
+    def take(self, pos: int) -> torch.Tensor:
+        """The normalised row at global ``pos``, broadcast from its owner."""
+        blk = self.blk
+        if not self.comm:
+            return blk.row(pos - self.offset).clone()
+        src = int(np.searchsorted(self.offsets, pos, side="right") - 1)
+        if src == self.me:
+            buf = blk.row(pos - self.offset).contiguous().to(D.comm_device())
+        else:
+            buf = torch.empty(blk.xt.shape[0], dtype=torch.float32, device=D.comm_device())
+        torch.distributed.broadcast(buf, src=src)
+        return buf.to(blk.xt.device)
+
+    def center(self, pos: int) -> None:
+        """Make global ``pos`` a center: update every similarity and never pick it again."""
+        self.blk.update(self.take(pos))
+        if self.offset <= pos < self.offset + self.blk.n:
+            self.blk.sim[pos - self.offset] = _INF
+
+    def next_pick(self) -> int:
+        """The global position with the smallest largest-similarity, ties to the lowest."""
+        blk = self.blk
+        if blk.n:
+            j = int(torch.argmin(blk.sim))  # first occurrence: lowest local index among ties
+            key = _pack(float(blk.sim[j]), self.offset + j) if j < blk.n else _pack(_INF, self.total)
+        else:
+            key = _pack(_INF, self.total)
+        if self.comm:
+            key = int(D.all_reduce_scalar(key, "min", dtype=np.int64))
+        return _unpack_pos(key)
+
+
 def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: int = 0, sharded: bool = True,
                    progress: bool = False, first_rng: np.random.Generator | None = None) -> GreedyResult:
     """Greedy k-center over candidates split across ranks (or one process).
@@ -135,70 +178,31 @@ def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: i
     """
     import time
 
+    from tqdm.auto import tqdm
+
     comm = sharded and D.active()
     counts = D.all_gather_counts(x_local.shape[0]) if comm else [int(x_local.shape[0])]
     total = sum(counts)
-    me = D.rank() if comm else 0
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    offset = int(offsets[me])
-    if budget <= 0:
-        raise MakError(f"budget must be > 0, got {budget}")
-    if budget > total:
-        raise MakError(f"budget ({budget}) is larger than the number of candidates ({total})")
-    if total >= 2**32:
-        raise MakError(f"too many k-center candidates for one run ({total} >= 2^32)")
-    d = int(x_local.shape[1])
-    blk = _Block(x_local)
+    _check_budget(budget, total)
+    lay = _Layout(_Block(x_local), counts, comm)
+    blk = lay.blk
     picks = np.empty(budget, dtype=np.int64)
-
-    def owner(pos: int) -> int:
-        return int(np.searchsorted(offsets, pos, side="right") - 1)
-
-    def take(pos: int) -> torch.Tensor:
-        """The normalised row at global ``pos``, broadcast from its owner."""
-        src = owner(pos)
-        if not comm:
-            return blk.row(pos - offset).clone()
-        if src == me:
-            buf = blk.row(pos - offset).contiguous().to(D.comm_device())
-        else:
-            buf = torch.empty(d, dtype=torch.float32, device=D.comm_device())
-        torch.distributed.broadcast(buf, src=src)
-        return buf.to(blk.xt.device)
-
-    def pin(pos: int) -> None:
-        if offset <= pos < offset + blk.n:
-            blk.sim[pos - offset] = _INF
-
-    from tqdm.auto import tqdm
-
     start = 0
     with torch.inference_mode():
         if init is not None and int(init.shape[0]) > 0:
             blk.init_sim(init)
         else:
             rng = first_rng if first_rng is not None else np.random.default_rng(seed)
-            first = int(rng.integers(total))
-            picks[0] = first
+            picks[0] = int(rng.integers(total))
             blk.sim.fill_(_INF)
             blk.sim[: blk.n] = -_INF
-            blk.update(take(first))
-            pin(first)
+            lay.center(int(picks[0]))
             start = 1
         bar = tqdm(total=budget, initial=start, desc="k-center", unit="pick", disable=not progress, leave=False)
         t_steps = time.perf_counter()
         for step in range(start, budget):
-            if blk.n:
-                j = int(torch.argmin(blk.sim))  # first occurrence: lowest local index among ties
-                key = _pack(float(blk.sim[j]), offset + j) if j < blk.n else _pack(_INF, total)
-            else:
-                key = _pack(_INF, total)
-            if comm:
-                key = int(D.all_reduce_scalar(key, "min", dtype=np.int64))
-            pos = _unpack_pos(key)
-            picks[step] = pos
-            blk.update(take(pos))
-            pin(pos)
+            picks[step] = lay.next_pick()
+            lay.center(int(picks[step]))
             bar.update(1)
         bar.close()
         steps = budget - start
@@ -207,6 +211,16 @@ def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: i
         if comm:
             radius = float(D.all_reduce_scalar(radius, "max"))
     return GreedyResult(picks, radius, per_step)
+
+
+def _check_budget(budget: int, total: int) -> None:
+    """One-line errors for a budget k-center cannot meet over ``total`` candidates."""
+    if budget <= 0:
+        raise MakError(f"budget must be > 0, got {budget}")
+    if budget > total:
+        raise MakError(f"budget ({budget}) is larger than the number of candidates ({total})")
+    if total >= 2**32:
+        raise MakError(f"too many k-center candidates for one run ({total} >= 2^32)")
 
 
 # --------------------------------------------------------------------------------------------
