@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mak.data.store import EXTERNAL_META, import_store, model_kind, open_store, write_store
+from mak.data.store import EXTERNAL_META, model_kind, open_store, write_store
 
 ROBUST_SMALL = ["--ratio-bags", "1", "--ratio-epochs", "2", "--ratio-hidden", "8"]
 

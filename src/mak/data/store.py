@@ -10,7 +10,7 @@ A *store* is a directory holding
 A *plain array* is a store too: a ``.npy`` file (N x D) or a ``.npz`` file holding ``features``
 (and optionally ``views``, R x N x d), with an optional items file (one line per row; without
 one, the row index is the item). Its ``meta`` is :data:`EXTERNAL_META`: features of a model mak
-did not train (``mak store import`` writes such arrays as a proper store directory).
+did not train (``mak store import``, :mod:`mak.data.importing`, writes such arrays as a store directory).
 
 A *sharded store* is a directory with ``shards.json`` (``{"shards": ["shard-00000", ...]}``)
 listing, in order, sub-directories that are each a plain store; rows are their concatenation.
@@ -408,26 +408,6 @@ def write_store(path: str | Path, features: np.ndarray, items: Sequence[str], vi
         if meta is not None:
             write_json(tmp / META, meta)
     return Path(path)
-
-
-def import_store(features: str | Path, out: str | Path, items: str | Path | None = None,
-                 views: str | Path | None = None, model: str | None = None, overwrite: bool = False) -> Path:
-    """Write a store at ``out`` from arrays of the user's encoder: ``features`` (.npy, or .npz with
-    ``features`` and optional ``views``), ``views`` (.npy, R x N x d), ``items`` (one line per row;
-    default the row index). Its ``meta.json`` says the model is external (:data:`EXTERNAL_META`),
-    naming ``model`` when given. Validated first (shapes, NaN/Inf, constant features); written
-    atomically, so a failure leaves nothing at ``out``.
-    """
-    src = open_array_store(features, items)
-    view_arr = None if views is None else _check_array_views(_open_npy(Path(views)), src.num_rows, str(views))
-    if view_arr is not None and src.has_views:
-        raise MakError(f"{features} already holds views; drop --views {views}")
-    src.check_finite()
-    sh = src.shards[0]
-    meta = {**EXTERNAL_META, "model_name": model, "imported_from": {"features": str(features),
-            "items": None if items is None else str(items), "views": None if views is None else str(views)}}
-    return write_store(out, sh.features, list(sh.item_lines()), views=sh.views if view_arr is None else view_arr,
-                       meta=meta, overwrite=overwrite)
 
 
 def write_shards_index(path: str | Path, shard_names: Sequence[str]) -> None:

@@ -1,0 +1,178 @@
+"""`mak store import` from several arrays (a sharded store) and from parquet items."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mak.data.importing import expand, import_store, natural_key
+from mak.errors import MakError
+from mak.data.store import EXTERNAL_META, SHARDS, open_store
+
+SIZES = {0: 30, 1: 25, 2: 20, 10: 45}  # emb_10 sorts after emb_2 in natural order, before it as text
+
+
+@pytest.fixture
+def shards(tmp_path, rng):
+    for i, n in SIZES.items():
+        np.save(tmp_path / f"emb_{i}.npy", rng.normal(size=(n, 6)).astype(np.float32))
+        (tmp_path / f"meta_{i}.txt").write_text("".join(f"https://x/{i}/{j}.jpg\n" for j in range(n)))
+    np.save(tmp_path / "seed.npy", rng.normal(size=(40, 6)).astype(np.float32))
+    return tmp_path
+
+
+def _whole(d):
+    order = sorted(SIZES)
+    feats = np.concatenate([np.load(d / f"emb_{i}.npy") for i in order])
+    items = [line for i in order for line in (d / f"meta_{i}.txt").read_text().splitlines()]
+    return feats, items
+
+
+def _parquet(d, with_caption=True):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    for i in SIZES:
+        urls = (d / f"meta_{i}.txt").read_text().splitlines()
+        cols = {"url": urls, **({"caption": [f"a photo {j}" for j in range(len(urls))]} if with_caption else {})}
+        pq.write_table(pa.table(cols), d / f"meta_{i}.parquet", row_group_size=7)
+
+
+def test_natural_order():
+    names = ["e_10.npy", "e_2.npy", "e_1.npy", "e_0.npy"]
+    assert sorted(names, key=natural_key) == ["e_0.npy", "e_1.npy", "e_2.npy", "e_10.npy"]
+
+
+def test_a_glob_of_arrays_becomes_a_sharded_store(shards):
+    import_store(str(shards / "emb_*.npy"), shards / "st", model="clip-b32")
+    st = open_store(shards / "st")
+    feats, _ = _whole(shards)
+    np.testing.assert_array_equal(st.features(), feats)
+    assert st.items == [str(i) for i in range(len(feats))]  # no items: the global row index
+    assert len(json.loads((shards / "st" / SHARDS).read_text())["shards"]) == 4
+    assert {k: st.meta[k] for k in EXTERNAL_META} == EXTERNAL_META and st.meta["model_name"] == "clip-b32"
+    assert st.meta["imported_from"]["features"] == [str(shards / f"emb_{i}.npy") for i in sorted(SIZES)]
+
+
+@pytest.mark.parametrize("items", ["one text file", "a text file per array", "parquet per array"])
+def test_items_for_every_row(shards, items):
+    feats, lines = _whole(shards)
+    column = None
+    if items == "one text file":
+        (shards / "all.txt").write_text("".join(f"{x}\n" for x in lines))
+        spec = shards / "all.txt"
+    elif items == "a text file per array":
+        spec = str(shards / "meta_*.txt")
+    else:
+        _parquet(shards)
+        spec, column = str(shards / "meta_*.parquet"), "url"
+    import_store(str(shards / "emb_*.npy"), shards / "st", items=spec, items_column=column)
+    st = open_store(shards / "st")
+    np.testing.assert_array_equal(st.features(), feats)
+    assert st.items == lines
+
+
+def test_the_only_parquet_column_needs_no_name(shards):
+    _parquet(shards, with_caption=False)
+    import_store(str(shards / "emb_*.npy"), shards / "st", items=str(shards / "meta_*.parquet"))
+    assert open_store(shards / "st").items == _whole(shards)[1]
+
+
+def test_linked_and_copied_stores_select_the_same_as_one_array(shards, cli):
+    feats, lines = _whole(shards)
+    np.save(shards / "whole.npy", feats)
+    (shards / "whole.txt").write_text("".join(f"{x}\n" for x in lines))
+    assert cli("store", "import", "--features", shards / "emb_0.npy", shards / "emb_1.npy", shards / "emb_2.npy",
+               shards / "emb_10.npy", "--items", str(shards / "meta_*.txt"), "--out", shards / "copied", "-q") == 0
+    assert cli("store", "import", "--features", str(shards / "emb_*.npy"), "--items", str(shards / "meta_*.txt"),
+               "--link", "--out", shards / "linked", "-q") == 0
+    assert (shards / "linked" / "shard-00003" / "features.npy").is_symlink()
+    assert not (shards / "copied" / "shard-00003" / "features.npy").is_symlink()
+    outs = []
+    for pool, extra in (("copied", []), ("linked", []), ("whole.npy", ["--pool-items", shards / "whole.txt"])):
+        out = shards / f"sel-{pool}"
+        assert cli("select", "--seed-store", shards / "seed.npy", "--pool-store", shards / pool, *extra,
+                   "--budget", "15", "--strategy", "kcenter", "--no-progress", "--out", out) == 0
+        outs.append({n: (out / n).read_bytes() for n in ("selection.txt", "scores.csv")})
+    assert outs[0] == outs[1] == outs[2]
+    assert all(line.startswith("https://x/") for line in (shards / "sel-linked" / "selection.txt").read_text().split())
+
+
+def _bad(shards, case):
+    args = {"features": str(shards / "emb_*.npy")}
+    if case == "no match":
+        args["features"] = str(shards / "nothing_*.npy")
+    elif case == "dimension":
+        np.save(shards / "emb_2.npy", np.zeros((20, 5), np.float32))
+    elif case == "rows":
+        (shards / "meta_2.txt").write_text("only one line\n")
+        args["items"] = str(shards / "meta_*.txt")
+    elif case == "one file":
+        args["items"] = shards / "meta_0.txt"
+    elif case == "file count":
+        args["items"] = [shards / "meta_0.txt", shards / "meta_1.txt"]
+    elif case == "nan":
+        np.save(shards / "emb_10.npy", np.full((45, 6), np.nan, np.float32))
+    elif case == "link npz":
+        np.savez(shards / "emb_3.npz", features=np.zeros((4, 6), np.float32))
+        args["features"], args["link"] = [shards / "emb_0.npy", shards / "emb_3.npz"], True
+    elif case == "views":
+        args["views"] = shards / "emb_0.npy"
+    elif case == "column on text":
+        args["items"], args["items_column"] = str(shards / "meta_*.txt"), "url"
+    return args
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no match", "nothing_*.npy: no features file matches this pattern"),
+    ("dimension", "emb_2.npy: feature dimension 5 differs from"),
+    ("rows", "meta_2.txt: 1 items but"),
+    ("one file", "meta_0.txt: 30 items but the features have 120 rows"),
+    ("file count", "2 items files for 4 feature arrays"),
+    ("nan", "NaN"),
+    ("link npz", "--link needs .npy arrays"),
+    ("views", "goes with one feature array"),
+    ("column on text", "--items-column url applies to .parquet items"),
+])
+def test_bad_imports_are_one_line_and_write_nothing(shards, cli, capsys, case, message):
+    args = _bad(shards, case)
+    argv = ["store", "import", "--features", *([args["features"]] if isinstance(args["features"], str)
+                                               else args["features"]), "--out", shards / "st"]
+    items = args.get("items")
+    if items is not None:
+        argv += ["--items", *(items if isinstance(items, list) else [items])]
+    argv += ["--link"] if args.get("link") else []
+    argv += ["--views", args["views"]] if "views" in args else []
+    argv += ["--items-column", args["items_column"]] if "items_column" in args else []
+    assert cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (shards / "st").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no column", "no column 'key' (columns: url, caption)"),
+    ("several columns", "2 columns (url, caption); name the item column (--items-column)"),
+    ("null", "row 3 of column 'url' is null"),
+    ("no pyarrow", "reading .parquet needs pyarrow"),
+])
+def test_bad_parquet_items(shards, monkeypatch, case, message):
+    _parquet(shards)
+    column = {"no column": "key", "several columns": None}.get(case, "url")
+    if case == "null":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        urls = (shards / "meta_1.txt").read_text().splitlines()
+        urls[3] = None
+        pq.write_table(pa.table({"url": urls}), shards / "meta_1.parquet")
+    if case == "no pyarrow":
+        monkeypatch.setattr("mak.data.importing._parquet", lambda: None)
+    with pytest.raises(MakError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        import_store(str(shards / "emb_*.npy"), shards / "st", items=str(shards / "meta_*.parquet"),
+                     items_column=column)
+    assert not (shards / "st").exists()
+
+
+def test_expand_keeps_a_list_in_the_given_order(tmp_path):
+    assert expand([tmp_path / "b.npy", tmp_path / "a.npy"], "features") == [tmp_path / "b.npy", tmp_path / "a.npy"]
