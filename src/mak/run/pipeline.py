@@ -657,6 +657,75 @@ def _gains_entry(plan: Plan, name: str, read_eval: Callable[[int, str], dict]) -
 FIGURES = ("ood_rate", "near_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_std", "balance_entropy")
 
 
+def _read_analysis(roles: dict, name: str) -> dict | None:
+    """``name``'s selection analysis.json in one repeat (None for "none" or when it is absent)."""
+    if name == "none":
+        return None
+    f = roles["select"][name].path / "analysis.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _repeat_figures(ev: dict, an: dict | None) -> dict[str, Any]:
+    """One repeat's figures from its eval.json ``ev`` and selection analysis ``an`` (None where absent)."""
+    g = ev.get("group_acc") or {}
+    return {
+        "ood_rate": an["ood_rate"] if an else None,
+        "near_rate": an.get("near_rate") if an else None,
+        "few_share": an["few_share"] if an else None,
+        "balance_entropy": an["balance"]["entropy"] if an else None,
+        "fullshot_acc": ev.get("fullshot_acc"), "fewshot_acc": ev.get("fewshot_acc"),
+        "knn_acc": ev.get("knn_acc"), "group_std": ev.get("group_std"),
+        "many": g.get("many"), "medium": g.get("medium"), "few": g.get("few"),
+        "per_class": dict((ev.get("per_class") or {}).get("fewshot") or {}),
+    }
+
+
+def _per_repeat_figures(plan: Plan, name: str, read_eval: Callable[[int, str], dict]) -> list[dict]:
+    """``name``'s figures in each repeat (none for "none" in a select-only run)."""
+    per_rep = []
+    for r, roles in enumerate(plan.repeats):
+        if name == "none" and name not in roles["eval"]:
+            break  # a select-only run: no seed-alone baseline
+        ev = read_eval(r, name)
+        per_rep.append(_repeat_figures(ev, _read_analysis(roles, name)))
+    return per_rep
+
+
+def _aggregate(per_rep: list[dict], key: str) -> float | dict[str, Any] | None:
+    """``key`` over repeats: the value of a single repeat, else mean, std and values (None if never set)."""
+    vals = [r[key] for r in per_rep if r[key] is not None]
+    if not vals:
+        return None
+    if len(per_rep) == 1:
+        return float(vals[0])
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": [float(v) for v in vals]}
+
+
+def _per_class_acc(per_rep: list[dict]) -> dict[str, Any]:
+    """Few-shot accuracy per class aggregated over repeats like the figures (empty without classes)."""
+    classes = sorted({c for r in per_rep for c in r["per_class"]}, key=int)
+    for r in per_rep:  # one few-shot accuracy per class and repeat
+        r.update({f"class {c}": r["per_class"].get(c) for c in classes})
+    return {c: _aggregate(per_rep, f"class {c}") for c in classes}
+
+
+def _strategy_entry(plan: Plan, name: str, per_rep: list[dict],
+                    read_eval: Callable[[int, str], dict]) -> dict[str, Any]:
+    """``name``'s results entry: figures, group and class accuracies over repeats, then paired gains."""
+    entry: dict[str, Any] = {"strategy": name}
+    for key in FIGURES:
+        entry[key] = _aggregate(per_rep, key)
+    entry["group_acc"] = {g: _aggregate(per_rep, g) for g in ("many", "medium", "few")}
+    per_class = _per_class_acc(per_rep)
+    if per_class:
+        entry["per_class_acc"] = per_class
+    if name != "none":
+        gains = _gains_entry(plan, name, read_eval)
+        if gains:
+            entry["gain"] = gains
+    return entry
+
+
 def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dict]:
     """One entry per strategy (and "none"): figures per repeat, then mean and std over repeats.
 
@@ -670,52 +739,9 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
 
     out = []
     for name in names:
-        per_rep = []
-        for r, roles in enumerate(plan.repeats):
-            if name == "none" and name not in roles["eval"]:
-                break  # a select-only run: no seed-alone baseline
-            ev = read_eval(r, name)
-            an = None
-            if name != "none":
-                f = roles["select"][name].path / "analysis.json"
-                an = json.loads(f.read_text()) if f.is_file() else None
-            g = ev.get("group_acc") or {}
-            per_rep.append({
-                "ood_rate": an["ood_rate"] if an else None,
-                "near_rate": an.get("near_rate") if an else None,
-                "few_share": an["few_share"] if an else None,
-                "balance_entropy": an["balance"]["entropy"] if an else None,
-                "fullshot_acc": ev.get("fullshot_acc"), "fewshot_acc": ev.get("fewshot_acc"),
-                "knn_acc": ev.get("knn_acc"), "group_std": ev.get("group_std"),
-                "many": g.get("many"), "medium": g.get("medium"), "few": g.get("few"),
-                "per_class": dict((ev.get("per_class") or {}).get("fewshot") or {}),
-            })
-        if not per_rep:
-            continue
-        entry: dict[str, Any] = {"strategy": name}
-        single = len(per_rep) == 1
-
-        def agg(key: str):
-            vals = [r[key] for r in per_rep if r[key] is not None]
-            if not vals:
-                return None
-            if single:
-                return float(vals[0])
-            return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": [float(v) for v in vals]}
-
-        for key in FIGURES:
-            entry[key] = agg(key)
-        entry["group_acc"] = {g: agg(g) for g in ("many", "medium", "few")}
-        classes = sorted({c for r in per_rep for c in r["per_class"]}, key=int)
-        for r in per_rep:  # one few-shot accuracy per class and repeat, aggregated like the figures
-            r.update({f"class {c}": r["per_class"].get(c) for c in classes})
-        if classes:
-            entry["per_class_acc"] = {c: agg(f"class {c}") for c in classes}
-        if name != "none":
-            gains = _gains_entry(plan, name, read_eval)
-            if gains:
-                entry["gain"] = gains
-        out.append(entry)
+        per_rep = _per_repeat_figures(plan, name, read_eval)
+        if per_rep:
+            out.append(_strategy_entry(plan, name, per_rep, read_eval))
     return out
 
 

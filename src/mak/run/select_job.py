@@ -323,6 +323,20 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
             timings: dict[str, float], t1: float, w: int, note: str | None = None,
             items: tuple[Any, Any] = (None, None)) -> None:
     """Rank 0: scores.csv from the parts, selection.txt, dedup.csv, summary.json; then publish."""
+    _join_scores(tmp, sel, w)
+    chosen = _pick_items(tmp, pool, picks, dd)
+    if scaled.get("order") == "score":
+        chosen = [chosen[p] for p in _score_order(tmp / "scores.csv", picks)]
+    (tmp / "selection.txt").write_text("".join(f"{it}\n" for it in chosen), encoding="utf-8")
+    parameters, counts, info = _summary_fields(pool, seed, sel, picks, cand, dd, ctx, budget, params, scaled, w)
+    summary = _summary(strategy, parameters, counts, info, pool, sel, seed_store, pool_store, items,
+                       timings, t1, note)
+    write_json(tmp / "summary.json", summary)
+    replace_dir(tmp, out, carry=True)  # the files appear together; what else `out` holds stays
+
+
+def _join_scores(tmp: Path, sel: Selection, w: int) -> None:
+    """Write ``tmp/scores.csv``: the header, then the ranks' parts in rank order, each part removed once copied."""
     with open(tmp / "scores.csv", "wb") as fh:
         fh.write(",".join(["index", "item", "ecle", "distance", "score", "selected", "pick_rank",
                            *sel.columns]).encode() + b"\r\n")
@@ -331,7 +345,10 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
             with open(part, "rb") as src:
                 shutil.copyfileobj(src, fh, 1 << 20)
             part.unlink()
-    # selection.txt and dedup.csv in one pass over the items
+
+
+def _pick_items(tmp: Path, pool: FeatureStore, picks: np.ndarray, dd: Any) -> list[str | None]:
+    """The picks' item lines in pick order, from one pass over the pool's items (writing dedup.csv with ``dd``)."""
     pos_of = {int(p): i for i, p in enumerate(picks)}
     chosen: list[str | None] = [None] * len(picks)
     dropped_rows = np.zeros(0, dtype=np.int64) if dd is None else np.flatnonzero(~dd.keep)
@@ -356,9 +373,14 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
     finally:
         if dfh is not None:
             dfh.close()
-    if scaled.get("order") == "score":
-        chosen = [chosen[p] for p in _score_order(tmp / "scores.csv", picks)]
-    (tmp / "selection.txt").write_text("".join(f"{it}\n" for it in chosen), encoding="utf-8")
+    return chosen
+
+
+def _summary_fields(pool: FeatureStore, seed: FeatureStore | None, sel: Selection, picks: np.ndarray,
+                    cand: np.ndarray | None, dd: Any, ctx: DistributedContext | None, budget: int,
+                    params: dict[str, Any], scaled: dict[str, Any], w: int
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """summary.json's parameters, counts and info (strategy details, dedup, k-center, distributed run)."""
     info = {k: v for k, v in sel.info.items() if not isinstance(v, (int, float, str))}
     counts = {"pool": pool.num_rows, "seed": seed.num_rows if seed is not None else None, "selected": len(picks),
               "candidates": None if cand is None else int(len(cand)),
@@ -377,7 +399,14 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
     info["distributed"] = {"world_size": w,
                            "backend": torch.distributed.get_backend() if D.active() else None,
                            "scores_csv": "per-rank parts concatenated by rank 0"}
-    summary = {
+    return parameters, counts, info
+
+
+def _summary(strategy: str, parameters: dict[str, Any], counts: dict[str, Any], info: dict[str, Any],
+             pool: FeatureStore, sel: Selection, seed_store: Any, pool_store: Any, items: tuple[Any, Any],
+             timings: dict[str, float], t1: float, note: str | None) -> dict[str, Any]:
+    """summary.json's content: the given fields plus inputs, timings (``write`` from ``t1``), versions, command."""
+    return {
         "strategy": strategy,
         "parameters": parameters,
         "inputs": {"seed_store": str(seed_store) if seed_store is not None else None, "pool_store": str(pool_store),
@@ -392,8 +421,6 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
         "command": " ".join(sys.argv),
         **({"note": note} if note else {}),
     }
-    write_json(tmp / "summary.json", summary)
-    replace_dir(tmp, out, carry=True)  # the files appear together; what else `out` holds stays
 
 
 __all__ = [

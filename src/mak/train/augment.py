@@ -253,6 +253,12 @@ def colour_matrices(saturation: torch.Tensor, hue: torch.Tensor) -> torch.Tensor
                                                 np.asarray(hue, dtype=np.float64)))
 
 
+def _jitter_factor(u: np.ndarray, apply: np.ndarray, amount: float) -> np.ndarray:
+    """Jitter factors U(max(0, 1 - amount), 1 + amount) from uniforms ``u`` where ``apply``, else 1."""
+    f_lo = max(0.0, 1.0 - amount)
+    return np.where(apply, f_lo + (1.0 + amount - f_lo) * u, 1.0)
+
+
 class SimCLRAugment:
     """SimCLR's augmentation for a batch; see the module docstring for the recipe.
 
@@ -319,6 +325,26 @@ class SimCLRAugment:
 
     def _params_np(self, keys: torch.Tensor, height: int, width: int) -> dict[str, np.ndarray]:
         u = _uniforms_np(keys, NUM_UNIFORMS)
+        jb, jc, js, jh = self.jitter
+        apply = u[:, _U_JITTER] < self.jitter_p
+        sat = _jitter_factor(u[:, _U_SAT], apply, js)
+        hue = np.where(apply, (2.0 * u[:, _U_HUE] - 1.0) * jh, 0.0)
+        gray = u[:, _U_GRAY] < self.gray_p
+        return {
+            "crop": self._crop_np(u, height, width),
+            "flip": u[:, _U_FLIP] < self.flip_p,
+            "brightness": _jitter_factor(u[:, _U_BRIGHT], apply, jb),
+            "contrast": _jitter_factor(u[:, _U_CONTRAST], apply, jc),
+            "saturation": sat,
+            "hue": hue,
+            "gray": gray,
+            "colour": self._colour_np(apply, sat, hue, gray),
+            "blur": u[:, _U_BLUR] < self.blur_p,
+            "sigma": self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, _U_SIGMA],
+        }
+
+    def _crop_np(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        """(n, 4) crop boxes x0, y0, w, h: the first of ``_TRIES`` tries that fits, else the fallback size."""
         n = u.shape[0]
         area = float(height * width)
         lo, hi = self.scale
@@ -331,48 +357,31 @@ class SimCLRAugment:
         first = np.argmax(ok, axis=1)  # the first try that fits, as torchvision
         rows = np.arange(n)
         w, h = w[rows, first], h[rows, first]
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            fw, fh = float(width), width / self.ratio[0]
-        elif in_ratio > self.ratio[1]:
-            fw, fh = height * self.ratio[1], float(height)
-        else:
-            fw, fh = float(width), float(height)
+        fw, fh = self._fallback_crop(height, width)
         found = ok.any(axis=1)
         w = np.where(found, w, fw)
         h = np.where(found, h, fh)
         x0 = u[:, _U_X] * (width - w)
         y0 = u[:, _U_Y] * (height - h)
+        return np.stack([x0, y0, w, h], axis=1)
 
-        jb, jc, js, jh = self.jitter
-        apply = u[:, _U_JITTER] < self.jitter_p
+    def _fallback_crop(self, height: int, width: int) -> tuple[float, float]:
+        """Crop width and height when no try fits: the whole image, cut to the nearest allowed ratio."""
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            return float(width), width / self.ratio[0]
+        if in_ratio > self.ratio[1]:
+            return height * self.ratio[1], float(height)
+        return float(width), float(height)
 
-        def factor(col: int, amount: float) -> np.ndarray:
-            f_lo = max(0.0, 1.0 - amount)
-            return np.where(apply, f_lo + (1.0 + amount - f_lo) * u[:, col], 1.0)
-
-        sat = factor(_U_SAT, js)
-        hue = np.where(apply, (2.0 * u[:, _U_HUE] - 1.0) * jh, 0.0)
-        gray = u[:, _U_GRAY] < self.gray_p
-        if self.channels == 3:
-            colour = np.where(apply[:, None, None], _colour_matrices_np(sat, hue), np.eye(3)[None])
-            # grayscale: every output channel becomes the luma of the jittered colour
-            luma = np.einsum("j,njk->nk", np.asarray(_LUMA, dtype=np.float64), colour)
-            colour = np.where(gray[:, None, None], np.repeat(luma[:, None, :], 3, axis=1), colour)
-        else:  # saturation, hue and grayscale do nothing to one channel
-            colour = np.broadcast_to(np.eye(3), (n, 3, 3))
-        return {
-            "crop": np.stack([x0, y0, w, h], axis=1),
-            "flip": u[:, _U_FLIP] < self.flip_p,
-            "brightness": factor(_U_BRIGHT, jb),
-            "contrast": factor(_U_CONTRAST, jc),
-            "saturation": sat,
-            "hue": hue,
-            "gray": gray,
-            "colour": colour,
-            "blur": u[:, _U_BLUR] < self.blur_p,
-            "sigma": self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, _U_SIGMA],
-        }
+    def _colour_np(self, apply: np.ndarray, sat: np.ndarray, hue: np.ndarray, gray: np.ndarray) -> np.ndarray:
+        """(n, 3, 3) colour matrices: saturation and hue where jittered, then grayscale where ``gray``."""
+        if self.channels != 3:  # saturation, hue and grayscale do nothing to one channel
+            return np.broadcast_to(np.eye(3), (apply.shape[0], 3, 3))
+        colour = np.where(apply[:, None, None], _colour_matrices_np(sat, hue), np.eye(3)[None])
+        # grayscale: every output channel becomes the luma of the jittered colour
+        luma = np.einsum("j,njk->nk", np.asarray(_LUMA, dtype=np.float64), colour)
+        return np.where(gray[:, None, None], np.repeat(luma[:, None, :], 3, axis=1), colour)
 
     # -- the transform --------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, keys: torch.Tensor | None = None,

@@ -89,6 +89,72 @@ def _pairwise_leaf(a: np.ndarray) -> float:
     return res
 
 
+def _pairwise_mid(lo: int, hi: int) -> int:
+    """Where numpy's pairwise summation splits ``[lo, hi)``: at half its length, rounded down to a multiple of 8."""
+    n2 = (hi - lo) // 2
+    n2 -= n2 % 8
+    return lo + n2
+
+
+def _pairwise_walk(bounds: np.ndarray, lo: int, hi: int, plan: list[tuple[int, int, int]]) -> None:
+    """Append to ``plan`` the top nodes ``(lo, hi, owner)`` of the tree over ``[lo, hi)`` lying in one rank's part
+    (owner: that rank) or straddling two ranks' parts (owner -1: leaves of <= 128 values), left to right."""
+    r = int(np.searchsorted(bounds, lo, side="right") - 1)
+    if hi <= bounds[r + 1]:
+        plan.append((lo, hi, r))
+    elif hi - lo <= _PW_BLOCK:
+        plan.append((lo, hi, -1))
+    else:
+        mid = _pairwise_mid(lo, hi)
+        _pairwise_walk(bounds, lo, mid, plan)
+        _pairwise_walk(bounds, mid, hi, plan)
+
+
+def _pairwise_local_parts(local: np.ndarray, plan: list[tuple[int, int, int]], bounds: np.ndarray,
+                          me: int) -> tuple[list[float], list[np.ndarray]]:
+    """This rank's sums of the plan nodes it owns and its slices of the straddling leaves, in plan order."""
+    start = int(bounds[me])
+    vals, raws = [], []
+    for lo, hi, r in plan:
+        if r == me:
+            vals.append(float(np.sum(local[lo - start: hi - start])))
+        elif r < 0:
+            a, b = max(lo, start), min(hi, start + local.size)
+            if a < b:
+                raws.append(local[a - start: b - start])
+    return vals, raws
+
+
+def _pairwise_leaves(plan: list[tuple[int, int, int]], bounds: np.ndarray, got_vals: list,
+                     got_raws: list) -> dict[tuple[int, int], float]:
+    """The value of every plan node from the gathered parts: its owner's sum, or the leaf sum of its pieces."""
+    world = len(bounds) - 1
+    vpos = [0] * world
+    rpos = [0] * world
+    leaves: dict[tuple[int, int], float] = {}
+    for lo, hi, r in plan:
+        if r >= 0:
+            leaves[(lo, hi)] = float(got_vals[r][vpos[r]])
+            vpos[r] += 1
+        else:
+            pieces = []
+            for q in range(world):
+                a, b = max(lo, int(bounds[q])), min(hi, int(bounds[q + 1]))
+                if a < b:
+                    pieces.append(got_raws[q][rpos[q]: rpos[q] + b - a])
+                    rpos[q] += b - a
+            leaves[(lo, hi)] = _pairwise_leaf(np.concatenate(pieces))
+    return leaves
+
+
+def _pairwise_value(leaves: dict[tuple[int, int], float], lo: int, hi: int) -> float:
+    """The pairwise sum of ``[lo, hi)``: the top of numpy's tree rebuilt over the plan nodes' values."""
+    if (lo, hi) in leaves:
+        return leaves[(lo, hi)]
+    mid = _pairwise_mid(lo, hi)
+    return float(np.float64(_pairwise_value(leaves, lo, mid)) + np.float64(_pairwise_value(leaves, mid, hi)))
+
+
 def pairwise_sum_global(local: np.ndarray, counts: Sequence[int] | None = None) -> float:
     """Sum of the concatenation (in rank order) of every rank's float64 ``local``, rounded exactly as
     ``np.sum`` rounds it on one process.
@@ -105,58 +171,15 @@ def pairwise_sum_global(local: np.ndarray, counts: Sequence[int] | None = None) 
     counts = D.all_gather_counts(local.size) if counts is None else list(counts)
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     me, n = D.rank(), int(bounds[-1])
-    start = int(bounds[me])
-    plan: list[tuple[int, int, int]] = []  # (lo, hi, owner rank or -1 for a straddling leaf)
-
-    def walk(lo: int, hi: int) -> None:
-        r = int(np.searchsorted(bounds, lo, side="right") - 1)
-        if hi <= bounds[r + 1]:
-            plan.append((lo, hi, r))
-        elif hi - lo <= _PW_BLOCK:
-            plan.append((lo, hi, -1))
-        else:
-            n2 = (hi - lo) // 2
-            n2 -= n2 % 8
-            walk(lo, lo + n2)
-            walk(lo + n2, hi)
-
     if n == 0:
         return 0.0
-    walk(0, n)
-    vals, raws = [], []
-    for lo, hi, r in plan:
-        if r == me:
-            vals.append(float(np.sum(local[lo - start: hi - start])))
-        elif r < 0:
-            a, b = max(lo, start), min(hi, start + local.size)
-            if a < b:
-                raws.append(local[a - start: b - start])
+    plan: list[tuple[int, int, int]] = []  # (lo, hi, owner rank or -1 for a straddling leaf)
+    _pairwise_walk(bounds, 0, n, plan)
+    vals, raws = _pairwise_local_parts(local, plan, bounds, me)
     got_vals = D.all_gather_varlen(np.array(vals, dtype=np.float64))
     got_raws = D.all_gather_varlen(np.concatenate(raws) if raws else np.zeros(0, dtype=np.float64))
-    vpos = [0] * len(counts)
-    rpos = [0] * len(counts)
-    leaves: dict[tuple[int, int], float] = {}
-    for lo, hi, r in plan:
-        if r >= 0:
-            leaves[(lo, hi)] = float(got_vals[r][vpos[r]])
-            vpos[r] += 1
-        else:
-            pieces = []
-            for q in range(len(counts)):
-                a, b = max(lo, int(bounds[q])), min(hi, int(bounds[q + 1]))
-                if a < b:
-                    pieces.append(got_raws[q][rpos[q]: rpos[q] + b - a])
-                    rpos[q] += b - a
-            leaves[(lo, hi)] = _pairwise_leaf(np.concatenate(pieces))
-
-    def value(lo: int, hi: int) -> float:
-        if (lo, hi) in leaves:
-            return leaves[(lo, hi)]
-        n2 = (hi - lo) // 2
-        n2 -= n2 % 8
-        return float(np.float64(value(lo, lo + n2)) + np.float64(value(lo + n2, hi)))
-
-    return value(0, n)
+    leaves = _pairwise_leaves(plan, bounds, got_vals, got_raws)
+    return _pairwise_value(leaves, 0, n)
 
 
 def global_zscore(x: np.ndarray) -> np.ndarray:
@@ -304,7 +327,8 @@ class DistributedContext(RobustOps, Context):
             x = _take(self.global_features, rows[lo:hi])
         return l2_normalize(to_tensor(x, dev))
 
-    def kcenter(self, rows: np.ndarray | None, budget: int, init: Any) -> np.ndarray:
+    def _kcenter_setup(self) -> tuple[str, int]:
+        """The k-center mode and part count to run, checked (two-round over one part runs as exact)."""
         mode = self.kcenter_mode or "exact"
         if mode not in ("exact", "two-round"):
             raise MakError(f"unknown k-center mode '{mode}' (choose from: exact, two-round)")
@@ -313,6 +337,53 @@ class DistributedContext(RobustOps, Context):
             raise MakError(f"k-center parts must be >= 1, got {parts}")
         if mode == "two-round" and parts == 1:
             mode = "exact"  # one part: round 1 is exact greedy, round 2 would only reorder it
+        return mode, parts
+
+    def _kcenter_exact(self, cand: np.ndarray | None, total: int, budget: int, init: Any) -> np.ndarray:
+        """Exact greedy over this rank's block of the candidates; records the report, returns candidate positions."""
+        show = self.progress and self.me == 0
+        w, me = self.world, self.me
+        lo, hi = D.shard_range(total, me, w)
+        res = exact_sharded(self._block(cand, lo, hi), budget, init=init, seed=self.seed, progress=show)
+        self.report["kcenter"] = {"mode": "exact", "parts": w, "radius": res.radius,
+                                  "seconds_per_step": res.step_seconds}
+        return res.picks
+
+    def _kcenter_two_round(self, cand: np.ndarray | None, total: int, budget: int, parts: int,
+                           init: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        """Two-round k-center over this rank's parts of the candidates; (candidate positions, report)."""
+        show = self.progress and self.me == 0
+        w, me = self.world, self.me
+        p_lo, p_hi = D.shard_range(parts, me, w)
+        blo = D.shard_range(total, p_lo, parts)[0] if p_lo < p_hi else 0
+        bhi = D.shard_range(total, p_hi - 1, parts)[1] if p_lo < p_hi else 0
+        tr = two_round_sharded(self._block(cand, blo, bhi), blo, total, budget, parts, init=init,
+                               seed=self.seed, progress=show)
+        rep: dict[str, Any] = {"mode": "two-round", "parts": parts, "union": tr.union,
+                               "round1_radius": tr.round1_radius, "round2_radius": tr.round2_radius,
+                               "radius_bound": tr.radius_bound, "radius": None, "exact_radius": None}
+        return tr.picks, rep
+
+    def _kcenter_compare(self, cand: np.ndarray | None, total: int, budget: int, init: Any, pos: np.ndarray,
+                         rep: dict[str, Any]) -> None:
+        """Add to ``rep`` the covering radius of the picks ``pos`` and exact greedy's (a note where too large)."""
+        if total * budget <= EXACT_COMPARE_LIMIT:
+            t2 = time.perf_counter()
+            lo, hi = D.shard_range(total, self.me, self.world)
+            xb = self._block(cand, lo, hi)
+            pick_rows = np.sort(pos) if cand is None else np.sort(cand[pos])
+            centers = l2_normalize(to_tensor(_take(self.global_features, pick_rows), xb.device))
+            r2 = covering_radius_sharded(xb, centers, init=init)
+            ex = exact_sharded(xb, budget, init=init, seed=self.seed)
+            rep.update(radius=r2, exact_radius=ex.radius,
+                       angle_ratio=(angle(r2) / angle(ex.radius)) if ex.radius > 0 else None,
+                       compare_seconds=time.perf_counter() - t2)
+        else:
+            rep["note"] = (f"exact greedy not run for comparison: candidates x budget = {total * budget:.3g} "
+                           f"> {EXACT_COMPARE_LIMIT:.0e}")
+
+    def kcenter(self, rows: np.ndarray | None, budget: int, init: Any) -> np.ndarray:
+        mode, parts = self._kcenter_setup()
         if mode == "exact" and self.world == 1:
             picks = super().kcenter(rows, budget, init)
             self.report["kcenter"] = {"mode": "exact", "parts": 1}
@@ -320,42 +391,14 @@ class DistributedContext(RobustOps, Context):
         t = time.perf_counter()
         cand = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
         total = self.n_total if cand is None else int(cand.size)
-        show = self.progress and self.me == 0
-        w, me = self.world, self.me
         if mode == "exact":
-            lo, hi = D.shard_range(total, me, w)
-            res = exact_sharded(self._block(cand, lo, hi), budget, init=init, seed=self.seed, progress=show)
-            pos = res.picks
-            self.report["kcenter"] = {"mode": "exact", "parts": w, "radius": res.radius,
-                                      "seconds_per_step": res.step_seconds}
-        else:
-            p_lo, p_hi = D.shard_range(parts, me, w)
-            blo = D.shard_range(total, p_lo, parts)[0] if p_lo < p_hi else 0
-            bhi = D.shard_range(total, p_hi - 1, parts)[1] if p_lo < p_hi else 0
-            tr = two_round_sharded(self._block(cand, blo, bhi), blo, total, budget, parts, init=init,
-                                   seed=self.seed, progress=show)
-            pos = tr.picks
-            rep: dict[str, Any] = {"mode": "two-round", "parts": parts, "union": tr.union,
-                                   "round1_radius": tr.round1_radius, "round2_radius": tr.round2_radius,
-                                   "radius_bound": tr.radius_bound, "radius": None, "exact_radius": None}
+            pos = self._kcenter_exact(cand, total, budget, init)
             self.timings["kcenter"] = time.perf_counter() - t
-            if total * budget <= EXACT_COMPARE_LIMIT:
-                t2 = time.perf_counter()
-                lo, hi = D.shard_range(total, me, w)
-                xb = self._block(cand, lo, hi)
-                pick_rows = np.sort(pos) if cand is None else np.sort(cand[pos])
-                centers = l2_normalize(to_tensor(_take(self.global_features, pick_rows), xb.device))
-                r2 = covering_radius_sharded(xb, centers, init=init)
-                ex = exact_sharded(xb, budget, init=init, seed=self.seed)
-                rep.update(radius=r2, exact_radius=ex.radius,
-                           angle_ratio=(angle(r2) / angle(ex.radius)) if ex.radius > 0 else None,
-                           compare_seconds=time.perf_counter() - t2)
-            else:
-                rep["note"] = (f"exact greedy not run for comparison: candidates x budget = {total * budget:.3g} "
-                               f"> {EXACT_COMPARE_LIMIT:.0e}")
+        else:
+            pos, rep = self._kcenter_two_round(cand, total, budget, parts, init)
+            self.timings["kcenter"] = time.perf_counter() - t
+            self._kcenter_compare(cand, total, budget, init, pos, rep)
             self.report["kcenter"] = rep
-            return pos if cand is None else cand[pos]
-        self.timings["kcenter"] = time.perf_counter() - t
         return pos if cand is None else cand[pos]
 
     # ---- robust's operations -------------------------------------------------------------
