@@ -176,3 +176,83 @@ def test_bad_parquet_items(shards, monkeypatch, case, message):
 
 def test_expand_keeps_a_list_in_the_given_order(tmp_path):
     assert expand([tmp_path / "b.npy", tmp_path / "a.npy"], "features") == [tmp_path / "b.npy", tmp_path / "a.npy"]
+
+
+def _parquet_features(d, rng, fixed=False, dtype="float32"):
+    """emb_*.parquet with an embedding column (and url, caption), the same rows as emb_*.npy."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    for i in SIZES:
+        x = np.load(d / f"emb_{i}.npy").astype(dtype)
+        values = pa.array(x.ravel())
+        emb = (pa.FixedSizeListArray.from_arrays(values, x.shape[1]) if fixed
+               else pa.ListArray.from_arrays(pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32)), values))
+        urls = (d / f"meta_{i}.txt").read_text().splitlines()
+        pq.write_table(pa.table({"url": urls, "embedding": emb, "caption": ["c"] * len(urls)}),
+                       d / f"emb_{i}.parquet", row_group_size=11)
+
+
+@pytest.mark.parametrize("fixed, dtype", [(False, "float32"), (True, "float16")])
+def test_parquet_features_and_items_from_the_same_files(shards, rng, fixed, dtype):
+    _parquet_features(shards, rng, fixed, dtype)
+    spec = str(shards / "emb_*.parquet")
+    import_store(spec, shards / "st", items=spec, items_column="url")
+    st = open_store(shards / "st")
+    feats, lines = _whole(shards)
+    assert np.load(shards / "st" / "shard-00000" / "features.npy", mmap_mode="r").dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(st.features(), feats.astype(dtype))
+    assert st.items == lines
+
+
+def _bad_parquet_features(d, case):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(d / "emb_1.parquet")
+    emb = t.column("embedding").to_pylist()
+    if case == "two float columns":
+        t = t.append_column("other", t.column("embedding"))
+    elif case == "length":
+        emb[4] = emb[4][:-1]
+    elif case == "null":
+        emb[6] = None
+    elif case == "nan":
+        emb[7][2] = float("nan")
+    if case in ("length", "null", "nan"):
+        t = t.set_column(t.schema.get_field_index("embedding"), "embedding", pa.array(emb, pa.list_(pa.float32())))
+    pq.write_table(t, d / "emb_1.parquet", row_group_size=11)
+
+
+@pytest.mark.parametrize("case, column, message", [
+    ("two float columns", None, "2 float-list columns (embedding, other); name the feature column"),
+    ("column", "url", "no float-list column 'url' (float-list columns: embedding)"),
+    ("length", None, "emb_1.parquet: row 4 of column 'embedding' has 5 values, not 6"),
+    ("null", None, "emb_1.parquet: column 'embedding' has a null row"),
+    ("nan", None, "emb_1.parquet: row 7 of column 'embedding' holds NaN or Inf"),
+])
+def test_bad_parquet_features(shards, rng, case, column, message):
+    _parquet_features(shards, rng)
+    _bad_parquet_features(shards, case)
+    with pytest.raises(MakError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        import_store(str(shards / "emb_*.parquet"), shards / "st", features_column=column)
+    assert not (shards / "st").exists()
+
+
+def test_parquet_features_refuse_link_and_npy_refuses_a_feature_column(shards, rng):
+    _parquet_features(shards, rng)
+    with pytest.raises(MakError, match="--link needs .npy arrays"):
+        import_store(str(shards / "emb_*.parquet"), shards / "st", link=True)
+    with pytest.raises(MakError, match="--features-column embedding applies to .parquet features"):
+        import_store(str(shards / "emb_*.npy"), shards / "st", features_column="embedding")
+    assert not (shards / "st").exists()
+
+
+def test_cli_imports_parquet_columns(shards, rng, cli):
+    _parquet_features(shards, rng)
+    spec = str(shards / "emb_*.parquet")
+    assert cli("store", "import", "--features", spec, "--features-column", "embedding", "--items", spec,
+               "--items-column", "url", "--model", "siglip", "--out", shards / "st", "-q") == 0
+    st = open_store(shards / "st")
+    feats, lines = _whole(shards)
+    np.testing.assert_array_equal(st.features(), feats)
+    assert st.items == lines and st.meta["imported_from"]["features_column"] == "embedding"

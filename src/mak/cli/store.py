@@ -19,8 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "select` also reads a single array directly; a store keeps features, items and where they "
                     "came from together.")
     imp.add_argument("--features", required=True, nargs="+", metavar="FILE",
-                     help="N x D embeddings: .npy, or .npz holding 'features' (and optionally 'views'); several "
-                          "files or a quoted glob make a sharded store")
+                     help="N x D embeddings: .npy, .npz holding 'features' (and optionally 'views'), or .parquet "
+                          "(--features-column); several files or a quoted glob make a sharded store")
+    imp.add_argument("--features-column", metavar="NAME",
+                     help="with .parquet features: the column of float lists (default: the only one)")
     imp.add_argument("--items", nargs="+", metavar="FILE",
                      help="the rows' items: text (one line per row) or .parquet (--items-column), one file for all "
                           "rows or one per features file (default: the row index)")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = import_store(args.features, args.out, items=args.items, views=args.views, model=args.model,
                        overwrite=args.overwrite, items_column=args.items_column, link=args.link,
-                       progress=not args.quiet)
+                       progress=not args.quiet, features_column=args.features_column)
     if not args.quiet:
         print(f"feature store -> {out}")
     return 0

@@ -1,6 +1,7 @@
 """Feature stores from arrays the user's own encoder wrote.
 
-One array (``.npy``, or ``.npz`` with ``features`` and optional ``views``) becomes a plain store;
+One array (``.npy``, ``.npz`` with ``features`` and optional ``views``, or a ``.parquet`` column
+of float lists) becomes a plain store;
 several (a list, or a glob such as ``img_emb/img_emb_*.npy``, in natural order: ``_2`` before
 ``_10``) become a sharded store, one shard per array, which is how embedding pipelines write
 large pools. Items come from text files (one line per row) or from a column of ``.parquet``
@@ -14,7 +15,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -134,16 +135,105 @@ class _Items:
         return [self.lines(f) for f in self.files]
 
 
-def _sources(files: list[Path], views: str | Path | None, link: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+class ParquetFeatures:
+    """An N x D feature array held in a parquet column of float lists (as embedding pipelines and
+    dataset hubs write them), read batch by batch: ``shape``, ``dtype`` and :meth:`save`."""
+
+    def __init__(self, path: Path, column: str | None) -> None:
+        pq = _parquet()
+        if pq is None:
+            raise MakError(f"{path}: reading .parquet needs pyarrow (pip install 'mak[parquet]')")
+        try:
+            self.file = pq.ParquetFile(path)
+        except Exception as exc:
+            raise MakError(f"{path}: unreadable parquet file ({exc})") from None
+        self.path = path
+        self.column = self._column(column)
+        first = next(self.file.iter_batches(columns=[self.column], batch_size=1), None)
+        if first is None or first.num_rows == 0:
+            raise MakError(f"{path}: feature array is empty (0 rows)")
+        if first.column(0).null_count:
+            raise MakError(f"{path}: column {self.column!r} has a null row near row 0")
+        dim = len(first.column(0)[0].values)
+        self.shape = (int(self.file.metadata.num_rows), dim)
+        self.dtype = np.dtype(first.column(0).type.value_type.to_pandas_dtype())
+
+    def _column(self, column: str | None) -> str:
+        import pyarrow as pa
+
+        schema = self.file.schema_arrow
+        lists = [f.name for f in schema if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+                 or pa.types.is_fixed_size_list(f.type)) and pa.types.is_floating(f.type.value_type)]
+        if column is None:
+            if len(lists) != 1:
+                raise MakError(f"{self.path}: {len(lists)} float-list columns ({', '.join(lists) or 'none'}); name "
+                               "the feature column (--features-column)")
+            return lists[0]
+        if column not in lists:
+            raise MakError(f"{self.path}: no float-list column {column!r} (float-list columns: "
+                           f"{', '.join(lists) or 'none'})")
+        return column
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """Row blocks as (rows, D) arrays; a null, a row of another length or NaN/Inf is a MakError."""
+        row = 0
+        for batch in self.file.iter_batches(columns=[self.column], batch_size=65_536):
+            col = batch.column(0)
+            if col.null_count:
+                raise MakError(f"{self.path}: column {self.column!r} has a null row near row {row}")
+            lengths = np.diff(np.asarray(col.offsets)) if hasattr(col, "offsets") else None
+            if lengths is not None and (lengths != self.shape[1]).any():
+                bad = row + int(np.flatnonzero(lengths != self.shape[1])[0])
+                raise MakError(f"{self.path}: row {bad} of column {self.column!r} has "
+                               f"{int(lengths[bad - row])} values, not {self.shape[1]}")
+            block = np.asarray(col.flatten()).astype(self.dtype, copy=False).reshape(-1, self.shape[1])
+            if not np.isfinite(block).all():
+                bad = row + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise MakError(f"{self.path}: row {bad} of column {self.column!r} holds NaN or Inf")
+            yield block
+            row += block.shape[0]
+
+    def save(self, path: Path) -> None:
+        """Write the array as ``path`` (.npy), block by block."""
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=self.dtype, shape=self.shape)
+        row = 0
+        for block in self.batches():
+            out[row : row + block.shape[0]] = block
+            row += block.shape[0]
+        out.flush()
+        del out
+
+
+def _parquet_features(path: Path, column: str | None) -> ParquetFeatures:
+    if not path.is_file():
+        raise MakError(f"{path}: feature array not found")
+    return ParquetFeatures(path, column)
+
+
+def _sources(files: list[Path], views: str | Path | None, link: bool,
+             column: str | None) -> list[tuple[Any, np.ndarray | None]]:
     """(features, views) of every array, validated: 2-D, non-empty, one dimension, finite, the
-    same views shape everywhere."""
+    same views shape everywhere (a parquet column's values are checked as they are converted)."""
     if views is not None and len(files) > 1:
         raise MakError(f"--views {views} goes with one feature array; several arrays carry their views "
                        "in .npz files ('views')")
-    out = []
+    out: list[tuple[Any, np.ndarray | None]] = []
     for f in files:
         if link and f.suffix != ".npy":
-            raise MakError(f"{f}: --link needs .npy arrays (an .npz is copied)")
+            raise MakError(f"{f}: --link needs .npy arrays ({f.suffix or 'this file'} is converted or copied)")
+        if f.suffix == PARQUET:
+            if views is not None:
+                raise MakError(f"--views {views} goes with a .npy/.npz feature array, not {f}")
+            if out and out[0][1] is not None:
+                raise MakError(f"{f}: has no views, unlike {files[0]}")
+            feats = _parquet_features(f, column)
+            if out and feats.shape[1] != out[0][0].shape[1]:
+                raise MakError(f"{f}: feature dimension {feats.shape[1]} differs from {files[0]}'s "
+                               f"{out[0][0].shape[1]}")
+            out.append((feats, None))  # values checked while they are converted
+            continue
+        if column is not None:
+            raise MakError(f"--features-column {column} applies to .parquet features, not to {f}")
         src = open_array_store(f)
         feats, vw = src.shards[0].features, src.shards[0].views
         if views is not None:
@@ -161,12 +251,13 @@ def _sources(files: list[Path], views: str | Path | None, link: bool) -> list[tu
 
 def import_store(features: Spec, out: str | Path, items: Spec | None = None, views: str | Path | None = None,
                  model: str | None = None, overwrite: bool = False, items_column: str | None = None,
-                 link: bool = False, progress: bool = False) -> Path:
+                 link: bool = False, progress: bool = False, features_column: str | None = None) -> Path:
     """Write a store at ``out`` from arrays of the user's encoder (see the module's docstring).
 
     ``features``: an array file, a glob or a list (several: a sharded store, one shard each);
     ``items``: one text or parquet file for all rows, or one per array (default: the row index);
-    ``items_column``: the parquet column holding the items; ``views``: an R x N x d ``.npy`` for
+    ``items_column``: the parquet column holding the items; ``features_column``: the parquet
+    column of float lists holding the features (default: the only such column); ``views``: an R x N x d ``.npy`` for
     a single array; ``link``: shards point at the ``.npy`` files (symlinks) instead of copies.
     ``meta.json`` says the model is external, naming ``model`` when given.
     """
@@ -176,14 +267,15 @@ def import_store(features: Spec, out: str | Path, items: Spec | None = None, vie
 
     files = expand(features, "features")
     item_src = None if items is None else _Items(expand(items, "items"), items_column)
-    arrays = _sources(files, views, link)
+    arrays = _sources(files, views, link, features_column)
     counts = [a.shape[0] for a, _ in arrays]
     plan = None if item_src is None else item_src.per_array(counts, files)
     meta = {**EXTERNAL_META, "model_name": model, "imported_from": {
         "features": [str(f) for f in files] if len(files) > 1 else str(files[0]),
         "items": None if item_src is None else [str(f) for f in item_src.files] if len(item_src.files) > 1
         else str(item_src.files[0]),
-        "views": None if views is None else str(views), "items_column": items_column, "linked": link}}
+        "views": None if views is None else str(views), "items_column": items_column,
+        "features_column": features_column, "linked": link}}
     sharded = len(files) > 1
     names = [f"shard-{i:05d}" for i in range(len(files))] if sharded else [""]
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -199,11 +291,13 @@ def import_store(features: Spec, out: str | Path, items: Spec | None = None, vie
     return Path(out)
 
 
-def _write_shard(path: Path, src: Path, feats: np.ndarray, views: np.ndarray | None, lines, link: bool) -> None:
+def _write_shard(path: Path, src: Path, feats: Any, views: np.ndarray | None, lines, link: bool) -> None:
     """One plain store's files: features (a copy, or a symlink to ``src``), views, items."""
     path.mkdir(parents=True, exist_ok=True)
     if link:
         os.symlink(src.resolve(), path / FEATURES)
+    elif isinstance(feats, ParquetFeatures):
+        feats.save(path / FEATURES)
     else:
         np.save(path / FEATURES, feats)
     if views is not None:
