@@ -118,6 +118,9 @@ def _bad(shards, case):
         args["features"], args["link"] = [shards / "emb_0.npy", shards / "emb_3.npz"], True
     elif case == "views":
         args["views"] = shards / "emb_0.npy"
+    elif case == "suffix":
+        (shards / "emb.csv").write_text("1,2\n")
+        args["features"] = str(shards / "emb.csv")
     elif case == "column on text":
         args["items"], args["items_column"] = str(shards / "meta_*.txt"), "url"
     return args
@@ -133,6 +136,7 @@ def _bad(shards, case):
     ("link npz", "--link needs .npy arrays"),
     ("views", "goes with one feature array"),
     ("column on text", "--items-column url applies to .parquet items"),
+    ("suffix", "emb.csv: not a feature array (.npy, .npz or .parquet)"),
 ])
 def test_bad_imports_are_one_line_and_write_nothing(shards, cli, capsys, case, message):
     args = _bad(shards, case)

@@ -19,8 +19,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mak.data.store import (EXTERNAL_META, FEATURES, ITEMS, META, VIEWS, _check_array_views, _count_lines,
-                            _open_npy, open_array_store, write_shards_index)
+from mak.data.store import (ARRAY_SUFFIXES, EXTERNAL_META, FEATURES, ITEMS, META, VIEWS, _check_array_views,
+                            _count_lines, _open_npy, open_array_store, write_shards_index)
 from mak.errors import MakError
 
 PARQUET = ".parquet"
@@ -219,6 +219,8 @@ def _sources(files: list[Path], views: str | Path | None, link: bool,
                        "in .npz files ('views')")
     out: list[tuple[Any, np.ndarray | None]] = []
     for f in files:
+        if f.suffix not in (*ARRAY_SUFFIXES, PARQUET):
+            raise MakError(f"{f}: not a feature array (.npy, .npz or .parquet)")
         if link and f.suffix != ".npy":
             raise MakError(f"{f}: --link needs .npy arrays ({f.suffix or 'this file'} is converted or copied)")
         if f.suffix == PARQUET:
