@@ -17,6 +17,7 @@ summed while it is in cache; on a GPU a block row of several batches is one batc
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -219,35 +220,48 @@ def _ecle_sum_resident(views: torch.Tensor, acc: torch.Tensor, temperature: floa
     :func:`iter_batches`, with orderings, sorting and scatter-adds on the device (no host round
     trip per batch), ``group`` batches (all of one size) scored by one :func:`batch_losses` call."""
     r, n, _ = views.shape
-    dev = views.device
     plan = batch_plan(n, batch_size)
     size = plan[0][1] - plan[0][0]
     group = group or max(1, GROUP_ELEMENTS // (size * size * r))
-    tasks = [(p, lo, hi, first) for p in range(partitions) for k, (lo, hi, first) in enumerate(plan)
-             if owner is None or owner(p, k)]
-    bar.update(len(plan) * partitions - len(tasks))
+
+    def owned() -> Iterator[tuple[int, int, int, int]]:  # (partition, start, stop, first scored), streamed
+        for p in range(partitions):
+            for k, (lo, hi, first) in enumerate(plan):
+                if owner is None or owner(p, k):
+                    yield p, lo, hi, first
+                else:
+                    bar.update(1)
+
+    tasks = owned()
     orders: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
-        for g0 in range(0, len(tasks), group):
-            chunk = tasks[g0 : g0 + group]
+        while chunk := list(itertools.islice(tasks, group)):
             needed = {p for p, *_ in chunk}
             orders = {p: o for p, o in orders.items() if p in needed}  # only this group's orderings
             for p in sorted(needed - orders.keys()):
-                orders[p] = (torch.arange(n, device=dev) if n <= batch_size
-                             else partition_order(n, seed, p).to(dev, non_blocking=True))
+                orders[p] = (torch.arange(n, device=views.device) if n <= batch_size
+                             else partition_order(n, seed, p).to(views.device, non_blocking=True))
             rows = torch.stack([orders[p][lo:hi] for p, lo, hi, _ in chunk])  # (G, B)
-            srt = torch.sort(rows, dim=1).values
-            z = views.index_select(1, srt.flatten()).float()  # (R, G * B, d)
-            z = l2_normalize(z.reshape(-1, z.shape[-1])).view(r, len(chunk), size, -1)
-            z = z.transpose(0, 1).contiguous()  # (G, R, B, d)
-            loss = batch_losses(z, temperature).double()  # (G, B)
-            for j, (p, lo, hi, first) in enumerate(chunk):
-                if first > lo:
-                    scored = rows[j, first - lo :]
-                    acc.index_add_(0, scored, loss[j][torch.searchsorted(srt[j], scored)])
-                else:
-                    acc.index_add_(0, srt[j], loss[j])
+            _score_group(views, rows, [first - lo for _, lo, _, first in chunk], temperature, acc)
             bar.update(len(chunk))
+
+
+def _score_group(views: torch.Tensor, rows: torch.Tensor, skips: list[int], temperature: float,
+                 acc: torch.Tensor) -> None:
+    """Add the losses of G batches (``rows``: (G, B) pool rows in ordering order) to ``acc``; batch
+    g's first ``skips[g]`` positions were scored by an earlier batch of its ordering."""
+    r = views.shape[0]
+    gn, size = rows.shape
+    srt = torch.sort(rows, dim=1).values  # within a batch, order does not change any loss
+    z = views.index_select(1, srt.flatten()).float()  # (R, G * B, d)
+    z = l2_normalize(z.reshape(-1, z.shape[-1])).view(r, gn, size, -1).transpose(0, 1).contiguous()
+    loss = batch_losses(z, temperature).double()  # (G, B)
+    for j, skip in enumerate(skips):
+        if skip:
+            scored = rows[j, skip:]
+            acc.index_add_(0, scored, loss[j][torch.searchsorted(srt[j], scored)])
+        else:
+            acc.index_add_(0, srt[j], loss[j])
 
 
 def ecle(views: Any, temperature: float = 0.2, batch_size: int = 512, partitions: int = 10, seed: int = 0,
