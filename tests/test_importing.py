@@ -260,3 +260,22 @@ def test_cli_imports_parquet_columns(shards, rng, cli):
     feats, lines = _whole(shards)
     np.testing.assert_array_equal(st.features(), feats)
     assert st.items == lines and st.meta["imported_from"]["features_column"] == "embedding"
+
+
+def test_store_info(shards, cli, capsys):
+    import_store(str(shards / "emb_*.npy"), shards / "st", items=str(shards / "meta_*.txt"), model="clip-b32")
+    capsys.readouterr()
+    assert cli("store", "info", shards / "st", "--json", "--check") == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["rows"] == sum(SIZES.values()) and d["shards"] == 4 and d["views"] is None
+    assert d["features"] == {"dim": 6, "dtype": "float32", "bytes": sum(SIZES.values()) * 6 * 4}
+    assert (d["model"], d["model_name"]) == ("external", "clip-b32")
+    assert d["first_items"] == ["https://x/0/0.jpg", "https://x/0/1.jpg", "https://x/0/2.jpg"]
+    assert cli("store", "info", shards / "st") == 0
+    out = capsys.readouterr().out
+    assert "120 x 6 float32" in out and "(4 shards)" in out and "external (clip-b32)" in out
+    np.save(shards / "bad.npy", np.full((4, 6), np.inf, np.float32))
+    assert cli("store", "info", shards / "bad.npy") == 0  # opening reads no values
+    assert cli("store", "info", shards / "bad.npy", "--check") == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.npy" in err and len(err.splitlines()) == 1

@@ -36,6 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
     imp.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     imp.set_defaults(func=run)
+    info = ssub.add_parser(
+        "info", help="what a store holds: rows, shapes, dtypes, size, model, first items",
+        description="Print what a feature store (a directory, a sharded store, or a .npy/.npz array) holds: rows, "
+                    "feature and view shapes, dtypes, bytes on disk, shards, the model that made it, its first "
+                    "items. --check also scans every value (NaN/Inf, constant features).")
+    info.add_argument("store", metavar="STORE", help="a store directory or a .npy/.npz array")
+    info.add_argument("--items", metavar="FILE", help="with an array: one item line per row")
+    info.add_argument("--check", action="store_true", help="scan every value for NaN/Inf and constant features")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    info.set_defaults(func=run_info)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,3 +57,33 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"feature store -> {out}")
     return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from mak.data.store import describe, open_store
+
+    d = describe(open_store(args.store, check_finite=args.check, items=args.items))
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    f, v = d["features"], d["views"]
+    print(f"store     {d['path']}" + (f" ({d['shards']} shards)" if d["shards"] > 1 else ""))
+    print(f"rows      {d['rows']:,}")
+    print(f"features  {d['rows']:,} x {f['dim']} {f['dtype']} ({_size(f['bytes'])})")
+    print("views     " + ("none" if v is None else f"{v['count']} x {d['rows']:,} x {v['dim']} {v['dtype']} "
+                                                    f"({_size(v['bytes'])})"))
+    print(f"model     {d['model']}" + (f" ({d['model_name']})" if d["model_name"] else ""))
+    print(f"items     {', '.join(d['first_items'])}{', ...' if d['rows'] > len(d['first_items']) else ''}")
+    if args.check:
+        print("values    finite, not constant")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

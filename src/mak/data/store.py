@@ -392,6 +392,27 @@ def open_array_store(path: str | Path, items: str | Path | None = None, require_
     return FeatureStore(path, [shard], n, int(feats.shape[1]), int(r), int(d), dict(EXTERNAL_META))
 
 
+def describe(store: FeatureStore, items: int = 3) -> dict:
+    """What a store holds, for people and scripts: rows, feature and view shapes, dtypes, bytes
+    on disk, shards, the model that made it (:func:`model_kind`) and its first ``items`` items."""
+    feats = [sh.features for sh in store.shards]
+    views = [sh.views for sh in store.shards if sh.views is not None]
+    first: list[str] = []
+    for sh in store.shards:
+        for line in sh.item_lines():
+            if len(first) == items:
+                break
+            first.append(line)
+    return {
+        "path": str(store.path), "rows": store.num_rows, "shards": len(store.shards),
+        "features": {"dim": store.feature_dim, "dtype": str(feats[0].dtype),
+                     "bytes": int(sum(f.nbytes for f in feats))},
+        "views": None if not views else {"count": store.num_views, "dim": store.view_dim, "dtype": str(views[0].dtype),
+                                         "bytes": int(sum(v.nbytes for v in views))},
+        "model": model_kind(store.meta), "model_name": store.meta.get("model_name"), "first_items": first,
+    }
+
+
 def write_store(path: str | Path, features: np.ndarray, items: Sequence[str], views: np.ndarray | None = None,
                 meta: dict | None = None, overwrite: bool = False) -> Path:
     """Write a plain (unsharded) store atomically. For tests, tools and small pools."""
