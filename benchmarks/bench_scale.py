@@ -16,7 +16,8 @@ the peak resident memory seen while it ran (a sampler thread reads /proc/self/st
    ``--tr-candidates`` by score with budget ``--tr-budget`` (with 1.5 x budget candidates every
    part is no larger than the budget and two-round would simply be exact greedy);
 7. the sharded k-center's time per step with 2 processes (gloo) vs 1 process;
-8. an end-to-end ``mak select --strategy proximity --dedup`` subprocess (every output written).
+8. end-to-end ``mak select`` subprocesses (every output written): ``--strategy proximity --dedup``,
+   and ``--strategy robust`` (the default strategy, on the features alone).
 
 Memory: ``anon`` is the process's anonymous resident memory (heap, tensors): the part that must
 stay within 1 GiB plus the candidates' features. ``rss`` also counts pages of the memory-mapped
@@ -176,6 +177,34 @@ def run_kcenter_procs(nproc: int, threads: int, cand: Path, seed: Path, steps: i
 # Main
 # --------------------------------------------------------------------------------------------
 
+def run_e2e(label: str, cmd: list[str], out: Path) -> dict:
+    """Run one `mak select` job as a subprocess; its wall time, peak anonymous and resident memory
+    (sampled from /proc every 50 ms) and the step timings of its summary.json."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_anon = peak_rss = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
+                    elif line.startswith("VmRSS:"):
+                        peak_rss = max(peak_rss, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    _, err_s = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{label} failed: {err_s[-2000:]}")
+    wall = time.perf_counter() - t
+    summ = json.loads((out / "summary.json").read_text())
+    print(f"  {label:<34s} {wall:9.2f} s   anon {peak_anon / GiB:5.2f} GiB   rss {peak_rss / GiB:5.2f} GiB   "
+          f"subprocess, all outputs written; steps {summ['timings_s']}")
+    return {"seconds": wall, "peak_anon_gib": peak_anon / GiB, "peak_rss_gib": peak_rss / GiB,
+            "timings_s": summ["timings_s"], "counts": summ["counts"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2_000_000, help="pool images (default 2,000,000)")
@@ -194,7 +223,8 @@ def main() -> None:
     ap.add_argument("--dist-steps", type=int, default=1500, help="k-center steps timed with 1 vs 2 processes")
     ap.add_argument("--dedup", type=float, default=0.95, help="dedup threshold (0 skips the step)")
     ap.add_argument("--skip-two-round", action="store_true")
-    ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end `mak select` subprocess")
+    ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end `mak select` subprocesses")
+    ap.add_argument("--skip-robust", action="store_true", help="skip the end-to-end `mak select --strategy robust`")
     ap.add_argument("--dir", default=None, help="where to write the temporary store (default: $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary store")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -262,12 +292,17 @@ def main() -> None:
         full = per_batch * total_batches
         record(f"ECLE ({run} batches of {total_batches:,})", s,
                f"extrapolated full ECLE: {full / 3600:.2f} h", ecle_full_hours=full / 3600)
-        # matmul floor: the Gram blocks of one batch, (R*B x d) @ (d x R*B), same count
+        # matmul floor: the Gram blocks ECLE forms for one batch, (a, c >= a) of the (R*B)^2 matrix
         z = torch.nn.functional.normalize(torch.randn(r * bs, d), dim=1)
-        torch.mm(z, z.T)
+
+        def gram_blocks() -> None:
+            for a in range(r):
+                z[a * bs : (a + 1) * bs] @ z[a * bs :].T
+
+        gram_blocks()
         t = time.perf_counter()
         for _ in range(run):
-            torch.mm(z, z.T)
+            gram_blocks()
         floor = (time.perf_counter() - t) / run
         zb = torch.nn.functional.normalize(torch.randn(r, bs, d), dim=2)
         t = time.perf_counter()
@@ -351,33 +386,17 @@ def main() -> None:
               + ", ".join(f"{k}: {v * 1e3:.2f} ms" for k, v in dist_rows.items()))
         results["steps"] = ROWS
         if not args.skip_e2e:
-            # the whole job in a subprocess: proximity with --dedup (no ECLE: hours), writing every output
-            cmd = [sys.executable, "-m", "mak", "select", "--seed-store", str(tmp / "seed"), "--pool-store",
-                   str(tmp / "pool"), "--budget", str(args.budget), "--strategy", "proximity", "--dedup",
-                   str(args.dedup if args.dedup > 0 else 0.95), "--out", str(tmp / "e2e"), "--no-progress"]
-            t = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            peak_anon = peak_rss = 0
-            while proc.poll() is None:
-                try:
-                    with open(f"/proc/{proc.pid}/status") as fh:
-                        for line in fh:
-                            if line.startswith("RssAnon:"):
-                                peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
-                            elif line.startswith("VmRSS:"):
-                                peak_rss = max(peak_rss, int(line.split()[1]) * 1024)
-                except OSError:
-                    pass
-                time.sleep(0.05)
-            out_s, err_s = proc.communicate()
-            if proc.returncode:
-                raise SystemExit(f"end-to-end run failed: {err_s[-2000:]}")
-            e2e = time.perf_counter() - t
-            summ = json.loads((tmp / "e2e" / "summary.json").read_text())
-            results["end_to_end"] = {"seconds": e2e, "peak_anon_gib": peak_anon / GiB, "peak_rss_gib": peak_rss / GiB,
-                                     "timings_s": summ["timings_s"], "dedup_dropped": summ["counts"].get("dedup_dropped")}
-            print(f"  {'mak select proximity --dedup':<34s} {e2e:9.2f} s   anon {peak_anon / GiB:5.2f} GiB   rss "
-                  f"{peak_rss / GiB:5.2f} GiB   subprocess, all outputs written; steps {summ['timings_s']}")
+            # whole jobs in a subprocess, every output written: proximity with --dedup (no ECLE: hours),
+            # and robust, the default strategy (features only)
+            common = [sys.executable, "-m", "mak", "select", "--seed-store", str(tmp / "seed"), "--pool-store",
+                      str(tmp / "pool"), "--budget", str(args.budget), "--no-progress"]
+            dedup = str(args.dedup if args.dedup > 0 else 0.95)
+            jobs = {"mak select proximity --dedup": ("end_to_end", ["--strategy", "proximity", "--dedup", dedup]),
+                    "mak select robust": ("end_to_end_robust", ["--strategy", "robust"])}
+            for label, (key, extra) in jobs.items():
+                if key == "end_to_end_robust" and args.skip_robust:
+                    continue
+                results[key] = run_e2e(label, [*common, *extra, "--out", str(tmp / key)], tmp / key)
         scaled = [x for x in ROWS if x.get("engine") != "mak.kcenter_greedy"]
         results["peak_anon_gib"] = max(x["peak_anon_gib"] for x in scaled)
         results["peak_rss_gib"] = max(x["peak_rss_gib"] for x in scaled)

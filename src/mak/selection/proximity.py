@@ -72,39 +72,45 @@ def inertia_of(x: Any, centroids: Any) -> float:
 def _plus_plus(x: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
     """Greedy k-means++ seeding from ``seed`` (as scikit-learn's): each next center is the best, by the
     potential it leaves, of ``2 + ln(clusters)`` candidates drawn with probability ~ squared distance.
-    (clusters, d) rows of ``x``."""
+    (clusters, d) rows of ``x``. Squared distances as ``|x|^2 - 2 x.c + |c|^2`` (one matmul for all
+    candidates), as scikit-learn and :func:`_assign` compute them."""
     n = x.shape[0]
     trials = 2 + int(math.log(clusters))
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
+    xn = (x * x).sum(1)
     first = int(torch.randint(n, (1,), generator=g))
     centers = [x[first]]
-    d2 = ((x - x[first]) ** 2).sum(1)
+    d2 = _sq_dist(x, xn, [first])[:, 0]
     for _ in range(1, clusters):
         total = float(d2.double().sum())
         if total <= 0:
             idx = int(torch.randint(n, (1,), generator=g))
-            d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+            d2 = torch.minimum(d2, _sq_dist(x, xn, [idx])[:, 0])
         else:
             probs = (d2.double() / total).cpu()
             cand = torch.multinomial(probs, trials, replacement=True, generator=g).tolist()
-            best = None
-            for idx in cand:  # the candidate that leaves the least potential (ties: the first drawn)
-                new_d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
-                pot = float(new_d2.double().sum())
-                if best is None or pot < best[0]:
-                    best = (pot, idx, new_d2)
-            _, idx, d2 = best
+            new_d2 = torch.minimum(d2[:, None], _sq_dist(x, xn, cand))  # (N, trials)
+            pots = new_d2.double().sum(0).tolist()
+            j = min(range(len(cand)), key=lambda t: (pots[t], t))  # least potential left (ties: the first drawn)
+            idx, d2 = cand[j], new_d2[:, j].contiguous()
         centers.append(x[idx])
     return torch.stack(centers).clone()
+
+
+def _sq_dist(x: torch.Tensor, xn: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """(N, len(rows)) squared Euclidean distances of every row of ``x`` to ``x[rows]`` (>= 0)."""
+    c = x[rows]
+    return (xn[:, None] - 2 * (x @ c.T) + (c * c).sum(1)).clamp_min(0)
 
 
 def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
     """Lloyd iterations from centroids ``c`` until the assignment is stable, the shift <= tol, or ``iters``."""
     clusters = c.shape[0]
+    xn = (x * x).sum(1, keepdim=True)
     prev = None
     for _ in range(iters):
-        assign, dist = _assign(x, c)
+        assign, dist = _assign(x, c, xn)
         sums = torch.zeros_like(c).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=clusters).to(x.dtype)
         empty = counts == 0
@@ -123,14 +129,16 @@ def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int, tol: float) -> torch.Te
     return c
 
 
-def _assign(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid (squared Euclidean) of each row, chunked; returns (index, distance)."""
+def _assign(x: torch.Tensor, c: torch.Tensor, xn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid (squared Euclidean) of each row, chunked; returns (index, distance). ``xn``: the
+    rows' squared norms (N, 1), when the caller keeps them across calls."""
     cn = (c * c).sum(1)
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for lo in range(0, x.shape[0], CHUNK):
         xb = x[lo : lo + CHUNK]
-        d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ c.T + cn
+        nb = (xb * xb).sum(1, keepdim=True) if xn is None else xn[lo : lo + CHUNK]
+        d = nb - 2 * xb @ c.T + cn
         val, arg = d.min(1)
         idx[lo : lo + CHUNK] = arg
         dist[lo : lo + CHUNK] = val.clamp_min(0)
