@@ -138,7 +138,8 @@ def _assign(x: torch.Tensor, c: torch.Tensor, xn: torch.Tensor | None = None) ->
     for lo in range(0, x.shape[0], CHUNK):
         xb = x[lo : lo + CHUNK]
         nb = (xb * xb).sum(1, keepdim=True) if xn is None else xn[lo : lo + CHUNK]
-        d = nb - 2 * xb @ c.T + cn
+        d = torch.mm(xb, c.T).mul_(2)  # |x|^2 - 2 x.c + |c|^2, in that order, in one buffer
+        torch.sub(nb, d, out=d).add_(cn)
         val, arg = d.min(1)
         idx[lo : lo + CHUNK] = arg
         dist[lo : lo + CHUNK] = val.clamp_min(0)
