@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mak.data.store import (ARRAY_SUFFIXES, EXTERNAL_META, FEATURES, ITEMS, META, VIEWS, _check_array_views,
-                            _count_lines, _open_npy, open_array_store, write_shards_index)
+                            _count_lines, _open_npy, item_file_lines, open_array_store,
+                            write_shards_index)
 from mak.errors import MakError
 
 PARQUET = ".parquet"
@@ -58,12 +59,18 @@ def _parquet():
     return pq
 
 
-def parquet_column(path: Path, column: str | None) -> tuple[str, int]:
-    """The item column of a parquet file (``column``, or its only column) and its row count, from
-    the file's metadata."""
+def _pq(path: Path):
+    """``pyarrow.parquet``, or a MakError naming ``path`` when pyarrow is not installed."""
     pq = _parquet()
     if pq is None:
         raise MakError(f"{path}: reading .parquet needs pyarrow (pip install 'mak[parquet]')")
+    return pq
+
+
+def parquet_column(path: Path, column: str | None) -> tuple[str, int]:
+    """The item column of a parquet file (``column``, or its only column) and its row count, from
+    the file's metadata."""
+    pq = _pq(path)
     try:
         meta = pq.read_metadata(path)
     except Exception as exc:
@@ -84,7 +91,7 @@ def parquet_items(path: Path, column: str | None) -> Iterator[str]:
     a value is a MakError naming the row."""
     column, _ = parquet_column(path, column)
     row = 0
-    for batch in _parquet().ParquetFile(path).iter_batches(columns=[column], batch_size=65_536):
+    for batch in _pq(path).ParquetFile(path).iter_batches(columns=[column], batch_size=65_536):
         for v in batch.column(0).to_pylist():
             if v is None or "\n" in str(v) or "\r" in str(v):
                 raise MakError(f"{path}: row {row} of column {column!r} is "
@@ -108,12 +115,8 @@ class _Items:
         return parquet_column(f, self.column)[1] if f.suffix == PARQUET else _count_lines(f)
 
     def lines(self, f: Path) -> Iterator[str]:
-        if f.suffix == PARQUET:
-            yield from parquet_items(f, self.column)
-            return
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                yield line[:-1] if line.endswith("\n") else line
+        """The item lines of ``f``, streamed."""
+        return parquet_items(f, self.column) if f.suffix == PARQUET else item_file_lines(f)
 
     def per_array(self, counts: list[int], arrays: list[Path]) -> list[Iterator[str]]:
         """One iterator of item lines per array, in order (consumed one after the other)."""
@@ -140,28 +143,31 @@ class ParquetFeatures:
     dataset hubs write them), read batch by batch: ``shape``, ``dtype`` and :meth:`save`."""
 
     def __init__(self, path: Path, column: str | None) -> None:
-        pq = _parquet()
-        if pq is None:
-            raise MakError(f"{path}: reading .parquet needs pyarrow (pip install 'mak[parquet]')")
-        try:
-            self.file = pq.ParquetFile(path)
-        except Exception as exc:
-            raise MakError(f"{path}: unreadable parquet file ({exc})") from None
+        if not path.is_file():
+            raise MakError(f"{path}: feature array not found")
         self.path = path
-        self.column = self._column(column)
-        first = next(self.file.iter_batches(columns=[self.column], batch_size=1), None)
+        pf = self._open()  # opened again to convert: no file handle kept per array of a large import
+        self.column = self._column(pf.schema_arrow, column)
+        first = next(pf.iter_batches(columns=[self.column], batch_size=1), None)
         if first is None or first.num_rows == 0:
             raise MakError(f"{path}: feature array is empty (0 rows)")
         if first.column(0).null_count:
             raise MakError(f"{path}: column {self.column!r} has a null row near row 0")
         dim = len(first.column(0)[0].values)
-        self.shape = (int(self.file.metadata.num_rows), dim)
+        self.shape = (int(pf.metadata.num_rows), dim)
         self.dtype = np.dtype(first.column(0).type.value_type.to_pandas_dtype())
 
-    def _column(self, column: str | None) -> str:
+    def _open(self):
+        try:
+            return _pq(self.path).ParquetFile(self.path)
+        except MakError:
+            raise
+        except Exception as exc:
+            raise MakError(f"{self.path}: unreadable parquet file ({exc})") from None
+
+    def _column(self, schema, column: str | None) -> str:
         import pyarrow as pa
 
-        schema = self.file.schema_arrow
         lists = [f.name for f in schema if (pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
                  or pa.types.is_fixed_size_list(f.type)) and pa.types.is_floating(f.type.value_type)]
         if column is None:
@@ -177,7 +183,7 @@ class ParquetFeatures:
     def batches(self) -> Iterator[np.ndarray]:
         """Row blocks as (rows, D) arrays; a null, a row of another length or NaN/Inf is a MakError."""
         row = 0
-        for batch in self.file.iter_batches(columns=[self.column], batch_size=65_536):
+        for batch in self._open().iter_batches(columns=[self.column], batch_size=65_536):
             col = batch.column(0)
             if col.null_count:
                 raise MakError(f"{self.path}: column {self.column!r} has a null row near row {row}")
@@ -204,12 +210,6 @@ class ParquetFeatures:
         del out
 
 
-def _parquet_features(path: Path, column: str | None) -> ParquetFeatures:
-    if not path.is_file():
-        raise MakError(f"{path}: feature array not found")
-    return ParquetFeatures(path, column)
-
-
 def _sources(files: list[Path], views: str | Path | None, link: bool,
              column: str | None) -> list[tuple[Any, np.ndarray | None]]:
     """(features, views) of every array, validated: 2-D, non-empty, one dimension, finite, the
@@ -228,7 +228,7 @@ def _sources(files: list[Path], views: str | Path | None, link: bool,
                 raise MakError(f"--views {views} goes with a .npy/.npz feature array, not {f}")
             if out and out[0][1] is not None:
                 raise MakError(f"{f}: has no views, unlike {files[0]}")
-            feats = _parquet_features(f, column)
+            feats = ParquetFeatures(f, column)
             if out and feats.shape[1] != out[0][0].shape[1]:
                 raise MakError(f"{f}: feature dimension {feats.shape[1]} differs from {files[0]}'s "
                                f"{out[0][0].shape[1]}")

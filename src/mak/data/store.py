@@ -20,6 +20,7 @@ with mmap (a pool larger than RAM is streamed, never loaded) and validates shape
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,14 @@ class _Shard:
         if self.items_path is None:
             yield from (str(self.start + i) for i in range(self.features.shape[0]))
             return
-        with open(self.items_path, encoding="utf-8") as fh:
-            for line in fh:
-                yield line[:-1] if line.endswith("\n") else line
+        yield from item_file_lines(self.items_path)
+
+
+def item_file_lines(path: Path) -> Iterator[str]:
+    """The lines of an items file (one item per line), streamed, without their line ends."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield line[:-1] if line.endswith("\n") else line
 
 
 @dataclass
@@ -397,12 +403,7 @@ def describe(store: FeatureStore, items: int = 3) -> dict:
     on disk, shards, the model that made it (:func:`model_kind`) and its first ``items`` items."""
     feats = [sh.features for sh in store.shards]
     views = [sh.views for sh in store.shards if sh.views is not None]
-    first: list[str] = []
-    for sh in store.shards:
-        for line in sh.item_lines():
-            if len(first) == items:
-                break
-            first.append(line)
+    first = list(itertools.islice(itertools.chain.from_iterable(sh.item_lines() for sh in store.shards), items))
     return {
         "path": str(store.path), "rows": store.num_rows, "shards": len(store.shards),
         "features": {"dim": store.feature_dim, "dtype": str(feats[0].dtype),
