@@ -319,7 +319,7 @@ def main() -> None:
         # the remaining steps need an ECLE for every image: the measured rows, the rest a proxy
         proxy = np.random.default_rng(1).normal(acc[acc > 0].mean() if (acc > 0).any() else 1.0, 0.1, n)
         e = np.where(acc > 0, acc / 45.0, proxy).astype(np.float32)
-        ctx._ecle = e
+        ctx.set_ecle(e)
 
         with Sampler() as s:
             score = mak_score(ctx, e, dist, 0.5)

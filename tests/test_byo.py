@@ -66,6 +66,7 @@ def test_an_npz_with_views_serves_mak(cli, arrays):
     ("npz", "name the feature array 'features'"),
     ("dir-items", "an items file goes with a plain array"),
     ("missing", "feature array not found"),
+    ("parquet items", "pool.parquet: items here are text, one line per row"),
 ])
 def test_bad_arrays_are_one_line(cli, arrays, capsys, case, message):
     pool, extra = "pool.npy", []
@@ -77,6 +78,9 @@ def test_bad_arrays_are_one_line(cli, arrays, capsys, case, message):
     elif case == "npz":
         np.savez(arrays / "pool.npz", a=np.ones((200, 8), np.float32), b=np.ones((200, 8), np.float32))
         pool = "pool.npz"
+    elif case == "parquet items":
+        (arrays / "pool.parquet").write_bytes(b"PAR1")
+        extra = ["--pool-items", arrays / "pool.parquet"]
     elif case == "dir-items":
         write_store(arrays / "dir", np.load(arrays / "pool.npy"), [str(i) for i in range(200)])
         pool, extra = "dir", ["--pool-items", arrays / "pool.txt"]
@@ -127,3 +131,12 @@ def test_robust_gate_follows_the_model_that_made_the_features(cli, arrays, capsy
         assert q == pytest.approx(1 - 5 / 60) and "note" not in summary
     else:
         assert q == quantile and str(quantile) in summary["note"] and "note:" in capsys.readouterr().err
+
+
+def test_items_are_split_at_line_feeds_only_as_they_are_counted(tmp_path):
+    from mak.data.store import count_lines, item_file_lines
+
+    f = tmp_path / "items.txt"
+    f.write_bytes("a\r\nb\rc\n\x0cd\u2028e\nlast".encode())  # CRLF ends a line; a lone CR, FF, U+2028 do not
+    lines = list(item_file_lines(f))
+    assert lines == ["a", "b\rc", "\x0cd\u2028e", "last"] and len(lines) == count_lines(f)

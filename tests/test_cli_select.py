@@ -270,11 +270,40 @@ def test_robust_scores_csv_says_why_an_image_was_rejected(cli, stores, tmp_path)
 
 
 @pytest.mark.parametrize("argv", [["bench", "build"], ["demo"], ["embed"], ["evaluate"], ["pretrain"], ["run"],
-                                  ["select"], ["store", "import"]])
+                                  ["select"], ["store", "import"], ["store", "info"]])
 def test_every_command_takes_quiet(argv, capsys):
     from mak.cli import commands, main
 
     assert argv[0] in commands()
     with pytest.raises(SystemExit):
         main([*argv, "--help"])
-    assert "--quiet" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--quiet, -q" in text and "print nothing but errors and warnings" in text
+    with_bars = argv[0] in ("demo", "embed", "pretrain", "run", "select") or argv == ["store", "import"]
+    assert ("--no-progress" in text) == with_bars
+
+
+def test_quiet_prints_nothing_and_no_progress_keeps_the_summary(cli, stores, tmp_path, capsys):
+    _, p = stores
+    capsys.readouterr()
+    assert cli("select", "--pool-store", p, "--budget", "5", "--strategy", "kcenter", "--out", tmp_path / "a", "-q") == 0
+    assert capsys.readouterr() == ("", "")
+    assert cli("select", "--pool-store", p, "--budget", "5", "--strategy", "kcenter", "--out", tmp_path / "b",
+               "--no-progress") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("selected 5 images with 'kcenter'") and err == ""
+
+
+@pytest.mark.parametrize("case", ["missing seed", "seed of another dimension", "seed items without a seed"])
+def test_a_seed_given_is_checked_even_when_the_strategy_does_not_read_it(cli, stores, tmp_path, capsys, case):
+    s, p = stores
+    np.save(tmp_path / "wide.npy", np.ones((5, 9), np.float32))
+    seed = {"missing seed": ["--seed-store", tmp_path / "nope.npy"],
+            "seed of another dimension": ["--seed-store", tmp_path / "wide.npy"],
+            "seed items without a seed": ["--seed-items", tmp_path / "items.txt"]}[case]
+    (tmp_path / "items.txt").write_text("a\n")
+    assert cli("select", *seed, "--pool-store", p, "--budget", "5", "--strategy", "random", "--out",
+               tmp_path / "o", "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("nope.npy" in err or "wide.npy" in err or "--seed-items" in err)
+    assert not (tmp_path / "o").exists()

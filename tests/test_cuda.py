@@ -32,6 +32,17 @@ def test_auto_device_follows_cuda_availability():
     assert auto_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.parametrize("name", ["tpu", "mps", "cuda:x", "meta", "cpu cuda"])
+def test_a_device_mak_does_not_run_on_is_named(name, tmp_path, cli, capsys):
+    with pytest.raises(MakError, match=f"--device {name}: expected auto, cpu, cuda or cuda:N"):
+        auto_device(name)
+    np.save(tmp_path / "seed.npy", np.eye(4, 8, dtype=np.float32))
+    assert cli("select", "--pool-store", tmp_path / "seed.npy", "--budget", "2", "--strategy", "kcenter",
+               "--device", name, "--out", tmp_path / "o", "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--device {name}" in err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_request_without_cuda_is_a_clear_error(tmp_path, cli, capsys):
     with pytest.raises(MakError, match="no CUDA device"):

@@ -128,6 +128,11 @@ def test_cli_dedup_writes_csv_and_never_selects_a_dropped_row(cli, tmp_path):
     for r in scores:
         i = int(r["index"])
         assert (r["ecle"] != "") == bool(keep[i]) and (r["score"] != "") == bool(keep[i])
+    # a re-run without --dedup replaces the outputs; dedup.csv goes, the user's own file stays
+    (out / "notes.txt").write_text("the user's")
+    assert cli("select", "--seed-store", seed, "--pool-store", pool, "--budget", "40", "--out", out,
+               "--strategy", "kcenter", "--overwrite", "--no-progress") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "scores.csv", "selection.txt", "summary.json"]
 
 
 def test_cli_dedup_errors(cli, tmp_path, capsys):

@@ -185,6 +185,29 @@ def test_killed_run_resumes_from_finished_chunks(setup, tmp_path):
     assert not (tmp_path / ".r.partial").exists()
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_run_killed_while_it_publishes_is_finished_without_embedding_again(setup, tmp_path, monkeypatch, merge):
+    from mak.train import embed as E
+
+    d, ckpt = setup
+    kw = dict(views=2, batch_size=10, num_workers=0, progress=False, dtype="float32", merge=merge)
+    publish = E._publish
+
+    def killed(final, out, overwrite):
+        raise KeyboardInterrupt  # after the arrays went to work/final, before the store is out
+
+    monkeypatch.setattr(E, "_publish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed(_FailingSource(_pool(d), None), ckpt, tmp_path / "r", **kw)
+    monkeypatch.setattr(E, "_publish", publish)
+    src = _FailingSource(_pool(d), None)
+    E.embed(src, ckpt, tmp_path / "r", **kw)
+    assert src.loads == 0  # every block was kept
+    fresh, got = open_store(_embed(d, ckpt, tmp_path / "f", **kw)), open_store(tmp_path / "r")
+    assert np.array_equal(got.features(), fresh.features()) and np.array_equal(got.views(), fresh.views())
+    assert got.items == fresh.items and not (tmp_path / ".r.partial").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_embed_equals_single_process(setup, tmp_path):
     d, ckpt = setup

@@ -177,3 +177,15 @@ def test_cli_evaluate_needs_splits(capsys, tmp_path):
     rc = main(["evaluate", "--checkpoint", str(tmp_path / "none.pt")])
     assert rc == 2
     assert "--bench" in capsys.readouterr().err
+
+
+def test_a_split_line_without_a_label_names_its_split_file(tmp_path):
+    from PIL import Image
+
+    from mak.bench.evaluate import _split_labels
+    from mak.data.sources import SplitSource
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "train.txt").write_text("a.png 1\na.png\n")
+    with pytest.raises(MakError, match=r"train\.txt: item 2 has no label \('a\.png'\)"):
+        _split_labels(SplitSource(tmp_path / "train.txt"))

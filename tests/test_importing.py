@@ -123,6 +123,12 @@ def _bad(shards, case):
         args["features"] = str(shards / "emb.csv")
     elif case == "column on text":
         args["items"], args["items_column"] = str(shards / "meta_*.txt"), "url"
+    elif case == "column without items":
+        args["items_column"] = "url"
+    elif case == "missing views":
+        args["features"], args["views"] = str(shards / "emb_0.npy"), shards / "nope.npy"
+    elif case == "not npy":
+        (shards / "emb_1.npy").write_text("this is text")
     return args
 
 
@@ -137,6 +143,9 @@ def _bad(shards, case):
     ("views", "goes with one feature array"),
     ("column on text", "--items-column url applies to .parquet items"),
     ("suffix", "emb.csv: not a feature array (.npy, .npz or .parquet)"),
+    ("column without items", "--items-column url goes with --items"),
+    ("missing views", "nope.npy: views file not found"),
+    ("not npy", "emb_1.npy: unreadable .npy file (no .npy header)"),
 ])
 def test_bad_imports_are_one_line_and_write_nothing(shards, cli, capsys, case, message):
     args = _bad(shards, case)
@@ -152,6 +161,16 @@ def test_bad_imports_are_one_line_and_write_nothing(shards, cli, capsys, case, m
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (shards / "st").exists()
+
+
+def test_an_existing_store_is_kept_unless_overwrite(shards, cli, capsys):
+    assert cli("store", "import", "--features", shards / "emb_0.npy", "--out", shards / "st", "-q") == 0
+    before = (shards / "st" / "features.npy").read_bytes()
+    assert cli("store", "import", "--features", shards / "emb_1.npy", "--out", shards / "st") == 2
+    assert "st: already exists (choose another --out, or pass --overwrite)" in capsys.readouterr().err
+    assert (shards / "st" / "features.npy").read_bytes() == before
+    assert cli("store", "import", "--features", shards / "emb_1.npy", "--out", shards / "st", "--overwrite") == 0
+    assert (shards / "st" / "features.npy").read_bytes() != before
 
 
 @pytest.mark.parametrize("case, message", [
@@ -279,3 +298,20 @@ def test_store_info(shards, cli, capsys):
     assert cli("store", "info", shards / "bad.npy", "--check") == 2
     err = capsys.readouterr().err.strip()
     assert "bad.npy" in err and len(err.splitlines()) == 1
+    assert cli("store", "info", shards / "st", "--check", "-q") == 0  # the exit code alone
+    assert cli("store", "info", shards / "bad.npy", "--check", "-q") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "bad.npy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_store_info_into_a_closed_pipe_is_quiet_and_errors_name_the_action(shards, tmp_path):
+    import subprocess
+    import sys
+
+    import_store(str(shards / "emb_*.npy"), shards / "st")
+    cmd = f"{sys.executable} -m mak store info {shards / 'st'} | head -c 0; exit ${{PIPESTATUS[0]}}"
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert res.returncode in (0, 141) and res.stderr == ""  # 0 when it wrote before the reader closed
+    res = subprocess.run([sys.executable, "-m", "mak", "store", "info", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("mak store info: error: ")

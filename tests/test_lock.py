@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,6 +39,31 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     with output_lock(out):
         assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock, no stale copies left
+
+
+@pytest.mark.parametrize("content", ["", '{"pid": 12'])
+def test_a_lock_file_a_killed_writer_left_half_written_is_taken_over(tmp_path, content):
+    out = tmp_path / "out"
+    lock_path(out).write_text(content)
+    with output_lock(out):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert not lock_path(out).exists()
+
+
+def test_writers_racing_for_a_stale_lock_never_overlap(tmp_path):
+    out = tmp_path / "out"
+    lock_path(out).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "x"}))
+    code = ("import sys, time; from mak.lock import output_lock; from mak.errors import MakError\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "try:\n    with output_lock(sys.argv[1]):\n        a = time.time(); time.sleep(0.3)\n"
+            "        print(a, time.time())\nexcept MakError:\n    print('busy')")
+    start = f"{time.time() + 2.0}"  # every writer starts at the same moment, after its imports
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), start], stdout=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    lines = [p.communicate(timeout=60)[0].strip() for p in procs]
+    spans = sorted(tuple(map(float, ln.split())) for ln in lines if ln != "busy")
+    assert spans and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), lines  # one writer at a time
+    assert not lock_path(out).exists()
 
 
 def test_a_lock_of_another_host_is_reported_not_taken(tmp_path):

@@ -327,9 +327,10 @@ def test_cli_bench_build(fake_data, tmp_path, capsys, fonts):
     rc = main(["bench", "build", "--out", str(tmp_path / "r"), "--scale", str(SCALE), "--data-dir", str(fake_data),
                "--ood-ratio", "2"])
     assert rc == 0 and openworld.load_manifest(tmp_path / "r")["profiles"]["pool"]["ood_ratio"] == 2.0
-    rc = main(["bench", "build", "--out", str(tmp_path / "r2"), "--scale", str(SCALE), "--data-dir", str(fake_data),
-               "--ood-ratio", "-1"])
-    assert rc == 2 and "ood-ratio must be a number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["bench", "build", "--out", str(tmp_path / "r2"), "--scale", str(SCALE), "--data-dir", str(fake_data),
+              "--ood-ratio", "-1"])
+    assert "argument --ood-ratio: '-1' must be a number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
     rc = main(["bench", "build", "--out", str(tmp_path / "dj"), "--scale", str(SCALE), "--data-dir", str(fake_data),
                "--pool-classes", "disjoint", "--near-classes", "3", "-q"])

@@ -32,6 +32,15 @@ TINY = ["data.benchmark.build=true", "data.benchmark.scale=0.02", "pretrain.epoc
         "select.ecle_batch_size=64", "evaluate.draws=2", "run.name=tiny"]
 
 
+@pytest.mark.parametrize("value, ok", [("0", True), ("2", True), ("1", False), ("-1", False)])
+def test_embed_views_are_none_or_pairs_when_the_config_loads(value, ok):
+    if ok:
+        assert load_config(None, TINY + [f"embed.views={value}"])["embed"]["views"] == int(value)
+    else:
+        with pytest.raises(MakError, match=rf"^config: embed\.views={value} must be"):
+            load_config(None, TINY + [f"embed.views={value}"])
+
+
 def test_unknown_keys_are_named(tmp_path):
     with pytest.raises(MakError, match="select.budgett"):
         load_config(None, ["select.budgett=3"])
@@ -69,7 +78,7 @@ def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
     other = key("select.options={gate_quantile: 0.5}")
     assert base["robust"] == same["robust"] != other["robust"]
     assert base["mak"] == other["mak"]  # a strategy's key holds only its own options
-    with pytest.raises(MakError, match="gate_quantile=2 must be"):
+    with pytest.raises(MakError, match=r"^config: select\.options\.gate_quantile=2 must be"):
         key("select.options={gate_quantile: 2}")  # validated when the plan is made, before any work
     with pytest.raises(MakError, match="select.options.gate_quantil is not an option of robust, mak"):
         key("select.options={gate_quantil: 0.5}")
@@ -93,7 +102,7 @@ def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_pat
     monkeypatch.delitem(STRATEGY_VERSIONS, "robust")
     without = keys()
     monkeypatch.setitem(STRATEGY_VERSIONS, "robust", 1)
-    assert keys() == without  # version 1 is not in the key: caches made before versions existed stay valid
+    assert keys() == without  # version 1 adds nothing to the key
     monkeypatch.setitem(STRATEGY_VERSIONS, "robust", current)
     monkeypatch.setitem(pipeline.STAGE_VERSIONS, "embed-pool", 2)  # the seed-only model's pool store
     changed = {n for n, k in keys().items() if k != base[n]}
@@ -161,12 +170,19 @@ def test_dry_run_every_config(cli, config, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_run_names_a_bad_strategy_option_by_its_config_key(cli, tmp_path, capsys):
+    config = REPO / "configs" / "openworld.yaml"
+    assert cli("run", config, "--dry-run", "--set", "select.options.gate_quantile=2", "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mak run: error: config: select.options.gate_quantile=2 must be") and "--" not in err
+
+
 def ran(plan) -> set[str]:
     return {s.name for s in plan.stages if s.ran}
 
 
 @needs_fmnist
-def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys):
+def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys, monkeypatch):
     from mak.run.pipeline import run_pipeline
 
     run_dir = tmp_path / "run"
@@ -201,6 +217,24 @@ def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys):
     capsys.readouterr()
     run_pipeline(load_config(None, TINY + ["select.budget=20"]), run_dir, dry_run=True)
     assert "0 to run" in capsys.readouterr().out
+    from mak.cli import main
+
+    sets = [a for o in TINY + ["select.budget=20"] for a in ("--set", o)]
+    assert main(["run", "--out", str(run_dir), *sets, "-q"]) == 0
+    assert capsys.readouterr() == ("", "")  # cached, and quiet: nothing
+    assert main(["run", "--out", str(run_dir), *sets, "-q", "--dry-run"]) == 0
+    assert "0 to run" in capsys.readouterr().out  # the plan is what --dry-run asks for
+
+    # a run stopped while stages change leaves no report describing the stages before it
+    from mak.run import pipeline
+
+    def stopped(stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_select", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(load_config(None, TINY + ["select.budget=15"]), run_dir)
+    assert not (run_dir / "report.html").exists() and not (run_dir / "results.json").exists()
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -324,7 +358,8 @@ def test_demo_smallest_scale(cli, tmp_path, capsys):
     mixed = json.loads((out / "r0" / "pretrain-mix" / "train_set.json").read_text())
     n_seed = len((out / "r0" / "bench" / "seed.txt").read_text().splitlines())
     n_pool = len((out / "r0" / "bench" / "pool.txt").read_text().splitlines())
-    assert mixed == {"seed": n_seed, "pool_rows": min(n_pool, 8 * n_seed), "images": n_seed + min(n_pool, 8 * n_seed)}
+    assert mixed == {"seed": n_seed, "pool_rows": min(n_pool, 8 * n_seed), "images": n_seed + min(n_pool, 8 * n_seed),
+                     "pool_skipped": 0, "skipped_items": []}
     assert not (out / "r0" / "embed-pool-mix" / "views.npy").exists()  # robust's default needs no views
 
 
@@ -375,21 +410,6 @@ def test_one_set_of_training_defaults():
     emb = build_parser("embed").parse_args(["embed", "--split", "s.txt", "--checkpoint", "c", "--out", "o"])
     assert emb.batch_size == cfg["embed"]["batch_size"] == cfg["evaluate"]["batch_size"] == \
         inspect.signature(embed).parameters["batch_size"].default
-
-
-def test_paired_gains_are_class_by_class_and_their_interval_is_a_t_interval():
-    from mak.run.pipeline import interval95, paired_gains
-
-    strategy = {"0": 0.9, "1": 0.6, "2": 0.5, "3": 0.2}
-    seed_alone = {"0": 0.8, "1": 0.6, "2": 0.3, "3": 0.1}
-    groups = {"many": [0], "medium": [1, 2], "few": [3]}
-    g = paired_gains(strategy, seed_alone, groups)
-    assert g == pytest.approx({"all": (0.1 + 0.0 + 0.2 + 0.1) / 4, "many": 0.1, "medium": 0.1, "few": 0.1})
-    values = [0.01, 0.03, 0.02]
-    iv = interval95(values)
-    assert iv["mean"] == pytest.approx(0.02) and iv["values"] == values
-    assert iv["ci95"] == pytest.approx(4.303 * np.std(values, ddof=1) / np.sqrt(3))
-    assert interval95([0.5])["ci95"] is None
 
 
 def test_benchmark_classes_are_keyed_only_when_they_change_the_pool(tmp_path):

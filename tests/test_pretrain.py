@@ -233,11 +233,21 @@ def test_cli_pretrain_mixes_a_pool_sample_into_the_seed(seed_array, tmp_path, cl
     capsys.readouterr()
     assert cli("pretrain", "--array", seed_array, "--mix-count", "5", "--out", tmp_path / "y", "--no-progress") == 2
     assert "--mix-split or --mix-folder" in capsys.readouterr().err
-    assert cli("pretrain", "--array", seed_array, "--mix-folder", pool, "--mix-count", "lots", "--out",
-               tmp_path / "z", "--no-progress") == 2
+    with pytest.raises(SystemExit, match="2"):
+        cli("pretrain", "--array", seed_array, "--mix-folder", pool, "--mix-count", "lots", "--out",
+            tmp_path / "z", "--no-progress")
     err = capsys.readouterr().err
-    assert "--mix-count" in err and len(err.strip().splitlines()) == 1
+    assert "--mix-count: 'lots' must be an integer >= 0 or 'auto'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    # a pool image that cannot be decoded is left out of the sample and counted, not an error
+    (pool / "03.png").write_bytes(b"garbage")
+    (pool / "07.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    assert cli("pretrain", "--array", seed_array, "--mix-folder", pool, "--epochs", "1", "--batch-size", "64",
+               "--out", tmp_path / "bad", "--workers", "0", "--no-progress") == 0
+    cfg = read_checkpoint(tmp_path / "bad" / "checkpoint.pt")["config"]
+    assert cfg["num_images"] == n_seed + 10 and cfg["source"]["pool_skipped"] == 2
+    err = capsys.readouterr().err
+    assert "left out 2 unreadable pool images (first: " in err and "03.png" in err
 
 
 # bf16 keeps 8 significant bits: a rounding moves a value by up to one step, 2**-8 of itself. Two
@@ -319,6 +329,7 @@ def test_pretrain_starts_from_pretrained_backbone_weights(seed_array, tmp_path):
     torch.save({first: torch.zeros(1, 1, 1, 1)}, tmp_path / "shape.pt")
     with pytest.raises(MakError, match="has shape"):
         pretrain(src, tmp_path / "shape", weights=tmp_path / "shape.pt", **kw)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(MakError, match="unreadable weights"):
-        pretrain(src, tmp_path / "junk", weights=tmp_path / "junk.pt", **kw)
+    for name, content in (("junk.pt", b"not a checkpoint"), ("empty.pt", b"")):  # torch's EOFError('') too
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(MakError, match=f"{name}: unreadable weights"):
+            pretrain(src, tmp_path / "junk", weights=tmp_path / name, **kw)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mak.run.report import _find_gate, _read_scores, write_report
+from mak.run.report import find_gate, read_scores, write_report
 
 N_POOL = 240
 BUDGET = 40
@@ -211,16 +211,16 @@ def test_gate_is_read_from_its_named_fields_and_streaming_reader(fake_run: dict)
             "histogram": {"edges": [0, 0.5, 1], "seed_heldout": [3, 1], "pool": [5, 9]}}
     share = {"threshold": 0.1, "histogram": {"edges": [0, 0.2, 0.4, 1], "seed_heldout": [1, 1, 1], "pool": [1, 2, 3]}}
     # the seed-share term's histogram sits beside the gate's and comes first: the gate's own is read
-    g = _find_gate({"info": {"seed_share": share, "gate": gate}})
+    g = find_gate({"info": {"seed_share": share, "gate": gate}})
     assert g is not None and list(g.edges) == [0, 0.5, 1] and list(g.pool_counts) == [5, 9]
     assert (g.threshold, g.quantile, g.rejected, g.term) == (0.5, 0.99, 4, "centroid")
-    assert _find_gate({"info": {"gate": {**gate, "score": "share+ratio"}}}).term == "share"
+    assert find_gate({"info": {"gate": {**gate, "score": "share+ratio"}}}).term == "share"
     # no gate, or a gate without a threshold: nothing; a malformed histogram: the threshold alone
-    assert _find_gate({"info": {"robust": {"alpha": 0.5}, "seed_share": share}}) is None
-    assert _find_gate({"counts": {"gate_threshold": 0.3}}) is None
-    g = _find_gate({"info": {"gate": {**gate, "histogram": {"edges": [0, 1], "seed_heldout": [1, 2]}}}})
+    assert find_gate({"info": {"robust": {"alpha": 0.5}, "seed_share": share}}) is None
+    assert find_gate({"counts": {"gate_threshold": 0.3}}) is None
+    g = find_gate({"info": {"gate": {**gate, "histogram": {"edges": [0, 1], "seed_heldout": [1, 2]}}}})
     assert g.threshold == 0.5 and g.edges is None
-    sc = _read_scores(fake_run["strategies"]["robust"]["scores_csv"], keep_rank=5)
+    sc = read_scores(fake_run["strategies"]["robust"]["scores_csv"], keep_rank=5)
     assert sc.n == N_POOL and int(sc.selected.sum()) == BUDGET
     assert sorted(sc.rank[sc.rank >= 0].tolist()) == list(range(BUDGET))
     assert sc.items[3].startswith("images/pool/<script>") and len(sc.items) == 5
@@ -309,18 +309,17 @@ def test_headline_cards_name_a_winner_only_beyond_the_spread(fake_run, runs, win
 
 
 def test_epoch_axes_have_whole_ticks():
-    from mak.run.report.charts import _svg_lines
+    from mak.run.report.charts import svg_lines
 
-    svg = _svg_lines([("run", "#000", "", np.array([1.0, 2.0, 3.0]), np.array([5.0, 4.0, 3.5]))],
-                     "epoch", "loss", "t")
+    svg = svg_lines([("run", "#000", "", np.array([1.0, 2.0, 3.0]), np.array([5.0, 4.0, 3.5]))],
+                    "epoch", "loss", "t")
     assert ">1.5<" not in svg and ">2.5<" not in svg and ">2<" in svg and ">3<" in svg
 
 
 def test_per_class_table_with_the_benchmarks_class_names(fake_run):
     results = [dict(r) for r in fake_run["results"]]
     results[0]["per_class_acc"] = {"0": 0.9, "1": 0.5, "4": 0.1}
-    results[1]["per_class_acc"] = {"0": {"mean": 0.8, "std": 0.01}, "1": {"mean": 0.7, "std": 0.02},
-                                   "4": {"mean": 0.3, "std": 0.05}}
+    results[1]["per_class_acc"] = {"0": 0.8, "1": 0.7, "4": 0.3}  # one run: a value per class
     names = {"0": "T-shirt/top", "1": "Trouser", "4": "Coat"}
     text = _write(fake_run, results=results, class_names=names)
     table = text[text.index("Few-shot accuracy per class"):]
@@ -330,6 +329,83 @@ def test_per_class_table_with_the_benchmarks_class_names(fake_run):
     assert "seed 50" in table and "seed 2" in table
     assert table.count('class="best"') == 3  # one best per column
     assert "Trouser" in text[text.index("Per-class counts"):]  # the class bars are named too
+
+
+def _per_class_section(text: str) -> str:
+    table = text[text.index("Few-shot accuracy per class"):]
+    return table[:table.index("</table>")]
+
+
+def _x_ticks(svg: str) -> list[str]:
+    return re.findall(r'text-anchor="middle" class="tick">([^<]*)<', svg)
+
+
+def test_per_class_table_over_repeats_shows_repeat_0_under_its_seed_counts(fake_run):
+    from mak.run.pipeline import _per_class_acc
+
+    # repeat 0's seed (the fixture's) has class 0 largest; repeat 1's seed another order: a class's
+    # mean over repeats would mix a head class of one repeat with a tail class of the other
+    per_rep = {"none": [{"0": 0.90, "1": 0.60, "4": 0.10}, {"0": 0.20, "1": 0.70, "4": 0.95}],
+               "robust": [{"0": 0.85, "1": 0.65, "4": 0.35}, {"0": 0.30, "1": 0.75}]}  # class 4 absent once
+    results = [{"strategy": n, **_entry(n, 0.5, 0.01),
+                "per_class_acc": _per_class_acc([{"per_class": pc} for pc in reps])} for n, reps in per_rep.items()]
+    table = _per_class_section(_write(fake_run, results=results))
+    assert "repeat 0 of 2 only" in table and "seed 50" in table and "seed 2" in table
+    for name, reps in per_rep.items():
+        row = _row(table, "none (seed alone)" if name == "none" else name)
+        cells = re.findall(r"<td(?: class=\"best\")?>(.*?)</td>", row)
+        shown = [(c, reps[0][c]) for c in ("0", "1", "4")]  # columns by repeat 0's seed count: 50, 20, 2
+        for cell, (c, v) in zip(cells, shown):
+            complete = all(c in r for r in reps)
+            assert cell == (f"{100 * v:.1f}" if complete else '<span class="na">&ndash;</span>'), (name, c)
+
+
+def test_per_class_means_without_per_repeat_values_carry_no_seed_counts(fake_run):
+    results = [dict(r) for r in fake_run["results"]]
+    results[1]["per_class_acc"] = {"4": {"mean": 0.3, "std": 0.05}, "0": {"mean": 0.8, "std": 0.01}}
+    table = _per_class_section(_write(fake_run, results=results))
+    assert "seed 50" not in table and "seed images" not in table
+    assert "columns by class id" in table and table.index(">0<") < table.index(">4<")
+
+
+def test_first_picks_show_the_item_without_the_label_beside_its_label_column(fake_run):
+    text = _write(fake_run)
+    items = fake_run["items"]
+    picks = text[text.index('<table class="picks">'):]
+    picks = picks[:picks.index("</table>")]
+    shown = re.findall(r'<td class="item" title="[^"]*">([^<]*)</td><td>([^<]*)</td>', picks)
+    assert len(shown) == 12
+    by_path = {html.escape(it.rsplit(None, 1)[0]): it.rsplit(None, 1)[1] for it in items}
+    for path, label in shown:
+        assert path in by_path and label == ("OOD" if by_path[path] == "-1" else by_path[path])
+    for it in items:  # the grids' tooltips give the label in words, the item without it
+        assert html.escape(it) not in text
+
+
+def test_out_of_domain_legend_only_where_a_frame_can_mark_one(fake_run):
+    assert "red frame = out-of-domain" in _write(fake_run)  # labelled pool with -1 items
+    unlabeled = [it.rsplit(None, 1)[0] for it in fake_run["items"]]
+    strategies = {}
+    for k, name in enumerate(("robust", "random")):
+        p = fake_run["tmp"] / "unlabeled" / name / "scores.csv"
+        p.parent.mkdir(parents=True)
+        _write_scores(p, unlabeled, seed=k)
+        strategies[name] = {"scores_csv": p, "summary": {}}
+    text = _write(fake_run, results=[], strategies=strategies, pool_items=unlabeled)
+    assert "First picked" in text and "Random pool images" in text
+    assert "out-of-domain" not in text and 'class="ood"' not in text
+    in_domain = [f"{it} {i % 5}" for i, it in enumerate(unlabeled)]  # labels, none out-of-domain
+    assert "red frame" not in _write(fake_run, results=[], strategies=strategies, pool_items=in_domain)
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 7, 20, 100])
+def test_epoch_ticks_stay_within_the_data(epochs):
+    from mak.run.report.charts import svg_lines
+
+    xs = np.arange(1, epochs + 1, dtype=float)
+    ticks = _x_ticks(svg_lines([("run", "#000", "", xs, 5.0 - 0.01 * xs)], "epoch", "loss", "t"))
+    assert ticks and all(t.isdigit() and 1 <= int(t) <= epochs for t in ticks), ticks
+    assert len(ticks) == len(set(ticks))
 
 
 def test_paired_gain_columns(fake_run):

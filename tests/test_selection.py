@@ -107,3 +107,41 @@ def test_precomputed_ecle_gives_the_same_selection(data):
     assert reused.indices.tolist() == fresh.indices.tolist()
     with pytest.raises(mak.MakError, match="precomputed ECLE"):
         mak.select(seed, pool, views, 30, strategy="mak", ecle_scores=e[:-1], **kw)
+
+
+@pytest.mark.parametrize("where", ["pool", "seed", "views"])
+@pytest.mark.parametrize("kind", ["numpy", "memmap", "torch"])
+def test_nan_or_inf_in_the_api_inputs_is_named_with_its_row(data, tmp_path, where, kind):
+    import torch
+
+    seed, pool, views = (np.array(a, dtype=np.float32) for a in data)
+    arr = {"pool": pool, "seed": seed, "views": views}[where]
+    if where == "views":
+        arr[1, 7, 0] = np.inf
+    else:
+        arr[7, 2] = np.nan
+    if kind == "memmap":
+        np.save(tmp_path / "x.npy", arr)
+        arr = np.load(tmp_path / "x.npy", mmap_mode="r")
+    elif kind == "torch":
+        arr = torch.from_numpy(arr)
+    args = {"pool": (seed, arr, views), "seed": (arr, pool, views), "views": (seed, pool, arr)}[where]
+    name = {"pool": "pool features", "seed": "seed features", "views": "pool views"}[where]
+    for strategy in ("mak", "random"):
+        if strategy == "random" and where == "views":
+            continue
+        with pytest.raises(mak.MakError, match=rf"^{name} contain NaN or Inf \(row 7\)$"):
+            mak.select(*args, budget=5, strategy=strategy)
+
+
+def test_check_finite_reads_in_chunks_and_names_the_first_bad_row():
+    from mak.selection.strategies import check_finite
+
+    x = np.ones((3, 10, 2), np.float32)
+    x[1, 6, 1] = np.nan
+    x[2, 8, 0] = np.inf
+    check_finite(x[:, :6], "v", axis=1, chunk=4)
+    with pytest.raises(mak.MakError, match=r"row 6\)"):
+        check_finite(x, "v", axis=1, chunk=4)
+    with pytest.raises(mak.MakError, match=r"row 1\)"):
+        check_finite(x, "v", axis=0, chunk=2)

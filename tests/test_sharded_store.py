@@ -10,6 +10,7 @@ import pytest
 from mak.data.pool_array import PoolArray, store_arrays
 from mak.run.select_job import iter_items
 from mak.data.store import open_store, write_shards_index, write_store
+from mak.errors import MakError
 
 STRATEGIES = ["mak", "random", "kcenter", "tailness", "proximity", "tailness+proximity"]
 try:
@@ -155,3 +156,12 @@ def test_subprocess_exit_code_for_a_bad_shard(stores, tmp_path):
                          timeout=120)
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "shard-00009" in res.stderr
+
+
+@pytest.mark.parametrize("index", ['{"shards": []}', '{"shards": "shard-00000"}', '["shard-00000"]', '{"shard', ''])
+def test_a_malformed_shard_index_is_named(stores, tmp_path, index):
+    bad = tmp_path / "bad"
+    shutil.copytree(stores[0] / "sharded", bad)
+    (bad / "shards.json").write_text(index)
+    with pytest.raises(MakError, match=r"shards\.json: malformed"):
+        open_store(bad)

@@ -18,15 +18,23 @@ def is_auto(device: Any) -> bool:
 
 
 def auto_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` (or ``None``) -> the first CUDA device when one is available, else CPU; any
-    other name as ``torch.device``. A CUDA request without CUDA is a :class:`MakError`."""
+    """``"auto"`` (or ``None``) -> the first CUDA device when one is available, else CPU; ``cpu``,
+    ``cuda`` or ``cuda:N`` as ``torch.device``. Any other name, or a CUDA device this machine does
+    not have, is a :class:`MakError` naming ``--device``."""
+    from mak.errors import MakError
+
     if device is None or is_auto(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise MakError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from mak.errors import MakError
-
         raise MakError("--device cuda requested but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MakError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -53,12 +61,6 @@ def to_tensor(x: Any, device: torch.device, dtype: torch.dtype = torch.float32) 
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr).to(device=device, dtype=dtype)
     return torch.from_numpy(arr).to(device=device, dtype=dtype)
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    if is_tensor(x):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -58,7 +58,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write a text file."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -127,10 +127,12 @@ def remove_debris(path: str | os.PathLike) -> int:
     return n
 
 
-def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = False) -> None:
+def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = False,
+                owned: tuple[str, ...] = ()) -> None:
     """Put directory ``tmp`` at ``path`` as a whole: a reader sees the old ``path``, then none, then
     the new one, never a mix of the two. With ``carry``, entries of the old ``path`` that ``tmp``
-    lacks are carried into the new one (hard links where the file system allows, else copies).
+    lacks are carried into the new one (hard links where the file system allows, else copies),
+    except the ``owned`` names: the writer's own outputs, which ``tmp`` holds or which are gone.
     If the swap fails, the old ``path`` is put back. One file system; ``tmp`` is consumed.
     """
     tmp, path = Path(tmp), Path(path)
@@ -139,7 +141,7 @@ def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = F
         return
     if carry:
         for entry in path.iterdir():
-            if not os.path.lexists(tmp / entry.name):
+            if entry.name not in owned and not os.path.lexists(tmp / entry.name):
                 _link_copy(entry, tmp / entry.name)
     old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
     os.replace(path, old)

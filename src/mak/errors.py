@@ -14,3 +14,10 @@ class MakError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (at most ``limit`` characters), or its
+    type's name when the message is empty, for quoting a library's error in a :class:`MakError`."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

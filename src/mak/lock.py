@@ -1,19 +1,20 @@
 """One writer per output: a lock file beside it, naming its holder.
 
-``with output_lock(out):`` creates ``.<name>.lock`` beside ``out`` with ``O_CREAT | O_EXCL`` (atomic
-on local file systems and on NFSv3 and later, which multi-node users share run directories on),
-holding the writer's pid, host and start time. A second writer stops at once with a one-line
-:class:`~mak.errors.MakError` naming the holder. A lock left by a dead process of this host is
-stale: it is renamed away (one taker wins the rename) and taken over. A lock of another host can
-not be checked from here and is reported as held; remove the file once that writer is gone.
-Under torchrun only rank 0 takes the lock.
+``with output_lock(out):`` opens ``.<name>.lock`` beside ``out`` and holds an exclusive
+``flock`` on it, which the kernel releases when the holder exits, however it exits; the file holds
+the writer's pid, host and start time. A second writer stops at once with a one-line
+:class:`~mak.errors.MakError` naming the holder. A lock file nobody holds is taken over when it
+names a process of this host (it is dead: a live one would hold the lock) or nothing readable (a
+writer killed while it wrote the file). One that names another host is reported as held: a shared
+file system may not carry locks between hosts, so remove the file once that writer is gone. On a
+file system without ``flock`` the holder's pid alone decides. Under torchrun only rank 0 takes it.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
-import secrets
 import socket
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def _alive(pid: int) -> bool:
 
 def _holder(path: Path) -> dict | None:
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
         return info if isinstance(info, dict) else {}
     except FileNotFoundError:
         return None
@@ -47,19 +48,52 @@ def _holder(path: Path) -> dict | None:
         return {}
 
 
-def _try_create(path: Path, info: dict) -> bool:
+def _held_by(info: dict, flocked: bool) -> bool:
+    """Whether the writer that ``info`` names may still be writing (we hold the flock when ``flocked``)."""
+    if info.get("host") != socket.gethostname():
+        return bool(info)  # another host's writer cannot be checked from here; nothing readable: a killed write
+    pid = info.get("pid")
+    return isinstance(pid, int) and not flocked and _alive(pid)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (a releasing holder unlinks it)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
+        st, cur = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
         return False
-    with os.fdopen(fd, "w") as fh:
-        json.dump(info, fh)
-    return True
+    return (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino)
 
 
-def _stale(info: dict) -> bool:
-    return info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
-        and not _alive(info["pid"])
+def _acquire(out: str | os.PathLike, path: Path, me: dict) -> int:
+    """An open descriptor of the lock file, locked and naming ``me``; a MakError naming the holder."""
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = True
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(out, path, _holder(path) or {}) from None
+        except OSError:  # no flock on this file system
+            flocked = False
+        if not _same_file(fd, path):  # unlinked by its holder while we opened it: open the new one
+            os.close(fd)
+            continue
+        info = _holder(path) or {}
+        if _held_by(info, flocked):
+            os.close(fd)
+            raise _busy(out, path, info)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        return fd
+    raise MakError(f"{out}: could not take {path}")
+
+
+def _busy(out: str | os.PathLike, path: Path, info: dict) -> MakError:
+    who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('started', '?')}"
+    return MakError(f"{out}: another mak process is writing it ({who}); wait for it, or remove {path} "
+                    "if that process is gone")
 
 
 @contextlib.contextmanager
@@ -70,30 +104,15 @@ def output_lock(out: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
         return
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for _ in range(3):
-        if _try_create(path, me):
-            break
-        info = _holder(path)
-        if info is None:  # released between the two calls
-            continue
-        if not _stale(info):
-            who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}, since {info.get('started', '?')}"
-            raise MakError(f"{out}: another mak process is writing it ({who}); wait for it, or remove "
-                           f"{path} if that process is gone")
-        with contextlib.suppress(FileNotFoundError):  # stale: one taker wins this rename
-            os.replace(path, path.with_name(f"{path.name}.{secrets.token_hex(4)}.stale"))
-            for old in path.parent.glob(f"{path.name}.*.stale"):
-                old.unlink(missing_ok=True)
-    else:
-        raise MakError(f"{out}: could not take {path}")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    fd = _acquire(out, path, me)
     try:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            if _holder(path) == me:
-                path.unlink()
+            if _same_file(fd, path):
+                path.unlink()  # while still locked: a writer waiting on this file sees it gone and retries
+        os.close(fd)
 
 
 @contextlib.contextmanager

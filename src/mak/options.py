@@ -50,15 +50,20 @@ class Option:
 
     def argparse_type(self) -> Callable[[str], Any]:
         """An argparse ``type``: the parsed value, or argparse's one-line error without the name."""
-        import argparse
+        return argparse_type(self.parse, self.name)
 
-        def parse(text: str) -> Any:
-            try:
-                return self.parse(self.name, text)
-            except ParameterError as exc:
-                raise argparse.ArgumentTypeError(str(exc).split("=", 1)[1]) from None
-        parse.__name__ = self.name
-        return parse
+
+def argparse_type(parse: Parser, name: str) -> Callable[[str], Any]:
+    """``parse`` as an argparse ``type``: the parsed value, or argparse's one-line error without the name."""
+    import argparse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(name, text)
+        except ParameterError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split("=", 1)[1]) from None
+    convert.__name__ = name
+    return convert
 
 
 def _fail(name: str, value: Any, what: str) -> ParameterError:
@@ -164,8 +169,8 @@ def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) ->
     by_name = {o.name: o for o in declared}
     for key in given:
         if key not in by_name:
-            valid = ", ".join(sorted(by_name)) or "none"
-            raise ParameterError(key, f"unknown option '{key}' for {owner} (valid: {valid})")
+            valid = f"valid: {', '.join(sorted(by_name))}" if by_name else "it takes none"
+            raise ParameterError(key, f"unknown option '{key}' for {owner} ({valid})")
     out = {}
     for o in declared:
         value = given.get(o.name)
@@ -173,5 +178,5 @@ def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) ->
     return out
 
 
-__all__ = ["Option", "ParameterError", "choice", "defaults", "integer", "number", "or_auto", "or_none", "resolve",
+__all__ = ["Option", "ParameterError", "argparse_type", "choice", "defaults", "integer", "number", "or_auto", "or_none", "resolve",
            "switch", "text"]

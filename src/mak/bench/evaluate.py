@@ -40,6 +40,7 @@ import torch
 
 from mak._neighbours import cosine_topk
 from mak.errors import MakError
+from mak.paths import output_file
 
 GROUPS: tuple[str, ...] = ("many", "medium", "few")
 DEFAULT_L2 = 1e-3
@@ -596,7 +597,10 @@ def _split_labels(source: Any) -> np.ndarray:
     from mak.bench.analysis import labels_from_items
 
     items = source.items() if hasattr(source, "items") else [source.item(i) for i in range(len(source))]
-    return labels_from_items(items)
+    try:
+        return labels_from_items(items)
+    except MakError as exc:  # name the split the line is in
+        raise MakError(f"{getattr(source, 'split_file', None) or source.name}: {exc}") from None
 
 
 def _resolve_splits(
@@ -742,6 +746,8 @@ def evaluate_checkpoint(
     Writes the results as JSON to ``out`` (atomically) when given, prints the table when
     ``verbose``, and returns the results.
     """
+    if out is not None:
+        output_file(out)  # before the features are computed
     manifest, train_split, fewshot_split, test_split, seed_split = _resolve_splits(
         bench, train_split, fewshot_split, test_split, seed_split)
     train_x, train_y, few_x, few_y, test_x, test_y = _embed_splits(

@@ -444,10 +444,11 @@ def _write_benchmark(
                 images, labels, prov = splits[split]
                 _write_pngs(tmp / "images" / split, np.ascontiguousarray(images))
                 names = [f"images/{split}/{i:06d}.png" for i in range(len(images))]
-                (tmp / f"{split}.txt").write_text("".join(f"{n} {int(y)}\n" for n, y in zip(names, labels)))
+                lines = "".join(f"{n} {int(y)}\n" for n, y in zip(names, labels))
+                (tmp / f"{split}.txt").write_text(lines, encoding="utf-8")
                 source_lines += [f"{n} {p}\n" for n, p in zip(names, prov)]
-            (tmp / "sources.txt").write_text("".join(source_lines))
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / "sources.txt").write_text("".join(source_lines), encoding="utf-8")
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise MakError(f"cannot write the benchmark to {out}: {exc}") from None
 
@@ -511,7 +512,7 @@ def load_manifest(bench: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         path = path / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MakError(f"{path}: no benchmark manifest (build one with `mak bench build --out DIR`)") from None
     except (OSError, ValueError) as exc:

@@ -23,9 +23,16 @@ def commands() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line, naming the command's --help (sub-commands inherit the class)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``mak`` parser; every sub-command in full, or only ``command`` (the others by their ``HELP``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mak",
         description="Open-world data sampling for self-supervised learning (Model-Aware K-center).",
     )
@@ -52,24 +59,39 @@ def _with_flags(exc: MakError) -> str:
     return msg
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "torch" not in sys.modules:  # before torch loads OpenMP: sleep at once on shared cores (mak._cores)
         choose_wait_policy()
     first_word = next((a for a in argv if not a.startswith("-")), None)  # the command, if one is given
     parser = build_parser(first_word if first_word in commands() else "")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    name = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
+    if unknown:  # named by the command they were given to, not by `mak`
+        print(f"mak {name}: error: unrecognized arguments: {' '.join(unknown)} (see mak {name} --help)",
+              file=sys.stderr)
+        return 2
     try:
         rc = args.func(args)
     except MakError as exc:
-        print(f"mak {args.command}: error: {_with_flags(exc)}", file=sys.stderr)
+        print(f"mak {name}: error: {_with_flags(exc)}", file=sys.stderr)
         return MakError.exit_code
+    except BrokenPipeError:  # `mak store info ... | head`: the reader has what it wanted
+        _silence_stdout()
+        return 141
     except OSError as exc:  # a full disk, a read-only or missing directory, a name too long: one line
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"mak {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"mak {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return MakError.exit_code
     except KeyboardInterrupt:
-        print(f"mak {args.command}: interrupted", file=sys.stderr)
+        print(f"mak {name}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
 

@@ -5,10 +5,14 @@ import argparse
 import sys
 import time
 
+from mak.cli._output import add_output_flags, say
+
 HELP = "build the open-world benchmark"  # the one line `mak --help` shows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mak.options import argparse_type, number
+
     p = sub.add_parser("bench", help=HELP,
                        description="Open-world benchmark tools.")
     bsub = p.add_subparsers(dest="bench_command", metavar="ACTION")
@@ -21,12 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
     b.add_argument("--seed", type=int, default=0, metavar="S",
                    help="random seed: class order, image picks, generated images (default 0)")
-    b.add_argument("--scale", type=float, default=1.0, metavar="F",
+    b.add_argument("--scale", type=argparse_type(number(0.0), "scale"), default=1.0, metavar="F",
                    help="multiply every image count by F (at least 2 per class; default 1.0)")
     b.add_argument("--data-dir", default=None, metavar="D",
                    help="folder with Fashion-MNIST's IDX files (default: $MAK_DATA_DIR or "
                         "/usr/share/datasets/fashion-mnist from the dataset-fashion-mnist package)")
-    b.add_argument("--ood-ratio", type=float, default=1.0, metavar="R",
+    b.add_argument("--ood-ratio", type=argparse_type(number(0.0, low_open=False), "ood_ratio"), default=1.0, metavar="R",
                    help="out-of-domain pool images per in-domain pool image (default 1: half the pool is "
                         "junk; 4: 80%%)")
     b.add_argument("--pool-classes", default="all", metavar="all|disjoint",
@@ -38,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--budget", type=int, default=None, metavar="N",
                    help="selection budget recorded in the manifest (default: 2 x seed size)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    b.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    add_output_flags(b, progress=False)
     b.set_defaults(func=run_build)
 
 
@@ -49,7 +53,6 @@ def run_build(args: argparse.Namespace) -> int:
     manifest = build_benchmark(args.out, seed=args.seed, scale=args.scale, data_dir=args.data_dir,
                                budget=args.budget, overwrite=args.overwrite, ood_ratio=args.ood_ratio,
                                pool_classes=args.pool_classes, near_classes=args.near_classes)
-    if not args.quiet:
-        print(summary(manifest))
-        print(f"benchmark written to {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    say(args, summary(manifest))
+    say(args, f"benchmark written to {args.out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mak.cli._output import add_output_flags, say, show_progress, silent
+
 # A few minutes on 2 CPU cores: a 25% benchmark, the small convnet, the default strategies.
 DEMO_SETTINGS = {
     "run.name": "demo",
@@ -19,17 +21,19 @@ HELP = "a small open-world run on Fashion-MNIST with a report (minutes on a CPU)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mak.options import argparse_type, integer, number
+
     p = sub.add_parser("demo", help=HELP,
                        description="Gets Fashion-MNIST, builds a small open-world benchmark (long-tailed seed, "
                                    "half-junk pool), runs robust vs mak vs random vs none and writes report.html.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
     p.add_argument("--data-dir", metavar="DIR", help="directory with Fashion-MNIST's IDX files (default: Debian's)")
-    p.add_argument("--scale", type=float, default=None, metavar="F", help="benchmark scale (default 0.25)")
-    p.add_argument("--epochs", type=int, default=None, metavar="E", help="SimCLR epochs per training run (default 20)")
+    p.add_argument("--scale", type=argparse_type(number(0.0), "scale"), default=None, metavar="F", help="benchmark scale (default 0.25)")
+    p.add_argument("--epochs", type=argparse_type(integer(1), "epochs"), default=None, metavar="E", help="SimCLR epochs per training run (default 20)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, as in `mak run`")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (one line per stage still)")
+    add_output_flags(p)
     p.set_defaults(func=run)
 
 
@@ -72,9 +76,10 @@ def run(args: argparse.Namespace) -> int:
         settings["pretrain.epochs"] = args.epochs
     overrides = [f"{k}={_yaml(v)}" for k, v in settings.items()] + list(args.overrides)
     config = load_config(None, overrides)
-    plan = run_pipeline(config, args.out, dry_run=args.dry_run, progress=not args.quiet)
+    plan = run_pipeline(config, args.out, dry_run=args.dry_run, progress=show_progress(args),
+                        log=print if args.dry_run or not args.quiet else silent)
     if not args.dry_run:
-        print(f"\nOpen the report: {plan.run_dir / 'report.html'}")
+        say(args, f"\nOpen the report: {plan.run_dir / 'report.html'}")
     return 0
 
 

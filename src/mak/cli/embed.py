@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 
+from mak.cli._output import add_output_flags, say, show_progress
+
 HELP = "write a feature store (features, augmented views) from a checkpoint"  # the one line `mak --help` shows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.data.sources import add_source_args
+    from mak.options import argparse_type, integer
     from mak.train.embed import DEFAULT_BATCH_SIZE
 
     p = sub.add_parser(
@@ -25,14 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, metavar="PX", help="with --weights: input size (default: the source's)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="with --weights: input channels (default: the source's)")
     p.add_argument("--out", required=True, metavar="STORE", help="output feature-store directory")
-    p.add_argument("--views", type=int, default=10, metavar="R",
+    p.add_argument("--views", type=argparse_type(integer(0), "views"), default=10, metavar="R",
                    help="augmented views per image for views.npy; 0 for none (default 10)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="augmentation seed: same seed, same store (default 0)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision (default float16)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
+    p.add_argument("--batch-size", type=argparse_type(integer(1), "batch_size"), default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=argparse_type(integer(0), "workers"), default=None, metavar="N",
                    help="DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)")
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun: one merged store (default) or --no-merge: one shard per process + shards.json")
@@ -41,14 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--strict", action="store_true",
                    help="refuse a checkpoint whose pre-training did not finish (default: warn)")
-    p.add_argument("--no-progress", "--quiet", "-q", dest="no_progress", action="store_true",
-                   help="hide the progress bar (--quiet, -q: the same)")
+    add_output_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from mak import distributed as D
     from mak.data.sources import source_from_args
     from mak.errors import MakError
@@ -60,12 +60,12 @@ def run(args: argparse.Namespace) -> int:
         encoder = {"backbone": args.backbone, "image_size": args.image_size, "channels": args.channels}
     elif args.backbone or args.image_size or args.channels:
         raise MakError("--backbone, --image-size and --channels go with --weights (a checkpoint names its own)")
-    out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, views=args.views,
-                seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                num_workers=args.workers, merge=args.merge,
-                progress=not args.no_progress, amp=args.amp, overwrite=args.overwrite,
-                strict=args.strict)
-    if D.rank() == 0:
-        print(f"feature store -> {out}", file=sys.stdout)
-    D.cleanup()
+    with D.process_group(args.device):  # torn down on every exit, waiting for the other ranks only on success
+        out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, views=args.views,
+                    seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
+                    num_workers=args.workers, merge=args.merge,
+                    progress=show_progress(args), amp=args.amp, overwrite=args.overwrite,
+                    strict=args.strict)
+        if D.rank() == 0:
+            say(args, f"feature store -> {out}")
     return 0

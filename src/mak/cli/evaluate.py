@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from mak.cli._output import add_output_flags, say
 
 HELP = "evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium/Few)"  # the one line `mak --help` shows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mak.options import argparse_type, integer, number
     from mak.train.embed import DEFAULT_BATCH_SIZE
 
     p = sub.add_parser(
@@ -24,23 +28,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed-split", default=None, metavar="FILE", help="seed split: its class counts define the groups")
     p.add_argument("--root", default=None, metavar="DIR", help="root of the split files' relative paths (default: each file's folder)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
-    p.add_argument("--shots", type=int, default=10, metavar="N", help="labeled images per class in a few-shot draw (default 10)")
-    p.add_argument("--draws", type=int, default=5, metavar="N", help="few-shot draws averaged (default 5)")
+    p.add_argument("--shots", type=argparse_type(integer(1), "shots"), default=10, metavar="N", help="labeled images per class in a few-shot draw (default 10)")
+    p.add_argument("--draws", type=argparse_type(integer(1), "draws"), default=5, metavar="N", help="few-shot draws averaged (default 5)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the few-shot draws (default 0)")
-    p.add_argument("--many", type=float, default=None, metavar="N",
+    p.add_argument("--many", type=argparse_type(number(0.0, low_open=False), "many"), default=None, metavar="N",
                    help="Many group: seed count > N (default: the benchmark's groups, else 300)")
-    p.add_argument("--few", type=float, default=None, metavar="N",
+    p.add_argument("--few", type=argparse_type(number(0.0, low_open=False), "few"), default=None, metavar="N",
                    help="Few group: seed count < N (default: the benchmark's groups, else 30)")
-    p.add_argument("--k", type=int, default=20, metavar="K", help="neighbours of the kNN classifier (default 20)")
-    p.add_argument("--knn-temperature", type=float, default=0.07, metavar="T",
+    p.add_argument("--k", type=argparse_type(integer(1), "k"), default=20, metavar="K", help="neighbours of the kNN classifier (default 20)")
+    p.add_argument("--knn-temperature", type=argparse_type(number(0.0), "knn_temperature"), default=0.07, metavar="T",
                    help="temperature of the kNN's exp(cos/T) vote weights (default 0.07)")
-    p.add_argument("--l2", type=float, default=1e-3, metavar="L", help="L2 penalty of the linear probes (default 1e-3)")
-    p.add_argument("--max-iter", type=int, default=200, metavar="N", help="L-BFGS iterations of the linear probes (default 200)")
+    p.add_argument("--l2", type=argparse_type(number(0.0, low_open=False), "l2"), default=1e-3, metavar="L", help="L2 penalty of the linear probes (default 1e-3)")
+    p.add_argument("--max-iter", type=argparse_type(integer(1), "max_iter"), default=200, metavar="N",
+                   help="L-BFGS iterations of the linear probes (default 200)")
     p.add_argument("--device", default="auto", metavar="DEV", help="device for feature extraction (default auto: CUDA when available)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="B",
+    p.add_argument("--batch-size", type=argparse_type(integer(1), "batch_size"), default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"feature extraction batch size (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers decoding images (default 0)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no results table on stdout (with --out: the file only)")
+    p.add_argument("--workers", type=argparse_type(integer(0), "workers"), default=0, metavar="N", help="DataLoader workers decoding images (default 0)")
+    add_output_flags(p, progress=False)
     p.set_defaults(func=run)
 
 
@@ -57,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
         draws=args.draws, seed=args.seed, many=args.many, few=args.few, k=args.k,
         temperature=args.knn_temperature, l2=args.l2, max_iter=args.max_iter, verbose=not args.quiet,
     )
-    if args.out and not args.quiet:
-        import sys
-
-        print(f"results written to {args.out}", file=sys.stderr)
+    if args.out:
+        say(args, f"results written to {args.out}", file=sys.stderr)
     return 0

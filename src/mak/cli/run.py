@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mak.cli._output import add_output_flags, show_progress, silent
+
 HELP = "the whole MAK loop from a config, with cached stages"  # the one line `mak --help` shows
 
 
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a config key, e.g. --set select.budget=500 (repeatable)")
     p.add_argument("--repeats", type=int, metavar="N", help="run everything with N seeds and report mean +- std")
     p.add_argument("--dry-run", action="store_true", help="print the stages, what is cached and what would run")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars (one line per stage still)")
+    add_output_flags(p)
     p.set_defaults(func=run)
 
 
@@ -33,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"run.repeats={args.repeats}")
     config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / str(config["run"]["name"])
-    run_pipeline(config, out, dry_run=args.dry_run, progress=not args.quiet)
+    run_pipeline(config, out, dry_run=args.dry_run, progress=show_progress(args),
+                 log=print if args.dry_run or not args.quiet else silent)
     return 0

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from mak.cli._output import add_output_flags, say, show_progress
+
 HELP = "pick N pool images from feature stores"  # the one line `mak --help` shows
 
 
@@ -45,8 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="selection.txt's order: pick (the strategy's pick order; k-center reaches for the farthest "
                         "images first, so it is not a ranking) or score (highest score first, for cutting the "
                         "list) (default pick)")
-    p.add_argument("--no-progress", "--quiet", "-q", dest="no_progress", action="store_true",
-                   help="hide progress bars (--quiet, -q: the same)")
+    add_output_flags(p)
     p.add_argument("--kcenter", choices=("exact", "two-round"), default="exact",
                    help="k-center over the candidates: exact greedy, or two-round (per-process greedy, then greedy "
                         "on the union; radius <= 4x) for huge budgets (default exact)")
@@ -86,11 +87,14 @@ def run(args: argparse.Namespace) -> int:
     from mak.run.select_job import select_stores
 
     sel = select_stores(args.seed_store, args.pool_store, args.out, args.budget, strategy=args.strategy,
-                        overwrite=args.overwrite, progress=not args.no_progress, pool_items=args.pool_items,
+                        overwrite=args.overwrite, progress=show_progress(args), pool_items=args.pool_items,
                         seed_items=args.seed_items, order=args.order, **params_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
-    print(f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> {args.out}/selection.txt")
+    say(args, f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> "
+              f"{args.out}/selection.txt")
+    if sel.info.get("model_note") and not show_progress(args):  # with bars it showed before the work
+        say(args, f"mak select: note: {sel.info['model_note']}", file=sys.stderr)
     if sel.info.get("note"):  # e.g. fewer images than the budget pass robust's gate
-        print(f"mak select: note: {sel.info['note']}", file=sys.stderr)
+        say(args, f"mak select: note: {sel.info['note']}", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from mak.cli._output import add_output_flags, say, show_progress
 
 HELP = "make a feature store from your own embeddings (.npy/.npz)"  # the one line `mak --help` shows
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="point at the .npy files (symlinks) instead of copying them")
     imp.add_argument("--out", required=True, metavar="STORE", help="the store directory to write")
     imp.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
-    imp.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    add_output_flags(imp)
     imp.set_defaults(func=run)
     info = ssub.add_parser(
         "info", help="what a store holds: rows, shapes, dtypes, size, model, first items",
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--items", metavar="FILE", help="with an array: one item line per row")
     info.add_argument("--check", action="store_true", help="scan every value for NaN/Inf and constant features")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    add_output_flags(info, progress=False)  # --check -q: the exit code alone says whether the store is sound
     info.set_defaults(func=run_info)
 
 
@@ -53,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = import_store(args.features, args.out, items=args.items, views=args.views, model=args.model,
                        overwrite=args.overwrite, items_column=args.items_column, link=args.link,
-                       progress=not args.quiet, features_column=args.features_column)
-    if not args.quiet:
-        print(f"feature store -> {out}")
+                       progress=show_progress(args), features_column=args.features_column)
+    say(args, f"feature store -> {out}")
     return 0
 
 
@@ -65,6 +66,8 @@ def run_info(args: argparse.Namespace) -> int:
     from mak.data.store import describe, open_store
 
     d = describe(open_store(args.store, check_finite=args.check, items=args.items))
+    if args.quiet:
+        return 0
     if args.json:
         print(json.dumps(d))
         return 0

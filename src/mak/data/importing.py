@@ -19,8 +19,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mak.data.store import (ARRAY_SUFFIXES, EXTERNAL_META, FEATURES, ITEMS, META, VIEWS, _check_array_views,
-                            _count_lines, _open_npy, item_file_lines, open_array_store,
+from mak.data.store import (ARRAY_SUFFIXES, EXTERNAL_META, FEATURES, ITEMS, META, VIEWS, check_array_views,
+                            count_lines, open_npy, item_file_lines, open_array_store,
                             write_shards_index)
 from mak.errors import MakError
 
@@ -112,7 +112,7 @@ class _Items:
         self.files, self.column = files, column
 
     def count(self, f: Path) -> int:
-        return parquet_column(f, self.column)[1] if f.suffix == PARQUET else _count_lines(f)
+        return parquet_column(f, self.column)[1] if f.suffix == PARQUET else count_lines(f)
 
     def lines(self, f: Path) -> Iterator[str]:
         """The item lines of ``f``, streamed."""
@@ -241,7 +241,9 @@ def _sources(files: list[Path], views: str | Path | None, link: bool,
         if views is not None:
             if vw is not None:
                 raise MakError(f"{f} already holds views; drop --views {views}")
-            vw = _check_array_views(_open_npy(Path(views)), feats.shape[0], str(views))
+            if not Path(views).is_file():
+                raise MakError(f"{views}: views file not found")
+            vw = check_array_views(open_npy(Path(views)), feats.shape[0], str(views))
         if out and feats.shape[1] != out[0][0].shape[1]:
             raise MakError(f"{f}: feature dimension {feats.shape[1]} differs from {files[0]}'s {out[0][0].shape[1]}")
         if out and (vw is None) != (out[0][1] is None):
@@ -267,7 +269,11 @@ def import_store(features: Spec, out: str | Path, items: Spec | None = None, vie
 
     from mak.atomic import atomic_dir, write_json
 
+    if Path(out).exists() and not overwrite and any(Path(out).iterdir()):
+        raise MakError(f"{out}: already exists (choose another --out, or pass --overwrite)")
     files = expand(features, "features")
+    if items is None and items_column is not None:
+        raise MakError(f"--items-column {items_column} goes with --items (a .parquet file)")
     item_src = None if items is None else _Items(expand(items, "items"), items_column)
     arrays = _sources(files, views, link, features_column)
     counts = [a.shape[0] for a, _ in arrays]

@@ -102,7 +102,7 @@ def store_arrays(store: FeatureStore, index: np.ndarray | None = None, views: bo
     return f, v
 
 
-def _take(src: Any, rows: np.ndarray) -> np.ndarray | torch.Tensor:
+def take_rows(src: Any, rows: np.ndarray) -> np.ndarray | torch.Tensor:
     """Feature rows ``rows`` (sorted) of an array, memmap, tensor or :class:`PoolArray`."""
     if isinstance(src, torch.Tensor):
         return src[torch.as_tensor(rows, device=src.device)]
@@ -111,4 +111,4 @@ def _take(src: Any, rows: np.ndarray) -> np.ndarray | torch.Tensor:
     return np.asarray(src[rows])
 
 
-__all__ = ["PoolArray", "store_arrays"]
+__all__ = ["PoolArray", "store_arrays", "take_rows"]

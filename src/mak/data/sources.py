@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import os
 import re
@@ -46,7 +45,7 @@ import struct
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +66,8 @@ __all__ = [
     "add_source_args",
     "infer_geometry",
     "open_source",
+    "pool_mix",
+    "pool_mix_rows",
     "source_from_args",
     "validate_all",
 ]
@@ -195,14 +196,6 @@ class ImageSource:
     def items(self) -> list[str]:
         """All item lines, in order."""
         return [self.item(i) for i in range(len(self))]
-
-    def items_sha256(self) -> str:
-        """A fingerprint of the item lines (order-sensitive), to detect a changed source."""
-        h = hashlib.sha256()
-        for i in range(len(self)):
-            h.update(self.item(i).encode("utf-8"))
-            h.update(b"\n")
-        return h.hexdigest()
 
     def in_memory(self) -> bool:
         """True when images come from an array already decoded (fast ``load``)."""
@@ -623,6 +616,7 @@ class CombinedSource:
         self.seed = seed_source
         self.pool = pool_source
         self.rows = np.asarray(pool_rows, dtype=np.int64)
+        self.skipped: list[tuple[int, str]] = []  # pool rows left out: (row, reason)
         self.name = f"{seed_source.name}+{len(self.rows)} from {pool_source.name}"
 
     def __len__(self) -> int:
@@ -654,7 +648,22 @@ class CombinedSource:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "count": len(self), "seed": self.seed.describe(),
-                "pool": self.pool.describe(), "pool_rows": int(len(self.rows))}
+                "pool": self.pool.describe(), "pool_rows": int(len(self.rows)),
+                **({"pool_skipped": len(self.skipped)} if self.skipped else {})}
+
+
+def pool_mix(seed_source, pool_source, count: int | str = "auto", seed: int = 0,
+             progress: bool = False) -> CombinedSource:
+    """The pool-aware pre-training set: the seed, then the :func:`pool_mix_rows` sample of the pool
+    less the pool images that cannot be decoded (a web pool has some; ``skipped`` lists them as
+    ``(row, reason)``, and ``describe()`` counts them)."""
+    rows = pool_mix_rows(len(pool_source), len(seed_source), count, seed)
+    bad = validate_all(pool_source, progress=progress, rows=rows)
+    if bad:
+        rows = np.setdiff1d(rows, np.array([i for i, _ in bad], dtype=np.int64))
+    mix = CombinedSource(seed_source, pool_source, rows)
+    mix.skipped = bad
+    return mix
 
 
 def pool_mix_rows(pool_size: int, seed_size: int, count: int | str = "auto", seed: int = 0) -> np.ndarray:
@@ -892,37 +901,36 @@ def _probe(source: ImageSource, i: int) -> str | None:
     return None
 
 
-def validate_all(source: ImageSource, progress: bool = True, workers: int | None = None
-                 ) -> list[tuple[int, str]]:
-    """Try to read every image; return ``(index, reason)`` for each that fails, in order.
+def validate_all(source: ImageSource, progress: bool = True, workers: int | None = None,
+                 rows: Sequence[int] | None = None) -> list[tuple[int, str]]:
+    """Try to read every image (or those of ``rows``); return ``(row, reason)`` for each that
+    fails, in order.
 
     JPEGs are decoded at reduced scale (the whole stream is still read, so truncation shows).
     File sources are checked by ``workers`` threads (default: up to 4; PIL decodes without the GIL).
     """
     from tqdm.auto import tqdm
 
-    n = len(source)
+    rows = range(len(source)) if rows is None else [int(r) for r in rows]
     failures: list[tuple[int, str]] = []
-    bar = tqdm(total=n, desc=f"checking {source.name}", unit="img", disable=not progress,
+    bar = tqdm(total=len(rows), desc=f"checking {source.name}", unit="img", disable=not progress,
                leave=False, dynamic_ncols=True)
     try:
         if source.in_memory():
-            for i in range(n):
+            for i in rows:
                 reason = _probe(source, i)
                 if reason is not None:
                     failures.append((i, reason))
-            bar.update(n)
+            bar.update(len(rows))
         else:
             nw = workers if workers is not None else min(4, os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=max(1, nw)) as pool:
-                block = 512
-                for start in range(0, n, block):
-                    stop = min(n, start + block)
-                    for i, reason in zip(range(start, stop),
-                                         pool.map(lambda j: _probe(source, j), range(start, stop))):
+                for start in range(0, len(rows), 512):
+                    block = rows[start : start + 512]
+                    for i, reason in zip(block, pool.map(lambda j: _probe(source, j), block)):
                         if reason is not None:
                             failures.append((i, reason))
-                    bar.update(stop - start)
+                    bar.update(len(block))
     finally:
         bar.close()
     return failures

@@ -50,9 +50,12 @@ def model_kind(meta: dict) -> str:
     return "external" if meta.get("model") == "external" else "unknown"
 
 
-def _open_npy(path: Path) -> np.ndarray:
+def open_npy(path: Path) -> np.ndarray:
     if not path.is_file():
         raise MakError(f"{path}: missing store file")
+    with open(path, "rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            raise MakError(f"{path}: unreadable .npy file (no .npy header)")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # corrupt header, truncated file, object array...
@@ -87,10 +90,12 @@ class _Shard:
 
 
 def item_file_lines(path: Path) -> Iterator[str]:
-    """The lines of an items file (one item per line), streamed, without their line ends."""
-    with open(path, encoding="utf-8") as fh:
+    """The lines of an items file (one item per ``\n``, as :func:`count_lines` counts them; a
+    ``\r\n`` end counts as one), streamed, without their line ends."""
+    with open(path, encoding="utf-8", newline="\n") as fh:
         for line in fh:
-            yield line[:-1] if line.endswith("\n") else line
+            line = line[:-1] if line.endswith("\n") else line
+            yield line[:-1] if line.endswith("\r") else line
 
 
 @dataclass
@@ -149,10 +154,6 @@ class FeatureStore:
             return np.zeros((self.num_views, 0, self.view_dim), dtype=dtype)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
-    def feature_arrays(self) -> list[np.ndarray]:
-        """The memory-mapped feature arrays of each shard (zero-copy)."""
-        return [sh.features for sh in self.shards]
-
     def rows(self, indices: Sequence[int] | np.ndarray, dtype=np.float32) -> np.ndarray:
         """Feature rows at arbitrary global ``indices`` (any order), (k, D)."""
         return self._gather(indices, dtype, views=False)
@@ -179,10 +180,6 @@ class FeatureStore:
                 else:
                     out[pos] = np.asarray(sh.features[local[order]], dtype=dtype)
         return out
-
-    def iter_chunks(self, chunk: int = 65536) -> Iterator[tuple[int, int]]:
-        for s in range(0, self.num_rows, chunk):
-            yield s, min(s + chunk, self.num_rows)
 
     def scan(self, start: int = 0, stop: int | None = None, chunk: int = 65536) -> "ValueScan":
         """One pass over rows ``[start, stop)``: NaN/Inf anywhere, and whether the features are all
@@ -233,21 +230,21 @@ def value_problem(store: FeatureStore, scans: Sequence[ValueScan]) -> str | None
 
 
 def _open_single(path: Path, start: int, require_views: bool) -> tuple[_Shard, int, int, int]:
-    feats = _open_npy(path / FEATURES)
+    feats = open_npy(path / FEATURES)
     if feats.ndim != 2:
         raise MakError(f"{path / FEATURES}: expected a 2-D array (N x D), found shape {feats.shape}")
     n = feats.shape[0]
     items_path = path / ITEMS
     if not items_path.is_file():
         raise MakError(f"{items_path}: missing store file")
-    n_items = _count_lines(items_path)
+    n_items = count_lines(items_path)
     if n_items != n:
         raise MakError(f"{items_path}: {n_items} item lines but {path / FEATURES} has {n} rows")
     views = None
     r = d = 0
     vpath = path / VIEWS
     if vpath.is_file():
-        views = _open_npy(vpath)
+        views = open_npy(vpath)
         if views.ndim != 3:
             raise MakError(f"{vpath}: expected a 3-D array (R x N x d), found shape {views.shape}")
         r, nv, d = views.shape
@@ -260,7 +257,7 @@ def _open_single(path: Path, start: int, require_views: bool) -> tuple[_Shard, i
     return _Shard(path, feats, views, items_path, start), feats.shape[1], r, d
 
 
-def _count_lines(path: Path) -> int:
+def count_lines(path: Path) -> int:
     """Lines of ``path``, checking on the way that it is UTF-8 text (a MakError naming it otherwise)."""
     n = 0
     last = b"\n"
@@ -308,17 +305,18 @@ def _open_directory_store(path: Path, require_views: bool) -> FeatureStore:
     meta: dict = {}
     if (path / META).is_file():
         try:
-            meta = json.loads((path / META).read_text())
+            meta = json.loads((path / META).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise MakError(f"{path / META}: unreadable ({exc})") from None
         if not isinstance(meta, dict):
             raise MakError(f"{path / META}: expected a JSON object, found {type(meta).__name__}")
     if (path / SHARDS).is_file():
         try:
-            names = json.loads((path / SHARDS).read_text())["shards"]
-            assert isinstance(names, list) and names
-        except Exception:
-            raise MakError(f"{path / SHARDS}: malformed (expected {{\"shards\": [dir, ...]}})") from None
+            names = json.loads((path / SHARDS).read_text(encoding="utf-8"))["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = None
+        if not isinstance(names, list) or not names:
+            raise MakError(f"{path / SHARDS}: malformed (expected {{\"shards\": [dir, ...]}})")
         dirs = [path / str(n) for n in names]
     else:
         dirs = [path]
@@ -360,7 +358,7 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return _float_array(f"{path}:{key}", feats), None if views is None else _float_array(f"{path}:views", views)
 
 
-def _check_array_views(views: np.ndarray, n: int, what: str) -> np.ndarray:
+def check_array_views(views: np.ndarray, n: int, what: str) -> np.ndarray:
     """``views`` when they are R x ``n`` x d with R >= 2; else a MakError naming ``what``."""
     if views.ndim != 3 or views.shape[0] < 2 or views.shape[1] != n:
         raise MakError(f"{what}: expected R x {n} x d views with R >= 2, found shape {views.shape}")
@@ -375,7 +373,7 @@ def open_array_store(path: str | Path, items: str | Path | None = None, require_
     path = Path(path)
     if not path.is_file():
         raise MakError(f"{path}: feature array not found")
-    feats, views = (_open_npy(path), None) if path.suffix == ".npy" else _npz_arrays(path)
+    feats, views = (open_npy(path), None) if path.suffix == ".npy" else _npz_arrays(path)
     if feats.ndim != 2:
         raise MakError(f"{path}: expected a 2-D feature array (N x D), found shape {feats.shape}")
     n = feats.shape[0]
@@ -385,12 +383,15 @@ def open_array_store(path: str | Path, items: str | Path | None = None, require_
         items = Path(items)
         if not items.is_file():
             raise MakError(f"{items}: items file not found")
-        n_items = _count_lines(items)
+        if items.suffix == ".parquet":
+            raise MakError(f"{items}: items here are text, one line per row; make a store from a parquet "
+                           "column with `mak store import --items-column`")
+        n_items = count_lines(items)
         if n_items != n:
             raise MakError(f"{items}: {n_items} item lines but {path} has {n} rows")
     r = d = 0
     if views is not None:
-        _check_array_views(views, n, f"{path}:views")
+        check_array_views(views, n, f"{path}:views")
         r, d = views.shape[0], views.shape[2]
     elif require_views:
         raise MakError(f"{path}: has no augmented views (this strategy needs them: `mak embed` makes them)")

@@ -10,7 +10,8 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping
 
-from mak.errors import MakError
+from mak.errors import MakError, first_line
+from mak.paths import input_file
 from mak.selection.strategies import SELECT_OPTIONS  # the select section's defaults and checks
 from mak.train.embed import DEFAULT_BATCH_SIZE as EMBED_BATCH_SIZE
 from mak.train.pretrain import DEFAULT_BASE_LR, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
@@ -122,13 +123,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MakError(f"{path}: config file not found")
+        path = input_file(path, "config file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise MakError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+            raise MakError(f"{path}: invalid YAML ({first_line(exc)})") from None
         if not isinstance(loaded, Mapping):
             raise MakError(f"{path}: a config must be a mapping of sections")
         try:
@@ -180,11 +179,21 @@ def _kinds() -> dict[str, Any]:
         "pretrain.image_size": or_none(count), "pretrain.amp": or_none(switch),
         "pretrain.channels_last": or_none(switch), "pretrain.workers": or_none(integer(0)),
         "pretrain.pool_mix": or_auto(integer(0)), "pretrain.pool_mix_epochs": or_none(count),
-        "embed.views": integer(0), "embed.dtype": choice("float16", "float32"), "embed.batch_size": count,
+        "embed.views": _views, "embed.dtype": choice("float16", "float32"), "embed.batch_size": count,
         "retrain.enabled": switch, "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),
         "evaluate.shots": or_none(count), "evaluate.draws": count, "evaluate.many": count, "evaluate.few": integer(0),
         "evaluate.knn_k": count, "evaluate.batch_size": count,
     }
+
+
+def _views(name: str, raw: Any) -> int:
+    """Augmented views per image: 0 (none) or at least 2 (ECLE needs pairs)."""
+    from mak.options import ParameterError, integer
+
+    value = integer(0)(name, raw)
+    if value == 1:
+        raise ParameterError(name, f"{name}={raw!r} must be 0 (no views) or an integer >= 2")
+    return value
 
 
 def _check_kinds(config: dict) -> None:

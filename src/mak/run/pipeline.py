@@ -44,11 +44,14 @@ from typing import Any, Callable
 import numpy as np
 
 from mak import distributed as D
-from mak.atomic import atomic_path, move_entries, remove_debris, write_json, write_text
+from mak.atomic import atomic_path, move_entries, remove_debris, write_json, write_npy, write_text
 from mak._tensor import auto_device, is_auto
-from mak.data.sources import CombinedSource, pool_mix_rows
+from mak.data.sources import CombinedSource, pool_mix
+from mak.data.store import item_file_lines
 from mak.errors import MakError
 from mak.lock import job_lock
+from mak.paths import output_dir
+from mak.run.stats import interval95, paired_gains
 
 STAMP = ".stage.json"
 # Stage kinds whose function runs on every rank under torchrun: they split the work themselves.
@@ -91,10 +94,9 @@ def labels_or_none(items: list[str]) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------- stages
-#: Behaviour version of each kind of stage. Bump one when the code gives different outputs for the
-#: same parameters, so that runs made with the old code re-run that stage (and what reads it)
-#: instead of reusing a stale cached result. Version 1 is not written into the key: caches made
-#: before versions existed stay valid.
+#: Behaviour version of each kind of stage, part of its cache key: a stage whose code gives other
+#: outputs for the same parameters has a higher version, so its cached results (and those of the
+#: stages that read it) are not reused. Version 1 adds nothing to the key.
 STAGE_VERSIONS: dict[str, int] = {"bench": 1, "pretrain": 1, "pretrain-mix": 1, "embed-seed": 1, "embed-pool": 1,
                                   "embed-seed-mix": 1, "embed-pool-mix": 1, "ecle": 2, "ecle-mix": 2, "select": 1,
                                   "retrain": 1, "eval": 1}
@@ -141,7 +143,7 @@ class Stage:
         if not stamp.is_file():
             return False
         try:
-            done = json.loads(stamp.read_text())
+            done = json.loads(stamp.read_text(encoding="utf-8"))
         except ValueError:
             return False
         return done.get("key") == self.key and all((self.path / o).exists() for o in self.outputs)
@@ -171,7 +173,7 @@ class Stage:
 
     def resumable(self) -> bool:
         pend = self.path / ".pending.json"
-        return pend.is_file() and json.loads(pend.read_text()).get("key") == self.key
+        return pend.is_file() and json.loads(pend.read_text(encoding="utf-8")).get("key") == self.key
 
     @property
     def kind(self) -> str:
@@ -407,7 +409,7 @@ def _sources(stage: Stage) -> dict[str, Any]:
         split = lambda name: open_source("split", bdir / f"{name}.txt", root=bdir)  # noqa: E731
         return {"seed": split("seed"), "pool": split("pool"), "train": split("fullshot"),
                 "fewshot": split("fewshot"), "test": split("test"),
-                "manifest": json.loads((bdir / "benchmark.json").read_text())}
+                "manifest": json.loads((bdir / "benchmark.json").read_text(encoding="utf-8"))}
     ev = data["eval"]
     out = {"seed": _source_from(data["seed"], "seed"), "pool": _source_from(data["pool"], "pool"), "manifest": None}
     for k in ("train", "fewshot", "test"):
@@ -450,11 +452,11 @@ def _run_pretrain(stage: Stage) -> None:
     srcs = _sources(stage)
     src = srcs["seed"]
     if "pool_mix" in stage.params:  # the pool-aware model: seed + a uniform sample of the pool
-        rows = pool_mix_rows(len(srcs["pool"]), len(src), stage.params["pool_mix"], stage.params["seed"])
-        src = CombinedSource(src, srcs["pool"], rows)
+        src = pool_mix(src, srcs["pool"], stage.params["pool_mix"], stage.params["seed"])
         if D.rank() == 0:
-            write_json(stage.path / "train_set.json", {"seed": len(srcs["seed"]), "pool_rows": len(rows),
-                                                       "images": len(src)})
+            write_json(stage.path / "train_set.json", {
+                "seed": len(srcs["seed"]), "pool_rows": len(src.rows), "images": len(src),
+                "pool_skipped": len(src.skipped), "skipped_items": [r for _, r in src.skipped[:1000]]})
     pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(), progress=_progress(stage),
              **_pretrain_kwargs(stage.params, len(src)))
 
@@ -465,6 +467,7 @@ def own_options(strategies: list[str], options: dict[str, Any]) -> dict[str, dic
     A stage is keyed on these, so a strategy's cache key holds only its own options and a change
     of a default re-runs it. An option that none of ``strategies`` declares is a MakError naming it.
     """
+    from mak.options import ParameterError
     from mak.selection.strategies import STRATEGY_OPTIONS, strategy_options
 
     own = {s: {o.name for o in STRATEGY_OPTIONS.get(s, ())} for s in strategies}
@@ -473,7 +476,10 @@ def own_options(strategies: list[str], options: dict[str, Any]) -> dict[str, dic
         if key not in declared:
             raise MakError(f"config: select.options.{key} is not an option of {', '.join(strategies)} "
                            f"(valid: {', '.join(sorted(declared)) or 'none'})")
-    return {s: strategy_options(s, {k: v for k, v in options.items() if k in own[s]}) for s in strategies}
+    try:
+        return {s: strategy_options(s, {k: v for k, v in options.items() if k in own[s]}) for s in strategies}
+    except ParameterError as exc:  # named by its config key, not by the flag of `mak select`
+        raise MakError(f"config: select.options.{exc}") from None
 
 
 def _run_embed(stage: Stage) -> None:
@@ -504,7 +510,7 @@ def _run_ecle(stage: Stage) -> None:
                           owner=ecle_batch_owner(pool.num_rows, p["ecle_batch_size"]), progress=D.rank() == 0 and _progress(stage))
     acc = D.all_reduce_array(acc, "sum")
     if D.rank() == 0:
-        np.save(stage.path / "ecle.npy", (acc / terms).astype(np.float32))
+        write_npy(stage.path / "ecle.npy", (acc / terms).astype(np.float32))
 
 
 def _run_select(stage: Stage) -> None:
@@ -535,7 +541,7 @@ def analyse(select_dir: Path, srcs: dict) -> dict | None:
     """Selection analysis when the pool's items carry labels (else None)."""
     from mak.bench.analysis import analyse_selection
 
-    sel_items = (select_dir / "selection.txt").read_text().splitlines()
+    sel_items = list(item_file_lines(select_dir / "selection.txt"))
     sel_labels = labels_or_none(sel_items)
     seed_labels = labels_or_none(srcs["seed"].items())
     if sel_labels is None or seed_labels is None:
@@ -564,13 +570,13 @@ def _run_retrain(stage: Stage) -> None:
     if strategy == "none":
         source = srcs["seed"]
     else:
-        items = (roles["select"][strategy].path / "selection.txt").read_text().splitlines()
+        items = list(item_file_lines(roles["select"][strategy].path / "selection.txt"))
         source = CombinedSource(srcs["seed"], srcs["pool"], pool_rows_for_items(srcs["pool"], items))
     kw = _pretrain_kwargs(p, len(source))
     if p["match"] == "steps":
         # Every run takes the optimizer steps of seed + the largest selection at the same epochs.
-        budget = max(len((s.path / "selection.txt").read_text().splitlines()) for s in roles["select"].values()) \
-            if roles["select"] else 0
+        sizes = [sum(1 for _ in item_file_lines(s.path / "selection.txt")) for s in roles["select"].values()]
+        budget = max(sizes, default=0)
         target = len(srcs["seed"]) + budget
         kw["epochs"] = max(1, round(kw["epochs"] * target / len(source)))
     main = D.rank() == 0
@@ -618,27 +624,6 @@ def _run_eval(stage: Stage) -> None:
 
 
 # ----------------------------------------------------------------------------- results
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def interval95(values: list[float]) -> dict[str, Any]:
-    """Mean and 95% t-interval half-width of per-seed values (``ci95`` None for one value)."""
-    n = len(values)
-    mean = float(np.mean(values))
-    half = None if n < 2 else float(T975.get(n - 1, 1.96) * np.std(values, ddof=1) / np.sqrt(n))
-    return {"mean": mean, "ci95": half, "values": [float(v) for v in values]}
-
-
-def paired_gains(per_class: dict[str, float], base: dict[str, float], groups: dict[str, list]) -> dict[str, float]:
-    """Mean few-shot accuracy gain over the seed alone, class by class (the same class, seed and
-    evaluation draws), over all classes and within each group."""
-    gain = {c: per_class[c] - base[c] for c in per_class if c in base}
-    out = {"all": float(np.mean(list(gain.values())))} if gain else {}
-    for g, members in (groups or {}).items():
-        vals = [gain[str(c)] for c in members if str(c) in gain]
-        if vals:
-            out[g] = float(np.mean(vals))
-    return out
 
 
 def _gains_entry(plan: Plan, name: str, read_eval: Callable[[int, str], dict]) -> dict[str, Any] | None:
@@ -662,7 +647,7 @@ def _read_analysis(roles: dict, name: str) -> dict | None:
     if name == "none":
         return None
     f = roles["select"][name].path / "analysis.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
 
 
 def _repeat_figures(ev: dict, an: dict | None) -> dict[str, Any]:
@@ -735,7 +720,7 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
     @functools.lru_cache(maxsize=None)
     def read_eval(r: int, name: str) -> dict:  # each eval.json read once (the gains read "none"'s again)
         stage = plan.repeats[r]["eval"].get(name)
-        return json.loads((stage.path / "eval.json").read_text()) if stage is not None else {}
+        return json.loads((stage.path / "eval.json").read_text(encoding="utf-8")) if stage is not None else {}
 
     out = []
     for name in names:
@@ -749,11 +734,7 @@ def write_outputs(plan: Plan) -> Path:
     """results.json and report.html in the run directory."""
     results = collect_results(plan)
     write_json(plan.run_dir / "results.json", {"config": plan.config, "results": results})
-    try:
-        report = _write_report(plan, results)
-    except ImportError:
-        report = None
-    return report or plan.run_dir / "results.json"
+    return _write_report(plan, results)
 
 
 def _write_report(plan: Plan, results: list[dict]) -> Path:
@@ -764,9 +745,9 @@ def _write_report(plan: Plan, results: list[dict]) -> Path:
     strategies = {}
     for name, st in roles["select"].items():
         an_path = st.path / "analysis.json"
-        an = json.loads(an_path.read_text()) if an_path.is_file() else {}
+        an = json.loads(an_path.read_text(encoding="utf-8")) if an_path.is_file() else {}
         strategies[name] = {"scores_csv": st.path / "scores.csv",
-                            "summary": json.loads((st.path / "summary.json").read_text()),
+                            "summary": json.loads((st.path / "summary.json").read_text(encoding="utf-8")),
                             "class_counts_seed": an.get("seed_counts", {}),
                             "class_counts_selected": {**an.get("counts", {}), "-1": an.get("ood_count", 0)} if an else {}}
     logs = {"pretrain (seed)": roles["pretrain"].path / "log.csv"}
@@ -774,16 +755,16 @@ def _write_report(plan: Plan, results: list[dict]) -> Path:
     if "pretrain_mix" in roles:
         logs["pretrain (seed + pool sample)"] = roles["pretrain_mix"].path / "log.csv"
         ts = roles["pretrain_mix"].path / "train_set.json"
-        mixed = json.loads(ts.read_text()).get("pool_rows") if ts.is_file() else "?"
+        mixed = json.loads(ts.read_text(encoding="utf-8")).get("pool_rows") if ts.is_file() else "?"
         users = [s for s, (e, _, _) in roles["inputs"].items() if e is not roles["embed_seed"]]
         notes.append(f"{', '.join(users)} scored with a pool-aware model (SimCLR on the seed + {mixed} pool images); "
                      "the other strategies with the seed-only model")
     logs.update({f"retrain {k}": v.path / "log.csv" for k, v in roles["retrain"].items() if k != "none"})
     pool = srcs["pool"]
-    store_items = (roles["embed_pool"].path / "items.txt").read_text().splitlines()
+    store_items = list(item_file_lines(roles["embed_pool"].path / "items.txt"))
     rows = pool_rows_for_items(pool, store_items)
     bench = roles.get("bench")
-    manifest = json.loads((bench.path / "benchmark.json").read_text()) if bench is not None else {}
+    manifest = json.loads((bench.path / "benchmark.json").read_text(encoding="utf-8")) if bench is not None else {}
     return write_report(plan.run_dir / "report.html", title=plan.config["run"]["name"], results=results,
                         class_names=manifest.get("class_names"),
                         strategies=strategies, seed_items=srcs["seed"].items(),
@@ -808,7 +789,7 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
     stages' progress bars (the stage lines of ``log`` come either way)."""
     import yaml
 
-    plan = build_plan(config, run_dir)
+    plan = build_plan(config, output_dir(run_dir))
     plan.progress = progress
     if dry_run:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one plan, not one per rank
@@ -823,6 +804,9 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
                 remove_debris(st.path)
             write_text(plan.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         todo = D.broadcast_object([not st.cached() for st in plan.stages] if main else None)
+        if main and any(todo):  # the outputs describe the stages as they are: none while they change
+            for name in ("report.html", "results.json"):
+                (plan.run_dir / name).unlink(missing_ok=True)
         for st, pending in zip(plan.stages, todo):
             if not pending:
                 continue

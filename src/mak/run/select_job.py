@@ -27,11 +27,13 @@ from mak.data.pool_array import store_arrays
 from mak.data.store import FeatureStore, model_kind, open_store, value_problem
 from mak.errors import MakError
 from mak.lock import job_lock
+from mak.options import integer
+from mak.paths import output_dir
 from mak.selection.scale.context import DistributedContext
 from mak.selection.strategies import NEEDS, STORE_NOTES, Selection, select, strategy_needs
 
 
-OUTPUT_FILES = ("selection.txt", "scores.csv", "summary.json")
+OUTPUT_FILES = ("selection.txt", "scores.csv", "summary.json", "dedup.csv")  # what a select writes to --out
 ORDERS = ("pick", "score")  # selection.txt: the strategy's pick order, or highest score first
 UNSCORED = ("random", "kcenter")  # strategies that pick without a score
 
@@ -45,8 +47,7 @@ def versions() -> dict[str, str]:
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse to clobber an existing selection unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise MakError(f"{out}: output path exists and is not a directory")
+    output_dir(out)
     if not overwrite and (out / "selection.txt").exists():
         raise MakError(f"{out}: already holds a selection (use --overwrite to replace it)")
 
@@ -68,17 +69,20 @@ def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy:
 
 def open_seed_store(seed_store: str | Path | None, pool: FeatureStore, strategy: str,
                     items: str | Path | None = None) -> FeatureStore | None:
-    """The seed store when ``strategy`` uses it (validated against the pool's dimension), else None."""
+    """The seed store when ``strategy`` uses it, else None; a seed store given is validated (its
+    files, its items, the pool's dimension) whether or not the strategy reads it."""
     needs_seed = NEEDS[strategy][0]
-    if seed_store is not None and (needs_seed or strategy == "kcenter"):
-        seed = open_store(seed_store, items=items)
-        if seed.feature_dim != pool.feature_dim:
-            raise MakError(f"{seed.shards[0].file('features.npy')}: feature dimension {seed.feature_dim} "
-                           f"differs from the pool's {pool.feature_dim} ({pool.shards[0].file('features.npy')})")
-        return seed
-    if needs_seed:
-        raise MakError(f"strategy '{strategy}' needs --seed-store")
-    return None
+    if seed_store is None:
+        if needs_seed:
+            raise MakError(f"strategy '{strategy}' needs --seed-store")
+        if items is not None:
+            raise MakError(f"--seed-items {items} goes with a --seed-store array")
+        return None
+    seed = open_store(seed_store, items=items)
+    if seed.feature_dim != pool.feature_dim:
+        raise MakError(f"{seed.shards[0].file('features.npy')}: feature dimension {seed.feature_dim} "
+                       f"differs from the pool's {pool.feature_dim} ({pool.shards[0].file('features.npy')})")
+    return seed if needs_seed or strategy == "kcenter" else None
 
 
 def model_note(pool: FeatureStore, strategy: str, params: dict[str, Any], echo: bool = True) -> str | None:
@@ -153,6 +157,7 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
     1. It initialises the process group under torchrun (gloo on CPU, NCCL with ``device='cuda'``)
     and tears it down again when it started it. ``params`` are :func:`mak.select`'s.
     """
+    budget = integer(1)("budget", budget)  # before the stores: the first error names the first problem
     if order not in ORDERS:
         raise MakError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
     if order == "score" and strategy in UNSCORED:
@@ -182,7 +187,8 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
     try:
         t0 = time.perf_counter()
         seed, pool = load_inputs(seed_store, pool_store, strategy, options=params, items=items)
-        note = model_note(pool, strategy, params, echo=D.rank() == 0)  # every rank resolves the same settings
+        # every rank resolves the same settings; the note shows before the work when bars do
+        note = model_note(pool, strategy, params, echo=progress and D.rank() == 0)
         if budget > pool.num_rows:
             raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
@@ -207,6 +213,8 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
     D.barrier()
     sel.indices = np.asarray(picks, dtype=np.int64)
     sel.candidates = cand
+    if note:
+        sel.info["model_note"] = note
     return sel
 
 
@@ -276,7 +284,7 @@ def _select(seed: FeatureStore | None, pool: FeatureStore, kept: np.ndarray | No
 
     seed_feats = seed.features() if seed is not None else None
     sel = select(seed_feats, feats, views, budget, strategy=strategy, progress=progress and D.rank() == 0,
-                 context_cls=_Ctx, **params, **extra)
+                 context_cls=_Ctx, check_values=False, **params, **extra)  # load_inputs scanned them
     if ecle_file is not None:
         params["ecle_file"] = str(ecle_file)
     return sel, holder.get("ctx")
@@ -332,7 +340,8 @@ def _finish(tmp: Path, out: Path, pool: FeatureStore, seed: FeatureStore | None,
     summary = _summary(strategy, parameters, counts, info, pool, sel, seed_store, pool_store, items,
                        timings, t1, note)
     write_json(tmp / "summary.json", summary)
-    replace_dir(tmp, out, carry=True)  # the files appear together; what else `out` holds stays
+    # the files appear together; what else `out` holds stays, but not an earlier select's dedup.csv
+    replace_dir(tmp, out, carry=True, owned=OUTPUT_FILES)
 
 
 def _join_scores(tmp: Path, sel: Selection, w: int) -> None:
@@ -424,7 +433,6 @@ def _summary(strategy: str, parameters: dict[str, Any], counts: dict[str, Any], 
 
 
 __all__ = [
-    "OUTPUT_FILES",
     "check_out_dir",
     "iter_items",
     "load_inputs",

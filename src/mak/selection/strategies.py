@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
-from mak._tensor import top_k, zscore
+from mak._tensor import is_tensor, top_k, zscore
 from mak.errors import MakError
 from mak.options import Option, ParameterError, defaults, integer, number, resolve
 from mak.selection.kcenter import kcenter_greedy
@@ -86,6 +87,13 @@ class Context:
         if self.pool_views is None:
             raise MakError(f"strategy '{self.strategy}' needs the pool's augmented views (views.npy)")
         return self.pool_views
+
+    def set_ecle(self, values: Any) -> None:
+        """Score with precomputed ECLE (one finite value per pool image) instead of the views."""
+        e = np.asarray(values, dtype=np.float32)
+        if e.shape != (self.pool_size,) or not np.isfinite(e).all():
+            raise MakError(f"precomputed ECLE must be {self.pool_size} finite values, got shape {e.shape}")
+        self._ecle = e
 
     def ecle(self) -> np.ndarray:
         if self._ecle is None:
@@ -169,12 +177,9 @@ STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {}  # the options each strateg
 POOL_AWARE: set[str] = set()  # strategies that score features of a pool-aware model (mak run trains one)
 # strategy -> hook(store meta.json, options, store name) -> note or None: adapts options to the store's model
 STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | None]] = {}
-# strategy -> behaviour version (default 1): bump it when a strategy picks differently for the same
-# inputs and options, so that `mak run` re-runs its cached select stage (mak.run.pipeline.stage_version)
-# The seed's k-means is the best of N_INIT starts (proximity, tailness+proximity: 2); k-center's
-# similarities come from the column-layout product, whose last-bit rounding can flip a near-tie
-# (mak: 3, kcenter: 2; robust: 4, which also covers its gate fill). robust 5: its classifier has 128
-# hidden units and a fused Adam step.
+# strategy -> behaviour version (default 1), part of its select stage's cache key in `mak run`
+# (mak.run.pipeline.stage_version): a strategy that picks differently for the same inputs and
+# options has a higher version. The CHANGELOG says what each change was.
 STRATEGY_VERSIONS: dict[str, int] = {"mak": 3, "kcenter": 2, "proximity": 2, "tailness+proximity": 2, "robust": 5}
 
 
@@ -266,6 +271,20 @@ def _tailness_proximity(ctx: Context) -> Selection:
     return Selection(ctx.top_k(score, ctx.budget), "tailness+proximity", ctx.ecle(), ctx.distance(), score)
 
 
+def check_finite(x: Any, what: str, axis: int = 0, chunk: int = 65_536) -> None:
+    """A :class:`MakError` naming ``what`` and the first row (along ``axis``) holding NaN or Inf;
+    ``x`` (an array, memmap or tensor) is read ``chunk`` rows at a time."""
+    n = int(x.shape[axis])
+    for start in range(0, n, chunk):
+        block = x[start : start + chunk] if axis == 0 else x[:, start : start + chunk]
+        if is_tensor(block):
+            finite = torch.isfinite(block).movedim(axis, 0).reshape(block.shape[axis], -1).all(1).cpu().numpy()
+        else:
+            finite = np.isfinite(np.moveaxis(np.asarray(block), axis, 0)).reshape(block.shape[axis], -1).all(1)
+        if not finite.all():
+            raise MakError(f"{what} contain NaN or Inf (row {start + int(np.flatnonzero(~finite)[0])})")
+
+
 def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget: int, strategy: str,
                  clusters: int, options: dict[str, Any] | None = None) -> None:
     """Validate shapes and parameters; raise :class:`MakError` with one line naming the problem."""
@@ -305,7 +324,7 @@ def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int,
            alpha: float = 0.5, clusters: int = 10, core_ratio: float = 1.5, temperature: float = 0.2,
            batch_size: int = 512, partitions: int = 10, seed: int = 0, device: Any = None,
            progress: bool = False, context_cls: type[Context] | None = None, ecle_scores: Any = None,
-           **options: Any) -> Selection:
+           check_values: bool = True, **options: Any) -> Selection:
     """Pick ``budget`` pool images with ``strategy``; returns a :class:`Selection`.
 
     ``seed_features`` (M x D) and ``pool_features`` (N x D): backbone features (arrays, memmaps or
@@ -314,6 +333,7 @@ def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int,
     (:data:`STRATEGY_OPTIONS`); one it does not declare is a :class:`~mak.options.ParameterError`.
     ``context_cls`` swaps in another :class:`Context` (e.g. the distributed one). ``ecle_scores``:
     ECLE already computed with the same parameters (N,), reused instead of recomputed.
+    ``check_values``: scan the arrays for NaN/Inf first (one read; callers that scanned them pass False).
     """
     context_cls = context_cls or Context
     options = strategy_options(strategy, options)
@@ -321,13 +341,15 @@ def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int,
                                         batch_size=batch_size, partitions=partitions, seed=seed), "mak.select")
     alpha, clusters, core_ratio, temperature, batch_size, partitions, seed = base.values()
     check_inputs(seed_features, pool_features, pool_views, budget, strategy, clusters, options)
+    if check_values:
+        for name, x, axis in (("seed features", seed_features, 0), ("pool features", pool_features, 0),
+                              ("pool views", pool_views, 1)):
+            if x is not None:
+                check_finite(x, name, axis)
     ctx = context_cls(seed_features, pool_features, pool_views, int(budget), strategy, alpha, clusters, core_ratio,
                       temperature, batch_size, partitions, seed, device, progress, dict(options))
     if ecle_scores is not None:
-        e = np.asarray(ecle_scores, dtype=np.float32)
-        if e.shape != (ctx.pool_size,) or not np.isfinite(e).all():
-            raise MakError(f"precomputed ECLE must be {ctx.pool_size} finite values, got shape {e.shape}")
-        ctx._ecle = e
+        ctx.set_ecle(ecle_scores)
     t0 = time.perf_counter()
     result = STRATEGIES[strategy](ctx)
     result.indices = np.asarray(result.indices, dtype=np.int64)

@@ -455,13 +455,14 @@ def _prepare_work_dir(job: _Job) -> None:
         fresh = True
         if (work / PARAMS).is_file():
             try:
-                old = json.loads((work / PARAMS).read_text())
+                old = json.loads((work / PARAMS).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 old = None
-            if old == job.params and all((work / name / FEATURES).is_file() for name, _, _ in job.segs):
-                fresh = False
-            else:
-                print(f"mak embed: {work} holds a run with other parameters; starting afresh", file=sys.stderr)
+            complete = all((work / name / FEATURES).is_file() for name, _, _ in job.segs)
+            fresh = old != job.params or not complete
+            if fresh:
+                why = "a run with other parameters" if old != job.params else "a run whose arrays are missing"
+                print(f"mak embed: {work} holds {why}; starting afresh", file=sys.stderr)
         if fresh:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -479,10 +480,10 @@ def _loader(job: _Job, todo: list[int], num_workers: int | None):
     """``(uint8 images, rows, readable)`` for each block of ``todo``, in order."""
     from torch.utils.data import DataLoader
 
-    from mak.train.pretrain import _in_memory, default_num_workers
+    from mak.train.pretrain import in_memory, default_num_workers
 
     workers = default_num_workers(job.dev) if num_workers is None else int(num_workers)
-    if _in_memory(job.source) and num_workers is None:
+    if in_memory(job.source) and num_workers is None:
         workers = 0  # decoded arrays: worker IPC costs more than it saves
     if workers == 0 and todo and job.ds.fits_rows():  # decoded arrays at the working size: whole blocks at once
         return _row_blocks(job.ds, todo, job.batch_size, job.n)
@@ -495,6 +496,8 @@ def _loader(job: _Job, todo: list[int], num_workers: int | None):
 def _readable_batches(job: _Job, todo: list[int], loader
                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[tuple[int, str]]]]:
     """``(block, images, rows, skipped)`` per block: unreadable rows reported and left out."""
+    from tqdm.auto import tqdm
+
     for block, (imgs, idx, ok) in zip(todo, loader):
         idx = torch.as_tensor(idx, dtype=torch.int64)
         ok = torch.as_tensor(ok, dtype=torch.bool)
@@ -502,7 +505,7 @@ def _readable_batches(job: _Job, todo: list[int], loader
         if not bool(ok.all()):
             for i in idx[~ok].tolist():
                 reason = job.ds.check(i) or f"{job.source.item(i)}: unreadable image"
-                print(f"mak embed: skipping {reason}", file=sys.stderr)
+                tqdm.write(f"mak embed: skipping {reason}", file=sys.stderr)  # above the progress bar, not on it
                 skipped.append((i, reason))
             imgs, idx = imgs[ok], idx[ok]
         yield block, imgs, idx, skipped
@@ -759,21 +762,31 @@ def _assemble_shards(job: _Job, skipped: dict[int, str], meta: dict) -> None:
 
 
 def _finalize_segment(seg: Path, dest: Path, source, a: int, b: int, skipped: dict[int, str], views: int) -> int:
-    """Move (or compact, dropping skipped rows) one segment's arrays into ``dest``; write items.txt."""
+    """Link (or compact, dropping skipped rows) one segment's arrays into ``dest``; write items.txt.
+
+    The segment keeps its arrays until the work directory is removed, so a finish that is
+    interrupted is redone by the next run from the embedded blocks."""
     dest.mkdir(parents=True, exist_ok=True)
     drop = np.array(sorted(i - a for i in skipped if a <= i < b), dtype=np.int64)
     names = [FEATURES] + ([VIEWS] if views else [])
     if drop.size == 0:
         for nm in names:
-            os.replace(seg / nm, dest / nm)
+            _link_or_copy(seg / nm, dest / nm)
     else:
         keep = np.ones(b - a, dtype=bool)
         keep[drop] = False
         for nm in names:
             _compact(seg / nm, dest / nm, keep)
-            (seg / nm).unlink()
     _write_items(dest / ITEMS, source, a, b, skipped)
     return (b - a) - int(drop.size)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (no copy), or a copy where the file system has no links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _compact(src_path: Path, dst_path: Path, keep: np.ndarray) -> None:

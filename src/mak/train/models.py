@@ -34,7 +34,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from mak.errors import MakError
+from mak.errors import MakError, first_line
 
 __all__ = [
     "BACKBONES",
@@ -328,7 +328,7 @@ def read_weights(path: str | os.PathLike) -> Weights:
     except ImportError:
         raise MakError(f"{p}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
     except Exception as exc:
-        raise MakError(f"{p}: unreadable weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise MakError(f"{p}: unreadable weights ({type(exc).__name__}: {first_line(exc)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -62,7 +62,8 @@ from mak import distributed as D
 from mak._machine import cpu_bf16_supported
 from mak.atomic import atomic_path, remove_debris, write_text
 from mak._tensor import auto_device
-from mak.errors import MakError
+from mak.errors import MakError, first_line
+from mak.paths import input_file, output_dir
 from mak.lock import job_lock
 from mak.train.losses import nt_xent_global
 
@@ -166,15 +167,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
     Raises :class:`MakError` naming the file when it is missing, unreadable or not a mak checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MakError(f"{path}: checkpoint not found")
+    path = input_file(path, "checkpoint")
     try:
         data = path.read_bytes()  # one read: the hash below is of the bytes that are loaded
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MakError(f"{path}: unreadable checkpoint ({msg[:200]})") from None
+        raise MakError(f"{path}: unreadable checkpoint ({first_line(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "config" not in ckpt:
         raise MakError(f"{path}: not a mak pretrain checkpoint")
     if int(ckpt.get("version", 0)) > FORMAT_VERSION:
@@ -359,6 +357,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         raise MakError(f"stop_after must be >= 1, got {stop_after}")
     if epochs < 1:
         raise MakError(f"--epochs must be >= 1, got {epochs}")
+    output_dir(out_dir)
     run = _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed,
                      image_size, channels, device, amp, channels_last, num_workers)
     if weights is not None:  # the weights' hash keys the run (a resume must start from the same ones)
@@ -535,7 +534,7 @@ def _checkpoint_to_resume(run: _Run, resume: bool) -> dict | None:
 def _seed_images(run: _Run, progress: bool) -> torch.Tensor | None:
     """Validate every seed image before training; return them decoded (uint8) when they fit in memory."""
     if run.n * run.channels * run.image_size * run.image_size <= CACHE_BYTES:
-        scan_workers = 0 if _in_memory(run.source) else run.workers
+        scan_workers = 0 if in_memory(run.source) else run.workers
         cache, bad_rows = _scan(run.source, run.image_size, run.channels, scan_workers, cache=True)
         if bad_rows:
             raise _report_bad(run.source, _reasons(run.source, bad_rows, run.image_size, run.channels))
@@ -724,7 +723,7 @@ def _reasons(source, rows: list[int], size: int = 32, channels: int = 1) -> list
     return [(i, ds.check(i) or f"{source.item(i)}: could not be decoded") for i in rows]
 
 
-def _in_memory(source) -> bool:
+def in_memory(source) -> bool:
     """Whether ``source`` holds its images decoded in memory (then DataLoader workers do not pay off)."""
     try:
         return bool(source.in_memory())

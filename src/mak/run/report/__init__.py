@@ -36,11 +36,11 @@ from typing import Callable
 import numpy as np
 
 from mak.atomic import write_text
-from mak.run.report.context import _Context
-from mak.run.report.inputs import _find_gate, _read_scores  # noqa: F401  (re-exported: the tests read gates and scores)
-from mak.run.report.page import _page
+from mak.run.report.context import Context
+from mak.run.report.inputs import find_gate, read_scores  # re-exported: the tests read gates and scores
+from mak.run.report.page import render_page
 
-__all__ = ["write_report"]
+__all__ = ["find_gate", "read_scores", "write_report"]
 
 
 def write_report(out_path: str | os.PathLike, *, title: str, results: list[dict],
@@ -55,12 +55,16 @@ def write_report(out_path: str | os.PathLike, *, title: str, results: list[dict]
         results: one dict per strategy (and ``"none"``, the seed alone) with ``strategy``,
             ``ood_rate``, ``few_share``, ``fullshot_acc``, ``fewshot_acc`` (optionally
             ``fewshot_std``), ``knn_acc``, ``group_acc`` (``many``/``medium``/``few``) and
-            ``group_std``; each figure a fraction, ``{"mean": x, "std": y}`` or None.
+            ``group_std``; each figure a fraction, ``{"mean": x, "std": y}`` or None (over repeats:
+            ``values`` lists the repeats' values in order). Optionally ``per_class_acc``
+            (``{class: figure}``): with repeats, the table shows repeat 0's values, as the classes'
+            seed counts differ between repeats.
         strategies: per strategy name, ``scores_csv`` (path of the selection's scores.csv),
             ``summary`` (its summary.json dict; an in-domain gate in it is drawn),
             ``class_counts_seed`` and ``class_counts_selected`` (``{class: count}``, ``"-1"`` =
             out-of-domain). Any key may be missing.
-        seed_items: the seed's item lines (for its size, and its class counts when not given).
+        seed_items: the seed's item lines (for its size, and its class counts when not given); with
+            repeats, repeat 0's seed.
         pool_images: ``pool_images(i)`` -> uint8 HxW or HxWxC array of pool row ``i``; None
             leaves the thumbnail grids out.
         pool_items: the pool's item lines, by pool row (labels, tooltips, the pool size).
@@ -69,7 +73,7 @@ def write_report(out_path: str | os.PathLike, *, title: str, results: list[dict]
         class_names: label -> name (the benchmark's Fashion-MNIST names), shown for the labels.
     """
     out = Path(out_path)
-    page = _page(_Context(title, results, strategies, seed_items, pool_images, pool_items, loss_logs, notes,
-                          out_dir=out.parent, class_names=class_names))
+    page = render_page(Context(title, results, strategies, seed_items, pool_images, pool_items, loss_logs, notes,
+                               out_dir=out.parent, class_names=class_names))
     write_text(out, page)
     return out

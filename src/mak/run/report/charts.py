@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mak.run.report.format import _esc, _short
+from mak.run.report.format import esc, fmt_short
 from mak.run.report.style import OOD_COLOR, SEED_COLOR
 
 HIST_BINS = 40  # bins of a histogram drawn from raw values
@@ -42,7 +42,7 @@ def _ticks(lo: float, hi: float, n: int = 5, cover: bool = False) -> tuple[list[
 def _tick_label(v: float, step: float) -> str:
     """A tick value with as many decimals as the step needs (1.5k style for large counts)."""
     if step >= 1 and abs(v) >= 1000:
-        return _short(v)
+        return fmt_short(v)
     dec = 0
     while dec < 8 and abs(step * 10 ** dec - round(step * 10 ** dec)) > 1e-6 * max(1.0, step * 10 ** dec):
         dec += 1
@@ -55,7 +55,7 @@ def _f(x: float) -> str:
 
 def _svg_open(w: int, h: int, label: str) -> str:
     return (f'<svg viewBox="0 0 {w} {h}" role="img" '
-            f'aria-label="{_esc(label)}" class="chart-svg">')
+            f'aria-label="{esc(label)}" class="chart-svg">')
 
 
 def _y_axis(parts: list[str], ticks: list[float], step: float, sy: Callable[[float], float],
@@ -64,7 +64,7 @@ def _y_axis(parts: list[str], ticks: list[float], step: float, sy: Callable[[flo
         y = sy(t)
         parts.append(f'<line x1="{_f(x0)}" x2="{_f(x1)}" y1="{_f(y)}" y2="{_f(y)}" class="grid"/>')
         parts.append(f'<text x="{_f(x0 - 5)}" y="{_f(y + 3.5)}" text-anchor="end" class="tick">'
-                     f'{_esc(fmt(t) if fmt else _tick_label(t, step))}</text>')
+                     f'{esc(fmt(t) if fmt else _tick_label(t, step))}</text>')
 
 
 def _x_axis(parts: list[str], ticks: list[float], step: float, sx: Callable[[float], float],
@@ -73,14 +73,14 @@ def _x_axis(parts: list[str], ticks: list[float], step: float, sx: Callable[[flo
         x = sx(t)
         parts.append(f'<line x1="{_f(x)}" x2="{_f(x)}" y1="{_f(y)}" y2="{_f(y + 4)}" class="axis"/>')
         parts.append(f'<text x="{_f(x)}" y="{_f(y + 15)}" text-anchor="middle" class="tick">'
-                     f'{_esc(_tick_label(t, step))}</text>')
+                     f'{esc(_tick_label(t, step))}</text>')
     if label:
         parts.append(f'<text x="{_f(width / 2)}" y="{_f(y + 30)}" text-anchor="middle" class="axlabel">'
-                     f'{_esc(label)}</text>')
+                     f'{esc(label)}</text>')
 
 
 @dataclass
-class _Series:
+class Series:
     label: str
     color: str
     counts: np.ndarray
@@ -88,8 +88,8 @@ class _Series:
     dash: str = ""
 
 
-def _svg_histogram(edges: np.ndarray, panels: Sequence[tuple[str, Sequence[_Series]]], xlabel: str,
-                   title: str, threshold: float | None = None, threshold_label: str = "") -> str:
+def svg_histogram(edges: np.ndarray, panels: Sequence[tuple[str, Sequence[Series]]], xlabel: str,
+                  title: str, threshold: float | None = None, threshold_label: str = "") -> str:
     """Stacked panels sharing an x axis; each series normalised to its share of images per bin."""
     w, ml, mr, mt, mb = 480, 50, 14, 8, 42
     ph, gap = 118, 26
@@ -117,9 +117,9 @@ def _svg_histogram(edges: np.ndarray, panels: Sequence[tuple[str, Sequence[_Seri
     return "".join(parts)
 
 
-def _hist_panel(parts: list[str], edges: np.ndarray, ptitle: str, series: Sequence[_Series],
+def _hist_panel(parts: list[str], edges: np.ndarray, ptitle: str, series: Sequence[Series],
                 sx: Callable[[float], float], top: float, bottom: float, x0: float, x1: float) -> None:
-    """One panel of :func:`_svg_histogram` between ``top`` and ``bottom``: its y axis, title and series."""
+    """One panel of :func:`svg_histogram` between ``top`` and ``bottom``: its y axis, title and series."""
     shares = [s.counts / s.counts.sum() if s.counts.sum() > 0 else None for s in series]
     ymax = max([float(a.max()) for a in shares if a is not None] + [1e-9])
     yt, ystep = _ticks(0.0, ymax * 1.04, 3, cover=True)
@@ -130,7 +130,7 @@ def _hist_panel(parts: list[str], edges: np.ndarray, ptitle: str, series: Sequen
 
     _y_axis(parts, yt, ystep, sy, x0, x1, fmt=lambda t: f"{100 * t:.0f}%")
     if ptitle:
-        parts.append(f'<text x="{x0 + 4}" y="{_f(top - 4)}" class="ptitle">{_esc(ptitle)}</text>')
+        parts.append(f'<text x="{x0 + 4}" y="{_f(top - 4)}" class="ptitle">{esc(ptitle)}</text>')
     for s, a in zip(series, shares):
         if a is not None:
             parts.append(_step_path(s, a, edges, sx, sy, bottom))
@@ -140,7 +140,7 @@ def _hist_panel(parts: list[str], edges: np.ndarray, ptitle: str, series: Sequen
     parts.append(f'<line x1="{x0}" x2="{x1}" y1="{_f(bottom)}" y2="{_f(bottom)}" class="axis"/>')
 
 
-def _step_path(s: _Series, share: np.ndarray, edges: np.ndarray, sx: Callable[[float], float],
+def _step_path(s: Series, share: np.ndarray, edges: np.ndarray, sx: Callable[[float], float],
                sy: Callable[[float], float], bottom: float) -> str:
     """The histogram outline of one series: filled and translucent, or a (dashed) line."""
     pts = [f"M{_f(sx(edges[0]))},{_f(bottom)}"]
@@ -163,11 +163,11 @@ def _threshold_mark(parts: list[str], x: float, top: float, bottom: float, label
         anchor = "end" if x > w * 0.6 else "start"
         dx = -4 if anchor == "end" else 4
         parts.append(f'<text x="{_f(x + dx)}" y="{_f(top + 10)}" text-anchor="{anchor}" '
-                     f'class="thrlabel">{_esc(label)}</text>')
+                     f'class="thrlabel">{esc(label)}</text>')
 
 
-def _svg_class_counts(classes: Sequence[str], seed: Sequence[int], added: Sequence[int], ood: int | None,
-                      color: str, title: str) -> str:
+def svg_class_counts(classes: Sequence[str], seed: Sequence[int], added: Sequence[int], ood: int | None,
+                     color: str, title: str) -> str:
     """Stacked bars: seed count (grey) + the selection's count (strategy colour), then an OOD bar."""
     n = len(classes)
     slots = n + (1.6 if ood is not None else 0)
@@ -212,23 +212,23 @@ def _class_bar(parts: list[str], c: str, s: int, a: int, cx: float, bw: float, s
     x = cx - bw / 2
     ys, ya = sy(s), sy(s + a)
     parts.append(f'<rect x="{_f(x)}" y="{_f(ys)}" width="{_f(bw)}" height="{_f(base - ys)}" '
-                 f'fill="{SEED_COLOR}"><title>class {_esc(c)}: seed {s:,}</title></rect>')
+                 f'fill="{SEED_COLOR}"><title>class {esc(c)}: seed {s:,}</title></rect>')
     if a > 0:
         parts.append(f'<rect x="{_f(x)}" y="{_f(ya)}" width="{_f(bw)}" height="{_f(ys - ya)}" '
-                     f'fill="{color}"><title>class {_esc(c)}: +{a:,} selected '
+                     f'fill="{color}"><title>class {esc(c)}: +{a:,} selected '
                      f'(seed {s:,} &#8594; {s + a:,})</title></rect>')
     if label and a > 0:
         parts.append(f'<text x="{_f(cx)}" y="{_f(ya - 4)}" text-anchor="middle" class="barlabel" '
-                     f'fill="{color}">+{_short(a)}</text>')
+                     f'fill="{color}">+{fmt_short(a)}</text>')
 
 
 def _class_tick(c: str, cx: float, base: float, rotate: bool) -> str:
     """Class ``c``'s name under its bar, slanted when there are many classes."""
     if rotate:
         return (f'<text transform="translate({_f(cx + 3)},{_f(base + 8)}) rotate(-55)" '
-                f'text-anchor="end" class="tick">{_esc(c[:12])}</text>')
+                f'text-anchor="end" class="tick">{esc(c[:12])}</text>')
     return (f'<text x="{_f(cx)}" y="{_f(base + 14)}" text-anchor="middle" class="tick">'
-            f'{_esc(c[:8])}</text>')
+            f'{esc(c[:8])}</text>')
 
 
 def _ood_bar(parts: list[str], ood: int, cx: float, bw: float, sy: Callable[[float], float], base: float) -> None:
@@ -238,26 +238,33 @@ def _ood_bar(parts: list[str], ood: int, cx: float, bw: float, sy: Callable[[flo
     parts.append(f'<rect x="{_f(x)}" y="{_f(yo)}" width="{_f(bw)}" height="{_f(base - yo)}" '
                  f'fill="{OOD_COLOR}"><title>out-of-domain: {ood:,} selected</title></rect>')
     parts.append(f'<text x="{_f(cx)}" y="{_f(yo - 4)}" text-anchor="middle" class="barlabel" '
-                 f'fill="{OOD_COLOR}">{_short(ood)}</text>')
+                 f'fill="{OOD_COLOR}">{fmt_short(ood)}</text>')
     parts.append(f'<text x="{_f(cx)}" y="{_f(base + 14)}" text-anchor="middle" class="tick" '
                  f'fill="{OOD_COLOR}">OOD</text>')
 
 
-def _svg_lines(series: Sequence[tuple[str, str, str, np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
-               title: str) -> str:
+def _x_ticks(xs: np.ndarray) -> tuple[list[float], float]:
+    """Ticks within the data's x range; whole numbers at a whole step when every x is whole (epochs)."""
+    lo, hi = float(xs.min()), float(xs.max())
+    xt, step = _ticks(lo, hi if hi > lo else lo + 1, 8)
+    if np.all(xs == np.round(xs)) and step != round(step):  # whole epochs: whole ticks
+        step = next(m * 10.0 ** e for e in range(16) for m in (1, 2, 5) if m * 10.0 ** e >= step)
+        xt = [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+    return [t for t in xt if lo - 1e-9 <= t <= hi + 1e-9], step
+
+
+def svg_lines(series: Sequence[tuple[str, str, str, np.ndarray, np.ndarray]], xlabel: str, ylabel: str,
+              title: str) -> str:
     """Line chart of ``(label, colour, dash, xs, ys)`` series."""
     w, h, ml, mr, mt, mb = 500, 300, 54, 14, 14, 42
     xs_all = np.concatenate([s[3] for s in series])
     ys_all = np.concatenate([s[4] for s in series])
+    xt, xstep = _x_ticks(xs_all)
     xlo, xhi = float(xs_all.min()), float(xs_all.max())
     ylo, yhi = float(ys_all.min()), float(ys_all.max())
-    if xhi <= xlo:
-        xhi = xlo + 1
+    if xhi <= xlo:  # a single x: the point in the middle of a unit-wide axis
+        xlo, xhi = xlo - 0.5, xhi + 0.5
     pad = (yhi - ylo) * 0.06 or max(abs(yhi) * 0.05, 0.05)
-    xt, xstep = _ticks(xlo, xhi, 8)
-    if np.all(xs_all == np.round(xs_all)) and xstep < 1:  # whole epochs: whole ticks
-        xt, xstep = [float(v) for v in range(math.ceil(xlo), math.floor(xhi) + 1)], 1.0
-    xt = [t for t in xt if xlo - 1e-9 <= t <= xhi + 1e-9]
     yt, ystep = _ticks(ylo - pad, yhi + pad, 5)
     y0 = math.floor((ylo - pad) / ystep + 1e-9) * ystep
     y1 = math.ceil((yhi + pad) / ystep - 1e-9) * ystep
@@ -274,20 +281,20 @@ def _svg_lines(series: Sequence[tuple[str, str, str, np.ndarray, np.ndarray]], x
     _y_axis(parts, [t for t in yt if y0 <= t <= y1], ystep, sy, ml, w - mr)
     parts.append(f'<line x1="{ml}" x2="{w - mr}" y1="{h - mb}" y2="{h - mb}" class="axis"/>')
     parts.append(f'<text transform="translate(13,{_f((h - mb + mt) / 2)}) rotate(-90)" text-anchor="middle" '
-                 f'class="axlabel">{_esc(ylabel)}</text>')
+                 f'class="axlabel">{esc(ylabel)}</text>')
     for label, color, dash, xs, ys in series:
         d = "".join(f"{'M' if i == 0 else 'L'}{_f(sx(x))},{_f(sy(y))}" for i, (x, y) in enumerate(zip(xs, ys)))
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         parts.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="2"{dash_attr} '
-                     f'stroke-linejoin="round"><title>{_esc(label)}</title></path>')
+                     f'stroke-linejoin="round"><title>{esc(label)}</title></path>')
         if len(xs) == 1:
             parts.append(f'<circle cx="{_f(sx(xs[0]))}" cy="{_f(sy(ys[0]))}" r="3" fill="{color}"/>')
-    _x_axis(parts, xt or [xlo], xstep, sx, h - mb, xlabel, w + ml - mr)
+    _x_axis(parts, xt or [float(xs_all.min())], xstep, sx, h - mb, xlabel, w + ml - mr)
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _legend(entries: Sequence[tuple[str, str, str]]) -> str:
+def legend(entries: Sequence[tuple[str, str, str]]) -> str:
     """HTML legend of ``(label, colour, kind)``; kind 'fill', 'line', 'dash' or 'thr'."""
     out = ['<div class="legend">']
     for label, color, kind in entries:
@@ -296,6 +303,6 @@ def _legend(entries: Sequence[tuple[str, str, str]]) -> str:
         else:
             style = {"line": "solid", "dash": "dashed", "thr": "dashed"}.get(kind, "solid")
             sw = f'<i class="ln" style="border-top:2px {style} {color}"></i>'
-        out.append(f"<span>{sw}{_esc(label)}</span>")
+        out.append(f"<span>{sw}{esc(label)}</span>")
     out.append("</div>")
     return "".join(out)

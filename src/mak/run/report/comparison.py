@@ -8,27 +8,28 @@ takeaway cards name the best strategy on a headline figure with its margin over 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mak.run.report.charts import _legend
-from mak.run.report.format import _esc, _num, _pct
-from mak.run.report.inputs import _labels_of
+from mak.run.report.charts import legend
+from mak.run.report.format import esc, num, pct
+from mak.run.report.inputs import labels_of
 from mak.run.report.style import FEW_COLOR, NEAR_COLOR, NONE_COLOR, OOD_COLOR, REST_COLOR
 
 if TYPE_CHECKING:
-    from mak.run.report.context import _Context
+    from mak.run.report.context import Context
 
 
 def _fig(v: Any, std: Any = None) -> tuple[float, float | None] | None:
     """``(mean, std)`` of a figure given as a number or ``{"mean": .., "std": ..}``; None when absent."""
     if isinstance(v, Mapping):
-        m = _num(v.get("mean"))
-        return None if m is None else (m, _num(v.get("std")))
-    m = _num(v)
-    return None if m is None else (m, _num(std))
+        m = num(v.get("mean"))
+        return None if m is None else (m, num(v.get("std")))
+    m = num(v)
+    return None if m is None else (m, num(std))
 
 
 def _cell_html(f: tuple[float, float | None] | None) -> str:
@@ -36,9 +37,9 @@ def _cell_html(f: tuple[float, float | None] | None) -> str:
     if f is None:
         return '<span class="na">&ndash;</span>'
     m, s = f
-    out = _pct(m)
+    out = pct(m)
     if s is not None:
-        out += f'<span class="sd">&plusmn;{_pct(s)}</span>'
+        out += f'<span class="sd">&plusmn;{pct(s)}</span>'
     return out
 
 
@@ -109,7 +110,7 @@ COLUMNS: tuple[_Col, ...] = (
 )
 
 
-def _takeaways(ctx: _Context) -> str:
+def takeaways(ctx: Context) -> str:
     """Cards naming the best strategy on each headline figure (a note when there is nothing to compare)."""
     rows = [(str(r.get("strategy", "")), r) for r in ctx.results]
     base = next((r for n, r in rows if n == "none"), None)
@@ -145,7 +146,7 @@ def _beyond_spread(vals: list[tuple[str, tuple[float, float | None]]], best: str
     return True
 
 
-def _card(ctx: _Context, rows: list[tuple[str, Mapping[str, Any]]], base: Mapping[str, Any] | None, label: str,
+def _card(ctx: Context, rows: list[tuple[str, Mapping[str, Any]]], base: Mapping[str, Any] | None, label: str,
           col: _Col, exclude_none: bool = False, vs_none: bool = True) -> str:
     """The takeaway card of ``col``: the best strategy, its value and margin; "" when there is no winner."""
     vals = [(n, col.get(r)) for n, r in rows if not (exclude_none and n == "none")]
@@ -164,21 +165,21 @@ def _card(ctx: _Context, rows: list[tuple[str, Mapping[str, Any]]], base: Mappin
         return ""  # a single run, or a lead within the spread of the repeats: no winner to name
     detail = ""
     if len(tied) > 1:
-        detail = "tied with " + ", ".join(_esc(t[0]) for t in tied[1:4]) + ("&hellip;" if len(tied) > 4 else "")
+        detail = "tied with " + ", ".join(esc(t[0]) for t in tied[1:4]) + ("&hellip;" if len(tied) > 4 else "")
     elif vs_none and base is not None and n != "none":
         b = col.get(base)
         if b is not None:
             diff = 100 * (m - b[0])
-            detail = f"{diff:+.1f} pts vs seed alone ({_pct(b[0])}{unit})"
+            detail = f"{diff:+.1f} pts vs seed alone ({pct(b[0])}{unit})"
     elif len(vals) > 1:
         runner = sorted(vals, key=lambda t: t[1][0], reverse=not col.lower_better)[1]
-        detail = f"next: {_esc(runner[0])} ({_pct(runner[1][0])}{unit})"
-    std = f'<span class="sd">&plusmn;{_pct(s)}</span>' if s is not None else ""
-    return (f'<div class="card"><div class="k">{_esc(label)}</div><div class="v">{ctx.chip(n)}'
-            f"<span>{_pct(m)}{unit}{std}</span></div><div class=\"d\">{detail or '&nbsp;'}</div></div>")
+        detail = f"next: {esc(runner[0])} ({pct(runner[1][0])}{unit})"
+    std = f'<span class="sd">&plusmn;{pct(s)}</span>' if s is not None else ""
+    return (f'<div class="card"><div class="k">{esc(label)}</div><div class="v">{ctx.chip(n)}'
+            f"<span>{pct(m)}{unit}{std}</span></div><div class=\"d\">{detail or '&nbsp;'}</div></div>")
 
 
-def _table(ctx: _Context) -> str:
+def comparison_table(ctx: Context) -> str:
     """The comparison table, a row per results entry, and the legend of its columns (those with a value)."""
     if not ctx.results:
         return '<p class="note">No results.</p>'
@@ -192,15 +193,15 @@ def _table(ctx: _Context) -> str:
     figs = [[f[j] for j in keep] for f in figs_all]
     best = _best_rows(figs, cols)
     h = ['<div class="tablewrap"><table class="cmp"><thead><tr class="grp"><th></th>']
-    h += [f'<th colspan="{k}" class="g">{_esc(g)}</th>' for g, k in _column_groups(cols)]
+    h += [f'<th colspan="{k}" class="g">{esc(g)}</th>' for g, k in _column_groups(cols)]
     h.append('</tr><tr><th class="name">Strategy</th>')
-    h += [f'<th title="{c.legend}">{_esc(c.head)}{" &#8595;" if c.lower_better else ""}</th>' for c in cols]
+    h += [f'<th title="{c.legend}">{esc(c.head)}{" &#8595;" if c.lower_better else ""}</th>' for c in cols]
     h.append("</tr></thead><tbody>")
     for i, r in enumerate(ctx.results):
         name = str(r.get("strategy", f"#{i}"))
         label = "none (seed alone)" if name == "none" else name
-        link = (f'<a href="#{ctx.anchors[name]}" style="color:inherit">{_esc(label)}</a>'
-                if name in ctx.strategies else _esc(label))
+        link = (f'<a href="#{ctx.anchors[name]}" style="color:inherit">{esc(label)}</a>'
+                if name in ctx.strategies else esc(label))
         h.append(f'<tr class="{"none" if name == "none" else "s"}"><td class="name">'
                  f'<span class="dot" style="background:{ctx.colors.get(name, NONE_COLOR)}"></span>{link}</td>')
         for j in range(len(cols)):
@@ -209,7 +210,7 @@ def _table(ctx: _Context) -> str:
         h.append("</tr>")
     h.append("</tbody></table></div>")
     h.append('<ul class="keys">')
-    h += [f"<li><b>{_esc(c.head)}</b> &mdash; {c.legend}</li>" for c in cols]
+    h += [f"<li><b>{esc(c.head)}</b> &mdash; {c.legend}</li>" for c in cols]
     h.append("<li><b>Highlighted</b> &mdash; best value of the column (&#8595; lower is better); "
              "all figures in percent</li></ul>")
     return "".join(h)
@@ -243,36 +244,89 @@ def _column_groups(cols: Sequence[_Col]) -> list[tuple[str, int]]:
 BEST = ' class="best"'
 
 
-def _per_class_table(ctx: _Context) -> str:
-    """Few-shot accuracy per class (columns by seed count, most first) for each results entry with one."""
+def _repeats(results: Sequence[Mapping[str, Any]]) -> int:
+    """How many repeats the results aggregate: the longest ``values`` list of any figure (1 without any)."""
+    n = 1
+    for r in results:
+        for v in r.values():
+            subs = v.values() if isinstance(v, Mapping) and "values" not in v else [v]
+            for f in subs:
+                if isinstance(f, Mapping) and isinstance(f.get("values"), (list, tuple)):
+                    n = max(n, len(f["values"]))
+    return n
+
+
+def _first_repeat(v: Any, n: int) -> tuple[float, float | None] | None:
+    """Repeat 0's value of a figure over ``n`` repeats (None when its ``values`` do not hold all ``n``)."""
+    if not isinstance(v, Mapping):
+        return _fig(v)  # a single run's value
+    vals = v.get("values")
+    return _fig(vals[0]) if isinstance(vals, (list, tuple)) and len(vals) == n else None
+
+
+def _class_key(c: str) -> tuple[int, int, str]:
+    return (0, int(c), "") if re.fullmatch(r"-?\d+", c) else (1, 0, c)
+
+
+_BY_SEED = "columns: the classes by seed count, most first; highlighted: the best of the column"
+_SEED_VARIES = ("each repeat draws its own seed, so a class that is Many in one repeat can be Few in another; "
+                "the Many / Medium / Few columns above average each repeat's own groups")
+
+
+def _seed_counts(items: Sequence[str]) -> dict[str, int]:
+    """Images per class label of the seed's items ({} when they carry no labels)."""
+    labels = labels_of(items)
+    if labels is None:
+        return {}
+    u, c = np.unique(labels, return_counts=True)
+    return {str(int(a)): int(b) for a, b in zip(u, c)}
+
+
+def _per_class_view(ctx: Context, rows: list[tuple[str, Mapping[str, Any]]]) -> tuple[list[list[Any]], list[str],
+                                                                                         dict[str, int] | None, str]:
+    """The table's cells, its classes, the seed counts heading them (None: columns by class id) and its caption.
+
+    A single run: its values, by seed count. Repeats: repeat 0's values under repeat 0's seed counts
+    (``seed_items``), since a class's mean over repeats mixes head and tail classes; means without
+    per-repeat values: by class id, without seed counts."""
+    seed_n = _seed_counts(ctx.seed_items)
+    classes = sorted({c for _, pc in rows for c in pc}, key=lambda c: (-seed_n.get(c, 0), _class_key(c)))
+    n = _repeats(ctx.results)
+    if n > 1:
+        figs = [[_first_repeat(pc.get(c), n) for c in classes] for _, pc in rows]
+        return figs, classes, seed_n, f"repeat 0 of {n} only, with its seed's counts: {_SEED_VARIES}. {_BY_SEED}"
+    figs = [[_fig(pc.get(c)) for c in classes] for _, pc in rows]
+    if not any(f is not None and f[1] is not None for row in figs for f in row):
+        return figs, classes, seed_n, _BY_SEED
+    classes = sorted(classes, key=_class_key)
+    figs = [[_fig(pc.get(c)) for c in classes] for _, pc in rows]
+    return figs, classes, None, f"mean &plusmn; std over repeats of each class, columns by class id: {_SEED_VARIES}"
+
+
+def per_class_table(ctx: Context) -> str:
+    """Few-shot accuracy per class for each results entry with one (see :func:`_per_class_view`)."""
     rows = [(str(r.get("strategy", "")), r["per_class_acc"]) for r in ctx.results
             if isinstance(r.get("per_class_acc"), Mapping) and r["per_class_acc"]]
     if not rows:
         return ""
-    seed_labels = _labels_of(ctx.seed_items)
-    seed_n: dict[str, int] = {}
-    if seed_labels is not None:
-        u, c = np.unique(seed_labels, return_counts=True)
-        seed_n = {str(int(a)): int(b) for a, b in zip(u, c)}
-    classes = sorted({c for _, pc in rows for c in pc}, key=lambda c: (-seed_n.get(c, 0), c))
-    figs = [[_fig(pc.get(c)) for c in classes] for _, pc in rows]
+    figs, classes, seed_n, caption = _per_class_view(ctx, rows)
     best = _best_rows(figs, [_Col(c, c, "", False, "", lambda r: None) for c in classes])
     h = ['<div class="tablewrap"><table class="cmp"><thead><tr><th class="name">Strategy</th>']
-    h += [f'<th title="seed images: {seed_n.get(c, 0)}">{_esc(ctx.class_names.get(c, c))}'
-          f'<br><span class="sd">seed {seed_n.get(c, 0)}</span></th>' for c in classes]
+    h += [f'<th title="seed images: {seed_n.get(c, 0)}">{esc(ctx.class_names.get(c, c))}'
+          f'<br><span class="sd">seed {seed_n.get(c, 0)}</span></th>' if seed_n is not None else
+          f"<th>{esc(ctx.class_names.get(c, c))}</th>" for c in classes]
     h.append("</tr></thead><tbody>")
     for i, (name, _) in enumerate(rows):
         label = "none (seed alone)" if name == "none" else name
         h.append(f'<tr class="{"none" if name == "none" else "s"}"><td class="name"><span class="dot" '
-                 f'style="background:{ctx.colors.get(name, NONE_COLOR)}"></span>{_esc(label)}</td>')
+                 f'style="background:{ctx.colors.get(name, NONE_COLOR)}"></span>{esc(label)}</td>')
         h += [f"<td{BEST if i in best[j] else ''}>{_cell_html(figs[i][j])}</td>" for j in range(len(classes))]
         h.append("</tr>")
     h.append("</tbody></table></div>")
-    return ('<h3>Few-shot accuracy per class</h3><p class="note">columns: the classes by seed count, most '
-            "first; highlighted: the best of the column</p>" + "".join(h))
+    return f'<h3>Few-shot accuracy per class</h3><p class="note">{caption}</p>' + "".join(h)
 
 
-def _composition(ctx: _Context) -> str:
+def composition(ctx: Context) -> str:
     """A bar per strategy of what its selection is made of, with the legend; "" without shares."""
     rows = []
     for r in ctx.results:
@@ -292,7 +346,7 @@ def _composition(ctx: _Context) -> str:
         leg += [("Medium classes", "#7fb3a0", "fill"), ("Many classes", "#98a6b8", "fill")]
     leg.append(("other in-domain" if not has_mm else "rest", REST_COLOR, "fill"))
     return ('<div class="comp"><h3>What each selection is made of</h3><div class="rows">' + "".join(rows)
-            + "<div></div>" + _legend(leg).replace('class="legend"', 'class="legend" style="margin-left:0"')
+            + "<div></div>" + legend(leg).replace('class="legend"', 'class="legend" style="margin-left:0"')
             + "</div></div>")
 
 

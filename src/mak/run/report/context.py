@@ -1,6 +1,6 @@
 """One report's inputs, normalised, and the lookups every section of the page shares.
 
-:class:`_Context` holds the arguments of :func:`mak.run.report.write_report` (missing ones as empty
+:class:`Context` holds the arguments of :func:`mak.run.report.write_report` (missing ones as empty
 containers), gives each strategy its colour and anchor, labels scores rows, finds item text, and
 collects what the sections have to say about unreadable inputs (``warnings``, shown under Notes).
 Pool labels and thumbnails are computed once, on first use.
@@ -13,13 +13,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mak.run.report.format import _esc
-from mak.run.report.inputs import _fetch_items, _labels_of, _read_scores, _Scores
+from mak.run.report.format import esc
+from mak.run.report.inputs import fetch_items, labels_of, read_scores, Scores
 from mak.run.report.style import NONE_COLOR, PALETTE
-from mak.run.report.thumbs import _Thumbs
+from mak.run.report.thumbs import Thumbs
 
 
-class _Context:
+class Context:
     """The state one page is built from (see :func:`mak.run.report.write_report` for the inputs)."""
 
     def __init__(self, title: str, results: list[dict], strategies: Mapping[str, Mapping[str, Any]],
@@ -36,7 +36,7 @@ class _Context:
         self.pool_items = pool_items if pool_items is not None else []
         self.loss_logs = dict(loss_logs or {})
         self.notes = [str(n) for n in (notes or [])]
-        self.thumbs = _Thumbs(pool_images)
+        self.thumbs = Thumbs(pool_images)
         self.warnings: list[str] = []
         names = [str(r.get("strategy", f"#{i}")) for i, r in enumerate(self.results)]
         names += [n for n in self.strategies if n not in names]
@@ -54,24 +54,24 @@ class _Context:
 
     def chip(self, name: str) -> str:
         """The strategy's name on a pill of its colour."""
-        return f'<span class="chip" style="background:{self.colors.get(name, NONE_COLOR)}">{_esc(name)}</span>'
+        return f'<span class="chip" style="background:{self.colors.get(name, NONE_COLOR)}">{esc(name)}</span>'
 
     def pool_labels(self) -> np.ndarray | None:
         """Labels of ``pool_items`` by pool row, or None when an item has no integer label."""
         if self._pool_labels is False:
-            self._pool_labels = _labels_of(self.pool_items)
+            self._pool_labels = labels_of(self.pool_items)
         return self._pool_labels  # type: ignore[return-value]
 
-    def labels_for(self, sc: _Scores) -> np.ndarray | None:
+    def labels_for(self, sc: Scores) -> np.ndarray | None:
         """Labels of the rows of ``sc``: from ``pool_items`` when they cover it, else from the csv items."""
         pl = self.pool_labels()
         if pl is not None and sc.n and int(sc.index.min()) >= 0 and int(sc.index.max()) < len(pl):
             return pl[sc.index]
         if sc.csv_labels is None and pl is not None:  # labels were skipped on the first read
-            sc.csv_labels = _read_scores(sc.path, 0, parse_labels=True).csv_labels
+            sc.csv_labels = read_scores(sc.path, 0, parse_labels=True).csv_labels
         return sc.csv_labels
 
-    def item_text(self, sc: _Scores | None, indices: Sequence[int]) -> dict[int, str]:
+    def item_text(self, sc: Scores | None, indices: Sequence[int]) -> dict[int, str]:
         """Item lines of pool rows: from ``pool_items``, else from ``sc`` (read again for those not kept)."""
         out: dict[int, str] = {}
         missing = []
@@ -84,7 +84,7 @@ class _Context:
             else:
                 missing.append(i)
         if missing and sc is not None:
-            got = _fetch_items(sc.path, missing)
+            got = fetch_items(sc.path, missing)
             sc.items.update(got)
             out.update(got)
         return out

@@ -1,6 +1,6 @@
 """Numbers read from loose inputs, and the text the page shows for them.
 
-:func:`_num` turns anything (None, NaN, strings, bools, numbers) into a finite float or None;
+:func:`num` turns anything (None, NaN, strings, bools, numbers) into a finite float or None;
 the other helpers render numbers and free text as HTML-safe strings.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 
-def _num(v: Any) -> float | None:
+def num(v: Any) -> float | None:
     """A finite float or None (None, NaN, infinities, bools and non-numbers give None)."""
     if v is None or isinstance(v, bool):
         return None
@@ -21,20 +21,20 @@ def _num(v: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     """A fraction as a percentage with one decimal (no sign)."""
     return f"{100.0 * x:.1f}"
 
 
-def _esc(s: Any) -> str:
+def esc(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _count(n: float) -> str:
+def fmt_count(n: float) -> str:
     return f"{int(round(n)):,}"
 
 
-def _short(n: float) -> str:
+def fmt_short(n: float) -> str:
     """Compact tick label for counts: 950, 1.5k, 12k, 3.2M."""
     a = abs(n)
     if a >= 1e6:

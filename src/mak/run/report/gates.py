@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from mak.run.report.charts import _legend, _Series, _svg_histogram
-from mak.run.report.format import _count, _esc, _num
-from mak.run.report.inputs import _find_gate, _Gate, _Scores
+from mak.run.report.charts import legend, Series, svg_histogram
+from mak.run.report.format import fmt_count, esc, num
+from mak.run.report.inputs import find_gate, Gate, Scores
 
 if TYPE_CHECKING:
-    from mak.run.report.context import _Context
+    from mak.run.report.context import Context
 
 # robust's density-ratio gate terms: info key -> (title, x label, one-line text, side note)
 RATIO_GATES = {
@@ -32,7 +32,7 @@ RATIO_GATES = {
 }
 
 
-def _gate_charts(ctx: _Context, name: str, summary: Any, sc: _Scores | None) -> tuple[str, list[str]]:
+def gate_charts(ctx: Context, name: str, summary: Any, sc: Scores | None) -> tuple[str, list[str]]:
     """The charts of every gate in the selection's summary (one html string) and a fact line for each."""
     charts, text = _gate_hist(ctx, name, summary, sc)
     facts = [text] if text else []
@@ -44,41 +44,41 @@ def _gate_charts(ctx: _Context, name: str, summary: Any, sc: _Scores | None) -> 
     return charts, facts
 
 
-def _gate_hist(ctx: _Context, name: str, summary: Any, sc: _Scores | None) -> tuple[str, str]:
+def _gate_hist(ctx: Context, name: str, summary: Any, sc: Scores | None) -> tuple[str, str]:
     """(chart html, one-line text) for the selection's in-domain gate, if its summary holds one.
 
     The chart is the centroid term's (the other terms have charts of their own, ``RATIO_GATES``).
     """
-    g = _find_gate(summary)
+    g = find_gate(summary)
     if g is None:
         return "", ""
     bits = [f"{g.term} threshold {g.threshold:.4g}"]
     if g.quantile is not None:
         bits.append(f"quantile {g.quantile:g} of the held-out seed")
     if g.rejected is not None:
-        bits.append(f"{_count(g.rejected)} pool images rejected")
+        bits.append(f"{fmt_count(g.rejected)} pool images rejected")
     text = "in-domain gate: " + ", ".join(bits)
     hist = _gate_counts(g, sc)
     if hist is None:
         return "", text
     edges, seed_counts, pool_counts = hist
-    series = [_Series(f"held-out seed (n={_count(np.sum(seed_counts))})", "#111827",
-                      np.asarray(seed_counts, dtype=np.float64), filled=True)]
+    series = [Series(f"held-out seed (n={fmt_count(np.sum(seed_counts))})", "#111827",
+                     np.asarray(seed_counts, dtype=np.float64), filled=True)]
     if pool_counts is not None:
-        series.insert(0, _Series(f"pool (n={_count(np.sum(pool_counts))})", ctx.colors[name],
-                                 np.asarray(pool_counts, dtype=np.float64), filled=True))
-    svg = _svg_histogram(np.asarray(edges, dtype=np.float64), [("", series)],
-                         "distance to the nearest seed centroid", f"gate histogram {name}",
-                         threshold=g.threshold, threshold_label=f"gate {g.threshold:.3g}")
+        series.insert(0, Series(f"pool (n={fmt_count(np.sum(pool_counts))})", ctx.colors[name],
+                                np.asarray(pool_counts, dtype=np.float64), filled=True))
+    svg = svg_histogram(np.asarray(edges, dtype=np.float64), [("", series)],
+                        "distance to the nearest seed centroid", f"gate histogram {name}",
+                        threshold=g.threshold, threshold_label=f"gate {g.threshold:.3g}")
     sub = ("pool images right of the line are rejected before scoring"
-           + (f" ({_count(g.rejected)} rejected by all terms together)" if g.rejected is not None else ""))
+           + (f" ({fmt_count(g.rejected)} rejected by all terms together)" if g.rejected is not None else ""))
     leg = [(s.label, s.color, "fill") for s in series] + [("threshold", "#111827", "thr")]
     html_ = (f'<figure class="gate"><figcaption><b>Centroid gate: held-out seed vs pool distances</b>'
-             f"<span>{_esc(sub)}</span></figcaption>{svg}{_legend(leg)}</figure>")
+             f"<span>{esc(sub)}</span></figcaption>{svg}{legend(leg)}</figure>")
     return html_, text
 
 
-def _gate_counts(g: _Gate, sc: _Scores | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+def _gate_counts(g: Gate, sc: Scores | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """``(edges, held-out seed counts, pool counts or None)`` of the centroid gate's chart, else None.
 
     Without pool counts in the summary, the pool's are binned from ``scores.csv``'s distances.
@@ -92,13 +92,13 @@ def _gate_counts(g: _Gate, sc: _Scores | None) -> tuple[np.ndarray, np.ndarray, 
     return g.edges, g.seed_counts, pool_counts
 
 
-def _ratio_gate_hist(ctx: _Context, name: str, summary: Any, key: str) -> tuple[str, str]:
+def _ratio_gate_hist(ctx: Context, name: str, summary: Any, key: str) -> tuple[str, str]:
     """(chart html, one-line text) for one of robust's density-ratio gates (``RATIO_GATES``), if present."""
     title, xlabel, line, note = RATIO_GATES[key]
     info = summary.get("info") if isinstance(summary, Mapping) else None
     gate = info.get(key) if isinstance(info, Mapping) else None
     hist = gate.get("histogram") if isinstance(gate, Mapping) else None
-    thr = _num(gate.get("threshold")) if isinstance(gate, Mapping) else None
+    thr = num(gate.get("threshold")) if isinstance(gate, Mapping) else None
     if not isinstance(hist, Mapping) or thr is None:
         return "", ""
     try:
@@ -110,12 +110,12 @@ def _ratio_gate_hist(ctx: _Context, name: str, summary: Any, key: str) -> tuple[
     if edges.ndim != 1 or seed_counts.shape != pool_counts.shape or edges.size != seed_counts.size + 1:
         return "", ""
     rejected = gate.get("rejected")
-    text = line.format(thr=thr, k=gate.get("k"), rejected=_count(rejected) if rejected is not None else "?")
-    series = [_Series(f"pool (n={_count(pool_counts.sum())})", ctx.colors[name], pool_counts, filled=True),
-              _Series(f"held-out seed (n={_count(seed_counts.sum())})", "#111827", seed_counts, filled=True)]
-    svg = _svg_histogram(edges, [("", series)], xlabel, f"{title} histogram {name}", threshold=thr,
-                         threshold_label=f"gate {thr:.3g}")
+    text = line.format(thr=thr, k=gate.get("k"), rejected=fmt_count(rejected) if rejected is not None else "?")
+    series = [Series(f"pool (n={fmt_count(pool_counts.sum())})", ctx.colors[name], pool_counts, filled=True),
+              Series(f"held-out seed (n={fmt_count(seed_counts.sum())})", "#111827", seed_counts, filled=True)]
+    svg = svg_histogram(edges, [("", series)], xlabel, f"{title} histogram {name}", threshold=thr,
+                        threshold_label=f"gate {thr:.3g}")
     leg = [(x.label, x.color, "fill") for x in series] + [("threshold", "#111827", "thr")]
-    html_ = (f'<figure class="gate"><figcaption><b>{_esc(title)}: held-out seed vs pool</b>'
-             f"<span>{_esc(note)}</span></figcaption>{svg}{_legend(leg)}</figure>")
+    html_ = (f'<figure class="gate"><figcaption><b>{esc(title)}: held-out seed vs pool</b>'
+             f"<span>{esc(note)}</span></figcaption>{svg}{legend(leg)}</figure>")
     return html_, text

@@ -4,7 +4,7 @@ Item labels are the last whitespace-separated token of an item line (``-1`` = ou
 items without an integer label give no labels at all. ``scores.csv`` is read in blocks into flat
 numeric arrays (O(N) floats, not O(N) Python objects), keeping the item text only of the first
 picks; other items' text is fetched by another pass. Empty or unparsable cells become NaN (or a
-default for integer columns), never an error. :func:`_find_gate` reads a selection's in-domain
+default for integer columns), never an error. :func:`find_gate` reads a selection's in-domain
 gate from the named fields of its ``summary.json``.
 """
 from __future__ import annotations
@@ -17,14 +17,24 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mak.run.report.format import _num
+from mak.run.report.format import num
 
 
 def _last_token(line: str) -> str:
     return str(line).rsplit(None, 1)[1]  # IndexError for a single token
 
 
-def _labels_of(items: Sequence[str]) -> np.ndarray | None:
+def without_label(line: str) -> str:
+    """An item line without its trailing integer label (the line itself when it has none)."""
+    parts = str(line).rsplit(None, 1)
+    try:
+        int(parts[1])
+    except (IndexError, ValueError):
+        return str(line)
+    return parts[0]
+
+
+def labels_of(items: Sequence[str]) -> np.ndarray | None:
     """Labels of every item, or None as soon as one item has no integer label."""
     if not len(items):
         return None
@@ -35,7 +45,7 @@ def _labels_of(items: Sequence[str]) -> np.ndarray | None:
 
 
 @dataclass
-class _Scores:
+class Scores:
     """One selection's scores.csv as flat arrays (row order of the file)."""
 
     path: Path
@@ -135,7 +145,7 @@ def _block_columns(cols: Callable[[int], list[str]], col: Mapping[str, int], n: 
     return out
 
 
-def _read_scores(path: Path, keep_rank: int, parse_labels: bool = True) -> _Scores:
+def read_scores(path: Path, keep_rank: int, parse_labels: bool = True) -> Scores:
     """Read ``scores.csv`` in blocks into flat arrays; the item text only of the first picks.
 
     Memory is O(N) numbers plus one block of Python strings, however long the file.
@@ -159,7 +169,7 @@ def _read_scores(path: Path, keep_rank: int, parse_labels: bool = True) -> _Scor
             idx, rank = block["index"], block["pick_rank"]
             items_col = cols(cit) if cit >= 0 else None
             if labeled:
-                lab = _labels_of(items_col)
+                lab = labels_of(items_col)
                 if lab is None:
                     labeled, labs = False, []
                 else:
@@ -172,13 +182,13 @@ def _read_scores(path: Path, keep_rank: int, parse_labels: bool = True) -> _Scor
     def cat(k: str, dtype: Any) -> np.ndarray:
         return np.concatenate(parts[k]).astype(dtype, copy=False) if parts[k] else np.zeros(0, dtype)
 
-    return _Scores(path=path, index=cat("index", np.int64), ecle=cat("ecle", np.float64),
-                   distance=cat("distance", np.float64), score=cat("score", np.float64),
-                   selected=cat("selected", bool), rank=cat("pick_rank", np.int64),
-                   csv_labels=np.concatenate(labs) if (labeled and labs) else None, items=items)
+    return Scores(path=path, index=cat("index", np.int64), ecle=cat("ecle", np.float64),
+                  distance=cat("distance", np.float64), score=cat("score", np.float64),
+                  selected=cat("selected", bool), rank=cat("pick_rank", np.int64),
+                  csv_labels=np.concatenate(labs) if (labeled and labs) else None, items=items)
 
 
-def _fetch_items(path: Path, wanted: Iterable[int]) -> dict[int, str]:
+def fetch_items(path: Path, wanted: Iterable[int]) -> dict[int, str]:
     """Item text of the given pool indices, by another pass over ``scores.csv``."""
     want = np.asarray(sorted(set(int(i) for i in wanted)), dtype=np.int64)
     found: dict[int, str] = {}
@@ -203,14 +213,14 @@ def _fetch_items(path: Path, wanted: Iterable[int]) -> dict[int, str]:
     return found
 
 
-def _read_loss_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_loss_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(epoch, loss)`` of a training ``log.csv`` (rows without both numbers are skipped)."""
     xs, ys = [], []
     with open(path, newline="", encoding="utf-8") as fh:
         for n, row in enumerate(csv.DictReader(fh)):
             row = {(k or "").strip().lower(): v for k, v in row.items()}
-            y = _num(row.get("loss"))
-            x = _num(row.get("epoch"))
+            y = num(row.get("loss"))
+            x = num(row.get("epoch"))
             if y is None:
                 continue
             xs.append(float(n + 1) if x is None else x)
@@ -219,7 +229,7 @@ def _read_loss_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class _Gate:
+class Gate:
     threshold: float
     term: str = "centroid"  # the gate term whose values the histogram holds
     edges: np.ndarray | None = None
@@ -231,11 +241,11 @@ class _Gate:
 
 
 def _int_or_none(v: Any) -> int | None:
-    x = _num(v)
+    x = num(v)
     return None if x is None else int(x)
 
 
-def _find_gate(summary: Any) -> _Gate | None:
+def find_gate(summary: Any) -> Gate | None:
     """The in-domain gate of a selection's summary, read from ``info.gate`` (robust's layout), or None.
 
     Named fields only: ``threshold``, ``quantile``, ``rejected``, ``kept``, ``term`` (else the
@@ -244,13 +254,13 @@ def _find_gate(summary: Any) -> _Gate | None:
     """
     info = summary.get("info") if isinstance(summary, Mapping) else None
     gate = info.get("gate") if isinstance(info, Mapping) else None
-    threshold = _num(gate.get("threshold")) if isinstance(gate, Mapping) else None
+    threshold = num(gate.get("threshold")) if isinstance(gate, Mapping) else None
     if threshold is None:
         return None
     terms = str(gate.get("score") or "centroid").split("+")
     term = gate.get("term") or ("centroid" if "centroid" in terms else terms[0])
-    g = _Gate(threshold=threshold, term=str(term), quantile=_num(gate.get("quantile")),
-              rejected=_int_or_none(gate.get("rejected")), kept=_int_or_none(gate.get("kept")))
+    g = Gate(threshold=threshold, term=str(term), quantile=num(gate.get("quantile")),
+             rejected=_int_or_none(gate.get("rejected")), kept=_int_or_none(gate.get("kept")))
     hist = gate.get("histogram")
     if isinstance(hist, Mapping):
         try:

@@ -1,9 +1,9 @@
 """Pool images as inline thumbnails, and the grids that show them.
 
 A thumbnail is a ``data:image/png;base64`` URI about ``THUMB_PX`` pixels on its long side (small
-images scaled up by whole factors, large ones down). :class:`_Thumbs` caches them per pool row; an
+images scaled up by whole factors, large ones down). :class:`Thumbs` caches them per pool row; an
 image the loader cannot deliver becomes a hatched placeholder and is counted, never raised.
-:func:`_grid` lays out ``GRID_COLS`` x ``GRID_ROWS`` of them with a tooltip each; samples drawn
+:func:`thumb_grid` lays out ``GRID_COLS`` x ``GRID_ROWS`` of them with a tooltip each; samples drawn
 for grids use ``RANDOM_SEED``.
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from mak.run.report.format import _esc
+from mak.run.report.format import esc
+from mak.run.report.inputs import without_label
 
 if TYPE_CHECKING:
-    from mak.run.report.context import _Context
-    from mak.run.report.inputs import _Scores
+    from mak.run.report.context import Context
+    from mak.run.report.inputs import Scores
 
 THUMB_PX = 56
 GRID_COLS = 8
@@ -65,7 +66,7 @@ def _thumb_uri(a: Any, px: int = THUMB_PX) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class _Thumbs:
+class Thumbs:
     """Thumbnail cache over ``pool_images`` (a failing image becomes a placeholder, not an error)."""
 
     def __init__(self, loader: Callable[[int], np.ndarray] | None) -> None:
@@ -85,21 +86,29 @@ class _Thumbs:
         return self.cache[i]
 
 
-def _grid(ctx: _Context, title: str, sub: str, entries: Sequence[tuple[int, int | None, str]],
-          sc: _Scores | None) -> str:
-    """A thumbnail grid of ``(pool index, label or None, tooltip details)`` entries."""
+def ood_note(labels: np.ndarray | None) -> str:
+    """The grids' legend of the red frame, "" when no image can carry one (no labels, or none below 0)."""
+    return "; red frame = out-of-domain" if labels is not None and bool((labels < 0).any()) else ""
+
+
+def thumb_grid(ctx: Context, title: str, sub: str, entries: Sequence[tuple[int, int | None, str]],
+               sc: Scores | None) -> str:
+    """A thumbnail grid of ``(pool index, label or None, tooltip details)`` entries.
+
+    The tooltip shows the item without its label where the entry gives the label in its details."""
     if ctx.thumbs.loader is None or not entries:
         return ""
     texts = ctx.item_text(sc, [e[0] for e in entries])
     cells = []
     for i, lab, detail in entries:
         uri = ctx.thumbs.get(i)
-        tip = " · ".join(t for t in (f"pool row {i}", detail, texts.get(i, "")) if t)
+        item = texts.get(i, "") if lab is None else without_label(texts.get(i, ""))
+        tip = " · ".join(t for t in (f"pool row {i}", detail, item) if t)
         cls = ' class="ood"' if lab is not None and lab < 0 else ""
         if uri is None:
-            cells.append(f'<div class="miss" title="{_esc(tip + " (image unavailable)")}"></div>')
+            cells.append(f'<div class="miss" title="{esc(tip + " (image unavailable)")}"></div>')
         else:
             cells.append(f'<img src="{uri}" width="{THUMB_PX}" height="{THUMB_PX}" alt="" '
-                         f'title="{_esc(tip)}"{cls}>')
-    return (f'<figure><figcaption><b>{_esc(title)}</b><span>{_esc(sub)}</span></figcaption>'
+                         f'title="{esc(tip)}"{cls}>')
+    return (f'<figure><figcaption><b>{esc(title)}</b><span>{esc(sub)}</span></figcaption>'
             f'<div class="thumbs">{"".join(cells)}</div></figure>')

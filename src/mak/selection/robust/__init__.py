@@ -83,7 +83,7 @@ from mak.errors import MakError
 from mak.selection.proximity import kmeans, nearest_centroid_distance
 from mak.selection.robust.density_ratio import (DEFAULT_EPOCHS, DEFAULT_HIDDEN, ratio_ensemble, ratio_logits,
                                                 seed_heldout_logits)
-from mak.selection.robust.fusion import FUSIONS, RobustContext, RobustOps, _histograms, fuse, masked_zscore, ops, \
+from mak.selection.robust.fusion import FUSIONS, RobustContext, RobustOps, histograms, fuse, masked_zscore, ops, \
     rank_fusion, rank_normalize
 from mak.selection.robust.gate import GATE_TAIL_IMAGES, auto_gate_clusters, auto_gate_quantile, seed_gate
 from mak.selection.robust.neighbours import seed_share, share_bank, share_gate, share_reference_size
@@ -220,7 +220,7 @@ class RobustRun:
         q, k, n_ref = self.opt["gate_quantile"], self.opt["share_k"], len(self.reference[0])
         self.info["seed_share"] = {"threshold": thr, "quantile": 1.0 - q, "k": k, "reference": n_ref,
                                    "rejected": self.ctx.pool_size - self.o.count(share >= thr),
-                                   "histogram": _histograms(self.o, held, share, thr)}
+                                   "histogram": histograms(self.o, held, share, thr)}
         if thr <= 0.0:
             self.info["seed_share"]["note"] = (f"the seed-share gate rejects nothing: over {100 * (1 - q):g}% of seed "
                                                f"images have no seed neighbour among their {k}; raise --share-k "
@@ -233,7 +233,7 @@ class RobustRun:
         thr = float(np.quantile(held.astype(np.float64), 1.0 - q))
         self.info["seed_ratio"] = {"threshold": thr, "quantile": 1.0 - q,
                                    "rejected": self.ctx.pool_size - self.o.count(logit >= thr),
-                                   "histogram": _histograms(self.o, held, logit, thr)}
+                                   "histogram": histograms(self.o, held, logit, thr)}
         return -logit, -thr, -held, {"folds": self.opt["ratio_folds"]}
 
     def _centroid_term(self) -> tuple[np.ndarray, float, np.ndarray, dict[str, Any]]:
@@ -280,7 +280,7 @@ class RobustRun:
         self.info["gate"] = {"score": self.opt["gate_score"], "term": primary, "thresholds": thresholds,
                              "threshold": threshold,
                              "quantile": self.opt["gate_quantile"], **params, "rejected": rejected, "kept": n_gated,
-                             "histogram": _histograms(self.o, held, gate_value, threshold)}
+                             "histogram": histograms(self.o, held, gate_value, threshold)}
         return mask, n_gated, gate_value
 
     def tail(self) -> np.ndarray:
@@ -341,18 +341,17 @@ EXTERNAL_GATE_QUANTILE = 0.99
 #: gate quantile auto on features of a model not trained on the pool, by model kind, and what it
 #: gave on the open-world benchmark's tuning seed 7 at full scale (junk / Few share of the pick)
 MODEL_QUANTILES = {
-    "seed-only": (SEED_MODEL_GATE_QUANTILE, "a seed-only model", "quantile 0.98: 1.2% / 8.2%; the pool-aware "
-                  "setting: 16.8% / 13.0%"),
+    "seed-only": (SEED_MODEL_GATE_QUANTILE, "a seed-only model",
+                  "1.2% / 8.2% at quantile 0.98, 16.8% / 13.0% at the pool-aware model's"),
     "external": (EXTERNAL_GATE_QUANTILE, "a model mak did not train on this pool (your own encoder)",
-                 "with a stand-in encoder trained on other images, quantile 0.99: 1.2% / 10.7%; the pool-aware "
-                 "setting: 4.3% / 12.7%"),
+                 "with a stand-in encoder trained on other images, 1.2% / 10.7% at quantile 0.99, 4.3% / 12.7% "
+                 "at the pool-aware model's"),
 }
 MODEL_QUANTILES["unknown"] = (EXTERNAL_GATE_QUANTILE, "a model its meta.json does not name",
                               MODEL_QUANTILES["external"][2])
-SEED_MODEL_NOTE = ("robust's defaults suit features of a pool-aware model (SimCLR on seed + a pool sample: "
-                   "`mak pretrain --mix-split`); {store} was embedded with {model}, which was not trained to push "
-                   "this pool's junk away, so {what} (on the open-world benchmark, junk / Few share of the pick "
-                   "{measured}: docs/robust.md)")
+SEED_MODEL_NOTE = ("{store} was embedded with {model}, not with the pool-aware model (SimCLR on seed + a pool "
+                   "sample: `mak pretrain --mix-split`) robust's defaults suit, so {what}. Junk / Few share of "
+                   "the pick on the open-world benchmark with such features: {measured} (docs/robust.md)")
 
 
 def seed_model_note(meta: dict[str, Any], options: dict[str, Any], store: str) -> str | None:

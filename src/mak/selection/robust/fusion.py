@@ -131,7 +131,7 @@ def fuse(o: RobustOps, tails: list[np.ndarray], distance: np.ndarray | None, alp
     return score
 
 
-def _histograms(o: RobustOps, heldout: np.ndarray, pool_distance: np.ndarray, threshold: float,
+def histograms(o: RobustOps, heldout: np.ndarray, pool_distance: np.ndarray, threshold: float,
                 bins: int = HIST_BINS) -> dict[str, Any]:
     """Shared-edge histograms of the held-out seed distances and the pool distances, for the report."""
     plo, phi = o.extent(pool_distance)
@@ -145,4 +145,4 @@ def _histograms(o: RobustOps, heldout: np.ndarray, pool_distance: np.ndarray, th
             "pool": [int(c) for c in o.histogram(pool_distance, edges)]}
 
 
-__all__ = ["FUSIONS", "RobustContext", "RobustOps", "fuse", "masked_zscore", "ops", "rank_fusion", "rank_normalize"]
+__all__ = ["FUSIONS", "RobustContext", "RobustOps", "fuse", "histograms", "masked_zscore", "ops", "rank_fusion", "rank_normalize"]

@@ -53,7 +53,7 @@ import torch
 
 from mak import distributed as D
 from mak._tensor import l2_normalize, resolve_device, to_tensor, top_k as _top_k, zscore as _zscore
-from mak.data.pool_array import _take
+from mak.data.pool_array import take_rows
 from mak.errors import MakError
 from mak.selection.proximity import CHUNK as DIST_CHUNK, kmeans, nearest_centroid_distance
 from mak.selection.robust import RobustOps
@@ -324,7 +324,7 @@ class DistributedContext(RobustOps, Context):
         if rows is None:
             x = self.global_features[lo:hi]
         else:
-            x = _take(self.global_features, rows[lo:hi])
+            x = take_rows(self.global_features, rows[lo:hi])
         return l2_normalize(to_tensor(x, dev))
 
     def _kcenter_setup(self) -> tuple[str, int]:
@@ -372,7 +372,7 @@ class DistributedContext(RobustOps, Context):
             lo, hi = D.shard_range(total, self.me, self.world)
             xb = self._block(cand, lo, hi)
             pick_rows = np.sort(pos) if cand is None else np.sort(cand[pos])
-            centers = l2_normalize(to_tensor(_take(self.global_features, pick_rows), xb.device))
+            centers = l2_normalize(to_tensor(take_rows(self.global_features, pick_rows), xb.device))
             r2 = covering_radius_sharded(xb, centers, init=init)
             ex = exact_sharded(xb, budget, init=init, seed=self.seed)
             rep.update(radius=r2, exact_radius=ex.radius,
