@@ -140,3 +140,25 @@ def test_items_are_split_at_line_feeds_only_as_they_are_counted(tmp_path):
     f.write_bytes("a\r\nb\rc\n\x0cd\u2028e\nlast".encode())  # CRLF ends a line; a lone CR, FF, U+2028 do not
     lines = list(item_file_lines(f))
     assert lines == ["a", "b\rc", "\x0cd\u2028e", "last"] and len(lines) == count_lines(f)
+
+
+@pytest.mark.parametrize("content, line", [(b"\na\nb\n", 1), (b"a\n\nb\n", 2), (b"a\r\n\r\nb\n", 2), (b"a\nb\n\n", 3)])
+def test_an_empty_item_line_is_named(tmp_path, content, line):
+    from mak.data.store import count_lines
+    from mak.errors import MakError
+
+    (tmp_path / "items.txt").write_bytes(content)
+    with pytest.raises(MakError, match=rf"items\.txt: line {line} is empty"):
+        count_lines(tmp_path / "items.txt")
+
+
+def test_an_empty_line_across_a_read_chunk_is_found(tmp_path):
+    from mak.data.store import count_lines
+    from mak.errors import MakError
+
+    body = b"x" * ((1 << 20) - 1) + b"\n"  # the first chunk ends with a line feed ...
+    (tmp_path / "items.txt").write_bytes(body + b"\nb\n")  # ... and the second starts with one
+    with pytest.raises(MakError, match=r"line 2 is empty"):
+        count_lines(tmp_path / "items.txt")
+    (tmp_path / "items.txt").write_bytes(body + b"b\n")
+    assert count_lines(tmp_path / "items.txt") == 2

@@ -307,3 +307,11 @@ def test_a_seed_given_is_checked_even_when_the_strategy_does_not_read_it(cli, st
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("nope.npy" in err or "wide.npy" in err or "--seed-items" in err)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_output_cannot_be_an_input_store(cli, stores, capsys):
+    s, p = stores
+    assert cli("select", "--seed-store", s, "--pool-store", p, "--budget", "5", "--strategy", "random",
+               "--out", p, "-q") == 2
+    assert f"{p}: is the input store {p}; choose another --out" in capsys.readouterr().err
+    assert not (p / "selection.txt").exists()

@@ -315,3 +315,9 @@ def test_store_info_into_a_closed_pipe_is_quiet_and_errors_name_the_action(shard
     res = subprocess.run([sys.executable, "-m", "mak", "store", "info", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("mak store info: error: ")
+
+
+def test_an_array_given_twice_is_named(shards, tmp_path):
+    with pytest.raises(MakError, match=r"emb_1\.npy: given twice as a features file"):
+        import_store([str(shards / "emb_*.npy"), str(shards / "emb_1.npy")], tmp_path / "st")
+    assert not (tmp_path / "st").exists()

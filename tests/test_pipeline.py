@@ -394,7 +394,7 @@ def test_benchmark_ood_ratio_is_keyed_only_when_set(tmp_path):
 
 
 def test_one_set_of_training_defaults():
-    """mak run's config, mak pretrain's and mak embed's flags and the API share their defaults."""
+    """mak run's config, the flags of mak pretrain, embed and evaluate and the API share their defaults."""
     import inspect
 
     from mak.cli import build_parser
@@ -410,6 +410,16 @@ def test_one_set_of_training_defaults():
     emb = build_parser("embed").parse_args(["embed", "--split", "s.txt", "--checkpoint", "c", "--out", "o"])
     assert emb.batch_size == cfg["embed"]["batch_size"] == cfg["evaluate"]["batch_size"] == \
         inspect.signature(embed).parameters["batch_size"].default
+    emb_sig = inspect.signature(embed).parameters
+    assert (emb.views, emb.dtype) == (cfg["embed"]["views"], cfg["embed"]["dtype"]) == \
+        (emb_sig["views"].default, emb_sig["dtype"].default) == (10, "float16")
+    from mak.bench.evaluate import evaluate_checkpoint
+
+    ev = build_parser("evaluate").parse_args(["evaluate", "--checkpoint", "c", "--bench", "b"])
+    ev_sig = inspect.signature(evaluate_checkpoint).parameters
+    assert (ev.shots, ev.draws, ev.k) == (cfg["evaluate"]["shots"], cfg["evaluate"]["draws"],
+                                          cfg["evaluate"]["knn_k"]) == \
+        (ev_sig["shots"].default, ev_sig["draws"].default, ev_sig["k"].default) == (10, 5, 20)
 
 
 def test_benchmark_classes_are_keyed_only_when_they_change_the_pool(tmp_path):

@@ -46,6 +46,8 @@ GROUPS: tuple[str, ...] = ("many", "medium", "few")
 DEFAULT_L2 = 1e-3
 DEFAULT_MAX_ITER = 200
 DEFAULT_K = 20
+DEFAULT_SHOTS = 10  # labeled images per class in a few-shot draw
+DEFAULT_DRAWS = 5  # few-shot draws averaged
 DEFAULT_TEMPERATURE = 0.07
 DEFAULT_MANY, DEFAULT_FEW = 300.0, 30.0
 
@@ -324,8 +326,8 @@ def fewshot_probe(
     pool_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
-    shots: int | None = 10,
-    draws: int = 5,
+    shots: int | None = DEFAULT_SHOTS,
+    draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     *,
     l2: float = DEFAULT_L2,
@@ -499,8 +501,8 @@ def evaluate_features(
     groups: Mapping[str, Iterable[int]] | None = None,
     many: float = DEFAULT_MANY,
     few: float = DEFAULT_FEW,
-    shots: int | None = 10,
-    draws: int = 5,
+    shots: int | None = DEFAULT_SHOTS,
+    draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     k: int = DEFAULT_K,
     temperature: float = DEFAULT_TEMPERATURE,
@@ -724,8 +726,8 @@ def evaluate_checkpoint(
     device: str = "cpu",
     batch_size: int = 256,
     num_workers: int = 0,
-    shots: int | None = 10,
-    draws: int = 5,
+    shots: int | None = DEFAULT_SHOTS,
+    draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     many: float | None = None,
     few: float | None = None,

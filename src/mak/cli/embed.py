@@ -11,7 +11,7 @@ HELP = "write a feature store (features, augmented views) from a checkpoint"  # 
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.data.sources import add_source_args
     from mak.options import argparse_type, integer
-    from mak.train.embed import DEFAULT_BATCH_SIZE
+    from mak.train.embed import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DEFAULT_VIEWS
 
     p = sub.add_parser(
         "embed", help=HELP,
@@ -28,10 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, metavar="PX", help="with --weights: input size (default: the source's)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="with --weights: input channels (default: the source's)")
     p.add_argument("--out", required=True, metavar="STORE", help="output feature-store directory")
-    p.add_argument("--views", type=argparse_type(integer(0), "views"), default=10, metavar="R",
+    p.add_argument("--views", type=argparse_type(integer(0), "views"), default=DEFAULT_VIEWS, metavar="R",
                    help="augmented views per image for views.npy; 0 for none (default 10)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="augmentation seed: same seed, same store (default 0)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage precision (default float16)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default=DEFAULT_DTYPE,
+                   help=f"storage precision (default {DEFAULT_DTYPE})")
     p.add_argument("--batch-size", type=argparse_type(integer(1), "batch_size"), default=DEFAULT_BATCH_SIZE, metavar="B",
                    help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")

@@ -10,6 +10,7 @@ HELP = "evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mak.bench.evaluate import DEFAULT_DRAWS, DEFAULT_K, DEFAULT_SHOTS
     from mak.options import argparse_type, integer, number
     from mak.train.embed import DEFAULT_BATCH_SIZE
 
@@ -28,14 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed-split", default=None, metavar="FILE", help="seed split: its class counts define the groups")
     p.add_argument("--root", default=None, metavar="DIR", help="root of the split files' relative paths (default: each file's folder)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
-    p.add_argument("--shots", type=argparse_type(integer(1), "shots"), default=10, metavar="N", help="labeled images per class in a few-shot draw (default 10)")
-    p.add_argument("--draws", type=argparse_type(integer(1), "draws"), default=5, metavar="N", help="few-shot draws averaged (default 5)")
+    p.add_argument("--shots", type=argparse_type(integer(1), "shots"), default=DEFAULT_SHOTS, metavar="N",
+                   help=f"labeled images per class in a few-shot draw (default {DEFAULT_SHOTS})")
+    p.add_argument("--draws", type=argparse_type(integer(1), "draws"), default=DEFAULT_DRAWS, metavar="N",
+                   help=f"few-shot draws averaged (default {DEFAULT_DRAWS})")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the few-shot draws (default 0)")
     p.add_argument("--many", type=argparse_type(number(0.0, low_open=False), "many"), default=None, metavar="N",
                    help="Many group: seed count > N (default: the benchmark's groups, else 300)")
     p.add_argument("--few", type=argparse_type(number(0.0, low_open=False), "few"), default=None, metavar="N",
                    help="Few group: seed count < N (default: the benchmark's groups, else 30)")
-    p.add_argument("--k", type=argparse_type(integer(1), "k"), default=20, metavar="K", help="neighbours of the kNN classifier (default 20)")
+    p.add_argument("--k", type=argparse_type(integer(1), "k"), default=DEFAULT_K, metavar="K",
+                   help=f"neighbours of the kNN classifier (default {DEFAULT_K})")
     p.add_argument("--knn-temperature", type=argparse_type(number(0.0), "knn_temperature"), default=0.07, metavar="T",
                    help="temperature of the kNN's exp(cos/T) vote weights (default 0.07)")
     p.add_argument("--l2", type=argparse_type(number(0.0, low_open=False), "l2"), default=1e-3, metavar="L", help="L2 penalty of the linear probes (default 1e-3)")

@@ -48,6 +48,10 @@ def expand(spec: Spec, what: str) -> list[Path]:
             files.append(Path(s))
     if not files:
         raise MakError(f"no {what} files given")
+    seen: dict[Path, Path] = {}
+    for f in files:
+        if seen.setdefault(f.resolve(), f) is not f:
+            raise MakError(f"{f}: given twice as a {what} file (its rows would be imported twice)")
     return files
 
 

@@ -258,7 +258,8 @@ def _open_single(path: Path, start: int, require_views: bool) -> tuple[_Shard, i
 
 
 def count_lines(path: Path) -> int:
-    """Lines of ``path``, checking on the way that it is UTF-8 text (a MakError naming it otherwise)."""
+    """Lines of an items file, checking on the way that it is UTF-8 text and that no line is empty
+    (an item names its row; a MakError naming the file otherwise)."""
     n = 0
     last = b"\n"
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -272,12 +273,21 @@ def count_lines(path: Path) -> int:
                 raise MakError(f"{path}: not UTF-8 text (byte {offset + exc.start})") from None
             if not buf:
                 break
+            _check_no_empty_line(path, last + buf, n)
             n += buf.count(b"\n")
             offset += len(buf)
             last = buf[-1:]
     if last != b"\n":
         n += 1
     return n
+
+
+def _check_no_empty_line(path: Path, seg: bytes, lines_before: int) -> None:
+    """A MakError naming the first empty line in ``seg`` (the previous chunk's last byte, then a chunk)."""
+    hits = [i for i in (seg.find(b"\n\n"), seg.find(b"\n\r\n")) if i >= 0]
+    if hits:
+        line = lines_before + seg[1 : min(hits) + 1].count(b"\n") + 1
+        raise MakError(f"{path}: line {line} is empty (one item per line)")
 
 
 def open_store(path: str | Path, require_views: bool = False, check_finite: bool = True,

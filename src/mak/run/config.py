@@ -10,10 +10,11 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping
 
+from mak.bench.evaluate import DEFAULT_DRAWS, DEFAULT_K, DEFAULT_SHOTS
 from mak.errors import MakError, first_line
 from mak.paths import input_file
 from mak.selection.strategies import SELECT_OPTIONS  # the select section's defaults and checks
-from mak.train.embed import DEFAULT_BATCH_SIZE as EMBED_BATCH_SIZE
+from mak.train.embed import DEFAULT_BATCH_SIZE as EMBED_BATCH_SIZE, DEFAULT_DTYPE, DEFAULT_VIEWS
 from mak.train.pretrain import DEFAULT_BASE_LR, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
 
 DEFAULTS: dict[str, Any] = {
@@ -53,8 +54,8 @@ DEFAULTS: dict[str, Any] = {
         "pool_mix_epochs": None,  # epochs of the pool-aware model (default: epochs); its set is ~9x the seed's
     },
     "embed": {
-        "views": 10,
-        "dtype": "float16",
+        "views": DEFAULT_VIEWS,
+        "dtype": DEFAULT_DTYPE,
         "batch_size": EMBED_BATCH_SIZE,
     },
     "select": {
@@ -71,11 +72,11 @@ DEFAULTS: dict[str, Any] = {
         "epochs": None,         # default: pretrain.epochs
     },
     "evaluate": {
-        "shots": 10,            # labeled images per class drawn from the few-shot split; null: the split as given
-        "draws": 5,
+        "shots": DEFAULT_SHOTS,  # labeled images per class drawn from the few-shot split; null: the split as given
+        "draws": DEFAULT_DRAWS,
         "many": 300,
         "few": 30,
-        "knn_k": 20,
+        "knn_k": DEFAULT_K,
         "batch_size": EMBED_BATCH_SIZE,
     },
 }

@@ -158,6 +158,9 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
     and tears it down again when it started it. ``params`` are :func:`mak.select`'s.
     """
     budget = integer(1)("budget", budget)  # before the stores: the first error names the first problem
+    for store in (seed_store, pool_store):
+        if store is not None and Path(store).resolve() == Path(out).resolve():
+            raise MakError(f"{out}: is the input store {store}; choose another --out")
     if order not in ORDERS:
         raise MakError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
     if order == "score" and strategy in UNSCORED:

@@ -68,6 +68,8 @@ COPY_ROWS = 65536
 
 
 DEFAULT_BATCH_SIZE = 256  # images per forward pass of `mak embed`, `mak evaluate` and `mak run`'s embed stage
+DEFAULT_VIEWS = 10  # augmented views per pool image (the paper's R)
+DEFAULT_DTYPE = "float16"  # storage precision of a feature store
 
 def model_trained_on(config: dict) -> dict:
     """What the checkpoint's model was trained on: images, and pool rows mixed in (0: the seed alone)."""
@@ -220,8 +222,8 @@ class _Progress:
         self.bar.close()
 
 
-def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: int = 10, seed: int = 0,
-          dtype: str = "float16", batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device = "cpu",
+def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: int = DEFAULT_VIEWS, seed: int = 0,
+          dtype: str = DEFAULT_DTYPE, batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device = "cpu",
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
           flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False,

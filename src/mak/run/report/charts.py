@@ -265,10 +265,9 @@ def svg_lines(series: Sequence[tuple[str, str, str, np.ndarray, np.ndarray]], xl
     if xhi <= xlo:  # a single x: the point in the middle of a unit-wide axis
         xlo, xhi = xlo - 0.5, xhi + 0.5
     pad = (yhi - ylo) * 0.06 or max(abs(yhi) * 0.05, 0.05)
-    yt, ystep = _ticks(ylo - pad, yhi + pad, 5)
+    _, ystep = _ticks(ylo - pad, yhi + pad, 5)
     y0 = math.floor((ylo - pad) / ystep + 1e-9) * ystep
     y1 = math.ceil((yhi + pad) / ystep - 1e-9) * ystep
-    yt, _ = _ticks(y0, y1, 5)
     yt = [y0 + k * ystep for k in range(int(round((y1 - y0) / ystep)) + 1)]
 
     def sx(x: float) -> float:
