@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mak.data.store import write_store
+from mak.errors import MakError
 
 
 @pytest.fixture
@@ -245,7 +246,16 @@ def test_order_score_sorts_the_same_picks_by_score(cli, stores, tmp_path, capsys
     assert (tmp_path / "pick" / "scores.csv").read_bytes() == (tmp_path / "score" / "scores.csv").read_bytes()
     capsys.readouterr()
     assert cli(*select_args(stores, tmp_path / "r", "--order", "score", "--strategy", "random")) == 2
-    assert "picks without a score" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    err = capsys.readouterr().err
+    assert "--order 'score': strategy 'random' picks without a score; use --order 'pick'" in err
+    assert not (tmp_path / "r").exists()
+    from mak.run.select_job import select_stores  # the API names its keywords, the CLI its flags
+
+    s, p = stores
+    with pytest.raises(MakError, match=r"^kcenter='fast' must be one of: exact, two-round$"):
+        select_stores(s, p, tmp_path / "k", 5, strategy="kcenter", kcenter="fast", progress=False)
+    assert cli(*select_args(stores, tmp_path / "k", "--kcenter-parts", "0")) == 2
+    assert "--kcenter-parts 0 must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_robust_scores_csv_says_why_an_image_was_rejected(cli, stores, tmp_path):

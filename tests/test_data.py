@@ -19,12 +19,11 @@ from mak.data.sources import (
     ImageDataset,
     ImageError,
     SplitSource,
-    add_source_args,
     infer_geometry,
     open_source,
-    source_from_args,
     validate_all,
 )
+from mak.cli._sources import add_source_args, source_from_args
 from mak.errors import MakError
 
 

@@ -286,6 +286,7 @@ def test_store_info(shards, cli, capsys):
     capsys.readouterr()
     assert cli("store", "info", shards / "st", "--json", "--check") == 0
     d = json.loads(capsys.readouterr().out)
+    assert d.pop("values") == "ok"
     assert d["rows"] == sum(SIZES.values()) and d["shards"] == 4 and d["views"] is None
     assert d["features"] == {"dim": 6, "dtype": "float32", "bytes": sum(SIZES.values()) * 6 * 4}
     assert (d["model"], d["model_name"]) == ("external", "clip-b32")
@@ -296,8 +297,11 @@ def test_store_info(shards, cli, capsys):
     np.save(shards / "bad.npy", np.full((4, 6), np.inf, np.float32))
     assert cli("store", "info", shards / "bad.npy") == 0  # opening reads no values
     assert cli("store", "info", shards / "bad.npy", "--check") == 2
-    err = capsys.readouterr().err.strip()
-    assert "bad.npy" in err and len(err.splitlines()) == 1
+    out, err = capsys.readouterr()
+    assert "bad.npy" in err and len(err.strip().splitlines()) == 1
+    assert "4 x 6 float32" in out and "values    not usable" in out  # the report, then the error
+    assert cli("store", "info", shards / "bad.npy", "--check", "--json") == 2
+    assert "NaN or Inf" in json.loads(capsys.readouterr().out)["values"]
     assert cli("store", "info", shards / "st", "--check", "-q") == 0  # the exit code alone
     assert cli("store", "info", shards / "bad.npy", "--check", "-q") == 2
     out, err = capsys.readouterr()

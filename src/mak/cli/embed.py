@@ -9,7 +9,7 @@ HELP = "write a feature store (features, augmented views) from a checkpoint"  # 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mak.data.sources import add_source_args
+    from mak.cli._sources import add_source_args
     from mak.options import argparse_type, integer
     from mak.train.embed import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DEFAULT_VIEWS
 
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mak import distributed as D
-    from mak.data.sources import source_from_args
+    from mak.cli._sources import source_from_args
     from mak.errors import MakError
     from mak.train.embed import embed
 

@@ -9,7 +9,7 @@ HELP = "SimCLR pre-training on the seed set"  # the one line `mak --help` shows
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mak.data.sources import add_source_args
+    from mak.cli._sources import add_source_args
     from mak.options import argparse_type, integer, number, or_auto
     from mak.train.pretrain import DEFAULT_BASE_LR, DEFAULT_EPOCHS
 
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from mak import distributed as D
-    from mak.data.sources import open_source, pool_mix, source_from_args
+    from mak.cli._sources import source_from_args
+    from mak.data.sources import open_source, pool_mix
     from mak.errors import MakError
     from mak.train.pretrain import pretrain
 

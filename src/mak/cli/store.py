@@ -61,16 +61,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from mak.data.store import describe, open_store, value_problem
+    from mak.errors import MakError
+
+    store = open_store(args.store, check_finite=False, items=args.items)
+    d = describe(store)
+    problem = value_problem(store, [store.scan()]) if args.check else None
+    if args.check:
+        d["values"] = problem or "ok"
+    if not args.quiet:
+        _print_info(d, args.json, args.check)
+    if problem:  # after the report, which shows what the store holds
+        raise MakError(problem)
+    return 0
+
+
+def _print_info(d: dict, as_json: bool, checked: bool) -> None:
     import json
 
-    from mak.data.store import describe, open_store
-
-    d = describe(open_store(args.store, check_finite=args.check, items=args.items))
-    if args.quiet:
-        return 0
-    if args.json:
+    if as_json:
         print(json.dumps(d))
-        return 0
+        return
     f, v = d["features"], d["views"]
     print(f"store     {d['path']}" + (f" ({d['shards']} shards)" if d["shards"] > 1 else ""))
     print(f"rows      {d['rows']:,}")
@@ -79,9 +90,8 @@ def run_info(args: argparse.Namespace) -> int:
                                                     f"({_size(v['bytes'])})"))
     print(f"model     {d['model']}" + (f" ({d['model_name']})" if d["model_name"] else ""))
     print(f"items     {', '.join(d['first_items'])}{', ...' if d['rows'] > len(d['first_items']) else ''}")
-    if args.check:
-        print("values    finite, not constant")
-    return 0
+    if checked:
+        print("values    " + ("finite, not constant" if d["values"] == "ok" else "not usable (the error below says why)"))
 
 
 def _size(n: int) -> str:

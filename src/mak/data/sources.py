@@ -36,7 +36,6 @@ table could not be seen from the main process).
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import os
@@ -63,12 +62,10 @@ __all__ = [
     "ImageSource",
     "SOURCE_KINDS",
     "SplitSource",
-    "add_source_args",
     "infer_geometry",
     "open_source",
     "pool_mix",
     "pool_mix_rows",
-    "source_from_args",
     "validate_all",
 ]
 
@@ -682,41 +679,6 @@ def pool_mix_rows(pool_size: int, seed_size: int, count: int | str = "auto", see
         return np.arange(pool_size, dtype=np.int64)
     rng = np.random.default_rng([int(seed), 0x6D6978])  # "mix": a stream of its own
     return np.sort(rng.choice(int(pool_size), size=n, replace=False)).astype(np.int64)
-
-
-def add_source_args(parser: argparse.ArgumentParser) -> None:
-    """Add the image-source options: exactly one of --split/--folder/--array/--fashion-mnist/--webdataset."""
-    group = parser.add_argument_group("image source (exactly one)")
-    ex = group.add_mutually_exclusive_group(required=True)
-    ex.add_argument("--split", metavar="FILE",
-                    help="split file with lines 'relative/path [label ...]' (paths resolved against --root)")
-    ex.add_argument("--folder", metavar="DIR",
-                    help="image folder, searched recursively for jpg/jpeg/png/webp/bmp files")
-    ex.add_argument("--array", metavar="FILE",
-                    help=".npy/.npz uint8 array of images, N x H x W or N x H x W x C")
-    ex.add_argument("--fashion-mnist", choices=("train", "test"), metavar="{train,test}",
-                    help="Fashion-MNIST split, read from its IDX files")
-    ex.add_argument("--webdataset", metavar="PATTERN",
-                    help="WebDataset tar shards, e.g. 'pool-{000000..000099}.tar' (quote it); items are SHARD/KEY")
-    group.add_argument("--labels-from-dirs", action="store_true",
-                       help="with --folder: an ImageFolder layout, DIR/CLASS/...; the class folders (sorted) "
-                            "are labels 0, 1, ...")
-    group.add_argument("--root", metavar="DIR",
-                       help="directory the --split paths are relative to (default: the split file's directory)")
-    group.add_argument("--data-dir", metavar="DIR",
-                       help=f"directory of the Fashion-MNIST IDX files (default: {FASHION_MNIST_DIR})")
-
-
-def source_from_args(args: argparse.Namespace) -> ImageSource:
-    """Open the source named by the options of :func:`add_source_args`."""
-    for kind, attr in (("split", "split"), ("folder", "folder"), ("array", "array"),
-                       ("fashion-mnist", "fashion_mnist"), ("webdataset", "webdataset")):
-        value = getattr(args, attr, None)
-        if value is not None:
-            return open_source(kind, value, root=getattr(args, "root", None),
-                               data_dir=getattr(args, "data_dir", None),
-                               labels_from_dirs=getattr(args, "labels_from_dirs", False))
-    raise MakError("no image source given: use --split, --folder, --array, --fashion-mnist or --webdataset")
 
 
 def labeled_source(path: str | os.PathLike, root: str | os.PathLike | None = None) -> ImageSource:

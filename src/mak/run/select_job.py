@@ -27,7 +27,7 @@ from mak.data.pool_array import store_arrays
 from mak.data.store import FeatureStore, model_kind, open_store, value_problem
 from mak.errors import MakError
 from mak.lock import job_lock
-from mak.options import integer
+from mak.options import ParameterError, choice, integer
 from mak.paths import output_dir
 from mak.selection.scale.context import DistributedContext
 from mak.selection.strategies import NEEDS, STORE_NOTES, Selection, select, strategy_needs
@@ -161,10 +161,10 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
     for store in (seed_store, pool_store):
         if store is not None and Path(store).resolve() == Path(out).resolve():
             raise MakError(f"{out}: is the input store {store}; choose another --out")
-    if order not in ORDERS:
-        raise MakError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    order = choice(*ORDERS)("order", order)
     if order == "score" and strategy in UNSCORED:
-        raise MakError(f"--order score: strategy '{strategy}' picks without a score; use --order pick")
+        raise ParameterError("order", f"order='score': strategy '{strategy}' picks without a score; use "
+                                      "order='pick'")
     device = params.get("device")
     if is_auto(device):
         device = params["device"] = str(auto_device(device))
@@ -237,11 +237,9 @@ def _score_order(scores_csv: Path, picks: np.ndarray) -> list[int]:
 def _check_job(out: Path, overwrite: bool, kcenter: str | None, kcenter_parts: int | None) -> str:
     """The job's own settings checked before anything is read; returns the k-center mode."""
     check_out_dir(out, overwrite)
-    kcenter = kcenter or "exact"
-    if kcenter not in ("exact", "two-round"):
-        raise MakError(f"unknown --kcenter '{kcenter}' (choose from: exact, two-round)")
-    if kcenter_parts is not None and kcenter_parts < 1:
-        raise MakError(f"--kcenter-parts must be >= 1, got {kcenter_parts}")
+    kcenter = choice("exact", "two-round")("kcenter", kcenter or "exact")
+    if kcenter_parts is not None:
+        integer(1)("kcenter_parts", kcenter_parts)
     return kcenter
 
 
