@@ -40,3 +40,18 @@ def test_paired_gains_are_class_by_class_and_their_interval_is_a_t_interval():
     assert iv["mean"] == pytest.approx(0.02) and iv["values"] == values
     assert iv["ci95"] == pytest.approx(4.303 * np.std(values, ddof=1) / np.sqrt(3))
     assert interval95([0.5])["ci95"] is None
+
+
+def test_the_results_table_shows_each_figure_in_percent():
+    from mak.run.pipeline import TABLE_COLUMNS, results_table
+
+    results = [{"strategy": "none", "ood_rate": None, "few_share": None, "fewshot_acc": 0.5,
+                "fullshot_acc": 0.75, "knn_acc": 0.625},
+               {"strategy": "tailness+proximity",
+                "ood_rate": {"mean": 0.0124, "std": 0.005, "values": [0.0074, 0.0174]},
+                "few_share": 0.25, "fewshot_acc": 0.5, "fullshot_acc": 0.75, "knn_acc": 1.0}]
+    head, *rows = results_table(results).splitlines()
+    assert head.split()[:2] == ["strategy", "(%)"] and all(h in head for _, h in TABLE_COLUMNS)
+    assert rows[0].split() == ["seed", "alone", "-", "-", "50.0", "75.0", "62.5"]
+    assert rows[1].split() == ["tailness+proximity", "1.2", "±", "0.5", "25.0", "50.0", "75.0", "100.0"]
+    assert len({len(line) for line in (head, *rows)}) == 1  # aligned columns

@@ -730,6 +730,29 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
     return out
 
 
+#: The columns of the table `mak run` prints at the end: (results key, heading), all in percent.
+TABLE_COLUMNS = (("ood_rate", "junk"), ("few_share", "Few share"), ("fewshot_acc", "few-shot"),
+                 ("fullshot_acc", "full-shot"), ("knn_acc", "kNN"))
+
+
+def results_table(results: list[dict]) -> str:
+    """The headline figures of ``results`` (:func:`collect_results`) as a text table, in percent
+    (mean ± std over repeats; "-" where a figure does not apply, e.g. the seed alone's junk)."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, dict):
+            return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+        return f"{100 * v:.1f}"
+
+    names = ["seed alone" if r["strategy"] == "none" else r["strategy"] for r in results]
+    width = max(len(n) for n in ["strategy (%)", *names])
+    lines = [f"{'strategy (%)':<{width}}" + "".join(f"{h:>14}" for _, h in TABLE_COLUMNS)]
+    for name, r in zip(names, results):
+        lines.append(f"{name:<{width}}" + "".join(f"{cell(r.get(k)):>14}" for k, _ in TABLE_COLUMNS))
+    return "\n".join(lines)
+
+
 def write_outputs(plan: Plan) -> Path:
     """results.json and report.html in the run directory."""
     results = collect_results(plan)
@@ -818,6 +841,9 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
                 log(f"[mak run] {st.name} done in {time.perf_counter() - t:.1f}s")
         if main:
             out = write_outputs(plan)
+            results = json.loads((plan.run_dir / "results.json").read_text(encoding="utf-8"))["results"]
+            if results:
+                log(results_table(results))
             log(f"[mak run] results: {plan.run_dir / 'results.json'}")
             log(f"[mak run] report: {out}")
     return plan
