@@ -142,7 +142,7 @@ def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = F
     if carry:
         for entry in path.iterdir():
             if entry.name not in owned and not os.path.lexists(tmp / entry.name):
-                _link_copy(entry, tmp / entry.name)
+                link_copy(entry, tmp / entry.name)
     old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
     os.replace(path, old)
     try:
@@ -153,12 +153,12 @@ def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike, carry: bool = F
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _link_copy(src: Path, dest: Path) -> None:
+def link_copy(src: Path, dest: Path) -> None:
     """``dest`` as a hard link of file ``src`` (a copy across devices); directories entry by entry."""
     if src.is_symlink():
         os.symlink(os.readlink(src), dest)
     elif src.is_dir():
-        shutil.copytree(src, dest, symlinks=True, copy_function=lambda a, b: _link_copy(Path(a), Path(b)))
+        shutil.copytree(src, dest, symlinks=True, copy_function=lambda a, b: link_copy(Path(a), Path(b)))
     else:
         try:
             os.link(src, dest)

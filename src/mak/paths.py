@@ -33,4 +33,13 @@ def output_file(path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["input_file", "output_dir", "output_file"]
+def new_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` when it is absent, an empty directory, or may be replaced (``overwrite``); else a
+    :class:`MakError` saying how to go on."""
+    path = output_dir(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise MakError(f"{path}: already exists (choose another --out, or pass --overwrite)")
+    return path
+
+
+__all__ = ["input_file", "new_output_dir", "output_dir", "output_file"]

@@ -23,6 +23,7 @@ from mak.data.store import (ARRAY_SUFFIXES, EXTERNAL_META, FEATURES, ITEMS, META
                             count_lines, open_npy, item_file_lines, open_array_store,
                             write_shards_index)
 from mak.errors import MakError
+from mak.paths import input_file, new_output_dir
 
 PARQUET = ".parquet"
 Spec = str | Path | Sequence[str | Path]
@@ -111,8 +112,7 @@ class _Items:
         if column is not None and not any(f.suffix == PARQUET for f in files):
             raise MakError(f"--items-column {column} applies to .parquet items, not to {files[0]}")
         for f in files:
-            if not f.is_file():
-                raise MakError(f"{f}: items file not found")
+            input_file(f, "items file")
         self.files, self.column = files, column
 
     def count(self, f: Path) -> int:
@@ -147,9 +147,7 @@ class ParquetFeatures:
     dataset hubs write them), read batch by batch: ``shape``, ``dtype`` and :meth:`save`."""
 
     def __init__(self, path: Path, column: str | None) -> None:
-        if not path.is_file():
-            raise MakError(f"{path}: feature array not found")
-        self.path = path
+        self.path = input_file(path, "feature array")
         pf = self._open()  # opened again to convert: no file handle kept per array of a large import
         self.column = self._column(pf.schema_arrow, column)
         first = next(pf.iter_batches(columns=[self.column], batch_size=1), None)
@@ -245,9 +243,7 @@ def _sources(files: list[Path], views: str | Path | None, link: bool,
         if views is not None:
             if vw is not None:
                 raise MakError(f"{f} already holds views; drop --views {views}")
-            if not Path(views).is_file():
-                raise MakError(f"{views}: views file not found")
-            vw = check_array_views(open_npy(Path(views)), feats.shape[0], str(views))
+            vw = check_array_views(open_npy(input_file(views, "views file")), feats.shape[0], str(views))
         if out and feats.shape[1] != out[0][0].shape[1]:
             raise MakError(f"{f}: feature dimension {feats.shape[1]} differs from {files[0]}'s {out[0][0].shape[1]}")
         if out and (vw is None) != (out[0][1] is None):
@@ -273,8 +269,7 @@ def import_store(features: Spec, out: str | Path, items: Spec | None = None, vie
 
     from mak.atomic import atomic_dir, write_json
 
-    if Path(out).exists() and not overwrite and any(Path(out).iterdir()):
-        raise MakError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+    new_output_dir(out, overwrite)
     files = expand(features, "features")
     if items is None and items_column is not None:
         raise MakError(f"--items-column {items_column} goes with --items (a .parquet file)")

@@ -29,6 +29,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from mak.errors import MakError
+from mak.paths import input_file
 
 FEATURES = "features.npy"
 VIEWS = "views.npy"
@@ -380,9 +381,7 @@ def open_array_store(path: str | Path, items: str | Path | None = None, require_
 
     ``items``: a text file with one item line per row; without it the row index is the item.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MakError(f"{path}: feature array not found")
+    path = input_file(path, "feature array")
     feats, views = (open_npy(path), None) if path.suffix == ".npy" else _npz_arrays(path)
     if feats.ndim != 2:
         raise MakError(f"{path}: expected a 2-D feature array (N x D), found shape {feats.shape}")
@@ -390,9 +389,7 @@ def open_array_store(path: str | Path, items: str | Path | None = None, require_
     if n == 0:
         raise MakError(f"{path}: feature array is empty (0 rows)")
     if items is not None:
-        items = Path(items)
-        if not items.is_file():
-            raise MakError(f"{items}: items file not found")
+        items = input_file(items, "items file")
         if items.suffix == ".parquet":
             raise MakError(f"{items}: items here are text, one line per row; make a store from a parquet "
                            "column with `mak store import --items-column`")

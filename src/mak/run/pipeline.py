@@ -753,9 +753,9 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(plan: Plan) -> Path:
-    """results.json and report.html in the run directory."""
-    results = collect_results(plan)
+def write_outputs(plan: Plan, results: list[dict] | None = None) -> Path:
+    """results.json and report.html in the run directory (``results``: :func:`collect_results`'s)."""
+    results = collect_results(plan) if results is None else results
     write_json(plan.run_dir / "results.json", {"config": plan.config, "results": results})
     return _write_report(plan, results)
 
@@ -840,8 +840,8 @@ def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: 
             if main:
                 log(f"[mak run] {st.name} done in {time.perf_counter() - t:.1f}s")
         if main:
-            out = write_outputs(plan)
-            results = json.loads((plan.run_dir / "results.json").read_text(encoding="utf-8"))["results"]
+            results = collect_results(plan)
+            out = write_outputs(plan, results)
             if results:
                 log(results_table(results))
             log(f"[mak run] results: {plan.run_dir / 'results.json'}")

@@ -52,10 +52,11 @@ import torch.nn.functional as F
 
 from mak import distributed as D
 from mak.train import native
-from mak.atomic import atomic_dir, move_entries, remove_debris, reserve, write_json
+from mak.atomic import atomic_dir, link_copy, move_entries, remove_debris, reserve, write_json
 from mak._tensor import auto_device
 from mak.errors import MakError
 from mak.lock import job_lock
+from mak.paths import new_output_dir
 from mak.data.store import FEATURES, ITEMS, META, VIEWS, write_shards_index
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -339,8 +340,7 @@ def _check_options(out: Path, views: int, dtype: str, batch_size: int, overwrite
         raise MakError(f"--views must be 0 (no views) or at least 2, got {views}")
     if batch_size < 1:
         raise MakError(f"--batch-size must be positive, got {batch_size}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise MakError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+    new_output_dir(out, overwrite)
 
 
 def _check_finished(info: dict, checkpoint, strict: bool) -> None:
@@ -773,7 +773,7 @@ def _finalize_segment(seg: Path, dest: Path, source, a: int, b: int, skipped: di
     names = [FEATURES] + ([VIEWS] if views else [])
     if drop.size == 0:
         for nm in names:
-            _link_or_copy(seg / nm, dest / nm)
+            link_copy(seg / nm, dest / nm)
     else:
         keep = np.ones(b - a, dtype=bool)
         keep[drop] = False
@@ -781,14 +781,6 @@ def _finalize_segment(seg: Path, dest: Path, source, a: int, b: int, skipped: di
             _compact(seg / nm, dest / nm, keep)
     _write_items(dest / ITEMS, source, a, b, skipped)
     return (b - a) - int(drop.size)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` as a hard link to ``src`` (no copy), or a copy where the file system has no links."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _compact(src_path: Path, dst_path: Path, keep: np.ndarray) -> None:
@@ -829,7 +821,6 @@ def _write_items(path: Path, source, a: int, b: int, skipped: dict[int, str]) ->
 
 def _publish(final: Path, out: Path, overwrite: bool) -> None:
     """Move the finished store in ``final`` to ``out`` all at once (replacing an existing store when allowed)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MakError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+    new_output_dir(out, overwrite)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         move_entries(final, tmp)

@@ -28,13 +28,13 @@ import hashlib
 import importlib
 import io
 import os
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from mak.errors import MakError, first_line
+from mak.paths import input_file
 
 __all__ = [
     "BACKBONES",
@@ -314,9 +314,7 @@ def read_weights(path: str | os.PathLike) -> Weights:
     """A state dict from ``path``: safetensors, or a ``torch.save`` file read with ``weights_only``
     (a dict of tensors, or one holding it under ``state_dict`` or ``model``, as mak's checkpoints do).
     The file is read once: the hash is of the bytes the tensors come from."""
-    p = Path(path)
-    if not p.is_file():
-        raise MakError(f"{p}: weights file not found")
+    p = input_file(path, "weights file")
     data = p.read_bytes()
     try:
         if p.suffix == ".safetensors":
