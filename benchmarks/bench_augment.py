@@ -26,8 +26,8 @@ import torch
 
 from mak.train import native
 from mak.train.augment import SimCLRAugment, view_key
+from mak.train.device import autocast_context, resolve_amp
 from mak.train.models import SimCLRModel
-from mak.train.pretrain import autocast_context, resolve_amp
 
 
 def timed(fn, dev: torch.device, reps: int) -> float:

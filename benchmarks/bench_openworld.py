@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mak.run.config import load_config
-from mak.run.pipeline import build_plan, collect_results, write_outputs
+from mak.run.plan import build_plan
+from mak.run.results import collect_results, write_outputs
 from mak.run.stats import interval95
 
 ALL = ["robust", "mak", "random", "kcenter", "tailness", "proximity", "tailness+proximity"]

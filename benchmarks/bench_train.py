@@ -34,10 +34,11 @@ import torch
 
 from mak._machine import cpu_summary
 from mak.data.sources import ArraySource
+from mak.train.device import autocast_context, resolve_amp, resolve_channels_last
 from mak.train.embed import embed
 from mak.train.losses import nt_xent
 from mak.train.models import SimCLRModel
-from mak.train.pretrain import autocast_context, pretrain, resolve_amp, resolve_channels_last
+from mak.train.pretrain import pretrain
 
 
 def _images_per_s(step, steps: int, batch: int, dev: torch.device) -> float:

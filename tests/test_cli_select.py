@@ -25,7 +25,7 @@ def stores(tmp_path, rng):
 def select_args(stores, out, *extra):
     s, p = stores
     return ["select", "--seed-store", s, "--pool-store", p, "--budget", "10", "--out", out,
-            "--ecle-batch-size", "32", "--partitions", "2", "--no-progress", *extra]
+            "--ecle-batch-size", "32", "--partitions", "2", "--no-progress", "--strategy", "mak", *extra]
 
 
 def test_outputs(cli, stores, tmp_path):
@@ -106,10 +106,8 @@ def test_bad_store_errors(cli, stores, tmp_path, capsys, what):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--budget", "0"], "budget"),
     (["--budget", "121"], "larger than the pool"),
     (["--clusters", "41"], "larger than the seed"),
-    (["--strategy", "magic"], "unknown strategy"),
 ])
 def test_bad_parameter_errors(cli, stores, tmp_path, capsys, extra, msg):
     out = tmp_path / "sel"
@@ -117,6 +115,45 @@ def test_bad_parameter_errors(cli, stores, tmp_path, capsys, extra, msg):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--budget", "0"], "argument --budget: '0' must be an integer >= 1"),
+    (["--strategy", "magic"], "argument --strategy: unknown strategy 'magic' (choose from: mak,"),
+    (["--order", "best"], "argument --order: 'best' must be one of: pick, score"),
+    (["--kcenter", "fast"], "argument --kcenter: 'fast' must be one of: exact, two-round"),
+    (["--kcenter-parts", "0"], "argument --kcenter-parts: '0' must be an integer >= 1"),
+    (["--dedup", "1.5"], "argument --dedup: '1.5' must be a number in (0, 1]"),
+    (["--dedup-clusters", "x"], "argument --dedup-clusters: 'x' must be an integer >= 1"),
+])
+def test_job_flags_are_checked_by_their_declarations(cli, stores, tmp_path, capsys, extra, msg):
+    """The job's flags are parsed by JOB_OPTIONS' parsers, before any work: one line, exit 2."""
+    out = tmp_path / "sel"
+    with pytest.raises(SystemExit, match="2"):
+        cli(*select_args(stores, out, *extra))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mak select: error: ") and msg in err, err
+    assert not out.exists()
+
+
+def test_job_defaults_are_declared_once():
+    """mak select's flags, select_stores and mak.select take the defaults JOB_OPTIONS declares;
+    the default strategy is the product's (robust)."""
+    import inspect
+
+    from mak.cli import build_parser
+    from mak.options import by_name
+    from mak.run.select_job import JOB_OPTIONS, select_stores
+    from mak.selection.strategies import DEFAULT_STRATEGY, select
+
+    args = build_parser("select").parse_args(["select", "--pool-store", "p", "--budget", "3", "--out", "o"])
+    for opt in JOB_OPTIONS:
+        assert getattr(args, opt.name) == (3 if opt.name == "budget" else opt.default)
+    assert by_name(JOB_OPTIONS)["strategy"].default == DEFAULT_STRATEGY == "robust"
+    assert inspect.signature(select).parameters["strategy"].default == DEFAULT_STRATEGY
+    assert inspect.signature(select_stores).parameters["strategy"].default == DEFAULT_STRATEGY
+    with pytest.raises(MakError, match="'budget' is required"):
+        select_stores(None, "p", "o", None)
 
 
 def test_existing_selection_needs_overwrite(cli, stores, tmp_path, capsys):
@@ -254,8 +291,6 @@ def test_order_score_sorts_the_same_picks_by_score(cli, stores, tmp_path, capsys
     s, p = stores
     with pytest.raises(MakError, match=r"^kcenter='fast' must be one of: exact, two-round$"):
         select_stores(s, p, tmp_path / "k", 5, strategy="kcenter", kcenter="fast", progress=False)
-    assert cli(*select_args(stores, tmp_path / "k", "--kcenter-parts", "0")) == 2
-    assert "--kcenter-parts 0 must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_robust_scores_csv_says_why_an_image_was_rejected(cli, stores, tmp_path):
@@ -289,7 +324,7 @@ def test_every_command_takes_quiet(argv, capsys):
         main([*argv, "--help"])
     text = capsys.readouterr().out
     assert "--quiet, -q" in text and "print nothing but errors and warnings" in text
-    with_bars = argv[0] in ("demo", "embed", "pretrain", "run", "select") or argv == ["store", "import"]
+    with_bars = argv[0] in ("bench", "demo", "embed", "pretrain", "run", "select") or argv == ["store", "import"]
     assert ("--no-progress" in text) == with_bars
 
 

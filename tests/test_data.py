@@ -100,7 +100,7 @@ def test_folder_recursive_sorted(image_tree):
 def test_folder_labels_from_dirs(image_tree):
     """An ImageFolder layout: class folders sorted by name are labels 0, 1, ...; item lines carry them."""
     from mak.data.sources import labeled_source, open_source
-    from mak.run.pipeline import labels_or_none
+    from mak.run.stages import labels_or_none
 
     (image_tree / "c.bmp").rename(image_tree / "b" / "c.bmp")
     src = FolderSource(image_tree, labels_from_dirs=True)
@@ -395,3 +395,50 @@ def test_combined_source_reads_seed_rows_then_chosen_pool_rows(tmp_path, rng):
     assert len(src) == 6
     for i, want in enumerate([*a, b[5], b[1]]):
         np.testing.assert_array_equal(np.asarray(src.load(i)).reshape(want.shape), want)
+
+
+def test_pool_mix_under_torchrun_shares_the_decoding_and_agrees_with_one_process(tmp_path):
+    """Each rank decodes its share of the sample; every rank ends with the one-process rows and skips."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from mak.data.sources import open_source, pool_mix
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(pool / f"{i:02d}.png")
+    for bad in ("02.png", "07.png"):
+        (pool / bad).write_bytes(b"garbage")
+    seed = tmp_path / "seed.npy"
+    np.save(seed, rng.integers(0, 255, (3, 8, 8), dtype=np.uint8))
+    script = tmp_path / "mix.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from mak import distributed as D\n"
+        "import mak.data.sources as S\n"
+        "decoded = []\n"
+        "probe = S._probe\n"
+        "S._probe = lambda src, i: decoded.append(i) or probe(src, i)\n"
+        "with D.process_group('cpu'):\n"
+        f"    mix = S.pool_mix(S.open_source('array', {str(seed)!r}), S.open_source('folder', {str(pool)!r}), 'auto', 0)\n"
+        "    out = {'rows': mix.rows.tolist(), 'skipped': [r for r, _ in mix.skipped], 'decoded': sorted(decoded)}\n"
+        f"    open(os.path.join({str(tmp_path)!r}, 'rank%s.json' % D.rank()), 'w').write(json.dumps(out))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = pool_mix(open_source("array", seed), open_source("folder", pool), "auto", 0)
+    expected = {"rows": one.rows.tolist(), "skipped": [r for r, _ in one.skipped]}
+    assert expected["skipped"] == [2, 7] and 2 not in expected["rows"]
+    decoded = []
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        decoded += got.pop("decoded")
+        assert got == expected
+    assert sorted(decoded) == list(range(9))  # each image decoded once, by one of the ranks

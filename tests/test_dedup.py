@@ -144,7 +144,8 @@ def test_cli_dedup_errors(cli, tmp_path, capsys):
                "--dedup", "0.99", "--no-progress") == 2
     err = capsys.readouterr().err.strip()
     assert "after --dedup" in err and "5 of 20" in err and len(err.splitlines()) == 1
-    assert cli("select", "--pool-store", pool, "--budget", "3", "--strategy", "random", "--out", out,
-               "--dedup", "2", "--no-progress") == 2
-    assert "dedup threshold" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        cli("select", "--pool-store", pool, "--budget", "3", "--strategy", "random", "--out", out,
+            "--dedup", "2", "--no-progress")
+    assert "argument --dedup: '2' must be a number in (0, 1]" in capsys.readouterr().err
     assert not out.exists()

@@ -336,12 +336,14 @@ def test_cli_bench_build(fake_data, tmp_path, capsys, fonts):
                "--pool-classes", "disjoint", "--near-classes", "3", "-q"])
     m = openworld.load_manifest(tmp_path / "dj")
     assert rc == 0 and m["pool_classes"] == "disjoint" and len(m["near_classes"]) == 3
-    for bad, named in ((["--near-classes", "9"], "--near-classes"), (["--pool-classes", "none"], "--pool-classes")):
-        rc = main(["bench", "build", "--out", str(tmp_path / "r3"), "--scale", str(SCALE),
-                   "--data-dir", str(fake_data), *bad])
-        err = capsys.readouterr().err
-        assert rc == 2 and named in err and len(err.strip().splitlines()) == 1
-        assert not (tmp_path / "r3").exists()
+    rc = main(["bench", "build", "--out", str(tmp_path / "r3"), "--scale", str(SCALE),
+               "--data-dir", str(fake_data), "--near-classes", "9"])  # a range that depends on --pool-classes
+    err = capsys.readouterr().err
+    assert rc == 2 and "--near-classes" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit, match="2"):  # a value no build takes: argparse, before any work
+        main(["bench", "build", "--out", str(tmp_path / "r3"), "--data-dir", str(fake_data), "--pool-classes", "none"])
+    assert "argument --pool-classes: 'none' must be one of: all, disjoint" in capsys.readouterr().err
+    assert not (tmp_path / "r3").exists()
     rc = main(["bench", "build", "--out", str(tmp_path / "n"), "--data-dir", str(tmp_path / "nowhere")])
     assert rc == 2
     assert "Fashion-MNIST not found" in capsys.readouterr().err
@@ -354,3 +356,17 @@ def test_real_fashion_mnist_small(tmp_path, fonts):
         pytest.skip("Fashion-MNIST is not installed")
     m = openworld.build_benchmark(tmp_path / "real", seed=0, scale=0.02)
     assert m["totals"]["test"] == 200 and m["counts"]["pool"]["-1"] == sum(openworld.benchmark_counts(0.02)["pool"])
+
+
+def test_build_progress_counts_every_image_generated_and_written(fake_data, tmp_path, capsys, monkeypatch, fonts):
+    """The bar's last line (a log: stderr is not a terminal) reaches its total: each out-of-domain
+    image generated, then every image of every split written."""
+    monkeypatch.setenv("MAK_PROGRESS_INTERVAL", "0")
+    m = openworld.build_benchmark(tmp_path / "b", seed=3, scale=SCALE, data_dir=fake_data, progress=True)
+    written = sum(len(list((tmp_path / "b" / "images" / s).iterdir())) for s in openworld.SPLITS)
+    generated = sum(m["pool_ood"].values())
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "\r" not in last and last.startswith("bench build: generate and write images: done, ")
+    assert last.split("done, ")[1].split(" ")[0] == f"{generated + written}/{generated + written}"
+    openworld.build_benchmark(tmp_path / "q", seed=3, scale=SCALE, data_dir=fake_data)  # no bar by default
+    assert capsys.readouterr().err == ""

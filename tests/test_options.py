@@ -90,7 +90,7 @@ def test_cli_flags_and_config_keys_come_from_the_same_declarations():
     ("run.repeats=x", "run.repeats='x' must be an integer >= 1"),
     ("run.seed=1.5", "run.seed=1.5 must be an integer >= 0"),
     ("embed.dtype=int8", "embed.dtype='int8' must be one of: float16, float32"),
-    ("embed.views=-1", "embed.views=-1 must be an integer >= 0"),
+    ("embed.views=-1", r"embed.views=-1 must be 0 \(no views\) or an integer >= 2"),
     ("retrain.match=both", "retrain.match='both' must be one of: epochs, steps"),
     ("evaluate.shots=0", "evaluate.shots=0 must be an integer >= 1"),
     ("data.benchmark.scale=-1", "data.benchmark.scale=-1 must be a number > 0"),

@@ -65,7 +65,7 @@ def test_user_data_requires_sources():
 
 def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
     # a new robust default must re-run the stage: the key holds the resolved settings, not just the overrides
-    from mak.run.pipeline import build_plan
+    from mak.run.plan import build_plan
     from mak.selection.robust import DEFAULTS
 
     def key(*extra):
@@ -85,12 +85,13 @@ def test_robust_select_stage_is_keyed_on_its_effective_settings(tmp_path):
 
 
 def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_path, monkeypatch):
-    from mak.run import pipeline
+    from mak.run.plan import build_plan
+    from mak.run.stage import STAGE_VERSIONS
     from mak.selection.strategies import STRATEGY_VERSIONS
 
     def keys():
         cfg = load_config(None, TINY + ["select.strategies=[robust,mak]"])
-        return {s.name: s.key for s in pipeline.build_plan(cfg, tmp_path / "run").stages}
+        return {s.name: s.key for s in build_plan(cfg, tmp_path / "run").stages}
 
     base = keys()
     current = STRATEGY_VERSIONS.get("robust", 1)
@@ -104,14 +105,14 @@ def test_a_bumped_behaviour_version_re_runs_that_stage_and_what_reads_it(tmp_pat
     monkeypatch.setitem(STRATEGY_VERSIONS, "robust", 1)
     assert keys() == without  # version 1 adds nothing to the key
     monkeypatch.setitem(STRATEGY_VERSIONS, "robust", current)
-    monkeypatch.setitem(pipeline.STAGE_VERSIONS, "embed-pool", 2)  # the seed-only model's pool store
+    monkeypatch.setitem(STAGE_VERSIONS, "embed-pool", 2)  # the seed-only model's pool store
     changed = {n for n, k in keys().items() if k != base[n]}
     assert "embed-pool/r0" in changed and "select/r0/mak" in changed and "eval/r0/none" not in changed
     assert not any(n.endswith("-mix/r0") or n.endswith("/robust") for n in changed)
 
 
 def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp_path):
-    from mak.run.pipeline import build_plan
+    from mak.run.plan import build_plan
 
     def plan_of(*extra):
         return build_plan(load_config(None, TINY + ["select.strategies=[robust,mak,random]", *extra]), tmp_path / "r")
@@ -151,7 +152,7 @@ def test_robust_scores_with_the_pool_aware_model_and_mak_with_the_seed_model(tmp
 @pytest.mark.parametrize("extra, evaluates", [([], True), (["retrain.enabled=false"], False),
                                              (["retrain.enabled=no"], False)])
 def test_a_run_without_evaluation_stops_after_selection(tmp_path, extra, evaluates):
-    from mak.run.pipeline import build_plan
+    from mak.run.plan import build_plan
 
     kinds = {st.name.split("/")[0] for st in build_plan(load_config(None, TINY + extra), tmp_path).stages}
     assert ({"retrain", "eval"} <= kinds) == evaluates and "select" in kinds
@@ -175,6 +176,20 @@ def test_run_names_a_bad_strategy_option_by_its_config_key(cli, tmp_path, capsys
     assert cli("run", config, "--dry-run", "--set", "select.options.gate_quantile=2", "--out", tmp_path / "run") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mak run: error: config: select.options.gate_quantile=2 must be") and "--" not in err
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("evaluate.many=0", "evaluate.many=0 must be an integer >= 1"),
+    ("evaluate.few=2.5", "evaluate.few=2.5 must be an integer >= 0"),
+    ("embed.views=1", "embed.views=1 must be 0 (no views) or an integer >= 2"),
+    ("pretrain.image_size=4", "pretrain.image_size=4 must be an integer >= 8 or null"),
+])
+def test_run_names_a_bad_declared_key_by_its_config_key(cli, tmp_path, capsys, assignment, message):
+    """pretrain, embed and evaluate keys are checked by the flags' declarations, named as config keys."""
+    config = REPO / "configs" / "openworld.yaml"
+    assert cli("run", config, "--dry-run", "--set", assignment, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mak run: error: config: {message}"
 
 
 def ran(plan) -> set[str]:
@@ -226,15 +241,26 @@ def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys, monkeypatch):
     assert "0 to run" in capsys.readouterr().out  # the plan is what --dry-run asks for
 
     # a run stopped while stages change leaves no report describing the stages before it
-    from mak.run import pipeline
+    from mak.run import plan as plan_module
 
     def stopped(stage):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_run_select", stopped)
+    monkeypatch.setattr(plan_module, "run_select", stopped)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(load_config(None, TINY + ["select.budget=15"]), run_dir)
     assert not (run_dir / "report.html").exists() and not (run_dir / "results.json").exists()
+    monkeypatch.undo()
+
+    # the stopped change lost nothing: budget 20's selection was kept as the previous output and is
+    # swapped back in; going back to the first settings reuses what they made before the changes
+    logged: list[str] = []
+    back20 = run_pipeline(load_config(None, TINY + ["select.budget=20"]), run_dir, log=logged.append)
+    assert ran(back20) == set() and "[mak run] select/r0/mak: cached (its previous output, swapped back in)" in logged
+    assert len((run_dir / "r0/select/mak/selection.txt").read_text().splitlines()) == 20
+    back = run_pipeline(load_config(None, TINY), run_dir)
+    assert ran(back) == {"select/r0/mak"}  # its first output gave way to budget 20's, which gave way to 15's attempt
+    assert json.loads((run_dir / "results.json").read_text())["results"] == results
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -368,7 +394,7 @@ BENCH_BASE = ["data.benchmark.build=true", "data.benchmark.scale=0.02"]
 
 def bench_stage(run_dir, *extra):
     """The benchmark stage of a plan for the benchmark at scale 0.02 with ``extra`` settings."""
-    from mak.run.pipeline import build_plan
+    from mak.run.plan import build_plan
 
     plan = build_plan(load_config(None, [*BENCH_BASE, *extra]), run_dir)
     return next(st for st in plan.stages if st.name.startswith("bench/"))
@@ -376,7 +402,7 @@ def bench_stage(run_dir, *extra):
 
 def test_benchmark_ood_ratio_is_keyed_only_when_set(tmp_path):
     """A half-junk run keeps its cached stages; another junk ratio is a new benchmark, passed to the builder."""
-    from mak.run.pipeline import build_plan
+    from mak.run.plan import build_plan
 
     base = BENCH_BASE
     default = bench_stage(tmp_path)
@@ -389,7 +415,7 @@ def test_benchmark_ood_ratio_is_keyed_only_when_set(tmp_path):
     plan4 = build_plan(load_config(None, [*base, "data.benchmark.ood_ratio=4"]), tmp_path)
     assert all(a.key != b.key for a, b in zip(plan1.stages, plan4.stages))
     for bad in ("-2", "x", "true"):
-        with pytest.raises(MakError, match="data.benchmark.ood_ratio must be a number >= 0"):
+        with pytest.raises(MakError, match=r"data.benchmark.ood_ratio=.* must be a number >= 0"):
             load_config(None, [*base, f"data.benchmark.ood_ratio={bad}"])
 
 
@@ -420,6 +446,74 @@ def test_one_set_of_training_defaults():
     assert (ev.shots, ev.draws, ev.k) == (cfg["evaluate"]["shots"], cfg["evaluate"]["draws"],
                                           cfg["evaluate"]["knn_k"]) == \
         (ev_sig["shots"].default, ev_sig["draws"].default, ev_sig["k"].default) == (10, 5, 20)
+
+
+def test_every_declared_option_is_one_flag_one_config_key_one_api_default():
+    """Each option of PRETRAIN_OPTIONS, EMBED_OPTIONS and EVALUATE_OPTIONS: its flag is built from the
+    declaration (its parser, its default), the config key declared with it takes its default (unless the
+    config has its own on purpose) and its parser, and the API function's default is the declared one."""
+    import inspect
+
+    from mak.bench.evaluate import EVALUATE_OPTIONS, evaluate_checkpoint
+    from mak.cli import build_parser
+    from mak.data.sources import pool_mix
+    from mak.run.config import DECLARED, DEFAULTS
+    from mak.train.embed import EMBED_OPTIONS, embed
+    from mak.train.pretrain import PRETRAIN_OPTIONS, pretrain
+
+    def api(function):
+        return {k: p.default for k, p in inspect.signature(function).parameters.items()}
+
+    image_size = next(o for o in PRETRAIN_OPTIONS if o.name == "image_size")  # embed's --image-size too
+    commands = [  # command, its minimal arguments, its declared flags, the API defaults they must equal
+        ("pretrain", ["--split", "s.txt", "--out", "o"], PRETRAIN_OPTIONS,
+         {**api(pretrain), "mix_count": api(pool_mix)["count"]}),
+        ("embed", ["--split", "s.txt", "--checkpoint", "c", "--out", "o"], (*EMBED_OPTIONS, image_size),
+         {**api(embed), "image_size": None}),
+        ("evaluate", ["--checkpoint", "c", "--bench", "b"], EVALUATE_OPTIONS, api(evaluate_checkpoint)),
+    ]
+    for command, argv, declared, defaults in commands:
+        parser = build_parser(command)
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        args = parser.parse_args([command, *argv])
+        for o in declared:
+            action = next(a for a in sub._actions if o.flag in a.option_strings)
+            assert action.type.__name__ == o.name, f"mak {command} {o.flag} is not built from its declaration"
+            assert action.default == getattr(args, o.key or o.name) == o.default == defaults[o.name], (command, o.name)
+            if o.default is not None:  # the parser takes its own default, as a value and as text
+                assert o.parse(o.name, o.default) == o.default == o.parse(o.name, str(o.default))
+    own = {"pretrain.batch_size": 256, "evaluate.many": 300, "evaluate.few": 30}  # the config's own, on purpose
+    cfg = load_config(None, ["data.benchmark.build=true"])
+    for key, o in DECLARED.items():
+        section, leaf = key.split(".")
+        assert any(o in declared for _, _, declared, _ in commands), key
+        assert DEFAULTS[section][leaf] == cfg[section][leaf] == own.get(key, o.default), key
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("evaluate.many", "0", "evaluate.many=0 must be an integer >= 1"),
+    ("evaluate.many", "2.5", "evaluate.many=2.5 must be an integer >= 1"),
+    ("evaluate.few", "2.5", "evaluate.few=2.5 must be an integer >= 0"),
+    ("evaluate.knn_k", "0", "evaluate.knn_k=0 must be an integer >= 1"),
+    ("embed.views", "1", "embed.views=1 must be 0 (no views) or an integer >= 2"),
+    ("embed.dtype", "float64", "embed.dtype='float64' must be one of: float16, float32"),
+    ("pretrain.image_size", "4", "pretrain.image_size=4 must be an integer >= 8 or null"),
+    ("pretrain.lr", "0", "pretrain.lr=0 must be a number > 0"),
+    ("pretrain.workers", "-1", "pretrain.workers=-1 must be an integer >= 0 or null"),
+])
+def test_a_declared_config_key_is_checked_by_its_declaration(key, value, message):
+    with pytest.raises(MakError) as exc:
+        load_config(None, TINY + [f"{key}={value}"])
+    assert str(exc.value) == f"config: {message}"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("evaluate.shots", "null", None), ("evaluate.few", "0", 0), ("pretrain.image_size", "8", 8),
+    ("pretrain.pool_mix", "auto", "auto"), ("pretrain.warmup_epochs", "null", None), ("embed.views", "0", 0),
+])
+def test_a_declared_config_key_takes_what_its_declaration_takes(key, value, expected):
+    section, leaf = key.split(".")
+    assert load_config(None, TINY + [f"{key}={value}"])[section][leaf] == expected
 
 
 def test_benchmark_classes_are_keyed_only_when_they_change_the_pool(tmp_path):

@@ -77,7 +77,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_channels_last_and_amp_switches():
-    from mak.train.pretrain import resolve_amp, resolve_channels_last
+    from mak.train.device import resolve_amp, resolve_channels_last
 
     cpu = torch.device("cpu")
     assert resolve_amp(cpu, False) is None

@@ -341,7 +341,7 @@ def _x_ticks(svg: str) -> list[str]:
 
 
 def test_per_class_table_over_repeats_shows_repeat_0_under_its_seed_counts(fake_run):
-    from mak.run.pipeline import _per_class_acc
+    from mak.run.results import _per_class_acc
 
     # repeat 0's seed (the fixture's) has class 0 largest; repeat 1's seed another order: a class's
     # mean over repeats would mix a head class of one repeat with a tail class of the other
@@ -358,6 +358,38 @@ def test_per_class_table_over_repeats_shows_repeat_0_under_its_seed_counts(fake_
         for cell, (c, v) in zip(cells, shown):
             complete = all(c in r for r in reps)
             assert cell == (f"{100 * v:.1f}" if complete else '<span class="na">&ndash;</span>'), (name, c)
+
+
+def test_per_rank_accuracy_pairs_each_repeats_head_with_the_other_repeats_head():
+    """Rank k = the class with the k-th most seed images in its own repeat (ties: lower id; none: left out)."""
+    from mak.run.results import per_rank_acc
+
+    counts = [{"0": 50, "1": 20, "4": 2, "7": 0}, {"0": 3, "1": 40, "4": 9, "7": 9}]
+    per_rep = [{"per_class": {"0": 0.9, "1": 0.6, "4": 0.1}}, {"per_class": {"0": 0.2, "1": 0.7, "4": 0.95, "7": 0.5}}]
+    out = per_rank_acc(per_rep, counts)
+    assert out["seed_images"] == [[50, 40], [20, 9], [2, 9]]  # repeat 1: 1 (40), then 4 and 7 (9 each), 0 (3)
+    expected = [(0.9, 0.7), (0.6, 0.95), (0.1, 0.5)]  # rank 2 of repeat 1: class 7 (tie with 4, higher id)
+    for fig, (a, b) in zip(out["acc"], expected):
+        assert fig["values"] == [a, b] and fig["mean"] == pytest.approx((a + b) / 2)
+        assert fig["std"] == pytest.approx(abs(a - b) / 2)
+
+
+def test_per_class_table_over_repeats_is_by_seed_count_rank_when_the_results_hold_it(fake_run):
+    from mak.run.results import _per_class_acc, per_rank_acc
+
+    counts = [{"0": 50, "1": 20, "4": 2}, {"0": 3, "1": 40, "4": 9}]
+    per_rep = {"none": [{"0": 0.90, "1": 0.60, "4": 0.10}, {"0": 0.20, "1": 0.70, "4": 0.95}],
+               "robust": [{"0": 0.85, "1": 0.65, "4": 0.35}, {"0": 0.30, "1": 0.75, "4": 0.55}]}
+    results = [{"strategy": n, **_entry(n, 0.5, 0.01),
+                "per_class_acc": _per_class_acc([{"per_class": pc} for pc in reps]),
+                "per_rank_acc": per_rank_acc([{"per_class": pc} for pc in reps], counts)} for n, reps in per_rep.items()]
+    text = _write(fake_run, results=results)
+    table = text[text.index("Few-shot accuracy by seed-count rank"):]
+    table = table[:table.index("</table>")]
+    assert "seed 50/40" in table and "seed 20/9" in table and "seed 2/3" in table and "repeat 0" not in table
+    row = _row(table, "robust")
+    cells = re.findall(r"<td(?: class=\"best\")?>(.*?)</td>", row)
+    assert len(cells) == 3 and cells[0].startswith(f"{100 * (0.85 + 0.75) / 2:.1f}<span")  # the two heads
 
 
 def test_per_class_means_without_per_repeat_values_carry_no_seed_counts(fake_run):

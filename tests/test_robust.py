@@ -466,8 +466,14 @@ def test_auto_gate_quantile_keeps_five_seed_images_beyond_each_threshold(world):
     assert auto_gate_quantile(100_000) == 0.998 and auto_gate_quantile(2500) == pytest.approx(0.998)
     assert auto_gate_quantile(620) == pytest.approx(1 - 5 / 620) and auto_gate_quantile(200) == pytest.approx(0.975)
     seed, _, _, pool, _ = world
-    with pytest.raises(MakError, match="needs more than 5 seed images"):
+    with pytest.raises(MakError, match="^gate_quantile='auto' needs more than 5 seed images .*gate_quantile=Q or gate=off"):
         mak.select(seed[:5], pool, None, 10, strategy="robust", clusters=2, gate_folds=2)
+    from mak.cli import _with_flags  # the command line names the same parameters by their flags
+
+    with pytest.raises(MakError) as exc:
+        mak.select(seed[:5], pool, None, 10, strategy="robust", clusters=2, gate_folds=2)
+    assert _with_flags(exc.value) == ("--gate-quantile 'auto' needs more than 5 seed images (got 5); pass "
+                                      "--gate-quantile Q or --gate off")
     fixed = mak.select(seed, pool, None, 40, strategy="robust", clusters=5, share_k=10, ratio_epochs=5,
                        gate_quantile=auto_gate_quantile(len(seed)))
     auto = mak.select(seed, pool, None, 40, strategy="robust", clusters=5, share_k=10, ratio_epochs=5)

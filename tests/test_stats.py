@@ -43,7 +43,7 @@ def test_paired_gains_are_class_by_class_and_their_interval_is_a_t_interval():
 
 
 def test_the_results_table_shows_each_figure_in_percent():
-    from mak.run.pipeline import TABLE_COLUMNS, results_table
+    from mak.run.results import TABLE_COLUMNS, results_table
 
     results = [{"strategy": "none", "ood_rate": None, "few_share": None, "fewshot_acc": 0.5,
                 "fullshot_acc": 0.75, "knn_acc": 0.625},

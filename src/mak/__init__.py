@@ -9,7 +9,7 @@ Public API (see each module for details)::
     mak.nearest_centroid_distance(feats, cen)  # 1 - max cosine similarity to centroids
     mak.proximity(seed_feats, pool_feats, ...) # distance to the seed's k-means centroids
     mak.kcenter_greedy(feats, budget, init=..) # diversity: greedy k-center
-    mak.select(seed_feats, pool_feats, pool_views, budget, strategy="mak", ...)
+    mak.select(seed_feats, pool_feats, pool_views, budget, strategy="robust", ...)  # or "mak", ...
 
 The names load on first use (``import mak`` alone does not import torch), so ``mak --help`` and
 ``mak --version`` start at once.

@@ -26,11 +26,13 @@ Parser = Callable[[str, Any], Any]  # (name, value) -> canonical value; raises P
 
 
 class ParameterError(MakError):
-    """A bad value or an unknown name for a declared parameter; ``param`` is its name."""
+    """A bad value or an unknown name for a declared parameter; ``param`` is its name, ``related``
+    other parameters the message names (as ``name=``, which the command line shows as flags)."""
 
-    def __init__(self, param: str, message: str) -> None:
+    def __init__(self, param: str, message: str, related: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.param = param
+        self.related = related
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Option:
     parse: Parser
     metavar: str | None = None
     key: str | None = None  # its name on the command line and in configs, when not ``name``
+    required: bool = False  # no default: a caller must give it (the command line's flag is required)
 
     @property
     def flag(self) -> str:
@@ -61,7 +64,8 @@ def argparse_type(parse: Parser, name: str) -> Callable[[str], Any]:
         try:
             return parse(name, text)
         except ParameterError as exc:
-            raise argparse.ArgumentTypeError(str(exc).split("=", 1)[1]) from None
+            msg = str(exc)
+            raise argparse.ArgumentTypeError(msg[len(name) + 1:] if msg.startswith(f"{name}=") else msg) from None
     convert.__name__ = name
     return convert
 
@@ -155,6 +159,11 @@ def or_none(inner: Parser) -> Parser:
     return parse
 
 
+def by_name(declared: Sequence[Option]) -> dict[str, Option]:
+    """``{name: option}`` of the declarations."""
+    return {o.name: o for o in declared}
+
+
 def defaults(declared: Sequence[Option]) -> dict[str, Any]:
     """``{name: default}`` of the declarations."""
     return {o.name: o.default for o in declared}
@@ -166,17 +175,19 @@ def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) ->
     An option name that ``declared`` does not hold raises :class:`ParameterError` naming it and
     listing the valid ones (``owner`` says whose options they are, e.g. "strategy 'robust'").
     """
-    by_name = {o.name: o for o in declared}
+    known = by_name(declared)
     for key in given:
-        if key not in by_name:
-            valid = f"valid: {', '.join(sorted(by_name))}" if by_name else "it takes none"
+        if key not in known:
+            valid = f"valid: {', '.join(sorted(known))}" if known else "it takes none"
             raise ParameterError(key, f"unknown option '{key}' for {owner} ({valid})")
     out = {}
     for o in declared:
         value = given.get(o.name)
+        if value is None and o.required:
+            raise ParameterError(o.name, f"'{o.name}' is required ({owner})")
         out[o.name] = o.default if value is None else o.parse(o.name, value)
     return out
 
 
-__all__ = ["Option", "ParameterError", "argparse_type", "choice", "defaults", "integer", "number", "or_auto", "or_none", "resolve",
-           "switch", "text"]
+__all__ = ["Option", "ParameterError", "argparse_type", "by_name", "choice", "defaults", "integer", "number",
+           "or_auto", "or_none", "resolve", "switch", "text"]

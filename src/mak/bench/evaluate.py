@@ -40,7 +40,9 @@ import torch
 
 from mak._neighbours import cosine_topk
 from mak.errors import MakError
+from mak.options import Option, integer, number
 from mak.paths import output_file
+from mak.train.embed import DEFAULT_BATCH_SIZE
 
 GROUPS: tuple[str, ...] = ("many", "medium", "few")
 DEFAULT_L2 = 1e-3
@@ -50,6 +52,30 @@ DEFAULT_SHOTS = 10  # labeled images per class in a few-shot draw
 DEFAULT_DRAWS = 5  # few-shot draws averaged
 DEFAULT_TEMPERATURE = 0.07
 DEFAULT_MANY, DEFAULT_FEW = 300.0, 30.0
+
+# evaluate_checkpoint's options, declared once: `mak evaluate`'s flags, `mak run`'s evaluate.* keys
+# (shots, draws, many, few, knn_k, batch_size) and evaluate_checkpoint()'s defaults. The group
+# thresholds compare with seed-set class counts, so they are integers.
+EVALUATE_OPTIONS: tuple[Option, ...] = (
+    Option("shots", DEFAULT_SHOTS, f"labeled images per class in a few-shot draw (default {DEFAULT_SHOTS})",
+           integer(1), "N"),
+    Option("draws", DEFAULT_DRAWS, f"few-shot draws averaged (default {DEFAULT_DRAWS})", integer(1), "N"),
+    Option("seed", 0, "seed of the few-shot draws, an integer >= 0 (default 0)", integer(0), "S"),
+    Option("many", None, f"Many group: seed count > N, an integer >= 1 (default: the benchmark's groups, else "
+           f"{DEFAULT_MANY:g})", integer(1), "N"),
+    Option("few", None, f"Few group: seed count < N, an integer >= 0 (default: the benchmark's groups, else "
+           f"{DEFAULT_FEW:g})", integer(0), "N"),
+    Option("k", DEFAULT_K, f"neighbours of the kNN classifier (default {DEFAULT_K})", integer(1), "K"),
+    Option("temperature", DEFAULT_TEMPERATURE, f"temperature of the kNN's exp(cos/T) vote weights (default "
+           f"{DEFAULT_TEMPERATURE:g})", number(0.0), "T", key="knn_temperature"),
+    Option("l2", DEFAULT_L2, "L2 penalty of the linear probes, >= 0 (default 1e-3)",
+           number(0.0, low_open=False), "L"),
+    Option("max_iter", DEFAULT_MAX_ITER, f"L-BFGS iterations of the linear probes (default {DEFAULT_MAX_ITER})",
+           integer(1), "N"),
+    Option("batch_size", DEFAULT_BATCH_SIZE, f"feature extraction batch size (default {DEFAULT_BATCH_SIZE})",
+           integer(1), "B"),
+    Option("num_workers", 0, "DataLoader workers decoding images (default 0)", integer(0), "N", key="workers"),
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -724,7 +750,7 @@ def evaluate_checkpoint(
     root: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     device: str = "cpu",
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     num_workers: int = 0,
     shots: int | None = DEFAULT_SHOTS,
     draws: int = DEFAULT_DRAWS,

@@ -21,7 +21,7 @@ import functools
 import os
 import string
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -215,20 +215,25 @@ def make_ood_images(
     seed: int = 0,
     size: int = 28,
     fonts: Sequence[str | os.PathLike] | None = None,
+    tick: Callable[[int], Any] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Generate ``n_glyphs`` glyph then ``n_textures`` texture images.
 
     Returns ``(images, kinds)``: a uint8 array ``(n_glyphs + n_textures, size, size)`` and the
     kind of each image (``"glyph"`` or ``"texture"``). Fonts are looked up with
-    :func:`find_fonts` when ``fonts`` is None and glyphs are requested.
+    :func:`find_fonts` when ``fonts`` is None and glyphs are requested. ``tick(1)`` is called
+    after each image (a progress bar's ``update``).
     """
     if n_glyphs < 0 or n_textures < 0:
         raise MakError("image counts must be >= 0")
     if n_glyphs and fonts is None:
         fonts = find_fonts()
     out = np.empty((n_glyphs + n_textures, size, size), np.uint8)
+    tick = tick or (lambda n: None)
     for i in range(n_glyphs):
         out[i] = glyph_image(seed, i, fonts or [], size)
+        tick(1)
     for j in range(n_textures):
         out[n_glyphs + j] = texture_image(seed, j, size)
+        tick(1)
     return out, ["glyph"] * n_glyphs + ["texture"] * n_textures

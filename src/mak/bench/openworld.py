@@ -58,12 +58,13 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mak.atomic import atomic_dir
 from mak.errors import MakError
+from mak.options import Option, choice, integer, number
 
 FORMAT = "mak-openworld-benchmark"
 FORMAT_VERSION = 1
@@ -89,6 +90,21 @@ NEAR_PER_CLASS = POOL_MAX  # pool images of each class the seed lacks
 POOL_CLASSES: tuple[str, ...] = ("all", "disjoint")  # the pool holds the seed's classes, or only others
 DISJOINT_NEAR_CLASSES = 4  # classes the seed lacks when pool_classes is disjoint and K is not given
 TRAIN_PER_CLASS = 6000  # Fashion-MNIST's training images per class
+
+# build_benchmark's options, declared once: `mak bench build`'s flags and `mak run`'s data.benchmark keys.
+BENCH_OPTIONS: tuple[Option, ...] = (
+    Option("seed", 0, "random seed: class order, image picks, generated images (default 0)", integer(0), "S"),
+    Option("scale", 1.0, "multiply every image count by F (at least 2 per class; default 1.0)", number(0.0), "F"),
+    Option("ood_ratio", 1.0, "out-of-domain pool images per in-domain pool image (default 1: half the pool is "
+           "junk; 4: 80%)", number(0.0, low_open=False), "R"),
+    Option("pool_classes", POOL_CLASSES[0], "all: the pool holds the seed's classes (milder tail) and "
+           "--near-classes others; disjoint: it holds only classes the seed lacks, as in the paper (default all)",
+           choice(*POOL_CLASSES), "|".join(POOL_CLASSES)),
+    Option("near_classes", None, f"K classes appear only in the pool, {NEAR_PER_CLASS:,} images each; the seed "
+           f"keeps the other {NUM_CLASSES} - K (default 0, or {DISJOINT_NEAR_CLASSES} with --pool-classes disjoint)",
+           integer(0), "K"),
+    Option("budget", None, "selection budget recorded in the manifest (default: 2 x seed size)", integer(1), "N"),
+)
 
 DEFAULT_DATA_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 DATA_PACKAGE = "dataset-fashion-mnist"
@@ -295,13 +311,15 @@ def encode_png(image: np.ndarray) -> bytes:
     )
 
 
-def _write_pngs(folder: Path, images: np.ndarray) -> list[str]:
-    """Write ``images[i]`` to ``folder/{i:06d}.png``; return the file names."""
+def _write_pngs(folder: Path, images: np.ndarray, tick: Callable[[int], Any] | None = None) -> list[str]:
+    """Write ``images[i]`` to ``folder/{i:06d}.png``; return the file names. ``tick(1)`` after each."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [f"{i:06d}.png" for i in range(len(images))]
     for name, img in zip(names, images):
         with open(folder / name, "wb") as fh:
             fh.write(encode_png(img))
+        if tick is not None:
+            tick(1)
     return names
 
 
@@ -346,13 +364,14 @@ def _pick_test_indices(
 
 
 def _ood_images(
-    n_ood: int, seed: int, fonts: Sequence[str | os.PathLike]
+    n_ood: int, seed: int, fonts: Sequence[str | os.PathLike], tick: Callable[[int], Any] | None = None,
 ) -> tuple[np.ndarray, list[str], int]:
     """Generate ``n_ood`` out-of-domain images (half glyphs, rounding up); return images, provenance, glyph count."""
     from mak.bench import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
 
     n_glyph = (n_ood + 1) // 2
-    ood_images, ood_kinds = glyphs.make_ood_images(n_glyph, n_ood - n_glyph, seed=seed, size=IMAGE_SIZE, fonts=fonts)
+    ood_images, ood_kinds = glyphs.make_ood_images(n_glyph, n_ood - n_glyph, seed=seed, size=IMAGE_SIZE, fonts=fonts,
+                                                   tick=tick)
     ood_index = list(range(n_glyph)) + list(range(n_ood - n_glyph))
     return ood_images, [f"{k} {j}" for k, j in zip(ood_kinds, ood_index)], n_glyph
 
@@ -434,7 +453,8 @@ def _fill_counts(manifest: dict[str, Any], splits: dict[str, tuple[np.ndarray, n
 
 
 def _write_benchmark(
-    out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], manifest: dict[str, Any]
+    out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], manifest: dict[str, Any],
+    tick: Callable[[int], Any] | None = None,
 ) -> None:
     """Write the images, split lists, ``sources.txt`` and manifest into ``out`` atomically."""
     try:
@@ -442,7 +462,7 @@ def _write_benchmark(
             source_lines = []
             for split in SPLITS:
                 images, labels, prov = splits[split]
-                _write_pngs(tmp / "images" / split, np.ascontiguousarray(images))
+                _write_pngs(tmp / "images" / split, np.ascontiguousarray(images), tick)
                 names = [f"images/{split}/{i:06d}.png" for i in range(len(images))]
                 lines = "".join(f"{n} {int(y)}\n" for n, y in zip(names, labels))
                 (tmp / f"{split}.txt").write_text(lines, encoding="utf-8")
@@ -465,6 +485,7 @@ def build_benchmark(
     ood_ratio: float = 1.0,
     pool_classes: str = "all",
     near_classes: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Build the open-world benchmark into directory ``out`` and return its manifest.
 
@@ -474,9 +495,10 @@ def build_benchmark(
     :func:`mak.bench.glyphs.find_fonts`). ``ood_ratio``: out-of-domain images per in-domain pool image
     (default 1: a half-junk pool; 4 = 80% junk, as a web crawl is more like). ``near_classes``: how
     many classes appear only in the pool; ``pool_classes="disjoint"``: the pool holds none of the
-    seed's classes (see the module docstring).
+    seed's classes (see the module docstring). ``progress``: a bar over the images generated and written.
     """
     from mak.bench import glyphs  # lazy: reading a benchmark needs neither PIL nor fonts
+    from mak.progress import bar
 
     seed = int(seed)
     counts = benchmark_counts(scale, ood_ratio=ood_ratio, pool_classes=pool_classes, near_classes=near_classes)
@@ -493,13 +515,14 @@ def build_benchmark(
     picked = _pick_train_indices(rng, train_y, class_order, counts, scale)
     test_idx = _pick_test_indices(rng, test_y, class_order, counts)
     n_ood = counts["pool_ood"][0]
-    ood_images, ood_prov, n_glyph = _ood_images(n_ood, seed, fonts)
-    splits = _assemble_splits(rng, train_x, train_y, test_x, test_y, picked, test_idx, ood_images, ood_prov)
-    budget = _check_budget(budget, int(sum(counts["seed"])), len(splits["pool"][0]))
-
-    manifest = _manifest(seed, scale, class_order, num_seed, pool_classes, ood_ratio, n_glyph, n_ood, budget)
-    _fill_counts(manifest, splits)
-    _write_benchmark(out, splits, manifest)
+    n_images = n_ood + len(test_idx) + sum(len(p) for parts in picked.values() for p in parts)
+    with bar(n_ood + n_images, "bench build: generate and write images", unit="img", enabled=progress) as b:
+        ood_images, ood_prov, n_glyph = _ood_images(n_ood, seed, fonts, b.update)
+        splits = _assemble_splits(rng, train_x, train_y, test_x, test_y, picked, test_idx, ood_images, ood_prov)
+        budget = _check_budget(budget, int(sum(counts["seed"])), len(splits["pool"][0]))
+        manifest = _manifest(seed, scale, class_order, num_seed, pool_classes, ood_ratio, n_glyph, n_ood, budget)
+        _fill_counts(manifest, splits)
+        _write_benchmark(out, splits, manifest, b.update)
     return manifest
 
 

@@ -54,8 +54,9 @@ def _with_flags(exc: MakError) -> str:
 
     msg = str(exc)
     if isinstance(exc, ParameterError):
-        flag = "--" + exc.param.replace("_", "-")
-        msg = msg.replace(f"{exc.param}=", f"{flag} ").replace(f"'{exc.param}'", flag)
+        for param in (exc.param, *exc.related):
+            flag = "--" + param.replace("_", "-")
+            msg = msg.replace(f"{param}=", f"{flag} ").replace(f"'{param}'", flag)
     return msg
 
 

@@ -21,14 +21,17 @@ HELP = "a small open-world run on Fashion-MNIST with a report (minutes on a CPU)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mak.options import argparse_type, integer, number
+    from mak.bench.openworld import BENCH_OPTIONS
+    from mak.cli._options import add_option
+    from mak.options import argparse_type, by_name, integer
 
     p = sub.add_parser("demo", help=HELP,
                        description="Gets Fashion-MNIST, builds a small open-world benchmark (long-tailed seed, "
                                    "half-junk pool), runs robust vs mak vs random vs none and writes report.html.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
     p.add_argument("--data-dir", metavar="DIR", help="directory with Fashion-MNIST's IDX files (default: Debian's)")
-    p.add_argument("--scale", type=argparse_type(number(0.0), "scale"), default=None, metavar="F", help="benchmark scale (default 0.25)")
+    add_option(p, by_name(BENCH_OPTIONS)["scale"], default=None,
+               help=f"benchmark scale (default {DEMO_SETTINGS['data.benchmark.scale']})")
     p.add_argument("--epochs", type=argparse_type(integer(1), "epochs"), default=None, metavar="E", help="SimCLR epochs per training run (default 20)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, as in `mak run`")

@@ -9,10 +9,13 @@ HELP = "write a feature store (features, augmented views) from a checkpoint"  # 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mak.cli._options import add_option
     from mak.cli._sources import add_source_args
-    from mak.options import argparse_type, integer
-    from mak.train.embed import DEFAULT_BATCH_SIZE, DEFAULT_DTYPE, DEFAULT_VIEWS
+    from mak.options import by_name
+    from mak.train.embed import EMBED_OPTIONS
+    from mak.train.pretrain import PRETRAIN_OPTIONS
 
+    opt = by_name(EMBED_OPTIONS)  # declared once, with embed() (mak.train.embed)
     p = sub.add_parser(
         "embed", help=HELP,
         description="Embed every image with a `mak pretrain` checkpoint: features.npy (no augmentation), "
@@ -25,19 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "dict) used as a frozen encoder, no projection head: views are its own outputs")
     p.add_argument("--backbone", metavar="NAME", help="with --weights: the architecture (e.g. resnet18, "
                    "timm:resnet18)")
-    p.add_argument("--image-size", type=int, metavar="PX", help="with --weights: input size (default: the source's)")
+    add_option(p, by_name(PRETRAIN_OPTIONS)["image_size"],  # the working size pretrain declares
+               help="with --weights: input size in pixels, at least 8 (default: the source's)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="with --weights: input channels (default: the source's)")
     p.add_argument("--out", required=True, metavar="STORE", help="output feature-store directory")
-    p.add_argument("--views", type=argparse_type(integer(0), "views"), default=DEFAULT_VIEWS, metavar="R",
-                   help="augmented views per image for views.npy; 0 for none (default 10)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="augmentation seed: same seed, same store (default 0)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default=DEFAULT_DTYPE,
-                   help=f"storage precision (default {DEFAULT_DTYPE})")
-    p.add_argument("--batch-size", type=argparse_type(integer(1), "batch_size"), default=DEFAULT_BATCH_SIZE, metavar="B",
-                   help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
+    for name in ("views", "seed", "dtype", "batch_size"):
+        add_option(p, opt[name])
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
-    p.add_argument("--workers", type=argparse_type(integer(0), "workers"), default=None, metavar="N",
-                   help="DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)")
+    add_option(p, opt["num_workers"])
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun: one merged store (default) or --no-merge: one shard per process + shards.json")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -53,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from mak import distributed as D
     from mak.cli._sources import source_from_args
     from mak.errors import MakError
-    from mak.train.embed import embed
+    from mak.train.embed import EMBED_OPTIONS, embed
 
     source = source_from_args(args)
     encoder = None
@@ -62,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.backbone or args.image_size or args.channels:
         raise MakError("--backbone, --image-size and --channels go with --weights (a checkpoint names its own)")
     with D.process_group(args.device):  # torn down on every exit, waiting for the other ranks only on success
-        out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, views=args.views,
-                    seed=args.seed, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
-                    num_workers=args.workers, merge=args.merge,
-                    progress=show_progress(args), amp=args.amp, overwrite=args.overwrite,
-                    strict=args.strict)
+        out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, device=args.device,
+                    merge=args.merge, progress=show_progress(args), amp=args.amp, overwrite=args.overwrite,
+                    strict=args.strict, **{o.name: getattr(args, o.key or o.name) for o in EMBED_OPTIONS})
         if D.rank() == 0:
             say(args, f"feature store -> {out}")
     return 0

@@ -22,9 +22,12 @@ def strategy_flags() -> dict[str, tuple[object, list[str]]]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mak.run.select_job import ORDERS
-    from mak.selection.strategies import SELECT_OPTIONS, STRATEGIES
+    from mak.cli._options import add_option
+    from mak.options import by_name
+    from mak.run.select_job import JOB_OPTIONS
+    from mak.selection.strategies import SELECT_OPTIONS
 
+    job = by_name(JOB_OPTIONS)  # declared once, with select_stores (mak.run.select_job)
     p = sub.add_parser("select", help=HELP,
                        description="Score every pool image and pick --budget of them with a strategy.")
     p.add_argument("--seed-store", metavar="STORE", help="the seed's features: a store directory (`mak embed`, "
@@ -35,32 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-items", metavar="FILE", help="with an array --pool-store: one item line per row, "
                    "written to selection.txt (default: the row index)")
     p.add_argument("--seed-items", metavar="FILE", help="with an array --seed-store: one item line per row")
-    p.add_argument("--budget", type=int, required=True, metavar="N", help="number of pool images to pick")
-    p.add_argument("--strategy", default="mak", metavar="S",
-                   help=f"selection strategy: {', '.join(STRATEGIES)} (default: mak)")
+    add_option(p, job["budget"])
+    add_option(p, job["strategy"])
     for opt in SELECT_OPTIONS:  # declared once, with mak.select (mak.selection.strategies)
-        p.add_argument(opt.flag, type=opt.argparse_type(), default=opt.default, metavar=opt.metavar, help=opt.help)
+        add_option(p, opt)
     p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
-    p.add_argument("--order", choices=ORDERS, default=ORDERS[0],
-                   help="selection.txt's order: pick (the strategy's pick order; k-center reaches for the farthest "
-                        "images first, so it is not a ranking) or score (highest score first, for cutting the "
-                        "list) (default pick)")
+    add_option(p, job["order"])
     add_output_flags(p)
-    p.add_argument("--kcenter", choices=("exact", "two-round"), default="exact",
-                   help="k-center over the candidates: exact greedy, or two-round (per-process greedy, then greedy "
-                        "on the union; radius <= 4x) for huge budgets (default exact)")
-    p.add_argument("--kcenter-parts", type=int, default=None, metavar="P",
-                   help="two-round k-center: candidate parts of round 1 (default: the number of processes)")
-    p.add_argument("--dedup", type=float, default=None, metavar="THRESHOLD",
-                   help="drop near-duplicate pool images (cosine similarity >= THRESHOLD, e.g. 0.95) before scoring; "
-                        "writes dedup.csv")
-    p.add_argument("--dedup-clusters", type=int, default=None, metavar="K",
-                   help="k-means clusters --dedup compares within (default: about sqrt of the pool size)")
+    for name in ("kcenter", "kcenter_parts", "dedup", "dedup_clusters"):
+        add_option(p, job[name])
     for opt, owners in strategy_flags().values():  # declared once, by the strategies (mak.options)
-        p.add_argument(opt.flag, type=opt.argparse_type(), default=None, metavar=opt.metavar,
-                       help=f"{', '.join(owners)}: {opt.help}")
+        add_option(p, opt, default=None, help=f"{', '.join(owners)}: {opt.help}")
     p.set_defaults(func=run)
 
 
@@ -74,21 +64,18 @@ def params_from_args(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             params[name] = value
-    # scale options (mak.run.select_job): passed only when set, so a plain run is unchanged
-    if getattr(args, "kcenter", "exact") != "exact":
-        params["kcenter"] = args.kcenter
-    for name in ("kcenter_parts", "dedup", "dedup_clusters"):
-        if getattr(args, name, None) is not None:
-            params[name] = getattr(args, name)
     return params
 
 
 def run(args: argparse.Namespace) -> int:
     from mak.run.select_job import select_stores
 
-    sel = select_stores(args.seed_store, args.pool_store, args.out, args.budget, strategy=args.strategy,
-                        overwrite=args.overwrite, progress=show_progress(args), pool_items=args.pool_items,
-                        seed_items=args.seed_items, order=args.order, **params_from_args(args))
+    from mak.run.select_job import JOB_OPTIONS
+
+    job = {opt.name: getattr(args, opt.name) for opt in JOB_OPTIONS}
+    sel = select_stores(args.seed_store, args.pool_store, args.out, overwrite=args.overwrite,
+                        progress=show_progress(args), pool_items=args.pool_items, seed_items=args.seed_items,
+                        **job, **params_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     say(args, f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> "

@@ -265,9 +265,8 @@ def import_store(features: Spec, out: str | Path, items: Spec | None = None, vie
     a single array; ``link``: shards point at the ``.npy`` files (symlinks) instead of copies.
     ``meta.json`` says the model is external, naming ``model`` when given.
     """
-    from tqdm.auto import tqdm
-
     from mak.atomic import atomic_dir, write_json
+    from mak.progress import bar
 
     new_output_dir(out, overwrite)
     files = expand(features, "features")
@@ -287,11 +286,13 @@ def import_store(features: Spec, out: str | Path, items: Spec | None = None, vie
     names = [f"shard-{i:05d}" for i in range(len(files))] if sharded else [""]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         start = 0
-        for i in tqdm(range(len(files)), desc="import", unit="array", disable=not progress, leave=False):
-            feats, vw = arrays[i]
-            lines = plan[i] if plan is not None else (str(start + j) for j in range(feats.shape[0]))
-            _write_shard(tmp / names[i], files[i], feats, vw, lines, link)
-            start += feats.shape[0]
+        with bar(sum(counts), "import", unit="row", enabled=progress) as shown:
+            for i in range(len(files)):
+                feats, vw = arrays[i]
+                lines = plan[i] if plan is not None else (str(start + j) for j in range(feats.shape[0]))
+                _write_shard(tmp / names[i], files[i], feats, vw, lines, link)
+                start += feats.shape[0]
+                shown.update(feats.shape[0])
         if sharded:
             write_shards_index(tmp, names)
         write_json(tmp / META, meta)

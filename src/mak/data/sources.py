@@ -653,9 +653,14 @@ def pool_mix(seed_source, pool_source, count: int | str = "auto", seed: int = 0,
              progress: bool = False) -> CombinedSource:
     """The pool-aware pre-training set: the seed, then the :func:`pool_mix_rows` sample of the pool
     less the pool images that cannot be decoded (a web pool has some; ``skipped`` lists them as
-    ``(row, reason)``, and ``describe()`` counts them)."""
+    ``(row, reason)``, and ``describe()`` counts them). Under torchrun each rank decodes its share
+    of the sample and all ranks get the same list (call it on every rank)."""
+    from mak import distributed as D
+
     rows = pool_mix_rows(len(pool_source), len(seed_source), count, seed)
-    bad = validate_all(pool_source, progress=progress, rows=rows)
+    lo, hi = D.shard_range(len(rows))
+    mine = validate_all(pool_source, progress=progress and D.rank() == 0, rows=rows[lo:hi])
+    bad = [b for part in D.all_gather_object(mine) for b in part]
     if bad:
         rows = np.setdiff1d(rows, np.array([i for i, _ in bad], dtype=np.int64))
     mix = CombinedSource(seed_source, pool_source, rows)
@@ -871,12 +876,11 @@ def validate_all(source: ImageSource, progress: bool = True, workers: int | None
     JPEGs are decoded at reduced scale (the whole stream is still read, so truncation shows).
     File sources are checked by ``workers`` threads (default: up to 4; PIL decodes without the GIL).
     """
-    from tqdm.auto import tqdm
+    from mak.progress import bar as progress_bar
 
     rows = range(len(source)) if rows is None else [int(r) for r in rows]
     failures: list[tuple[int, str]] = []
-    bar = tqdm(total=len(rows), desc=f"checking {source.name}", unit="img", disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = progress_bar(len(rows), f"checking {source.name}", unit="img", enabled=progress, dynamic_ncols=True)
     try:
         if source.in_memory():
             for i in rows:

@@ -10,12 +10,36 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping
 
-from mak.bench.evaluate import DEFAULT_DRAWS, DEFAULT_K, DEFAULT_SHOTS
+from mak.bench.evaluate import DEFAULT_FEW, DEFAULT_MANY, EVALUATE_OPTIONS
+from mak.bench.openworld import BENCH_OPTIONS
 from mak.errors import MakError, first_line
+from mak.options import Option, by_name
 from mak.paths import input_file
+from mak.run.select_job import JOB_OPTIONS
 from mak.selection.strategies import SELECT_OPTIONS  # the select section's defaults and checks
-from mak.train.embed import DEFAULT_BATCH_SIZE as EMBED_BATCH_SIZE, DEFAULT_DTYPE, DEFAULT_VIEWS
-from mak.train.pretrain import DEFAULT_BASE_LR, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS
+from mak.train.embed import EMBED_OPTIONS
+from mak.train.pretrain import DEFAULT_BATCH_SIZE, PRETRAIN_OPTIONS
+
+_BENCH_KEYS = ("scale", "ood_ratio", "pool_classes", "near_classes")  # data.benchmark keys build_benchmark declares
+_BENCH = by_name(BENCH_OPTIONS)
+_PRE, _EMB, _EVAL = by_name(PRETRAIN_OPTIONS), by_name(EMBED_OPTIONS), by_name(EVALUATE_OPTIONS)
+# The pretrain, embed and evaluate keys that pretrain() (and pool_mix), embed() and
+# evaluate_checkpoint() declare, with `mak pretrain`'s, `mak embed`'s and `mak evaluate`'s flags: one
+# check each (:func:`_kinds`), and one default unless DEFAULTS gives the key a config default of its own.
+DECLARED: dict[str, Option] = {
+    "pretrain.epochs": _PRE["epochs"], "pretrain.batch_size": _PRE["batch_size"], "pretrain.lr": _PRE["base_lr"],
+    "pretrain.warmup_epochs": _PRE["warmup_epochs"], "pretrain.image_size": _PRE["image_size"],
+    "pretrain.workers": _PRE["num_workers"], "pretrain.pool_mix": _PRE["mix_count"],
+    "embed.views": _EMB["views"], "embed.dtype": _EMB["dtype"], "embed.batch_size": _EMB["batch_size"],
+    "evaluate.shots": _EVAL["shots"], "evaluate.draws": _EVAL["draws"], "evaluate.many": _EVAL["many"],
+    "evaluate.few": _EVAL["few"], "evaluate.knn_k": _EVAL["k"], "evaluate.batch_size": _EVAL["batch_size"],
+}
+_ALSO_NULL = ("evaluate.shots",)  # null: the few-shot split as given, fitted once (config only)
+
+
+def _default(key: str) -> Any:
+    return DECLARED[key].default
+
 
 DEFAULTS: dict[str, Any] = {
     "run": {
@@ -30,8 +54,8 @@ DEFAULTS: dict[str, Any] = {
         # pool_classes: all (the pool holds the seed's classes) or disjoint (only classes the seed
         # lacks, the paper's setting); near_classes: how many classes only the pool holds
         # (null: 0, or 4 when disjoint).
-        "benchmark": {"build": False, "scale": 1.0, "seed": None, "data_dir": None, "vary_with_repeat": True,
-                      "ood_ratio": 1.0, "pool_classes": "all", "near_classes": None},
+        "benchmark": {"build": False, "seed": None, "data_dir": None, "vary_with_repeat": True,
+                      **{k: _BENCH[k].default for k in _BENCH_KEYS}},
         # ... or point at your own images (split files with optional labels, or folders).
         "seed": {"split": None, "folder": None, "root": None},
         "pool": {"split": None, "folder": None, "webdataset": None, "root": None},  # webdataset: 'p-{000..099}.tar'
@@ -40,23 +64,23 @@ DEFAULTS: dict[str, Any] = {
     },
     "pretrain": {
         "backbone": None,       # default: the small convnet for <= 64 px, else ResNet
-        "epochs": DEFAULT_EPOCHS,  # 100; the defaults' sources: mak.train.pretrain
-        "batch_size": DEFAULT_BATCH_SIZE,
-        "lr": DEFAULT_BASE_LR,     # base lr 0.5; lr = base * batch / 256
-        "warmup_epochs": None,
-        "image_size": None,
+        "epochs": _default("pretrain.epochs"),  # 100; the declarations: mak.train.pretrain.PRETRAIN_OPTIONS
+        "batch_size": DEFAULT_BATCH_SIZE,  # the config's own 256, cut to small seed sets (the flag's: min(256, N))
+        "lr": _default("pretrain.lr"),  # base lr 0.5; lr = base * batch / 256
+        "warmup_epochs": _default("pretrain.warmup_epochs"),
+        "image_size": _default("pretrain.image_size"),
         "amp": None,
         "channels_last": None,
-        "workers": None,
+        "workers": _default("pretrain.workers"),
         # robust scores with a second, pool-aware model: SimCLR on the seed + this many pool images
         # (uniform sample; auto = min(pool, 8 x seed)); 0 = robust uses the seed-only model like mak
-        "pool_mix": "auto",
+        "pool_mix": _default("pretrain.pool_mix"),
         "pool_mix_epochs": None,  # epochs of the pool-aware model (default: epochs); its set is ~9x the seed's
     },
     "embed": {
-        "views": DEFAULT_VIEWS,
-        "dtype": DEFAULT_DTYPE,
-        "batch_size": EMBED_BATCH_SIZE,
+        "views": _default("embed.views"),  # the declarations: mak.train.embed.EMBED_OPTIONS
+        "dtype": _default("embed.dtype"),
+        "batch_size": _default("embed.batch_size"),
     },
     "select": {
         "strategies": ["robust", "mak", "random"],
@@ -72,12 +96,13 @@ DEFAULTS: dict[str, Any] = {
         "epochs": None,         # default: pretrain.epochs
     },
     "evaluate": {
-        "shots": DEFAULT_SHOTS,  # labeled images per class drawn from the few-shot split; null: the split as given
-        "draws": DEFAULT_DRAWS,
-        "many": 300,
-        "few": 30,
-        "knn_k": DEFAULT_K,
-        "batch_size": EMBED_BATCH_SIZE,
+        # the declarations: mak.bench.evaluate.EVALUATE_OPTIONS
+        "shots": _default("evaluate.shots"),  # labeled images per class drawn from the few-shot split; null: the split as given
+        "draws": _default("evaluate.draws"),
+        "many": int(DEFAULT_MANY),  # the config's own 300 and 30 (the flags' default: the benchmark's groups);
+        "few": int(DEFAULT_FEW),    # a benchmark's manifest groups still come first
+        "knn_k": _default("evaluate.knn_k"),
+        "batch_size": _default("evaluate.batch_size"),
     },
 }
 
@@ -151,12 +176,14 @@ def validate(config: dict) -> None:
                                "is required (or set data.benchmark.build: true)")
         if config["select"]["budget"] is None:
             raise MakError("config: select.budget is required for user data")
-    from mak.bench.openworld import check_ood_ratio, near_class_count
-
-    check_ood_ratio(data["benchmark"]["ood_ratio"], "config: data.benchmark.ood_ratio")
-    near_class_count(data["benchmark"]["pool_classes"], data["benchmark"]["near_classes"],
-                     ("config: data.benchmark.pool_classes", "data.benchmark.near_classes"))
     _check_kinds(config)
+    from mak.bench.openworld import near_class_count
+
+    try:
+        near_class_count(data["benchmark"]["pool_classes"], data["benchmark"]["near_classes"],
+                         ("data.benchmark.pool_classes", "data.benchmark.near_classes"))
+    except MakError as exc:
+        raise MakError(f"config: {exc}") from None
     from mak.selection.strategies import STRATEGIES
 
     _check_select(config["select"])
@@ -167,34 +194,29 @@ def validate(config: dict) -> None:
 
 def _kinds() -> dict[str, Any]:
     """The parser of every typed key outside ``select`` (whose keys are mak.select's declarations)."""
-    from mak.options import choice, integer, number, or_auto, or_none, switch, text
+    from mak.options import choice, integer, or_none, switch, text
+
+    declared = {}  # a declared key: the declaration's parser, taking null too where the config's default is null
+    for key, o in DECLARED.items():
+        section, leaf = key.split(".")
+        declared[key] = or_none(o.parse) if DEFAULTS[section][leaf] is None or key in _ALSO_NULL else o.parse
+
+    def of(section: str) -> dict[str, Any]:
+        return {k: v for k, v in declared.items() if k.startswith(f"{section}.")}
 
     count = integer(1)
     return {
         "run.name": text, "run.seed": integer(0), "run.repeats": count, "run.device": text,
-        "data.benchmark.build": switch, "data.benchmark.scale": number(0.0),
-        "data.benchmark.seed": or_none(integer(0)), "data.benchmark.vary_with_repeat": switch,
-        "data.benchmark.pool_classes": text, "data.benchmark.near_classes": or_none(integer(0)),
-        "pretrain.backbone": or_none(text), "pretrain.epochs": count, "pretrain.batch_size": integer(2),
-        "pretrain.lr": number(0.0), "pretrain.warmup_epochs": or_none(integer(0)),
-        "pretrain.image_size": or_none(count), "pretrain.amp": or_none(switch),
-        "pretrain.channels_last": or_none(switch), "pretrain.workers": or_none(integer(0)),
-        "pretrain.pool_mix": or_auto(integer(0)), "pretrain.pool_mix_epochs": or_none(count),
-        "embed.views": _views, "embed.dtype": choice("float16", "float32"), "embed.batch_size": count,
+        "data.benchmark.build": switch, "data.benchmark.seed": or_none(integer(0)),
+        "data.benchmark.vary_with_repeat": switch,
+        **{f"data.benchmark.{k}": _BENCH[k].parse if _BENCH[k].default is not None else or_none(_BENCH[k].parse)
+           for k in _BENCH_KEYS},
+        "pretrain.backbone": or_none(text), **of("pretrain"), "pretrain.amp": or_none(switch),
+        "pretrain.channels_last": or_none(switch), "pretrain.pool_mix_epochs": or_none(count),
+        **of("embed"),
         "retrain.enabled": switch, "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),
-        "evaluate.shots": or_none(count), "evaluate.draws": count, "evaluate.many": count, "evaluate.few": integer(0),
-        "evaluate.knn_k": count, "evaluate.batch_size": count,
+        **of("evaluate"),
     }
-
-
-def _views(name: str, raw: Any) -> int:
-    """Augmented views per image: 0 (none) or at least 2 (ECLE needs pairs)."""
-    from mak.options import ParameterError, integer
-
-    value = integer(0)(name, raw)
-    if value == 1:
-        raise ParameterError(name, f"{name}={raw!r} must be 0 (no views) or an integer >= 2")
-    return value
 
 
 def _check_kinds(config: dict) -> None:
@@ -214,7 +236,7 @@ def _check_kinds(config: dict) -> None:
 
 def _check_select(sel: dict) -> None:
     """select.* values parsed by the declarations mak.select and ``mak select`` use, each named on error."""
-    from mak.options import ParameterError, integer
+    from mak.options import ParameterError
 
     try:
         for o in SELECT_OPTIONS:
@@ -222,7 +244,7 @@ def _check_select(sel: dict) -> None:
             if key in sel:
                 sel[key] = o.parse(f"select.{key}", sel[key])
         if sel["budget"] is not None:
-            sel["budget"] = integer(1)("select.budget", sel["budget"])
+            sel["budget"] = by_name(JOB_OPTIONS)["budget"].parse("select.budget", sel["budget"])
     except ParameterError as exc:
         raise MakError(f"config: {exc}") from None
     if isinstance(sel["strategies"], str):

@@ -27,15 +27,37 @@ from mak.data.pool_array import store_arrays
 from mak.data.store import FeatureStore, model_kind, open_store, value_problem
 from mak.errors import MakError
 from mak.lock import job_lock
-from mak.options import ParameterError, choice, integer
+from mak.options import Option, ParameterError, choice, integer, number, resolve
 from mak.paths import output_dir
 from mak.selection.scale.context import DistributedContext
-from mak.selection.strategies import NEEDS, STORE_NOTES, Selection, select, strategy_needs
+from mak.selection.strategies import (DEFAULT_STRATEGY, NEEDS, STORE_NOTES, STRATEGIES, Selection, select,
+                                     strategy_name, strategy_needs)
 
 
 OUTPUT_FILES = ("selection.txt", "scores.csv", "summary.json", "dedup.csv")  # what a select writes to --out
 ORDERS = ("pick", "score")  # selection.txt: the strategy's pick order, or highest score first
 UNSCORED = ("random", "kcenter")  # strategies that pick without a score
+KCENTER_MODES = ("exact", "two-round")
+
+# The job's own options (what the strategies take is mak.select's: SELECT_OPTIONS, STRATEGY_OPTIONS);
+# a default None means off/automatic, and only a given value is parsed (mak.options.resolve).
+JOB_OPTIONS: tuple[Option, ...] = (
+    Option("budget", None, "number of pool images to pick", integer(1), "N", required=True),
+    Option("strategy", DEFAULT_STRATEGY, f"selection strategy: {', '.join(STRATEGIES)} (default {DEFAULT_STRATEGY})",
+           strategy_name, "S"),
+    Option("order", ORDERS[0], "selection.txt's order: pick (the strategy's pick order; k-center reaches for the "
+           "farthest images first, so it is not a ranking) or score (highest score first, for cutting the list) "
+           "(default pick)", choice(*ORDERS), "pick|score"),
+    Option("kcenter", KCENTER_MODES[0], "k-center over the candidates: exact greedy, or two-round (per-process "
+           "greedy, then greedy on the union; radius <= 4x) for huge budgets (default exact)",
+           choice(*KCENTER_MODES), "exact|two-round"),
+    Option("kcenter_parts", None, "two-round k-center: candidate parts of round 1 (default: the number of "
+           "processes)", integer(1), "P"),
+    Option("dedup", None, "drop near-duplicate pool images (cosine similarity >= THRESHOLD, e.g. 0.95) before "
+           "scoring; writes dedup.csv", number(0.0, 1.0), "THRESHOLD"),
+    Option("dedup_clusters", None, "k-means clusters --dedup compares within (default: about sqrt of the pool "
+           "size)", integer(1), "K"),
+)
 
 
 def versions() -> dict[str, str]:
@@ -142,28 +164,32 @@ def _write_scores_part(path: Path, store: FeatureStore, lo: int, hi: int, cols: 
 
 
 def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: str | Path, budget: int,
-                  strategy: str = "mak", overwrite: bool = False, progress: bool = True,
-                  dedup: float | None = None, dedup_clusters: int | None = None, kcenter: str = "exact",
+                  strategy: str = DEFAULT_STRATEGY, overwrite: bool = False, progress: bool = True,
+                  dedup: float | None = None, dedup_clusters: int | None = None, kcenter: str | None = None,
                   kcenter_parts: int | None = None, pool_items: str | Path | None = None,
-                  seed_items: str | Path | None = None, order: str = "pick", **params: Any) -> Selection:
+                  seed_items: str | Path | None = None, order: str | None = None, **params: Any) -> Selection:
     """Run ``strategy`` on feature stores; write ``selection.txt``, ``scores.csv``, ``summary.json``
     (and ``dedup.csv`` with ``dedup``, a cosine threshold) to ``out``. A store is a store directory
     or a plain array (``.npy``/``.npz``), whose items file is ``seed_items``/``pool_items``.
     ``selection.txt`` lists the picks in the strategy's pick order (k-center's: farthest first, not
-    a ranking), or with ``order="score"`` by score, highest first (ties: pick order).
+    a ranking), or with ``order="score"`` by score, highest first (ties: pick order). The job's
+    options (budget, strategy, order, kcenter, kcenter_parts, dedup, dedup_clusters) are
+    :data:`JOB_OPTIONS`; None takes the declared default.
 
     The same job on one process and under torchrun: rank r scores its contiguous share of the pool
     (:class:`~mak.selection.scale.context.DistributedContext`), one process being a world of size
     1. It initialises the process group under torchrun (gloo on CPU, NCCL with ``device='cuda'``)
     and tears it down again when it started it. ``params`` are :func:`mak.select`'s.
     """
-    budget = integer(1)("budget", budget)  # before the stores: the first error names the first problem
+    # before the stores: the first error names the first problem
+    job = resolve(JOB_OPTIONS, dict(budget=budget, strategy=strategy, order=order, kcenter=kcenter,
+                                    kcenter_parts=kcenter_parts, dedup=dedup, dedup_clusters=dedup_clusters),
+                  "select_stores")
     for store in (seed_store, pool_store):
         if store is not None and Path(store).resolve() == Path(out).resolve():
             raise MakError(f"{out}: is the input store {store}; choose another --out")
-    order = choice(*ORDERS)("order", order)
-    if order == "score" and strategy in UNSCORED:
-        raise ParameterError("order", f"order='score': strategy '{strategy}' picks without a score; use "
+    if job["order"] == "score" and job["strategy"] in UNSCORED:
+        raise ParameterError("order", f"order='score': strategy '{job['strategy']}' picks without a score; use "
                                       "order='pick'")
     device = params.get("device")
     if is_auto(device):
@@ -172,19 +198,18 @@ def select_stores(seed_store: str | Path | None, pool_store: str | Path, out: st
         if on and device and torch.device(device).type == "cuda":
             params["device"] = str(D.local_device(device))
         with job_lock(out):  # one writer per --out
-            sel = _run_job(seed_store, pool_store, Path(out), budget, strategy, overwrite, progress, dedup,
-                           dedup_clusters, kcenter, kcenter_parts, params, (seed_items, pool_items), order)
+            sel = _run_job(seed_store, pool_store, Path(out), job, overwrite, progress, params,
+                           (seed_items, pool_items))
             if D.rank() == 0:
                 remove_debris(out)  # what killed selects of this --out left beside it
             return sel
 
 
-def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy: str, overwrite: bool,
-             progress: bool, dedup: float | None, dedup_clusters: int | None, kcenter: str,
-             kcenter_parts: int | None, params: dict[str, Any], items: tuple[Any, Any] = (None, None),
-             order: str = "pick") -> Selection:
+def _run_job(seed_store: Any, pool_store: Any, out: Path, job: dict[str, Any], overwrite: bool, progress: bool,
+             params: dict[str, Any], items: tuple[Any, Any] = (None, None)) -> Selection:
     """Check, load, drop duplicates, select, write: the job's steps on every rank."""
-    kcenter = _check_job(out, overwrite, kcenter, kcenter_parts)
+    check_out_dir(out, overwrite)
+    budget, strategy = job["budget"], job["strategy"]
     # the work directory beside --out first: an unwritable --out fails before any work
     tmp = Path(D.broadcast_object(str(temp_dir(out)) if D.rank() == 0 else None))
     try:
@@ -195,20 +220,19 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, budget: int, strategy:
         if budget > pool.num_rows:
             raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
-        dd = _drop_duplicates(pool, dedup, dedup_clusters, budget, params, progress, timings)
+        dd = _drop_duplicates(pool, job["dedup"], job["dedup_clusters"], budget, params, progress, timings)
         kept = None if dd is None else dd.kept_rows
-        sel, ctx = _select(seed, pool, kept, budget, strategy, progress, kcenter, kcenter_parts, params)
+        sel, ctx = _select(seed, pool, kept, budget, strategy, progress, job["kcenter"], job["kcenter_parts"], params)
         picks = sel.indices if kept is None else kept[sel.indices]
         cand = None if sel.candidates is None else (sel.candidates if kept is None else kept[sel.candidates])
         t1 = time.perf_counter()
         _write_own_scores(tmp, pool, sel, picks, dd)
         D.barrier()
         if D.rank() == 0:
+            scale = {k: job[k] for k in ("dedup", "dedup_clusters", "kcenter", "kcenter_parts")}
+            scale["order"] = None if job["order"] == "pick" else job["order"]
             _finish(tmp, out, pool, seed, sel, picks, cand, dd, ctx, strategy, budget, seed_store, pool_store,
-                    params, dict(dedup=dedup, dedup_clusters=dedup_clusters, kcenter=kcenter,
-                                 kcenter_parts=kcenter_parts, order=None if order == "pick" else order),
-                    timings, t1, D.world_size(), note=note,
-                    items=items)
+                    params, scale, timings, t1, D.world_size(), note=note, items=items)
     except BaseException:
         if D.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -232,15 +256,6 @@ def _score_order(scores_csv: Path, picks: np.ndarray) -> list[int]:
             if i is not None and row["score"]:
                 score[i] = float(row["score"])
     return sorted(range(len(picks)), key=lambda i: (-score[i], i))
-
-
-def _check_job(out: Path, overwrite: bool, kcenter: str | None, kcenter_parts: int | None) -> str:
-    """The job's own settings checked before anything is read; returns the k-center mode."""
-    check_out_dir(out, overwrite)
-    kcenter = choice("exact", "two-round")("kcenter", kcenter or "exact")
-    if kcenter_parts is not None:
-        integer(1)("kcenter_parts", kcenter_parts)
-    return kcenter
 
 
 def _drop_duplicates(pool: FeatureStore, dedup: float | None, dedup_clusters: int | None, budget: int,

@@ -59,7 +59,7 @@ def kcenter_greedy(features: Any, budget: int, init: Any = None, seed: int = 0,
         raise MakError(f"budget ({budget}) is larger than the number of candidates ({n})")
     if init is not None and int(init.shape[0]) > 0 and init.shape[1] != features.shape[1]:
         raise MakError(f"init dimension {init.shape[1]} differs from feature dimension {features.shape[1]}")
-    from tqdm.auto import tqdm
+    from mak.progress import bar as progress_bar
 
     with torch.inference_mode():
         xt = columns(features, dev)
@@ -73,7 +73,7 @@ def kcenter_greedy(features: Any, budget: int, init: Any = None, seed: int = 0,
             sim = xt[:, first] @ xt
             sim[first] = float("inf")
             start = 1
-        bar = tqdm(total=budget, initial=start, desc="k-center", unit="pick", disable=not progress, leave=False)
+        bar = progress_bar(budget, "k-center", unit="pick", enabled=progress, initial=start)
         with _Updater(xt, sim) as update:
             j = int(torch.argmin(sim))  # first occurrence: lowest index among ties
             for step in range(start, budget):

@@ -178,14 +178,17 @@ POOL_AWARE: set[str] = set()  # strategies that score features of a pool-aware m
 # strategy -> hook(store meta.json, options, store name) -> note or None: adapts options to the store's model
 STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | None]] = {}
 # strategy -> behaviour version (default 1), part of its select stage's cache key in `mak run`
-# (mak.run.pipeline.stage_version): a strategy that picks differently for the same inputs and
+# (mak.run.stage.stage_version): a strategy that picks differently for the same inputs and
 # options has a higher version. The CHANGELOG says what each change was.
+DEFAULT_STRATEGY = "robust"  # the product's default (mak select, mak.select); "mak" is the paper's method
 STRATEGY_VERSIONS: dict[str, int] = {"mak": 3, "kcenter": 2, "proximity": 2, "tailness+proximity": 2, "robust": 5}
 
 
-def _known(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ParameterError("strategy", f"unknown strategy '{strategy}' (choose from: {', '.join(STRATEGIES)})")
+def strategy_name(name: str, value: Any) -> str:
+    """A parser (:mod:`mak.options`): a registered strategy's name."""
+    if value not in STRATEGIES:
+        raise ParameterError(name, f"unknown strategy '{value}' (choose from: {', '.join(STRATEGIES)})")
+    return str(value)
 
 
 def strategy_options(strategy: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -193,7 +196,7 @@ def strategy_options(strategy: str, options: dict[str, Any] | None = None) -> di
 
     An option the strategy does not declare raises :class:`~mak.options.ParameterError` naming it.
     """
-    _known(strategy)
+    strategy_name("strategy", strategy)
     return resolve(STRATEGY_OPTIONS[strategy], dict(options or {}), f"strategy '{strategy}'")
 
 
@@ -202,7 +205,7 @@ def strategy_needs(strategy: str, options: dict[str, Any] | None = None) -> tupl
 
     ``options`` may hold other parameters too (those of :func:`select`); only the strategy's own are read.
     """
-    _known(strategy)
+    strategy_name("strategy", strategy)
     needs_seed, needs_views = NEEDS[strategy]
     if callable(needs_views):
         own = {o.name for o in STRATEGY_OPTIONS[strategy]}
@@ -288,7 +291,7 @@ def check_finite(x: Any, what: str, axis: int = 0, chunk: int = 65_536) -> None:
 def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget: int, strategy: str,
                  clusters: int, options: dict[str, Any] | None = None) -> None:
     """Validate shapes and parameters; raise :class:`MakError` with one line naming the problem."""
-    _known(strategy)
+    strategy_name("strategy", strategy)
     if pool_features is None or pool_features.ndim != 2:
         raise MakError("pool features must be a 2-D array (N x D)")
     n = int(pool_features.shape[0])
@@ -320,7 +323,7 @@ def check_inputs(seed_features: Any, pool_features: Any, pool_views: Any, budget
         raise MakError(f"strategy '{strategy}' needs the pool's augmented views")
 
 
-def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int, strategy: str = "mak",
+def select(seed_features: Any, pool_features: Any, pool_views: Any, budget: int, strategy: str = DEFAULT_STRATEGY,
            alpha: float = 0.5, clusters: int = 10, core_ratio: float = 1.5, temperature: float = 0.2,
            batch_size: int = 512, partitions: int = 10, seed: int = 0, device: Any = None,
            progress: bool = False, context_cls: type[Context] | None = None, ecle_scores: Any = None,

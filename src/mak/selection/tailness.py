@@ -184,10 +184,10 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
         raise MakError(f"temperature must be > 0, got {temperature}")
     partitions = 1 if n <= batch_size else partitions  # one batch of all: orderings are all equal
     acc = np.zeros(n, dtype=np.float64)
-    total = len(batch_plan(n, batch_size)) * partitions
-    from tqdm.auto import tqdm
+    from mak.progress import bar as progress_bar
 
-    bar = tqdm(total=total, desc="ECLE", unit="batch", disable=not progress, leave=False)
+    # counts images scored: each ordering scores every image once (one batch of all when n <= batch_size)
+    bar = progress_bar(n * partitions, "ECLE", unit="img", enabled=progress)
     if dev.type != "cpu" and is_tensor(views) and views.device == dev:
         # views already on the GPU: the sums stay there too (no host round trip per batch)
         acc_dev = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -197,7 +197,7 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
     with torch.inference_mode():
         for p, k, rows, skip in iter_batches(n, batch_size, partitions, seed):
             if owner is not None and not owner(p, k):
-                bar.update(1)
+                bar.update(len(rows) - skip)
                 continue
             scored = rows[skip:]
             srt = np.sort(rows)  # within a batch, order does not change any loss: read rows in order
@@ -208,7 +208,7 @@ def ecle_sum(views: Any, temperature: float = 0.2, batch_size: int = 512, partit
                 acc[scored] += loss[pos]
             else:
                 acc[srt] += loss
-            bar.update(1)
+            bar.update(len(scored))
     bar.close()
     return acc, (r * (r - 1) // 2) * partitions
 
@@ -230,7 +230,7 @@ def _ecle_sum_resident(views: torch.Tensor, acc: torch.Tensor, temperature: floa
                 if owner is None or owner(p, k):
                     yield p, lo, hi, first
                 else:
-                    bar.update(1)
+                    bar.update(hi - first)  # scored by another rank
 
     tasks = owned()
     orders: dict[int, torch.Tensor] = {}
@@ -243,7 +243,7 @@ def _ecle_sum_resident(views: torch.Tensor, acc: torch.Tensor, temperature: floa
                              else partition_order(n, seed, p).to(views.device, non_blocking=True))
             rows = torch.stack([orders[p][lo:hi] for p, lo, hi, _ in chunk])  # (G, B)
             _score_group(views, rows, [first - lo for _, lo, _, first in chunk], temperature, acc)
-            bar.update(len(chunk))
+            bar.update(sum(hi - first for _, _, hi, first in chunk))
 
 
 def _score_group(views: torch.Tensor, rows: torch.Tensor, skips: list[int], temperature: float,

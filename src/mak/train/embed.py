@@ -55,6 +55,7 @@ from mak.train import native
 from mak.atomic import atomic_dir, link_copy, move_entries, remove_debris, reserve, write_json
 from mak._tensor import auto_device
 from mak.errors import MakError
+from mak.options import Option, ParameterError, choice, integer
 from mak.lock import job_lock
 from mak.paths import new_output_dir
 from mak.data.store import FEATURES, ITEMS, META, VIEWS, write_shards_index
@@ -65,12 +66,33 @@ PARAMS = "params.json"
 FLUSH_ROWS = 8192
 #: Rows copied at a time when compacting or moving arrays.
 COPY_ROWS = 65536
-
-
-
 DEFAULT_BATCH_SIZE = 256  # images per forward pass of `mak embed`, `mak evaluate` and `mak run`'s embed stage
-DEFAULT_VIEWS = 10  # augmented views per pool image (the paper's R)
-DEFAULT_DTYPE = "float16"  # storage precision of a feature store
+
+
+def view_count(name: str, raw: Any) -> int:
+    """Augmented views per image: 0 (none) or an integer >= 2 (ECLE needs pairs); a parser of :mod:`mak.options`."""
+    bad = ParameterError(name, f"{name}={raw!r} must be 0 (no views) or an integer >= 2")
+    try:
+        value = integer(0)(name, raw)
+    except ParameterError:
+        raise bad from None
+    if value == 1:
+        raise bad
+    return value
+
+
+# embed's options, declared once: `mak embed`'s flags, `mak run`'s embed.* keys and embed()'s defaults.
+EMBED_OPTIONS: tuple[Option, ...] = (
+    Option("views", 10, "augmented views per image for views.npy (the paper's R): 0 for none, else at least 2 "
+           "(default 10)", view_count, "R"),
+    Option("seed", 0, "augmentation seed, an integer >= 0: same seed, same store (default 0)", integer(0), "S"),
+    Option("dtype", "float16", "storage precision: float16 or float32 (default float16)", choice(*DTYPES),
+           "float16|float32"),
+    Option("batch_size", DEFAULT_BATCH_SIZE, f"images per forward pass (default {DEFAULT_BATCH_SIZE})", integer(1), "B"),
+    Option("num_workers", None, "DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)",
+           integer(0), "N", key="workers"),
+)
+
 
 def model_trained_on(config: dict) -> dict:
     """What the checkpoint's model was trained on: images, and pool rows mixed in (0: the seed alone)."""
@@ -88,7 +110,7 @@ def compute_features(model, source, image_size: int, channels: int, batch_size: 
 
     from mak.train.augment import center_transform
     from mak.data.sources import ImageDataset
-    from mak.train.pretrain import resolve_channels_last
+    from mak.train.device import resolve_channels_last
 
     dev = auto_device(device or "cpu")
     core = getattr(model, "module", model)
@@ -211,10 +233,10 @@ class _Progress:
     """Live throughput on rank 0 (tqdm), counting this rank's rows."""
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
-        from tqdm.auto import tqdm
+        from mak.progress import bar
 
-        self.bar = tqdm(total=total, initial=initial, unit="img", desc=desc, disable=not enabled,
-                        dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+        self.bar = bar(total, desc, unit="img", enabled=enabled, initial=initial, dynamic_ncols=True,
+                       file=sys.stderr, smoothing=0.1)
 
     def update(self, n: int) -> None:
         self.bar.update(n)
@@ -223,8 +245,8 @@ class _Progress:
         self.bar.close()
 
 
-def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: int = DEFAULT_VIEWS, seed: int = 0,
-          dtype: str = DEFAULT_DTYPE, batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device = "cpu",
+def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: int = 10, seed: int = 0,
+          dtype: str = "float16", batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device = "cpu",
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
           flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False,
@@ -242,7 +264,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     seed: augmentation seed (view ``r`` of row ``i`` uses ``view_key(seed, r, i)``).
     dtype: ``"float16"`` or ``"float32"`` storage.
     batch_size: images per forward pass (also the block unit of the resume bookkeeping).
-    num_workers: DataLoader decoding workers (default :func:`mak.train.pretrain.default_num_workers`).
+    num_workers: DataLoader decoding workers (default :func:`mak.train.device.default_num_workers`).
     merge: under torchrun, publish one store (``True``) or one shard per rank plus ``shards.json``.
     amp, channels_last: as for :func:`mak.train.pretrain.pretrain` (auto by default).
     overwrite: replace an existing store at ``out``.
@@ -378,7 +400,8 @@ def _setup(source, checkpoint, out: Path, views: int, seed: int, dtype: str, bat
            merge: bool, amp: bool | None, channels_last: bool | None, encoder: dict | None = None) -> _Job:
     """Join the process group, load the checkpoint's model and measure its output sizes."""
     from mak.data.sources import ImageDataset
-    from mak.train.pretrain import autocast_context, load_model, resolve_amp, resolve_channels_last
+    from mak.train.device import autocast_context, resolve_amp, resolve_channels_last
+    from mak.train.pretrain import load_model
 
     dev = auto_device(device or "cpu")
     D.init(dev)
@@ -482,7 +505,8 @@ def _loader(job: _Job, todo: list[int], num_workers: int | None):
     """``(uint8 images, rows, readable)`` for each block of ``todo``, in order."""
     from torch.utils.data import DataLoader
 
-    from mak.train.pretrain import in_memory, default_num_workers
+    from mak.train.device import default_num_workers
+    from mak.train.pretrain import in_memory
 
     workers = default_num_workers(job.dev) if num_workers is None else int(num_workers)
     if in_memory(job.source) and num_workers is None:
@@ -498,7 +522,7 @@ def _loader(job: _Job, todo: list[int], num_workers: int | None):
 def _readable_batches(job: _Job, todo: list[int], loader
                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[tuple[int, str]]]]:
     """``(block, images, rows, skipped)`` per block: unreadable rows reported and left out."""
-    from tqdm.auto import tqdm
+    from mak.progress import write
 
     for block, (imgs, idx, ok) in zip(todo, loader):
         idx = torch.as_tensor(idx, dtype=torch.int64)
@@ -507,7 +531,7 @@ def _readable_batches(job: _Job, todo: list[int], loader
         if not bool(ok.all()):
             for i in idx[~ok].tolist():
                 reason = job.ds.check(i) or f"{job.source.item(i)}: unreadable image"
-                tqdm.write(f"mak embed: skipping {reason}", file=sys.stderr)  # above the progress bar, not on it
+                write(f"mak embed: skipping {reason}")  # above the progress bar, not on it
                 skipped.append((i, reason))
             imgs, idx = imgs[ok], idx[ok]
         yield block, imgs, idx, skipped
@@ -531,7 +555,7 @@ class _BatchEmbedder:
     def __call__(self, imgs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(features B x D, L2-normalised views R x B x d or None)`` on the device, in the store dtype."""
         from mak.train.augment import center_transform, view_key
-        from mak.train.pretrain import autocast_context
+        from mak.train.device import autocast_context
 
         job = self.job
         imgs = imgs.to(job.dev, non_blocking=True)

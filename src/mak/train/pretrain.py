@@ -33,7 +33,7 @@ Checkpoint (``torch.save`` of plain types and tensors only, read back with
 
 Under ``torchrun --nproc_per_node N`` the model is wrapped in DDP (gloo on CPU, NCCL on CUDA),
 BatchNorm synchronised across ranks (``nn.SyncBatchNorm`` on CUDA; on CPU, where that class
-refuses to run, :func:`mak.distributed.convert_sync_batchnorm`'s all-reduce BatchNorm), each rank
+refuses to run, :func:`mak.train.syncbn.convert_sync_batchnorm`'s all-reduce BatchNorm), each rank
 takes its DistributedSampler-style share (``perm[rank::world]``) of the same per-epoch
 permutation, and the projections are all-gathered (gradient kept for the local part,
 :func:`mak.train.losses.nt_xent_global`) so the NT-Xent negatives span the global batch; the loss is
@@ -59,13 +59,15 @@ import numpy as np
 import torch
 
 from mak import distributed as D
-from mak._machine import cpu_bf16_supported
 from mak.atomic import atomic_path, remove_debris, write_text
 from mak._tensor import auto_device
 from mak.errors import MakError, first_line
+from mak.options import Option, integer, number, or_auto
 from mak.paths import input_file, output_dir
 from mak.lock import job_lock
+from mak.train.device import autocast_context, default_num_workers, resolve_amp, resolve_channels_last
 from mak.train.losses import nt_xent_global
+from mak.train.syncbn import convert_sync_batchnorm
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
@@ -77,67 +79,29 @@ WEIGHT_DECAY = 1e-4
 #: Decoded seed sets up to this size (bytes, uint8) are kept in memory for the whole run.
 CACHE_BYTES = 1 << 30
 
-# One set of defaults for `mak pretrain`, `mak run` (pretrain.*, retrain.*) and the Python API:
-# base lr 0.5 (lr = 0.5 x batch / 256, the rate of MAK's reference SimCLR runs and of every figure in
-# docs/results.md); 100 epochs, enough for a seed of a few thousand images on a CPU (the paper's
-# ImageNet-100-LT runs use 1,000: configs/imagenet100lt-*.yaml; the benchmark 30: configs/openworld.yaml).
-DEFAULT_EPOCHS = 100
-DEFAULT_BATCH_SIZE = 256
-DEFAULT_BASE_LR = 0.5
+DEFAULT_BATCH_SIZE = 256  # the global batch when none is given: min(256, number of images)
 
-
-# ------------------------------------------------------------------------------------------
-# Device features: mixed precision and memory format.
-# ------------------------------------------------------------------------------------------
-
-def resolve_amp(device: torch.device, amp: bool | None) -> torch.dtype | None:
-    """The autocast dtype to train/embed with, or ``None`` for float32.
-
-    ``amp=None`` (auto): bf16 on CUDA when supported, else fp16; on CPU bf16 only where the CPU
-    has native bf16 (otherwise it is emulated and slower than fp32). ``amp=True`` on a CPU
-    without native bf16 still tries bf16 and falls back to fp32 if autocast fails.
-    """
-    if amp is False:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        if amp is None and not cpu_bf16_supported():
-            return None
-        try:  # quick try: some builds lack CPU autocast for conv
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                torch.nn.functional.conv2d(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3))
-            return torch.bfloat16
-        except Exception:
-            print("mak: bf16 autocast is not available on this CPU; training in float32", file=sys.stderr)
-            return None
-    return None
-
-
-def resolve_channels_last(device: torch.device, channels_last: bool | None) -> bool:
-    """channels_last memory format: on by default (oneDNN on CPU and tensor cores on CUDA prefer NHWC)."""
-    if channels_last is not None:
-        return bool(channels_last)
-    return device.type in ("cpu", "cuda")
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype`` on ``device``, or a null context for float32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def default_num_workers(device: torch.device | str = "cpu") -> int:
-    """DataLoader workers: on CPU leave the cores to the model (half of them), on CUDA up to 8."""
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        ncpu = os.cpu_count() or 1
-    ncpu = max(1, ncpu // max(1, D.world_size()))
-    if torch.device(device).type == "cuda":
-        return min(8, ncpu)
-    return min(4, ncpu // 2)
+# pretrain's options, declared once: `mak pretrain`'s flags, `mak run`'s pretrain.* keys and the
+# defaults of pretrain() (and of pool_mix's count). Base lr 0.5 (lr = 0.5 x batch / 256, the rate of
+# MAK's reference SimCLR runs and of every figure in docs/results.md); 100 epochs, enough for a seed
+# of a few thousand images on a CPU (the paper's ImageNet-100-LT runs use 1,000:
+# configs/imagenet100lt-*.yaml; the benchmark 30: configs/openworld.yaml).
+PRETRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("epochs", 100, "training epochs (default 100)", integer(1), "E"),
+    Option("batch_size", None, f"global batch size over all processes, at least 2 (default: min({DEFAULT_BATCH_SIZE}, "
+           "number of images))", integer(2), "B"),
+    Option("base_lr", 0.5, "base learning rate; actual lr = LR x batch/256 (default 0.5)", number(0.0), "LR",
+           key="lr"),
+    Option("warmup_epochs", None, "epochs of linear lr warm-up before the cosine decay (default: min(10, epochs/10))",
+           integer(0), "W"),
+    Option("seed", 0, "random seed, an integer >= 0: same seed, same weights (default 0)", integer(0), "S"),
+    Option("image_size", None, "working image size in pixels, at least 8 (default: the images' typical size)",
+           integer(8), "PX"),
+    Option("num_workers", None, "DataLoader workers decoding images (default: half the CPU cores, 8 with CUDA)",
+           integer(0), "N", key="workers"),
+    Option("mix_count", "auto", "pool images mixed into the seed set (default auto: min(pool, 8 x seed images))",
+           or_auto(integer(0)), "N"),
+)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -322,8 +286,8 @@ _RESUME_KEYS = ("backbone", "image_size", "channels", "epochs", "batch_size", "b
                 "warmup_epochs", "seed", "num_images", "init_weights")
 
 
-def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, epochs: int = DEFAULT_EPOCHS,
-             batch_size: int | None = None, base_lr: float = DEFAULT_BASE_LR, warmup_epochs: int | None = None,
+def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, epochs: int = 100,
+             batch_size: int | None = None, base_lr: float = 0.5, warmup_epochs: int | None = None,
              seed: int = 0, image_size: int | None = None, channels: int | None = None,
              device: str | torch.device = "cpu", amp: bool | None = None, channels_last: bool | None = None,
              resume: bool = False, num_workers: int | None = None, progress: bool = True, *,
@@ -340,11 +304,11 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     base_lr: ``lr = base_lr * batch_size / 256``; ``warmup_epochs`` of linear warm-up (default
         ``min(10, epochs // 10)``), then cosine decay to 0, both per step.
     image_size, channels: working geometry; default from :func:`mak.data.sources.infer_geometry`.
-    amp: mixed precision (``None``: auto, see :func:`resolve_amp`); ``channels_last``: NHWC
+    amp: mixed precision (``None``: auto, see :func:`mak.train.device.resolve_amp`); ``channels_last``: NHWC
         memory format (``None``: on).
     resume: continue from ``out_dir/checkpoint.pt`` (the same settings are required); without it
         an existing checkpoint in ``out_dir`` is an error.
-    num_workers: DataLoader workers for decoding (default :func:`default_num_workers`).
+    num_workers: DataLoader workers for decoding (default :func:`mak.train.device.default_num_workers`).
     stop_after: stop after this many epochs *in this call* (the checkpoint allows ``resume``).
     weights: pretrained backbone weights to start from (safetensors or a state dict, read with
         ``weights_only``; :func:`mak.train.models.load_backbone_weights`); the checkpoint records
@@ -375,8 +339,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
 
 def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | None, progress: bool) -> Path:
     """Resume or start, then the epoch loop: what :func:`pretrain` does once its directory is locked."""
-    from tqdm.auto import tqdm
-
+    from mak.progress import bar as progress_bar
     from mak.train.models import SimCLRModel, load_backbone_weights
 
     ckpt = _checkpoint_to_resume(run, resume)
@@ -400,8 +363,8 @@ def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | 
         _print_banner(run)
 
     stop_epoch = epochs if stop_after is None else min(epochs, start_epoch + stop_after)
-    bar = tqdm(total=(stop_epoch - start_epoch) * run.steps_per_epoch, desc="pretrain", unit="step",
-               disable=not (progress and run.main_proc), file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar((stop_epoch - start_epoch) * run.steps_per_epoch, "pretrain", unit="step",
+                       enabled=progress and run.main_proc, file=sys.stderr, dynamic_ncols=True)
     with bar:  # one bar for the run; its postfix names the epoch
         for epoch in range(start_epoch, stop_epoch):
             _epoch_and_outputs(run, trainer, data, epoch, bar)
@@ -568,7 +531,7 @@ def _build_trainer(run: _Run, model, ckpt: dict | None) -> _Trainer:
         model = model.to(memory_format=torch.channels_last)
     core = model
     if run.world > 1:
-        core = D.convert_sync_batchnorm(model, run.dev)
+        core = convert_sync_batchnorm(model, run.dev)
         model = D.wrap_ddp(core, run.dev)
     model.train()
     optimizer = torch.optim.SGD(core.parameters(), lr=run.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

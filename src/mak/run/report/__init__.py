@@ -57,8 +57,9 @@ def write_report(out_path: str | os.PathLike, *, title: str, results: list[dict]
             ``fewshot_std``), ``knn_acc``, ``group_acc`` (``many``/``medium``/``few``) and
             ``group_std``; each figure a fraction, ``{"mean": x, "std": y}`` or None (over repeats:
             ``values`` lists the repeats' values in order). Optionally ``per_class_acc``
-            (``{class: figure}``): with repeats, the table shows repeat 0's values, as the classes'
-            seed counts differ between repeats.
+            (``{class: figure}``) and, with repeats, ``per_rank_acc``
+            (:func:`mak.run.results.per_rank_acc`): the table is by seed-count rank; without it,
+            repeat 0's values, as the classes' seed counts differ between repeats.
         strategies: per strategy name, ``scores_csv`` (path of the selection's scores.csv),
             ``summary`` (its summary.json dict; an in-domain gate in it is drawn),
             ``class_counts_seed`` and ``class_counts_selected`` (``{class: count}``, ``"-1"`` =

@@ -303,27 +303,60 @@ def _per_class_view(ctx: Context, rows: list[tuple[str, Mapping[str, Any]]]) -> 
     return figs, classes, None, f"mean &plusmn; std over repeats of each class, columns by class id: {_SEED_VARIES}"
 
 
+_BY_RANK = ("mean &plusmn; std over repeats of the class at each seed-count rank (1: the most seed images); each "
+            "repeat draws its own seed, so the class at a rank differs between repeats; under each rank: its seed "
+            "images in each repeat; highlighted: the best of the column")
+
+
+def _per_rank_view(ctx: Context) -> tuple[list[tuple[str, Any]], list[list[Any]], list[str], str] | None:
+    """Over repeats, the table by seed-count rank (``per_rank_acc``): rows, cells, column heads, caption;
+    None unless every entry with per-class figures has one."""
+    rows = [(str(r.get("strategy", "")), r.get("per_rank_acc")) for r in ctx.results
+            if isinstance(r.get("per_class_acc"), Mapping) and r["per_class_acc"]]
+    if not rows or not all(isinstance(pr, Mapping) and pr.get("acc") for _, pr in rows):
+        return None
+    ranks = min(len(pr["acc"]) for _, pr in rows)
+    seeds = rows[0][1].get("seed_images") or [[] for _ in range(ranks)]
+    heads = [f'<th>{k + 1}<br><span class="sd">seed {"/".join(str(n) for n in seeds[k])}</span></th>'
+             for k in range(ranks)]
+    figs = [[_fig(pr["acc"][k]) for k in range(ranks)] for _, pr in rows]
+    return rows, figs, heads, _BY_RANK
+
+
 def per_class_table(ctx: Context) -> str:
-    """Few-shot accuracy per class for each results entry with one (see :func:`_per_class_view`)."""
+    """Few-shot accuracy per class for each results entry with one (see :func:`_per_class_view`);
+    over repeats, by seed-count rank where the results hold it (:func:`_per_rank_view`)."""
+    by_rank = _per_rank_view(ctx) if _repeats(ctx.results) > 1 else None
+    if by_rank is not None:
+        rows, figs, heads, caption = by_rank
+        return _per_class_html(ctx, rows, figs, heads, "Few-shot accuracy by seed-count rank", caption)
     rows = [(str(r.get("strategy", "")), r["per_class_acc"]) for r in ctx.results
             if isinstance(r.get("per_class_acc"), Mapping) and r["per_class_acc"]]
     if not rows:
         return ""
     figs, classes, seed_n, caption = _per_class_view(ctx, rows)
-    best = _best_rows(figs, [_Col(c, c, "", False, "", lambda r: None) for c in classes])
+    heads = [f'<th title="seed images: {seed_n.get(c, 0)}">{esc(ctx.class_names.get(c, c))}'
+             f'<br><span class="sd">seed {seed_n.get(c, 0)}</span></th>' if seed_n is not None else
+             f"<th>{esc(ctx.class_names.get(c, c))}</th>" for c in classes]
+    return _per_class_html(ctx, rows, figs, heads, "Few-shot accuracy per class", caption)
+
+
+def _per_class_html(ctx: Context, rows: list[tuple[str, Any]], figs: list[list[Any]], heads: list[str],
+                    title: str, caption: str) -> str:
+    """The per-class (or per-rank) table: a row per strategy (``heads``: the column heads' ``<th>``s),
+    the best of each column highlighted."""
+    best = _best_rows(figs, [_Col(str(j), "", "", False, "", lambda r: None) for j in range(len(heads))])
     h = ['<div class="tablewrap"><table class="cmp"><thead><tr><th class="name">Strategy</th>']
-    h += [f'<th title="seed images: {seed_n.get(c, 0)}">{esc(ctx.class_names.get(c, c))}'
-          f'<br><span class="sd">seed {seed_n.get(c, 0)}</span></th>' if seed_n is not None else
-          f"<th>{esc(ctx.class_names.get(c, c))}</th>" for c in classes]
+    h += heads
     h.append("</tr></thead><tbody>")
     for i, (name, _) in enumerate(rows):
         label = "none (seed alone)" if name == "none" else name
         h.append(f'<tr class="{"none" if name == "none" else "s"}"><td class="name"><span class="dot" '
                  f'style="background:{ctx.colors.get(name, NONE_COLOR)}"></span>{esc(label)}</td>')
-        h += [f"<td{BEST if i in best[j] else ''}>{_cell_html(figs[i][j])}</td>" for j in range(len(classes))]
+        h += [f"<td{BEST if i in best[j] else ''}>{_cell_html(figs[i][j])}</td>" for j in range(len(heads))]
         h.append("</tr>")
     h.append("</tbody></table></div>")
-    return f'<h3>Few-shot accuracy per class</h3><p class="note">{caption}</p>' + "".join(h)
+    return f'<h3>{title}</h3><p class="note">{caption}</p>' + "".join(h)
 
 
 def composition(ctx: Context) -> str:

@@ -83,8 +83,9 @@ from mak.errors import MakError
 from mak.selection.proximity import kmeans, nearest_centroid_distance
 from mak.selection.robust.density_ratio import (DEFAULT_EPOCHS, DEFAULT_HIDDEN, ratio_ensemble, ratio_logits,
                                                 seed_heldout_logits)
-from mak.selection.robust.fusion import FUSIONS, RobustContext, RobustOps, histograms, fuse, masked_zscore, ops, \
-    rank_fusion, rank_normalize
+from mak.selection.robust.context import RobustContext, RobustOps, ops
+from mak.selection.robust.fusion import FUSIONS, histograms, fuse, rank_fusion
+from mak.selection.robust.normalize import masked_zscore, rank_normalize
 from mak.selection.robust.gate import GATE_TAIL_IMAGES, auto_gate_clusters, auto_gate_quantile, seed_gate
 from mak.selection.robust.neighbours import seed_share, share_bank, share_gate, share_reference_size
 from mak.selection.strategies import Context, Selection, mak_score, register_strategy
@@ -159,8 +160,8 @@ class RobustRun:
         if self.opt["gate_quantile"] == "auto":
             m = int(self.seed_feats.shape[0])
             if self.opt["gate"] and m <= GATE_TAIL_IMAGES:
-                raise MakError(f"the robust gate's --gate-quantile auto needs more than {GATE_TAIL_IMAGES} seed "
-                               f"images (got {m}); pass --gate-quantile Q or --gate off")
+                raise opts.ParameterError("gate_quantile", f"gate_quantile='auto' needs more than {GATE_TAIL_IMAGES} "
+                                          f"seed images (got {m}); pass gate_quantile=Q or gate=off", ("gate",))
             self.opt["gate_quantile"] = auto_gate_quantile(m)
         self.distance = ctx.distance()
         self.info: dict[str, Any] = {"robust": dict(self.opt)}

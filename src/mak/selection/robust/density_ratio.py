@@ -179,7 +179,7 @@ def fit_rows(seed_features: np.ndarray, reference: np.ndarray, fits: Sequence[Fi
         return _fit(seed_features[fit.seed_rows], reference[fit.reference_rows], int(hidden), int(epochs),
                     fit.seed, device)
 
-    return pinned_map(one, fits, device, progress=label)
+    return pinned_map(one, fits, device, progress=label, unit="fit")
 
 
 def _fit_batched(seed_features: np.ndarray, reference: np.ndarray, fits: Sequence[FitRows], hidden: int,
@@ -218,10 +218,10 @@ def _train_group(x: torch.Tensor, m: int, fits: Sequence[FitRows], hidden: int, 
                   torch.stack([mod.fc2.weight[0] for mod in models]), torch.stack([mod.fc2.bias for mod in models])]
     opt = _adam(params, dev)
     valid = (torch.arange(steps * BATCH) < torch.tensor(sizes)[:, None]).to(dev)  # padding: position 0 at weight 0
-    from tqdm.auto import tqdm
+    from mak.progress import bar as progress_bar
 
-    with torch.no_grad(), tqdm(total=epochs, desc=f"{progress} ({k} batched)", leave=False,
-                               disable=progress is None) as bar:
+    with torch.no_grad(), progress_bar(epochs, f"{progress} ({k} batched)", unit="epoch",
+                                       enabled=progress is not None) as bar:
         for _ in range(epochs):
             order = torch.zeros(k, steps * BATCH, dtype=torch.int64)
             for i, g in enumerate(gens):
@@ -360,12 +360,13 @@ def _bag_mean(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | None, chunk: int,
-                 progress: str | None = None) -> np.ndarray:
+                 bar: Any = None) -> np.ndarray:
     """Each query's logit from the model of its ``own_fold`` (-1 or None: the mean of all models). (n,) float32.
 
     Chunks of ``chunk`` rows are scored on one intra-op thread each (:func:`mak._threads.pinned_map`),
     so a logit does not depend on the thread count; in float64, so it does not depend on which rows
     share its chunk (torchrun shards) beyond float64 rounding, far below the float32 it is stored in.
+    ``bar``: a progress bar advanced by the rows of each chunk scored.
     """
     mods = [copy.deepcopy(m).double() for m in models]
     dev = next(mods[0].parameters()).device
@@ -385,7 +386,7 @@ def _fold_logits(models: list[RatioMLP], queries: Any, own_fold: np.ndarray | No
                     val[idx] = logits[idx, torch.as_tensor(f[inside], device=dev)]
             return val.cpu().numpy().astype(np.float32)
 
-    parts = pinned_map(score, range(0, n, chunk), dev, progress=progress)
+    parts = pinned_map(score, range(0, n, chunk), dev, progress=bar, size=lambda lo: min(n, lo + chunk) - lo)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
@@ -412,7 +413,8 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
     by the one model that never saw it; any other query by the mean of all fold models. With
     ``bags`` > 1 (:func:`ratio_ensemble`) the logit is the mean over the bags. Pass ``models``
     (:func:`ratio_models`, or a list from :func:`ratio_ensemble`) to score several query sets with
-    the same classifiers. ``progress``: a label for a progress bar per bag over the scored chunks.
+    the same classifiers. ``progress``: a label for one progress bar over the rows all bags score
+    (n x bags images).
     """
     fitted = _members(models) if models is not None else ratio_ensemble(
         seed_features, reference, bags=bags, folds=folds, hidden=hidden, epochs=epochs, seed=seed, device=device)
@@ -422,11 +424,13 @@ def ratio_logits(queries: Any, seed_features: Any, reference: Any, self_index: n
         if len(self_index) != n:
             raise MakError(f"density ratio: self_index has {len(self_index)} rows for {n} queries")
         own = np.asarray(self_index, dtype=np.int64)
+    from mak.progress import bar as progress_bar
+
     parts = []
-    for b, bag in enumerate(fitted):
-        own_fold = None if own is None else np.where(own >= 0, bag.reference_fold[np.maximum(own, 0)], -1)
-        label = None if progress is None else f"{progress} (bag {b + 1}/{len(fitted)})"
-        parts.append(_fold_logits(bag.models, queries, own_fold, chunk, progress=label))
+    with progress_bar(n * len(fitted), progress, unit="img", enabled=progress is not None and n > 0) as bar:
+        for bag in fitted:
+            own_fold = None if own is None else np.where(own >= 0, bag.reference_fold[np.maximum(own, 0)], -1)
+            parts.append(_fold_logits(bag.models, queries, own_fold, chunk, bar=bar))
     return _bag_mean(parts)
 
 

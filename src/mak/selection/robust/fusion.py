@@ -1,8 +1,7 @@
-"""Turning the tail score into the selection score over the gated pool, and the global operations that needs.
+"""Turning the tail score into the selection score over the gated pool.
 
 :func:`fuse`: percentile ranks (``rank``) or z-scores (``z``) over the rows the gate keeps, -inf
-outside. :class:`RobustOps` lists the operations over the whole pool robust needs beyond
-:class:`~mak.selection.strategies.Context`'s; a distributed context overrides them.
+outside, computed with the pool-wide operations of :class:`mak.selection.robust.context.RobustOps`.
 """
 from __future__ import annotations
 
@@ -10,42 +9,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mak._tensor import zscore
 from mak.errors import MakError
-from mak.selection.strategies import Context
+from mak.selection.robust.context import LOCAL, RobustOps
 
 FUSIONS = ("rank", "z")
 HIST_BINS = 50
-
-
-def rank_normalize(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Mid-rank percentiles of ``x`` over the rows where ``mask`` (all when None); NaN elsewhere.
-
-    ``pct = (r - 0.5) / n``: ``r`` the 1-based rank among the n masked rows, ties given their
-    average rank. float64 in (0, 1).
-    """
-    x = np.asarray(x)
-    out = np.full(x.shape[0], np.nan, dtype=np.float64)
-    idx = np.arange(x.shape[0]) if mask is None else np.flatnonzero(mask)
-    n = idx.size
-    if n == 0:
-        return out
-    vals = x[idx]
-    _, inverse, counts = np.unique(vals, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)  # 1-based rank of the last copy of each distinct value
-    avg_rank = ends - (counts - 1) / 2.0
-    out[idx] = (avg_rank[inverse.reshape(-1)] - 0.5) / n
-    return out
-
-
-def masked_zscore(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """z-scores of ``x`` over the rows where ``mask`` (population std); NaN elsewhere."""
-    if mask is None:
-        return zscore(x)
-    out = np.full(np.asarray(x).shape[0], np.nan, dtype=np.float64)
-    if mask.any():
-        out[mask] = zscore(np.asarray(x)[mask])
-    return out
 
 
 def rank_fusion(tail: np.ndarray | Sequence[np.ndarray], distance: np.ndarray, alpha: float = 0.5,
@@ -54,59 +22,7 @@ def rank_fusion(tail: np.ndarray | Sequence[np.ndarray], distance: np.ndarray, a
 
     ``tail`` may be a list of tail scores: their percentile ranks are averaged.
     """
-    return fuse(_LOCAL, _as_list(tail), distance, alpha, mask, "rank")
-
-
-class RobustOps:
-    """Operations over the whole pool that ``robust`` needs beyond :class:`~mak.selection.strategies.Context`'s.
-
-    These are the single-process versions. A context whose vectors hold only its own rows must
-    override every method with a global one (same results as on one process).
-    """
-
-    def rank_normalize(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """Mid-rank percentiles over the masked rows of the whole pool (see :func:`rank_normalize`)."""
-        return rank_normalize(x, mask)
-
-    def masked_zscore(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """z-scores over the masked rows of the whole pool; NaN outside the mask."""
-        return masked_zscore(x, mask)
-
-    def count(self, mask: np.ndarray) -> int:
-        """Number of True rows in the whole pool."""
-        return int(np.count_nonzero(mask))
-
-    def extent(self, x: np.ndarray) -> tuple[float, float]:
-        """(min, max) of ``x`` over the whole pool."""
-        x = np.asarray(x)
-        return (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-
-    def histogram(self, x: np.ndarray, edges: np.ndarray) -> np.ndarray:
-        """Counts of ``x`` over the whole pool in the bins ``edges`` (numpy's convention)."""
-        return np.histogram(np.asarray(x), bins=edges)[0].astype(np.int64)
-
-
-class RobustContext(RobustOps, Context):
-    """A single-process :class:`Context` with the robust operations (pass as ``context_cls``)."""
-
-
-_LOCAL = RobustOps()
-_GLOBAL_OPS = ("zscore", "top_k", "random_subset", "kcenter")  # overriding any of these = not one process
-
-
-def ops(ctx: Context) -> RobustOps:
-    """The robust operations for ``ctx``: its own when it is a :class:`RobustOps`, else the local ones.
-
-    A context that overrides Context's global operations (a distributed one) but not these is
-    refused: single-process ranks over a rank's own rows would be silently wrong.
-    """
-    if isinstance(ctx, RobustOps):
-        return ctx
-    cls = type(ctx)
-    if any(getattr(cls, name, None) is not getattr(Context, name) for name in _GLOBAL_OPS):
-        raise MakError(f"strategy 'robust' needs {cls.__name__} to provide the global operations of "
-                       f"mak.selection.robust.RobustOps (rank_normalize, masked_zscore, count, extent, histogram)")
-    return _LOCAL
+    return fuse(LOCAL, _as_list(tail), distance, alpha, mask, "rank")
 
 
 def _as_list(tail: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -145,4 +61,4 @@ def histograms(o: RobustOps, heldout: np.ndarray, pool_distance: np.ndarray, thr
             "pool": [int(c) for c in o.histogram(pool_distance, edges)]}
 
 
-__all__ = ["FUSIONS", "RobustContext", "RobustOps", "fuse", "histograms", "masked_zscore", "ops", "rank_fusion", "rank_normalize"]
+__all__ = ["FUSIONS", "fuse", "histograms", "rank_fusion"]

@@ -37,8 +37,9 @@ def heldout_distances(seed_features: Any, clusters: int = 10, folds: int = 5, se
     parts = fold_parts(m, folds, seed)
     smallest_train = m - max(len(p) for p in parts)
     if clusters > smallest_train:
-        raise MakError(f"clusters ({clusters}) is larger than a gate training fold ({smallest_train} seed images); "
-                       f"use fewer clusters or fewer --gate-folds")
+        raise opts.ParameterError("gate_clusters", f"gate_clusters={clusters} is larger than a gate training fold "
+                                  f"({smallest_train} seed images); use fewer gate_clusters= or fewer gate_folds=",
+                                  ("gate_folds",))
     out = np.empty(m, dtype=np.float32)
     for held in parts:
         train = np.setdiff1d(np.arange(m, dtype=np.int64), held, assume_unique=True)

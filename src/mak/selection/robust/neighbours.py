@@ -78,17 +78,12 @@ def seed_share(queries: Any, seed_features: Any, reference: Any, k: int = 50,
                        "less the image itself)")
     n = int(queries.shape[0])
     out = np.empty(n, dtype=np.float32)
-    bar = None
-    if progress is not None and n:
-        from tqdm.auto import tqdm
+    from mak.progress import bar
 
-        bar = tqdm(total=n, desc=progress, unit="img", leave=False)
-    for lo, hi, _, idx in knn_chunks(queries, bank, k, device=device, chunk=chunk, self_index=self_index):
-        out[lo:hi] = (idx < m).sum(dim=1).cpu().numpy().astype(np.float32) / np.float32(k)
-        if bar is not None:
-            bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
+    with bar(n, progress, unit="img", enabled=progress is not None and n > 0) as shown:
+        for lo, hi, _, idx in knn_chunks(queries, bank, k, device=device, chunk=chunk, self_index=self_index):
+            out[lo:hi] = (idx < m).sum(dim=1).cpu().numpy().astype(np.float32) / np.float32(k)
+            shown.update(hi - lo)
     return out
 
 

@@ -405,9 +405,9 @@ def _pass_within(features: Any, home: np.ndarray, second: np.ndarray, k_final: i
     vorder, vbounds = _groups(np.where(second < 0, k_final, second), k_final + 1)
     sizes = np.diff(bounds)
     mine = _schedule(sizes)
-    from tqdm.auto import tqdm
+    from mak.progress import bar as progress_bar
 
-    bar = tqdm(total=len(mine), desc="dedup", unit="cluster", disable=not progress, leave=False)
+    bar = progress_bar(len(mine), "dedup", unit="cluster", enabled=progress)
     pr, prep, ps = [], [], []
     ea, eb, es = [], [], []
     with torch.inference_mode(), _single_thread():

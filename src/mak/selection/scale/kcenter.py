@@ -178,7 +178,7 @@ def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: i
     """
     import time
 
-    from tqdm.auto import tqdm
+    from mak.progress import bar as progress_bar
 
     comm = sharded and D.active()
     counts = D.all_gather_counts(x_local.shape[0]) if comm else [int(x_local.shape[0])]
@@ -198,7 +198,7 @@ def greedy_sharded(x_local: torch.Tensor, budget: int, init: Any = None, seed: i
             blk.sim[: blk.n] = -_INF
             lay.center(int(picks[0]))
             start = 1
-        bar = tqdm(total=budget, initial=start, desc="k-center", unit="pick", disable=not progress, leave=False)
+        bar = progress_bar(budget, "k-center", unit="pick", enabled=progress, initial=start)
         t_steps = time.perf_counter()
         for step in range(start, budget):
             picks[step] = lay.next_pick()

@@ -1,0 +1,27 @@
+"""Declared options (:mod:`mak.options`) as command-line flags: one declaration, one flag."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mak.options import Option
+
+_UNSET: Any = object()
+
+
+def add_option(p: argparse.ArgumentParser | Any, opt: Option, default: Any = _UNSET, help: str | None = None) -> None:
+    """``opt`` as a flag on ``p`` (a parser or an argument group), its value typed and checked by
+    the option's parser (``--gate off``). ``default``/``help`` replace the declared ones where a
+    command's flag differs (e.g. ``None``: only what the user gave is passed on)."""
+    p.add_argument(opt.flag, type=opt.argparse_type(), metavar=opt.metavar, required=opt.required,
+                   default=opt.default if default is _UNSET else default,
+                   help=(help or opt.help).replace("%", "%%"))  # argparse formats help with %
+
+
+def add_options(p: argparse.ArgumentParser | Any, declared: tuple[Option, ...], *names: str) -> None:
+    """The flags of ``declared`` (only ``names``, in that order, when given)."""
+    chosen = [o for n in names for o in declared if o.name == n] if names else list(declared)
+    if names and len(chosen) != len(names):
+        raise ValueError(f"not declared: {sorted(set(names) - {o.name for o in chosen})}")
+    for opt in chosen:
+        add_option(p, opt)
