@@ -82,12 +82,12 @@ def _break(tmp_path, stores, what):
         f = np.load(p / "features.npy")
         f[5, 2] = np.nan
         np.save(p / "features.npy", f)
-        return "features.npy", "NaN"
+        return "features.npy", "contains NaN or Inf values (first in row 5)"
     if what == "inf-views":
         v = np.load(p / "views.npy")
         v[1, 3, 0] = np.inf
         np.save(p / "views.npy", v)
-        return "views.npy", "Inf"
+        return "views.npy", "contains NaN or Inf values (first in row 3)"
     if what == "corrupt-npy":
         (p / "features.npy").write_bytes(b"not a numpy file")
         return "features.npy", "unreadable"

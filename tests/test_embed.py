@@ -106,15 +106,20 @@ def test_deterministic_and_batch_size_independent(setup, tmp_path):
     assert np.array_equal(a[0], other_seed[0]) and not np.allclose(a[1], other_seed[1])
 
 
-def test_corrupt_pool_image_is_skipped_and_counted(setup, tmp_path, cli, capsys):
+def _png_folder(d: Path, folder: Path, n: int = 12) -> Path:
+    """The first ``n`` pool images as img00.png, img01.png, ... in ``folder``."""
     from PIL import Image
 
-    d, ckpt = setup
-    folder = tmp_path / "pool"
     folder.mkdir()
     pool = np.load(d / "pool.npy")
-    for i in range(12):
+    for i in range(n):
         Image.fromarray(pool[i]).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+def test_corrupt_pool_image_is_skipped_and_counted(setup, tmp_path, cli, capsys):
+    d, ckpt = setup
+    folder = _png_folder(d, tmp_path / "pool")
     (folder / "img05.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     out = tmp_path / "store"
     assert cli("embed", "--folder", folder, "--checkpoint", ckpt, "--views", "2", "--out", out,
@@ -126,6 +131,24 @@ def test_corrupt_pool_image_is_skipped_and_counted(setup, tmp_path, cli, capsys)
     assert "img05.png" not in st.items and st.items[5] == "img06.png"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["skipped"] == 1 and "img05.png" in meta["skipped_items"][0]["item"]
+
+
+def test_many_corrupt_images_name_the_first_few_on_stderr_and_all_in_meta(setup, tmp_path, cli, capsys, monkeypatch):
+    import mak.train.embed as embed_module
+
+    monkeypatch.setattr(embed_module, "SKIP_LINES", 2)
+    d, ckpt = setup
+    folder = _png_folder(d, tmp_path / "pool")
+    for i in (1, 3, 4, 8, 9):
+        (folder / f"img{i:02d}.png").write_bytes(b"garbage")
+    out = tmp_path / "store"
+    assert cli("embed", "--folder", folder, "--checkpoint", ckpt, "--views", "0", "--out", out,
+               "--batch-size", "4", "--workers", "0", "--no-progress") == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "skipping" in ln]
+    assert len(lines) == 3 and "img01.png" in lines[0] and "img03.png" in lines[1] and "meta.json" in lines[2]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["skipped"] == 5 and [s["item"] for s in meta["skipped_items"]] == \
+        [f"img{i:02d}.png" for i in (1, 3, 4, 8, 9)]
 
 
 def test_unreadable_checkpoint_and_bad_options(setup, tmp_path, cli, capsys):

@@ -98,6 +98,17 @@ def test_linked_and_copied_stores_select_the_same_as_one_array(shards, cli):
     assert all(line.startswith("https://x/") for line in (shards / "sel-linked" / "selection.txt").read_text().split())
 
 
+
+def test_a_linked_store_whose_arrays_moved_names_the_broken_link(shards, cli, capsys):
+    assert cli("store", "import", "--features", str(shards / "emb_*.npy"), "--link", "--out", shards / "linked",
+               "-q") == 0
+    (shards / "emb_0.npy").rename(shards / "moved.npy")
+    assert cli("store", "info", shards / "linked") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mak store info: error: {shards / 'linked' / 'shard-00000' / 'features.npy'}: broken link to "
+                   f"{shards / 'emb_0.npy'} (the linked file was moved or deleted)")
+
+
 def _bad(shards, case):
     args = {"features": str(shards / "emb_*.npy")}
     if case == "no match":

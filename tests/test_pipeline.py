@@ -34,8 +34,9 @@ TINY = ["data.benchmark.build=true", "data.benchmark.scale=0.02", "pretrain.epoc
 
 @pytest.mark.parametrize("value, ok", [("0", True), ("2", True), ("1", False), ("-1", False)])
 def test_embed_views_are_none_or_pairs_when_the_config_loads(value, ok):
-    if ok:
-        assert load_config(None, TINY + [f"embed.views={value}"])["embed"]["views"] == int(value)
+    if ok:  # no views: only for strategies that read features alone
+        assert load_config(None, TINY + [f"embed.views={value}", "select.strategies=[random]"])["embed"]["views"] \
+            == int(value)
     else:
         with pytest.raises(MakError, match=rf"^config: embed\.views={value} must be"):
             load_config(None, TINY + [f"embed.views={value}"])
@@ -183,6 +184,12 @@ def test_run_names_a_bad_strategy_option_by_its_config_key(cli, tmp_path, capsys
     ("evaluate.few=2.5", "evaluate.few=2.5 must be an integer >= 0"),
     ("embed.views=1", "embed.views=1 must be 0 (no views) or an integer >= 2"),
     ("pretrain.image_size=4", "pretrain.image_size=4 must be an integer >= 8 or null"),
+    ("run.device=tpu", "run.device='tpu' must be auto, cpu, cuda or cuda:N"),
+    ("pretrain.backbone=resnet99", "pretrain.backbone='resnet99' is not a backbone (choose from smallconv, "
+                                   "smallconv-wide, resnet18, resnet18-small, resnet50, torchvision:NAME or timm:NAME) "
+                                   "or null"),
+    ("embed.views=0", "embed.views=0 but strategy 'mak' needs the pool's augmented views (set embed.views to 2 or "
+                      "more, or leave it out of select.strategies)"),
 ])
 def test_run_names_a_bad_declared_key_by_its_config_key(cli, tmp_path, capsys, assignment, message):
     """pretrain, embed and evaluate keys are checked by the flags' declarations, named as config keys."""
@@ -190,6 +197,13 @@ def test_run_names_a_bad_declared_key_by_its_config_key(cli, tmp_path, capsys, a
     assert cli("run", config, "--dry-run", "--set", assignment, "--out", tmp_path / "run") == 2
     err = capsys.readouterr().err.strip()
     assert err == f"mak run: error: config: {message}"
+
+
+def test_no_views_suits_the_strategies_that_read_features_only():
+    base = ["data.benchmark.build=true", "embed.views=0"]
+    assert load_config(None, [*base, "select.strategies=[robust,random,kcenter,proximity]"])["embed"]["views"] == 0
+    with pytest.raises(MakError, match="^config: embed.views=0 but strategy 'robust' needs"):  # its ECLE tail does
+        load_config(None, [*base, "select.strategies=[random,robust]", "select.options={tail: ecle}"])
 
 
 def ran(plan) -> set[str]:
@@ -209,7 +223,8 @@ def test_run_caches_and_reruns_only_what_changed(tmp_path, capsys, monkeypatch):
         assert {"ood_rate", "few_share", "fullshot_acc", "fewshot_acc", "knn_acc", "group_acc", "group_std"} <= set(r)
         assert 0.0 <= r["knn_acc"] <= 1.0 and set(r["group_acc"]) == {"many", "medium", "few"}
     assert results[0]["ood_rate"] is None and 0.0 <= results[1]["ood_rate"] <= 1.0
-    assert (run_dir / "report.html").is_file()
+    assert "(retrain.match: epochs), so seed + pick takes more optimizer steps" in \
+        (run_dir / "report.html").read_text(encoding="utf-8")  # what the gains over the seed alone compare
 
     # debris of killed runs beside cached and re-run stages alike: removed by the next run (it holds the lock)
     debris = [run_dir / "r0" / ".bench.1234.tmp", run_dir / "r0" / "select" / ".mak.99.tmp",
@@ -513,7 +528,7 @@ def test_a_declared_config_key_is_checked_by_its_declaration(key, value, message
 ])
 def test_a_declared_config_key_takes_what_its_declaration_takes(key, value, expected):
     section, leaf = key.split(".")
-    assert load_config(None, TINY + [f"{key}={value}"])[section][leaf] == expected
+    assert load_config(None, TINY + [f"{key}={value}", "select.strategies=[random]"])[section][leaf] == expected
 
 
 def test_benchmark_classes_are_keyed_only_when_they_change_the_pool(tmp_path):

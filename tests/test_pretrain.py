@@ -201,7 +201,11 @@ def test_cli_pretrain_and_errors(seed_array, tmp_path, cli, capsys):
     assert cli("pretrain", "--array", seed_array, "--epochs", "1", "--batch-size", "64", "--out", out,
                "--workers", "0", "--no-progress") == 0
     assert (out / "checkpoint.pt").is_file() and (out / "log.csv").is_file()
-    capsys.readouterr()
+    err = capsys.readouterr().err  # --no-progress hides the bar, not the summary
+    assert err.startswith("mak pretrain: 128 images 1x28x28, backbone smallconv, batch 64 x 2 steps/epoch")
+    assert cli("pretrain", "--array", seed_array, "--epochs", "1", "--batch-size", "64", "--out", tmp_path / "q",
+               "--workers", "0", "-q") == 0
+    assert capsys.readouterr() == ("", "")
     assert cli("pretrain", "--array", seed_array, "--epochs", "1", "--batch-size", "1000", "--out",
                tmp_path / "x", "--no-progress") == 2
     err = capsys.readouterr().err
@@ -248,6 +252,18 @@ def test_cli_pretrain_mixes_a_pool_sample_into_the_seed(seed_array, tmp_path, cl
     assert cfg["num_images"] == n_seed + 10 and cfg["source"]["pool_skipped"] == 2
     err = capsys.readouterr().err
     assert "left out 2 unreadable pool images (first: " in err and "03.png" in err
+    # none readable (e.g. paths relative to another root): an error, not a seed-only model
+    split = tmp_path / "picked.txt"
+    split.write_text("".join(f"images/{i:02d}.png\n" for i in range(12)))
+    assert cli("pretrain", "--array", seed_array, "--mix-split", split, "--epochs", "1", "--out", tmp_path / "none",
+               "--workers", "0", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none of the 12 sampled pool images of split:picked.txt is readable" in err
+    assert not (tmp_path / "none").exists()
+    split.write_text("".join(f"pool/{i:02d}.png\n" for i in (0, 1, 2, 4)))  # with the root they resolve
+    assert cli("pretrain", "--array", seed_array, "--mix-split", split, "--mix-root", tmp_path, "--epochs", "1",
+               "--batch-size", "64", "--out", tmp_path / "rooted", "--workers", "0", "--no-progress") == 0
+    assert read_checkpoint(tmp_path / "rooted" / "checkpoint.pt")["config"]["num_images"] == n_seed + 4
 
 
 # bf16 keeps 8 significant bits: a rounding moves a value by up to one step, 2**-8 of itself. Two
@@ -333,3 +349,17 @@ def test_pretrain_starts_from_pretrained_backbone_weights(seed_array, tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(MakError, match=f"{name}: unreadable weights"):
             pretrain(src, tmp_path / "junk", weights=tmp_path / name, **kw)
+
+
+def test_default_batch_is_the_one_mak_run_takes_for_a_small_set(tmp_path):
+    """By hand (no batch size) and in `mak run` (its 256 capped to the set) a 127-image seed trains in one batch of 126."""
+    from mak.data.sources import ArraySource
+    from mak.run.stages import _pretrain_kwargs
+    from mak.train.pretrain import pretrain, read_checkpoint
+
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).integers(0, 255, (127, 8, 8), dtype=np.uint8))
+    ckpt = pretrain(ArraySource(tmp_path / "s.npy"), tmp_path / "run", epochs=1, num_workers=0, progress=False)
+    by_hand = read_checkpoint(ckpt)["config"]["batch_size"]
+    params = {"batch_size": 256, "backbone": None, "epochs": 1, "lr": 0.5, "warmup_epochs": None, "seed": 0,
+              "image_size": None, "device": "cpu", "amp": None, "channels_last": None, "workers": 0}
+    assert by_hand == _pretrain_kwargs(params, 127)["batch_size"] == 126

@@ -69,12 +69,16 @@ def test_lines_are_spaced_by_the_interval_and_set_postfix_waits_its_turn(clock):
     assert lines[-1].startswith("pretrain: done, 20 step in 00:20 (1.00step/s, epoch=2/2")
 
 
-def test_quick_work_leaves_nothing_in_the_log(clock):
+def test_quick_work_leaves_nothing_in_the_log_and_a_second_leaves_one_line(clock):
     out = io.StringIO()
     with progress.bar(10, "dedup", unit="cluster", file=out, interval=30) as b:
-        clock.t += 1
+        clock.t += 0.9
         b.update(10)
     assert out.getvalue() == ""
+    with progress.bar(10, "dedup", unit="cluster", file=out, interval=30) as b:
+        clock.t += progress.FINAL_AFTER
+        b.update(10)
+    assert out.getvalue() == "dedup: done, 10/10 cluster in 00:01 (10.00cluster/s)\n"
 
 
 def test_slow_work_gets_a_final_line_even_when_no_update_came_in_time(clock):

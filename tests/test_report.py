@@ -292,6 +292,18 @@ def _entry(name: str, few: float, std: float | None) -> dict:
             "knn_acc": v, "group_acc": {"many": v, "medium": v, "few": v}, "group_std": None}
 
 
+@pytest.mark.parametrize("repeats, winner", [(2, False), (3, True)])
+def test_two_repeats_name_no_accuracy_winner(fake_run, repeats, winner):
+    """A lead beyond the spread of 2 repeats is not enough to name a winner; of 3 it is."""
+    def entry(name, m):
+        v = {"mean": m, "std": 0.005, "values": [m] * repeats}
+        return {"strategy": name, "ood_rate": None, "few_share": None, "fullshot_acc": v, "fewshot_acc": v,
+                "knn_acc": v, "group_acc": {"many": v, "medium": v, "few": v}, "group_std": None}
+    cards = _cards(_write(fake_run, results=[entry("none", 0.5), entry("robust", 0.6)]))
+    assert ("Best Few-group accuracy" in cards) == winner
+    assert (f"{repeats} repeats cannot tell their differences from noise" in cards) == (not winner)
+
+
 def _cards(text: str) -> str:
     return text[:text.index("</header>")]
 

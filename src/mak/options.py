@@ -15,6 +15,7 @@ the Python value or its text and return the canonical value.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -147,6 +148,17 @@ def text(name: str, value: Any) -> str:
     return value
 
 
+def device(name: str, value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has it is checked where it is used)."""
+    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip().lower())):
+        raise _fail(name, value, "auto, cpu, cuda or cuda:N")
+    return value.strip().lower()
+
+
+# The device every command and `mak run` (run.device) take.
+DEVICE = Option("device", "auto", "auto, cpu, cuda or cuda:N (default auto: CUDA when available)", device, "DEV")
+
+
 def or_none(inner: Parser) -> Parser:
     """None (YAML ``null``), or what ``inner`` accepts."""
     def parse(name: str, value: Any) -> Any:
@@ -189,5 +201,5 @@ def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) ->
     return out
 
 
-__all__ = ["Option", "ParameterError", "argparse_type", "by_name", "choice", "defaults", "integer", "number",
+__all__ = ["DEVICE", "Option", "ParameterError", "device", "argparse_type", "by_name", "choice", "defaults", "integer", "number",
            "or_auto", "or_none", "resolve", "switch", "text"]

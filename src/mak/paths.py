@@ -11,7 +11,7 @@ def input_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` when it is a file; else a :class:`MakError` saying it is missing or a directory."""
     path = Path(path)
     if path.is_dir():
-        raise MakError(f"{path}: is a directory, not a {what}")
+        raise MakError(f"{path}: is a directory, not {'an' if what[:1] in 'aeiou' else 'a'} {what}")
     if not path.is_file():
         raise MakError(f"{path}: {what} not found")
     return path

@@ -13,8 +13,8 @@ instead, each ending in ``\\n``:
   ``k-center: 45% 450/1000 [00:30<00:36, 15.0pick/s]``;
 * on close, one final line with the count and the elapsed time, e.g.
   ``k-center: done, 1000/1000 pick in 01:05 (15.3pick/s)`` (``stopped`` instead of ``done`` when
-  the count fell short of the total), when a line was shown or the work took at least the
-  interval.
+  the count fell short of the total), when a line was shown or the work took at least a second
+  (:data:`FINAL_AFTER`): a log records how long each step took without the quick ones.
 
 ``MAK_PROGRESS_INTERVAL`` is read when a bar is made (seconds, a float >= 0; 0 writes a line at
 every update; a value that is not a number is ignored). A disabled bar (``enabled=False``)
@@ -30,6 +30,7 @@ from typing import Any, TextIO
 from tqdm.std import tqdm as _std_tqdm
 
 DEFAULT_INTERVAL = 30.0  # seconds between two lines of a bar written to a log
+FINAL_AFTER = 1.0  # a bar written to a log that ran this long ends with a line (quicker ones leave none)
 ENV_INTERVAL = "MAK_PROGRESS_INTERVAL"
 
 
@@ -109,14 +110,15 @@ class LineBar(_std_tqdm):
         """No cursor to move in a log."""
 
     def close(self) -> None:
-        """Write the final line (when a line was shown or the work took at least ``interval``), then close."""
+        """Write the final line (when a line was shown or the work took at least :data:`FINAL_AFTER`
+        seconds, or ``interval`` when that is shorter), then close."""
         if getattr(self, "disable", True):
             return
         self.disable = True
         self._decr_instances(self)
         if not hasattr(self, "start_t"):
             return
-        if self._shown or self._time() - self.start_t >= self.interval:
+        if self._shown or self._time() - self.start_t >= min(FINAL_AFTER, self.interval):
             with self._lock:
                 self._emit(self._line(final=True))
 
@@ -168,4 +170,4 @@ def _is_tty(stream: Any) -> bool:
         return False
 
 
-__all__ = ["DEFAULT_INTERVAL", "ENV_INTERVAL", "LineBar", "bar", "progress_interval", "write"]
+__all__ = ["DEFAULT_INTERVAL", "ENV_INTERVAL", "FINAL_AFTER", "LineBar", "bar", "progress_interval", "write"]

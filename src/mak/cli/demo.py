@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         settings["pretrain.epochs"] = args.epochs
     overrides = [f"{k}={_yaml(v)}" for k, v in settings.items()] + list(args.overrides)
     config = load_config(None, overrides)
-    plan = run_pipeline(config, args.out, dry_run=args.dry_run, progress=show_progress(args),
+    plan = run_pipeline(config, args.out, dry_run=args.dry_run, progress=show_progress(args), verbose=not args.quiet,
                         log=print if args.dry_run or not args.quiet else silent)
     if not args.dry_run:
         say(args, f"\nOpen the report: {plan.run_dir / 'report.html'}")

@@ -11,7 +11,8 @@ HELP = "write a feature store (features, augmented views) from a checkpoint"  # 
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.cli._options import add_option
     from mak.cli._sources import add_source_args
-    from mak.options import by_name
+    from mak.options import DEVICE, argparse_type, by_name
+    from mak.train.models import backbone_name
     from mak.train.embed import EMBED_OPTIONS
     from mak.train.pretrain import PRETRAIN_OPTIONS
 
@@ -26,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--checkpoint", metavar="FILE", help="checkpoint.pt written by `mak pretrain`")
     model.add_argument("--weights", metavar="FILE", help="pretrained backbone weights (safetensors or a state "
                        "dict) used as a frozen encoder, no projection head: views are its own outputs")
-    p.add_argument("--backbone", metavar="NAME", help="with --weights: the architecture (e.g. resnet18, "
+    p.add_argument("--backbone", metavar="NAME", type=argparse_type(backbone_name, "backbone"),
+                   help="with --weights: the architecture (e.g. resnet18, "
                    "timm:resnet18)")
     add_option(p, by_name(PRETRAIN_OPTIONS)["image_size"],  # the working size pretrain declares
                help="with --weights: input size in pixels, at least 8 (default: the source's)")
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="STORE", help="output feature-store directory")
     for name in ("views", "seed", "dtype", "batch_size"):
         add_option(p, opt[name])
-    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    add_option(p, DEVICE)
     add_option(p, opt["num_workers"])
     p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun: one merged store (default) or --no-merge: one shard per process + shards.json")
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise MakError("--backbone, --image-size and --channels go with --weights (a checkpoint names its own)")
     with D.process_group(args.device):  # torn down on every exit, waiting for the other ranks only on success
         out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, device=args.device,
-                    merge=args.merge, progress=show_progress(args), amp=args.amp, overwrite=args.overwrite,
+                    merge=args.merge, progress=show_progress(args), verbose=not args.quiet, amp=args.amp,
+                    overwrite=args.overwrite,
                     strict=args.strict, **{o.name: getattr(args, o.key or o.name) for o in EMBED_OPTIONS})
         if D.rank() == 0:
             say(args, f"feature store -> {out}")

@@ -12,7 +12,7 @@ HELP = "evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.bench.evaluate import EVALUATE_OPTIONS
     from mak.cli._options import add_option
-    from mak.options import by_name
+    from mak.options import DEVICE, by_name
 
     opt = by_name(EVALUATE_OPTIONS)  # declared once, with evaluate_checkpoint() (mak.bench.evaluate)
     p = sub.add_parser(
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     for name in ("shots", "draws", "seed", "many", "few", "k", "temperature", "l2", "max_iter"):
         add_option(p, opt[name])
-    p.add_argument("--device", default="auto", metavar="DEV", help="device for feature extraction (default auto: CUDA when available)")
+    add_option(p, DEVICE, help=f"device for feature extraction: {DEVICE.help}")
     for name in ("batch_size", "num_workers"):
         add_option(p, opt[name])
     add_output_flags(p, progress=False)

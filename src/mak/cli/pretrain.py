@@ -11,7 +11,8 @@ HELP = "SimCLR pre-training on the seed set"  # the one line `mak --help` shows
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.cli._options import add_option
     from mak.cli._sources import add_source_args
-    from mak.options import by_name
+    from mak.options import DEVICE, argparse_type, by_name
+    from mak.train.models import backbone_name
     from mak.train.pretrain import PRETRAIN_OPTIONS
 
     opt = by_name(PRETRAIN_OPTIONS)  # declared once, with pretrain() (mak.train.pretrain)
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "OUT/checkpoint.pt every epoch and OUT/log.csv. Runs DDP under torchrun.")
     add_source_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for checkpoint.pt and log.csv")
-    p.add_argument("--backbone", metavar="NAME", default=None,
+    p.add_argument("--backbone", metavar="NAME", default=None, type=argparse_type(backbone_name, "backbone"),
                    help="smallconv[-wide], resnet18[-small], resnet50, torchvision:NAME or timm:NAME (default: smallconv <= 64 px, else resnet18)")
     for name in ("epochs", "batch_size", "base_lr", "warmup_epochs", "seed"):
         add_option(p, opt[name])
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(p, opt["image_size"])
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="working channels, 1 or 3 (default: 3 if the images have colour)")
-    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    add_option(p, DEVICE)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16/fp16 mixed precision (default: where the device has it natively: CUDA, CPUs with "
                         "AVX512-BF16/AMX); --no-amp: float32")
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         declared = {o.name: getattr(args, o.key or o.name) for o in PRETRAIN_OPTIONS if o.name != "mix_count"}
         ckpt = pretrain(source, args.out, backbone=args.backbone, channels=args.channels, device=args.device,
                         amp=args.amp, channels_last=False if args.no_channels_last else None,
-                        resume=args.resume, progress=show_progress(args), weights=args.weights, **declared)
+                        resume=args.resume, progress=show_progress(args), verbose=not args.quiet,
+                        weights=args.weights, **declared)
         if D.rank() == 0:
             say(args, f"checkpoint -> {ckpt}")
     return 0

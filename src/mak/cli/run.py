@@ -35,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"run.repeats={args.repeats}")
     config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / str(config["run"]["name"])
-    run_pipeline(config, out, dry_run=args.dry_run, progress=show_progress(args),
+    run_pipeline(config, out, dry_run=args.dry_run, progress=show_progress(args), verbose=not args.quiet,
                  log=print if args.dry_run or not args.quiet else silent)
     return 0

@@ -23,7 +23,7 @@ def strategy_flags() -> dict[str, tuple[object, list[str]]]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.cli._options import add_option
-    from mak.options import by_name
+    from mak.options import DEVICE, by_name
     from mak.run.select_job import JOB_OPTIONS
     from mak.selection.strategies import SELECT_OPTIONS
 
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(p, job["strategy"])
     for opt in SELECT_OPTIONS:  # declared once, with mak.select (mak.selection.strategies)
         add_option(p, opt)
-    p.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N (default auto: CUDA when available)")
+    add_option(p, DEVICE)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for selection.txt, scores.csv, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a selection already in --out")
     add_option(p, job["order"])

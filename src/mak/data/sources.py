@@ -653,14 +653,17 @@ def pool_mix(seed_source, pool_source, count: int | str = "auto", seed: int = 0,
              progress: bool = False) -> CombinedSource:
     """The pool-aware pre-training set: the seed, then the :func:`pool_mix_rows` sample of the pool
     less the pool images that cannot be decoded (a web pool has some; ``skipped`` lists them as
-    ``(row, reason)``, and ``describe()`` counts them). Under torchrun each rank decodes its share
-    of the sample and all ranks get the same list (call it on every rank)."""
+    ``(row, reason)``, and ``describe()`` counts them); none readable is an error. Under torchrun
+    each rank decodes its share of the sample and all ranks get the same list (call it on every rank)."""
     from mak import distributed as D
 
     rows = pool_mix_rows(len(pool_source), len(seed_source), count, seed)
     lo, hi = D.shard_range(len(rows))
     mine = validate_all(pool_source, progress=progress and D.rank() == 0, rows=rows[lo:hi])
     bad = [b for part in D.all_gather_object(mine) for b in part]
+    if bad and len(bad) == len(rows):
+        raise MakError(f"none of the {len(rows)} sampled pool images of {pool_source.name} is readable (first: "
+                       f"{bad[0][1]}); are its paths relative to another root?")
     if bad:
         rows = np.setdiff1d(rows, np.array([i for i, _ in bad], dtype=np.int64))
     mix = CombinedSource(seed_source, pool_source, rows)

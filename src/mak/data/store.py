@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -52,6 +53,8 @@ def model_kind(meta: dict) -> str:
 
 
 def open_npy(path: Path) -> np.ndarray:
+    if path.is_symlink() and not path.exists():  # `mak store import --link` of files moved since
+        raise MakError(f"{path}: broken link to {os.readlink(path)} (the linked file was moved or deleted)")
     if not path.is_file():
         raise MakError(f"{path}: missing store file")
     with open(path, "rb") as fh:
@@ -194,8 +197,12 @@ class FeatureStore:
                     continue
                 for s in range(a, b, chunk):
                     block = arr[..., s: min(b, s + chunk), :]
-                    if not np.isfinite(block).all():
-                        return ValueScan(f"{sh.file(name)}: contains NaN or Inf values", nonzero, varies)
+                    finite = np.isfinite(block)
+                    if not finite.all():
+                        rows = (~finite).any(axis=-1).reshape(-1, block.shape[-2]).any(axis=0)
+                        bad = s + int(np.flatnonzero(rows)[0])
+                        return ValueScan(f"{sh.file(name)}: contains NaN or Inf values (first in row {bad})",
+                                         nonzero, varies)
                     if name == FEATURES:
                         nonzero = nonzero or bool(block.any())
                         varies = varies or bool((block != first).any())

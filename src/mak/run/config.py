@@ -190,11 +190,29 @@ def validate(config: dict) -> None:
     for s in config["select"]["strategies"]:
         if s not in STRATEGIES:
             raise MakError(f"config: unknown strategy '{s}' in select.strategies (choose from: {', '.join(STRATEGIES)})")
+    if config["embed"]["views"] == 0:
+        _check_views_needed(config["select"])
+
+
+def _check_views_needed(sel: dict) -> None:
+    """With embed.views 0: no strategy in select.strategies may need the pool's augmented views."""
+    from mak.options import ParameterError
+    from mak.selection.strategies import strategy_needs
+
+    for s in sel["strategies"]:
+        try:
+            needs_views = strategy_needs(s, sel["options"])[1]  # reads the strategy's own options only
+        except ParameterError:  # a bad option: named by its key when the stages are laid out
+            continue
+        if needs_views:
+            raise MakError(f"config: embed.views=0 but strategy '{s}' needs the pool's augmented views "
+                           "(set embed.views to 2 or more, or leave it out of select.strategies)")
 
 
 def _kinds() -> dict[str, Any]:
     """The parser of every typed key outside ``select`` (whose keys are mak.select's declarations)."""
-    from mak.options import choice, integer, or_none, switch, text
+    from mak.options import choice, device, integer, or_none, switch, text
+    from mak.train.models import backbone_name
 
     declared = {}  # a declared key: the declaration's parser, taking null too where the config's default is null
     for key, o in DECLARED.items():
@@ -206,12 +224,12 @@ def _kinds() -> dict[str, Any]:
 
     count = integer(1)
     return {
-        "run.name": text, "run.seed": integer(0), "run.repeats": count, "run.device": text,
+        "run.name": text, "run.seed": integer(0), "run.repeats": count, "run.device": device,
         "data.benchmark.build": switch, "data.benchmark.seed": or_none(integer(0)),
         "data.benchmark.vary_with_repeat": switch,
         **{f"data.benchmark.{k}": _BENCH[k].parse if _BENCH[k].default is not None else or_none(_BENCH[k].parse)
            for k in _BENCH_KEYS},
-        "pretrain.backbone": or_none(text), **of("pretrain"), "pretrain.amp": or_none(switch),
+        "pretrain.backbone": or_none(backbone_name), **of("pretrain"), "pretrain.amp": or_none(switch),
         "pretrain.channels_last": or_none(switch), "pretrain.pool_mix_epochs": or_none(count),
         **of("embed"),
         "retrain.enabled": switch, "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),

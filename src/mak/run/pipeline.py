@@ -56,13 +56,15 @@ def _restore_previous(plan: Plan, log: Callable[[str], None]) -> list[str]:
 
 
 def run_pipeline(config: dict, run_dir: str | Path, dry_run: bool = False, log: Callable[[str], None] = print,
-                 progress: bool = True) -> Plan:
+                 progress: bool = True, verbose: bool | None = None) -> Plan:
     """Execute (or with ``dry_run`` only describe) every stage that is not cached; ``progress``: the
-    stages' progress bars (the stage lines of ``log`` come either way)."""
+    stages' progress bars, ``verbose``: their summary lines (default: as ``progress``; the stage
+    lines of ``log`` come either way)."""
     import yaml
 
     plan = build_plan(config, output_dir(run_dir))
     plan.progress = progress
+    plan.verbose = progress if verbose is None else verbose
     if dry_run:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one plan, not one per rank
             log(describe_plan(plan))

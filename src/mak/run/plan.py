@@ -30,7 +30,8 @@ class Plan:
     config: dict
     stages: list[Stage] = field(default_factory=list)
     repeats: list[dict] = field(default_factory=list)  # per repeat: stage handles by role
-    progress: bool = True  # progress bars in the stages (mak run --quiet: none)
+    progress: bool = True  # progress bars in the stages (mak run --no-progress, --quiet: none)
+    verbose: bool = True  # the stages' summary lines (mak run --quiet: none)
 
     def add(self, stage: Stage) -> Stage:
         self.stages.append(stage)

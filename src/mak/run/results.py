@@ -12,7 +12,7 @@ import numpy as np
 
 from mak.atomic import write_json
 from mak.data.store import item_file_lines
-from mak.run.plan import Plan
+from mak.run.plan import Plan, evaluates
 from mak.run.stages import pool_rows_for_items, sources
 from mak.run.stats import interval95, paired_gains
 
@@ -150,7 +150,7 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
 
 
 #: The columns of the table `mak run` prints at the end: (results key, heading), all in percent.
-TABLE_COLUMNS = (("ood_rate", "junk"), ("few_share", "Few share"), ("fewshot_acc", "few-shot"),
+TABLE_COLUMNS = (("ood_rate", "OOD rate"), ("few_share", "Few share"), ("fewshot_acc", "few-shot"),
                  ("fullshot_acc", "full-shot"), ("knn_acc", "kNN"))
 
 
@@ -179,6 +179,16 @@ def write_outputs(plan: Plan, results: list[dict] | None = None) -> Path:
     return _write_report(plan, results)
 
 
+def _retrain_note(plan: Plan) -> str:
+    """How the seed alone and seed + each pick were re-trained: what the gains over the seed alone compare."""
+    if plan.config["retrain"]["match"] == "steps":
+        return ("re-trained for the same optimizer steps on the seed alone and on seed + each pick "
+                "(retrain.match: steps): a gain is what the picked images add, not more training")
+    return ("re-trained for the same epochs on the seed alone and on seed + each pick (retrain.match: epochs), so "
+            "seed + pick takes more optimizer steps: a gain over the seed alone mixes the images with the extra "
+            "training (retrain.match: steps separates them)")
+
+
 def _write_report(plan: Plan, results: list[dict]) -> Path:
     from mak.run.report import write_report
 
@@ -194,6 +204,8 @@ def _write_report(plan: Plan, results: list[dict]) -> Path:
                             "class_counts_selected": {**an.get("counts", {}), "-1": an.get("ood_count", 0)} if an else {}}
     logs = {"pretrain (seed)": roles["pretrain"].path / "log.csv"}
     notes = [f"{len(plan.repeats)} repeat(s); figures from repeat 0 in the per-strategy sections"]
+    if evaluates(plan.config):
+        notes.append(_retrain_note(plan))
     if "pretrain_mix" in roles:
         logs["pretrain (seed + pool sample)"] = roles["pretrain_mix"].path / "log.csv"
         ts = roles["pretrain_mix"].path / "train_set.json"

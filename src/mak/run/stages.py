@@ -60,6 +60,10 @@ def _progress(stage: Stage) -> bool:
     return bool(getattr(stage, "plan").progress)
 
 
+def _verbose(stage: Stage) -> bool:
+    return bool(getattr(stage, "plan").verbose)
+
+
 def _roles(stage: Stage) -> dict:
     plan: Plan = stage.plan  # type: ignore[attr-defined]
     r = int(stage.name.split("/")[1][1:])
@@ -116,7 +120,7 @@ def run_pretrain(stage: Stage) -> None:
                 "seed": len(srcs["seed"]), "pool_rows": len(src.rows), "images": len(src),
                 "pool_skipped": len(src.skipped), "skipped_items": [r for _, r in src.skipped[:1000]]})
     pretrain(src, stage.path, resume=(stage.path / "checkpoint.pt").exists(), progress=_progress(stage),
-             **_pretrain_kwargs(stage.params, len(src)))
+             verbose=_verbose(stage), **_pretrain_kwargs(stage.params, len(src)))
 
 
 def run_embed(stage: Stage) -> None:
@@ -126,7 +130,8 @@ def run_embed(stage: Stage) -> None:
     src = sources(stage)[p["part"]]
     ckpt = stage.deps[0].path / "checkpoint.pt"  # the seed-only or the pool-aware model
     embed(src, ckpt, stage.path / "store", views=int(p["views"]), seed=p["seed"], dtype=p["dtype"],
-          batch_size=p["batch_size"], device=p["device"], overwrite=True, progress=_progress(stage))
+          batch_size=p["batch_size"], device=p["device"], overwrite=True, progress=_progress(stage),
+          verbose=_verbose(stage))
     if D.rank() != 0:  # under torchrun rank 0 has published the one store (embed waits for every shard)
         return
     move_entries(stage.path / "store", stage.path)
@@ -228,7 +233,8 @@ def run_retrain(stage: Stage) -> None:
                 with atomic_path(stage.path / name) as tmp:
                     shutil.copyfile(pre.path / name, tmp)
         return
-    pretrain(source, stage.path, resume=(stage.path / "checkpoint.pt").exists(), progress=_progress(stage), **kw)
+    pretrain(source, stage.path, resume=(stage.path / "checkpoint.pt").exists(), progress=_progress(stage),
+             verbose=_verbose(stage), **kw)
 
 
 def run_eval(stage: Stage) -> None:

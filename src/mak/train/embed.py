@@ -250,7 +250,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
           flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False,
-          encoder: dict | None = None) -> Path:
+          encoder: dict | None = None, verbose: bool | None = None) -> Path:
     """Embed every image of ``source`` with ``checkpoint``'s model; write a feature store at ``out``.
 
     ``encoder`` (``{"backbone": NAME, "image_size": PX, "channels": C}``, size and channels
@@ -269,6 +269,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     amp, channels_last: as for :func:`mak.train.pretrain.pretrain` (auto by default).
     overwrite: replace an existing store at ``out``.
     flush_rows: rows between checkpoints of the progress (resume granularity).
+    progress: the progress bar; verbose: the summary lines on stderr (default: as ``progress``).
     stats: if a dict is given, it receives this process's ``images``, ``seconds`` and
         ``images_per_s`` of the embedding loop (for benchmarks).
     strict: a checkpoint whose pre-training did not finish (epoch < epochs) is an error; without
@@ -282,7 +283,8 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
     job = _setup(source, checkpoint, out, views, seed, dtype, batch_size, device, merge, amp, channels_last, encoder)
     _check_finished(job.cfg["checkpoint"], checkpoint, strict)
     with job_lock(out):  # one writer per store: a second one stops here, naming this one
-        plan = _plan(job, progress)
+        verbose = progress if verbose is None else verbose
+        plan = _plan(job, verbose)
         loader = _loader(job, plan.todo, num_workers)
         writer = _Writer(job, plan, flush_rows, progress)
         elapsed = _embed_blocks(job, plan.todo, loader, _BatchEmbedder(job), writer)
@@ -293,7 +295,7 @@ def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: 
         if job.main_proc:
             remove_debris(out)  # publications of killed runs of this store (its resumable work stays)
         D.barrier()
-    if job.main_proc and progress:
+    if job.main_proc and verbose:
         rate = plan.todo_rows / max(elapsed, 1e-9)
         print(f"mak embed: {n_ok} rows -> {out} ({n_skipped} skipped), {rate:.0f} images/s"
               f"{' per process' if job.world > 1 else ''}", file=sys.stderr)
@@ -462,12 +464,12 @@ class _Plan:
     todo_rows: int
 
 
-def _plan(job: _Job, progress: bool) -> _Plan:
+def _plan(job: _Job, verbose: bool) -> _Plan:
     _prepare_work_dir(job)
     done, _ = _read_progress(job.work)
     b0, b1 = D.shard_range(job.nblocks, job.rank, job.world)
     todo = [b for b in range(b0, b1) if b not in done]
-    if job.main_proc and progress and done:
+    if job.main_proc and verbose and done:
         print(f"mak embed: resuming {job.work}: {len(done)} of {job.nblocks} blocks already done", file=sys.stderr)
     return _Plan(lo=min(job.n, b0 * job.batch_size), hi=min(job.n, b1 * job.batch_size), todo=todo,
                  todo_rows=_BlockSampler(todo, job.batch_size, job.n).rows())
@@ -519,11 +521,16 @@ def _loader(job: _Job, todo: list[int], num_workers: int | None):
                       pin_memory=job.dev.type == "cuda", prefetch_factor=4 if workers > 0 else None)
 
 
+SKIP_LINES = 10  # unreadable images named on stderr, per process; the rest are counted
+
+
 def _readable_batches(job: _Job, todo: list[int], loader
                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, list[tuple[int, str]]]]:
-    """``(block, images, rows, skipped)`` per block: unreadable rows reported and left out."""
+    """``(block, images, rows, skipped)`` per block: unreadable rows left out, the first
+    :data:`SKIP_LINES` of them reported on stderr (all of them in the store's meta.json)."""
     from mak.progress import write
 
+    shown = 0
     for block, (imgs, idx, ok) in zip(todo, loader):
         idx = torch.as_tensor(idx, dtype=torch.int64)
         ok = torch.as_tensor(ok, dtype=torch.bool)
@@ -531,7 +538,11 @@ def _readable_batches(job: _Job, todo: list[int], loader
         if not bool(ok.all()):
             for i in idx[~ok].tolist():
                 reason = job.ds.check(i) or f"{job.source.item(i)}: unreadable image"
-                write(f"mak embed: skipping {reason}")  # above the progress bar, not on it
+                if shown < SKIP_LINES:  # above the progress bar, not on it
+                    write(f"mak embed: skipping {reason}")
+                elif shown == SKIP_LINES:
+                    write("mak embed: skipping more unreadable images (each is listed in the store's meta.json)")
+                shown += 1
                 skipped.append((i, reason))
             imgs, idx = imgs[ok], idx[ok]
         yield block, imgs, idx, skipped

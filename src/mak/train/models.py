@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from mak.errors import MakError, first_line
+from mak.options import ParameterError
 from mak.paths import input_file
 
 __all__ = [
@@ -284,19 +285,28 @@ def build_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
     """
     if channels not in (1, 3):
         raise MakError(f"channels must be 1 or 3, not {channels}")
+    backbone_name("backbone", name)
     if name in _BUILDERS:
         model = _BUILDERS[name](channels)
         return model, int(model.out_dim)
+    prefix = next(p for p in EXTERNAL_PREFIXES if name.startswith(p))
+    if prefix == "torchvision:":
+        return _torchvision_backbone(name, name[len(prefix):], channels)
+    return _timm_backbone(name, name[len(prefix):], channels)
+
+
+def backbone_name(name: str, value: Any) -> str:
+    """A parser (:mod:`mak.options`): one of :data:`BACKBONES`, or ``torchvision:NAME`` /
+    ``timm:NAME`` (whether that package has NAME is known only when it is built)."""
+    if isinstance(value, str) and value in _BUILDERS:
+        return value
     for prefix in EXTERNAL_PREFIXES:
-        if name.startswith(prefix):
-            arch = name[len(prefix):]
-            if not arch:
-                raise MakError(f"backbone {name!r}: give a model name after '{prefix}'")
-            if prefix == "torchvision:":
-                return _torchvision_backbone(name, arch, channels)
-            return _timm_backbone(name, arch, channels)
-    raise MakError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)}, "
-                   "torchvision:NAME or timm:NAME)")
+        if isinstance(value, str) and value.startswith(prefix):
+            if not value[len(prefix):]:
+                raise ParameterError(name, f"{name}={value!r}: give a model name after '{prefix}'")
+            return value
+    raise ParameterError(name, f"{name}={value!r} is not a backbone (choose from {', '.join(BACKBONES)}, "
+                               "torchvision:NAME or timm:NAME)")
 
 
 WEIGHT_PREFIXES = ("module.", "backbone.", "model.", "encoder.")  # stripped until a key is the backbone's

@@ -89,7 +89,7 @@ DEFAULT_BATCH_SIZE = 256  # the global batch when none is given: min(256, number
 PRETRAIN_OPTIONS: tuple[Option, ...] = (
     Option("epochs", 100, "training epochs (default 100)", integer(1), "E"),
     Option("batch_size", None, f"global batch size over all processes, at least 2 (default: min({DEFAULT_BATCH_SIZE}, "
-           "number of images))", integer(2), "B"),
+           "number of images), rounded down to even)", integer(2), "B"),
     Option("base_lr", 0.5, "base learning rate; actual lr = LR x batch/256 (default 0.5)", number(0.0), "LR",
            key="lr"),
     Option("warmup_epochs", None, "epochs of linear lr warm-up before the cosine decay (default: min(10, epochs/10))",
@@ -291,7 +291,8 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
              seed: int = 0, image_size: int | None = None, channels: int | None = None,
              device: str | torch.device = "cpu", amp: bool | None = None, channels_last: bool | None = None,
              resume: bool = False, num_workers: int | None = None, progress: bool = True, *,
-             stop_after: int | None = None, weights: str | os.PathLike | None = None) -> Path:
+             stop_after: int | None = None, weights: str | os.PathLike | None = None,
+             verbose: bool | None = None) -> Path:
     """Pre-train SimCLR on ``source`` (a :class:`mak.data.sources.ImageSource`); return the checkpoint path.
 
     Parameters
@@ -313,6 +314,8 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     weights: pretrained backbone weights to start from (safetensors or a state dict, read with
         ``weights_only``; :func:`mak.train.models.load_backbone_weights`); the checkpoint records
         the file and its hash, and a resume must name the same file.
+    progress: the progress bar (and the check of the images); verbose: the summary lines on stderr
+        (default: as ``progress``).
 
     Raises :class:`MakError` for unreadable seed images (before training), a batch larger than
     the seed set, or a checkpoint that does not match the requested run.
@@ -330,14 +333,15 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
         run.weights = read_weights(weights)
         run.config["init_weights"] = run.weights.sha256
     with job_lock(run.out_dir):  # one writer per checkpoint directory
-        path = _train(run, resume, epochs, seed, stop_after, progress)
+        path = _train(run, resume, epochs, seed, stop_after, progress, progress if verbose is None else verbose)
         if run.main_proc:  # temporaries of killed writes of this directory's files
             for name in (CHECKPOINT_NAME, LOG_NAME):
                 remove_debris(run.out_dir / name)
         return path
 
 
-def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | None, progress: bool) -> Path:
+def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | None, progress: bool,
+           verbose: bool) -> Path:
     """Resume or start, then the epoch loop: what :func:`pretrain` does once its directory is locked."""
     from mak.progress import bar as progress_bar
     from mak.train.models import SimCLRModel, load_backbone_weights
@@ -347,7 +351,7 @@ def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | 
     if ckpt is not None and run.main_proc:  # a kill between the checkpoint and its log.csv: the log catches up
         _write_log(run.log_path, [dict(r) for r in ckpt.get("log", [])])
     if start_epoch >= epochs:
-        if run.main_proc and progress:
+        if run.main_proc and verbose:
             print(f"mak pretrain: {run.ckpt_path} has already finished {start_epoch} epochs", file=sys.stderr)
         return run.ckpt_path
 
@@ -359,7 +363,7 @@ def _train(run: "_Run", resume: bool, epochs: int, seed: int, stop_after: int | 
     trainer = _build_trainer(run, model, ckpt)
     del ckpt
     data = _EpochData(run, cache)
-    if run.main_proc and progress:
+    if run.main_proc and verbose:
         _print_banner(run)
 
     stop_epoch = epochs if stop_after is None else min(epochs, start_epoch + stop_after)
@@ -444,9 +448,9 @@ def _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_ep
     if channels not in (1, 3):
         raise MakError(f"channels must be 1 or 3, got {channels}")
     backbone = backbone or default_backbone(image_size)
-    if batch_size is None:
+    if batch_size is None:  # even and a multiple of the world size, as `mak run` takes it for a small set
         batch_size = min(DEFAULT_BATCH_SIZE, n)
-        batch_size -= batch_size % world
+        batch_size -= batch_size % math.lcm(2, world)
     if batch_size < 2 or batch_size % world:
         raise MakError(f"--batch-size must be >= 2 and a multiple of the world size {world}, got {batch_size}")
     if batch_size > n:

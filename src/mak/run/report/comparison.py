@@ -110,25 +110,33 @@ COLUMNS: tuple[_Col, ...] = (
 )
 
 
+RANK_REPEATS = 3  # repeats a run needs before the cards name an accuracy winner
+
+
 def takeaways(ctx: Context) -> str:
     """Cards naming the best strategy on each headline figure (a note when there is nothing to compare)."""
     rows = [(str(r.get("strategy", "")), r) for r in ctx.results]
     base = next((r for n, r in rows if n == "none"), None)
     cols = {c.key: c for c in COLUMNS}
-    cards = [_card(ctx, rows, base, "Best Few-group accuracy", cols["few"]),
-             _card(ctx, rows, base, "Most balanced (lowest group std)", cols["group_std"]),
-             _card(ctx, rows, base, "Best few-shot accuracy (all)", cols["all"]),
-             _card(ctx, rows, base, "Best full-shot accuracy", cols["fullshot"]),
-             _card(ctx, rows, base, "Best kNN accuracy", cols["knn"]),
-             _card(ctx, rows, base, "Lowest out-of-domain rate", cols["ood"], exclude_none=True, vs_none=False),
-             _card(ctx, rows, base, "Largest Few-class share", cols["few_share"], exclude_none=True, vs_none=False)]
+    accuracy = (cols["few"], cols["all"], cols["fullshot"], cols["knn"])
+    n = _repeats(ctx.results)
+    spread = any(col.get(r) is not None and col.get(r)[1] is not None for _, r in rows for col in accuracy)
+    # fewer repeats: their spread says too little to name a winner (a spread without the repeats'
+    # values, from results made elsewhere, is taken as it is)
+    ranked = n >= RANK_REPEATS or (n == 1 and spread)
+    cards = [_card(ctx, rows, base, label, cols[key]) for label, key in (
+        ("Best Few-group accuracy", "few"), ("Most balanced (lowest group std)", "group_std"),
+        ("Best few-shot accuracy (all)", "all"), ("Best full-shot accuracy", "fullshot"),
+        ("Best kNN accuracy", "knn"))] if ranked else []
+    cards += [_card(ctx, rows, base, "Lowest out-of-domain rate", cols["ood"], exclude_none=True, vs_none=False),
+              _card(ctx, rows, base, "Largest Few-class share", cols["few_share"], exclude_none=True, vs_none=False)]
     cards = [c for c in cards if c]
-    single = any(col.get(r) is not None and col.get(r)[1] is None for _, r in rows for col in
-                 (cols["few"], cols["all"], cols["fullshot"], cols["knn"]))
-    if single:
-        cards.insert(0, '<div class="card"><div class="k">Single run</div><div class="v"><span>no accuracy '
-                        'winner</span></div><div class="d">one run cannot tell its differences from noise: '
-                        "run with --repeats 3 to rank those beyond the seed-to-seed spread</div></div>")
+    if not ranked and any(col.get(r) is not None for _, r in rows for col in accuracy):
+        what = "one run cannot" if n == 1 else f"{n} repeats cannot"
+        cards.insert(0, f'<div class="card"><div class="k">{"Single run" if n == 1 else f"{n} repeats"}</div>'
+                        '<div class="v"><span>no accuracy winner</span></div><div class="d">'
+                        f"{what} tell their differences from noise: run with --repeats {RANK_REPEATS} or more to "
+                        "rank those beyond the seed-to-seed spread</div></div>")
     if not cards and any(col.get(r) is not None for _, r in rows for col in COLUMNS):
         return '<p class="note">No strategy leads another by more than the spread of the repeats.</p>'
     if not cards:

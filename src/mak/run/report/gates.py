@@ -56,7 +56,7 @@ def _gate_hist(ctx: Context, name: str, summary: Any, sc: Scores | None) -> tupl
     if g.quantile is not None:
         bits.append(f"quantile {g.quantile:g} of the held-out seed")
     if g.rejected is not None:
-        bits.append(f"{fmt_count(g.rejected)} pool images rejected")
+        bits.append(f"{fmt_count(g.rejected)} pool images rejected by the whole gate (all its terms)")
     text = "in-domain gate: " + ", ".join(bits)
     hist = _gate_counts(g, sc)
     if hist is None:

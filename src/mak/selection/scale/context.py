@@ -61,7 +61,9 @@ from mak.selection.scale.kcenter import angle, covering_radius_sharded, exact_sh
 from mak.selection.strategies import Context, Selection, select
 from mak.selection.tailness import batch_plan, ecle_sum
 
-EXACT_COMPARE_LIMIT = 2e9  # candidates x budget up to which two-round is also compared with exact greedy
+# candidates x budget up to which two-round is also compared with exact greedy (a few seconds on a
+# CPU; beyond it the comparison would cost as much as the exact greedy two-round stands in for)
+EXACT_COMPARE_LIMIT = 1e8
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,6 +389,9 @@ class DistributedContext(RobustOps, Context):
         if mode == "exact" and self.world == 1:
             picks = super().kcenter(rows, budget, init)
             self.report["kcenter"] = {"mode": "exact", "parts": 1}
+            if self.kcenter_mode == "two-round":
+                self.report["kcenter"]["note"] = ("two-round over one part is exact greedy: give it parts "
+                                                  "(kcenter_parts, or torchrun ranks)")
             return picks
         t = time.perf_counter()
         cand = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
