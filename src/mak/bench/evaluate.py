@@ -40,7 +40,7 @@ import torch
 
 from mak._neighbours import cosine_topk
 from mak.errors import MakError
-from mak.options import Option, integer, number
+from mak.options import Option, defaults, integer, number
 from mak.paths import output_file
 from mak.train.embed import DEFAULT_BATCH_SIZE
 
@@ -739,6 +739,9 @@ def _report_checkpoint(
     return results
 
 
+_DEFAULT = defaults(EVALUATE_OPTIONS)
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     bench: str | os.PathLike | None = None,
@@ -751,10 +754,10 @@ def evaluate_checkpoint(
     out: str | os.PathLike | None = None,
     device: str = "cpu",
     batch_size: int = DEFAULT_BATCH_SIZE,
-    num_workers: int = 0,
+    num_workers: int = _DEFAULT["num_workers"],
     shots: int | None = DEFAULT_SHOTS,
     draws: int = DEFAULT_DRAWS,
-    seed: int = 0,
+    seed: int = _DEFAULT["seed"],
     many: float | None = None,
     few: float | None = None,
     k: int = DEFAULT_K,

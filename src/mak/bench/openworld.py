@@ -64,7 +64,7 @@ import numpy as np
 
 from mak.atomic import atomic_dir
 from mak.errors import MakError
-from mak.options import Option, choice, integer, number
+from mak.options import Option, by_name, choice, defaults, integer, number
 
 FORMAT = "mak-openworld-benchmark"
 FORMAT_VERSION = 1
@@ -207,12 +207,6 @@ def profile_counts(
     return [max(minimum, _round(scale * x)) for x in profile(max_count, imbalance, num_classes)]
 
 
-def check_ood_ratio(value: Any, what: str = "--ood-ratio") -> None:
-    """Raise MakError naming ``what`` unless ``value`` is a finite number >= 0 (not a bool)."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
-        raise MakError(f"{what} must be a number >= 0, got {value!r}")
-
-
 def near_class_count(pool_classes: str = "all", near_classes: int | None = None,
                      names: tuple[str, str] = ("--pool-classes", "--near-classes")) -> int:
     """The number K of classes the seed lacks, checked: ``near_classes``, or 4 when disjoint, else 0.
@@ -242,9 +236,9 @@ def benchmark_counts(
     The last K ranks (``near_classes``) are the classes the seed lacks: 0 in every split but the
     pool; with ``pool_classes`` disjoint the seed's ranks have no pool images.
     """
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise MakError(f"--scale must be a positive number, got {scale!r}")
-    check_ood_ratio(ood_ratio)
+    declared = by_name(BENCH_OPTIONS)  # the checks of `mak bench build`'s flags and the config's keys
+    scale = declared["scale"].parse("scale", scale)
+    ood_ratio = declared["ood_ratio"].parse("ood_ratio", ood_ratio)
     k = near_class_count(pool_classes, near_classes)
     s = NUM_CLASSES - k  # the seed's classes
     near = [max(2, _round(NEAR_PER_CLASS * scale))] * k
@@ -473,17 +467,20 @@ def _write_benchmark(
         raise MakError(f"cannot write the benchmark to {out}: {exc}") from None
 
 
+_DEFAULT = defaults(BENCH_OPTIONS)
+
+
 def build_benchmark(
     out: str | os.PathLike,
-    seed: int = 0,
-    scale: float = 1.0,
+    seed: int = _DEFAULT["seed"],
+    scale: float = _DEFAULT["scale"],
     data_dir: str | os.PathLike | None = None,
     budget: int | None = None,
     *,
     overwrite: bool = False,
     fonts: Sequence[str | os.PathLike] | None = None,
-    ood_ratio: float = 1.0,
-    pool_classes: str = "all",
+    ood_ratio: float = _DEFAULT["ood_ratio"],
+    pool_classes: str = _DEFAULT["pool_classes"],
     near_classes: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:

@@ -18,10 +18,6 @@ def add_option(p: argparse.ArgumentParser | Any, opt: Option, default: Any = _UN
                    help=(help or opt.help).replace("%", "%%"))  # argparse formats help with %
 
 
-def add_options(p: argparse.ArgumentParser | Any, declared: tuple[Option, ...], *names: str) -> None:
-    """The flags of ``declared`` (only ``names``, in that order, when given)."""
-    chosen = [o for n in names for o in declared if o.name == n] if names else list(declared)
-    if names and len(chosen) != len(names):
-        raise ValueError(f"not declared: {sorted(set(names) - {o.name for o in chosen})}")
-    for opt in chosen:
-        add_option(p, opt)
+def values(args: argparse.Namespace, declared: tuple[Option, ...], *leave_out: str) -> dict[str, Any]:
+    """``{name: value}`` of the flags of ``declared`` as parsed into ``args`` (as the API's keywords)."""
+    return {o.name: getattr(args, (o.key or o.name).replace("-", "_")) for o in declared if o.name not in leave_out}

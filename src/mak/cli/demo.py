@@ -23,7 +23,8 @@ HELP = "a small open-world run on Fashion-MNIST with a report (minutes on a CPU)
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.bench.openworld import BENCH_OPTIONS
     from mak.cli._options import add_option
-    from mak.options import argparse_type, by_name, integer
+    from mak.options import by_name
+    from mak.train.pretrain import PRETRAIN_OPTIONS
 
     p = sub.add_parser("demo", help=HELP,
                        description="Gets Fashion-MNIST, builds a small open-world benchmark (long-tailed seed, "
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="directory with Fashion-MNIST's IDX files (default: Debian's)")
     add_option(p, by_name(BENCH_OPTIONS)["scale"], default=None,
                help=f"benchmark scale (default {DEMO_SETTINGS['data.benchmark.scale']})")
-    p.add_argument("--epochs", type=argparse_type(integer(1), "epochs"), default=None, metavar="E", help="SimCLR epochs per training run (default 20)")
+    add_option(p, by_name(PRETRAIN_OPTIONS)["epochs"], default=None,
+               help=f"SimCLR epochs per training run (default {DEMO_SETTINGS['pretrain.epochs']})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, as in `mak run`")
     p.add_argument("--dry-run", action="store_true", help="print the plan only")

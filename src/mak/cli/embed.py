@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mak import distributed as D
+    from mak.cli._options import values
     from mak.cli._sources import source_from_args
     from mak.errors import MakError
     from mak.train.embed import EMBED_OPTIONS, embed
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         out = embed(source, args.checkpoint or args.weights, args.out, encoder=encoder, device=args.device,
                     merge=args.merge, progress=show_progress(args), verbose=not args.quiet, amp=args.amp,
                     overwrite=args.overwrite,
-                    strict=args.strict, **{o.name: getattr(args, o.key or o.name) for o in EMBED_OPTIONS})
+                    strict=args.strict, **values(args, EMBED_OPTIONS))
         if D.rank() == 0:
             say(args, f"feature store -> {out}")
     return 0

@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mak.errors import MakError
     from mak.bench.evaluate import EVALUATE_OPTIONS, evaluate_checkpoint
+    from mak.cli._options import values
 
     if args.bench is None and (args.train_split is None or args.test_split is None):
         raise MakError("give --bench DIR, or --train-split and --test-split")
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.bench, train_split=args.train_split, fewshot_split=args.fewshot_split,
         test_split=args.test_split, seed_split=args.seed_split, root=args.root, out=args.out,
         device=args.device, verbose=not args.quiet,
-        **{o.name: getattr(args, o.key or o.name) for o in EVALUATE_OPTIONS},
+        **values(args, EVALUATE_OPTIONS),
     )
     if args.out:
         say(args, f"results written to {args.out}", file=sys.stderr)

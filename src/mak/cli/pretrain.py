@@ -55,13 +55,15 @@ def run(args: argparse.Namespace) -> int:
     from mak.cli._sources import source_from_args
     from mak.data.sources import open_source, pool_mix
     from mak.errors import MakError
+    from mak.cli._options import values
+    from mak.options import by_name
     from mak.train.pretrain import PRETRAIN_OPTIONS, pretrain
 
     source, pool = source_from_args(args), None
     if args.mix_split or args.mix_folder:
         pool = open_source("split", args.mix_split, root=args.mix_root) if args.mix_split \
             else open_source("folder", args.mix_folder)
-    elif args.mix_root or args.mix_count != "auto":
+    elif args.mix_root or args.mix_count != by_name(PRETRAIN_OPTIONS)["mix_count"].default:
         raise MakError("--mix-root and --mix-count need --mix-split or --mix-folder")
     with D.process_group(args.device):  # torn down on every exit, waiting for the other ranks only on success
         if pool is not None:  # under torchrun each rank checks its share of the pool sample
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             if source.skipped and D.rank() == 0:
                 print(f"mak pretrain: left out {len(source.skipped)} unreadable pool images (first: "
                       f"{source.skipped[0][1]})", file=sys.stderr)
-        declared = {o.name: getattr(args, o.key or o.name) for o in PRETRAIN_OPTIONS if o.name != "mix_count"}
+        declared = values(args, PRETRAIN_OPTIONS, "mix_count")
         ckpt = pretrain(source, args.out, backbone=args.backbone, channels=args.channels, device=args.device,
                         amp=args.amp, channels_last=False if args.no_channels_last else None,
                         resume=args.resume, progress=show_progress(args), verbose=not args.quiet,

@@ -56,9 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def params_from_args(args: argparse.Namespace) -> dict:
     from mak._tensor import auto_device
+    from mak.cli._options import values
     from mak.selection.strategies import SELECT_OPTIONS
 
-    params = {opt.name: getattr(args, opt.key or opt.name) for opt in SELECT_OPTIONS}
+    params = values(args, SELECT_OPTIONS)
     params["device"] = str(auto_device(args.device))  # resolved: summary.json names the real device
     for name in strategy_flags():  # only what was given: unset options keep the strategy's defaults
         value = getattr(args, name)
@@ -68,11 +69,10 @@ def params_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mak.run.select_job import select_stores
+    from mak.cli._options import values
+    from mak.run.select_job import JOB_OPTIONS, select_stores
 
-    from mak.run.select_job import JOB_OPTIONS
-
-    job = {opt.name: getattr(args, opt.name) for opt in JOB_OPTIONS}
+    job = values(args, JOB_OPTIONS)
     sel = select_stores(args.seed_store, args.pool_store, args.out, overwrite=args.overwrite,
                         progress=show_progress(args), pool_items=args.pool_items, seed_items=args.seed_items,
                         **job, **params_from_args(args))

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from mak.bench.evaluate import DEFAULT_FEW, DEFAULT_MANY, EVALUATE_OPTIONS
 from mak.bench.openworld import BENCH_OPTIONS
 from mak.errors import MakError, first_line
-from mak.options import Option, by_name
+from mak.options import DEVICE, Option, by_name
 from mak.paths import input_file
 from mak.run.select_job import JOB_OPTIONS
 from mak.selection.strategies import SELECT_OPTIONS  # the select section's defaults and checks
@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
         "name": "mak-run",
         "seed": 0,              # base seed; repeat r uses seed + r
         "repeats": 1,
-        "device": "auto",       # auto: CUDA when available, else cpu
+        "device": DEVICE.default,  # auto: CUDA when available, else cpu
     },
     "data": {
         # Either build the open-world benchmark from Fashion-MNIST ...

@@ -94,7 +94,10 @@ def _plan_data(plan: Plan, config: dict, r: int, base: Path, roles: dict) -> tup
     b = data["benchmark"]
     bseed = (b["seed"] if b["seed"] is not None else int(config["run"]["seed"])) + (r if b["vary_with_repeat"] else 0)
     bp = {"seed": bseed, "scale": b["scale"], "data_dir": b["data_dir"]}
-    if float(b["ood_ratio"]) != 1.0:  # keyed only when set, so half-junk runs keep their cache
+    from mak.bench.openworld import BENCH_OPTIONS
+    from mak.options import by_name
+
+    if float(b["ood_ratio"]) != by_name(BENCH_OPTIONS)["ood_ratio"].default:  # keyed only when not the default
         bp["ood_ratio"] = float(b["ood_ratio"])
     bp.update(_class_params(b["pool_classes"], b["near_classes"]))
     bench = plan.add(Stage(f"bench/r{r}", base / "bench", bp, [], run_bench,
@@ -209,7 +212,7 @@ def _user_data_fingerprint(data: dict) -> str:
 
 def _class_params(pool_classes: str, near_classes: int | None) -> dict:
     """The benchmark's class settings as stage parameters, keyed only where they differ from the
-    default pool (so existing runs keep their cache, and equal settings share one key)."""
+    default pool (equal settings share one key)."""
     from mak.bench.openworld import near_class_count
 
     k = near_class_count(pool_classes, near_classes)

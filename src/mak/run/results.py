@@ -182,7 +182,7 @@ def write_outputs(plan: Plan, results: list[dict] | None = None) -> Path:
 def _retrain_note(plan: Plan) -> str:
     """How the seed alone and seed + each pick were re-trained: what the gains over the seed alone compare."""
     if plan.config["retrain"]["match"] == "steps":
-        return ("re-trained for the same optimizer steps on the seed alone and on seed + each pick "
+        return ("re-trained for about the same optimizer steps on the seed alone and on seed + each pick "
                 "(retrain.match: steps): a gain is what the picked images add, not more training")
     return ("re-trained for the same epochs on the seed alone and on seed + each pick (retrain.match: epochs), so "
             "seed + pick takes more optimizer steps: a gain over the seed alone mixes the images with the extra "

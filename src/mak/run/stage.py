@@ -120,8 +120,10 @@ class Stage:
             return "cached"
         if self.restorable():
             return "cached: previous output, swapped back in"
-        if (self.path / STAMP).is_file():
+        if self.finished_key() is not None:
             return "changed: will re-run (the current output is kept as the previous one)"
+        if (self.path / STAMP).is_file():
+            return "changed: will re-run"
         if self.path.exists():
             return "partial: will resume" if self.resumable() else "will run"
         return "will run"

@@ -93,10 +93,10 @@ def sources(stage: Stage) -> dict[str, Any]:
 def run_bench(stage: Stage) -> None:
     from mak.bench.openworld import build_benchmark
 
-    p = stage.params
+    p = stage.params  # the class settings and ood_ratio are keyed only where not the default
+    extra = {k: p[k] for k in ("ood_ratio", "pool_classes", "near_classes") if k in p}
     build_benchmark(stage.path, seed=p["seed"], scale=p["scale"], data_dir=p["data_dir"], overwrite=True,
-                    ood_ratio=p.get("ood_ratio", 1.0), pool_classes=p.get("pool_classes", "all"),
-                    near_classes=p.get("near_classes"), progress=_progress(stage))
+                    progress=_progress(stage), **extra)
 
 
 def _pretrain_kwargs(p: dict, n_images: int) -> dict:
@@ -193,10 +193,14 @@ def analyse(select_dir: Path, srcs: dict) -> dict | None:
     return analyse_selection(sel_labels, seed_labels, groups, num_classes=num_classes)
 
 
-def _groups(srcs: dict, seed_labels: np.ndarray, many: float = 300, few: float = 30) -> dict:
+def _groups(srcs: dict, seed_labels: np.ndarray, many: float | None = None, few: float | None = None) -> dict:
+    """The benchmark's Many/Medium/Few classes, else the seed's by ``many``/``few`` (default: evaluate's)."""
     if srcs.get("manifest") and "groups" in srcs["manifest"]:
         return srcs["manifest"]["groups"]
-    from mak.bench.evaluate import class_groups
+    from mak.bench.evaluate import DEFAULT_FEW, DEFAULT_MANY, class_groups
+
+    many = DEFAULT_MANY if many is None else many
+    few = DEFAULT_FEW if few is None else few
 
     vals, counts = np.unique(seed_labels[seed_labels >= 0], return_counts=True)
     return class_groups({int(v): int(c) for v, c in zip(vals, counts)}, many, few)

@@ -14,10 +14,10 @@ checkpoint and writes a feature store (:mod:`mak.data.store`):
 - ``items.txt``: the item line of every row that exists;
 - ``meta.json``: checkpoint path, sha256 (of the bytes loaded), epoch and whether its pre-training
   finished, source description, transform, R, dtype, seed,
-  skipped count and the skipped items with their reasons.
+  skipped count and the first 1,000 skipped items with their reasons.
 
-A corrupt pool image is reported on stderr (path and reason), skipped and counted: the store's
-rows are exactly the readable images, in source order.
+A corrupt pool image is skipped and counted, the first :data:`SKIP_LINES` of each process named
+on stderr (path and reason): the store's rows are exactly the readable images, in source order.
 
 Storage and resumption. Rows are computed in blocks of ``batch_size`` source rows (a batch
 never straddles a block, so each row's batch -- and therefore its arithmetic -- is the same
@@ -55,7 +55,7 @@ from mak.train import native
 from mak.atomic import atomic_dir, link_copy, move_entries, remove_debris, reserve, write_json
 from mak._tensor import auto_device
 from mak.errors import MakError
-from mak.options import Option, ParameterError, choice, integer
+from mak.options import Option, ParameterError, by_name, choice, defaults, integer
 from mak.lock import job_lock
 from mak.paths import new_output_dir
 from mak.data.store import FEATURES, ITEMS, META, VIEWS, write_shards_index
@@ -89,7 +89,8 @@ EMBED_OPTIONS: tuple[Option, ...] = (
     Option("dtype", "float16", "storage precision: float16 or float32 (default float16)", choice(*DTYPES),
            "float16|float32"),
     Option("batch_size", DEFAULT_BATCH_SIZE, f"images per forward pass (default {DEFAULT_BATCH_SIZE})", integer(1), "B"),
-    Option("num_workers", None, "DataLoader workers decoding images (default: half the CPU cores; 0 for arrays)",
+    Option("num_workers", None, "DataLoader workers decoding images (default: half the process's cores, at most 4; with "
+           "CUDA at most 8; 0 for arrays)",
            integer(0), "N", key="workers"),
 )
 
@@ -245,8 +246,11 @@ class _Progress:
         self.bar.close()
 
 
-def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: int = 10, seed: int = 0,
-          dtype: str = "float16", batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device = "cpu",
+_DEFAULT = defaults(EMBED_OPTIONS)
+
+
+def embed(source, checkpoint: str | os.PathLike, out: str | os.PathLike, views: int = _DEFAULT["views"],
+          seed: int = _DEFAULT["seed"], dtype: str = _DEFAULT["dtype"], batch_size: int = _DEFAULT["batch_size"], device: str | torch.device = "cpu",
           num_workers: int | None = None, merge: bool = True, progress: bool = True, *,
           amp: bool | None = None, channels_last: bool | None = None, overwrite: bool = False,
           flush_rows: int = FLUSH_ROWS, stats: dict | None = None, strict: bool = False,
@@ -358,12 +362,10 @@ class _Job:
 
 
 def _check_options(out: Path, views: int, dtype: str, batch_size: int, overwrite: bool) -> None:
-    if dtype not in DTYPES:
-        raise MakError(f"--dtype must be float16 or float32, not {dtype!r}")
-    if views < 0 or views == 1:
-        raise MakError(f"--views must be 0 (no views) or at least 2, got {views}")
-    if batch_size < 1:
-        raise MakError(f"--batch-size must be positive, got {batch_size}")
+    """The declared options' checks (:data:`EMBED_OPTIONS`, as the flags and config keys), then ``out``."""
+    declared = by_name(EMBED_OPTIONS)
+    for name, value in (("views", views), ("dtype", dtype), ("batch_size", batch_size)):
+        declared[name].parse(name, value)
     new_output_dir(out, overwrite)
 
 
@@ -541,7 +543,7 @@ def _readable_batches(job: _Job, todo: list[int], loader
                 if shown < SKIP_LINES:  # above the progress bar, not on it
                     write(f"mak embed: skipping {reason}")
                 elif shown == SKIP_LINES:
-                    write("mak embed: skipping more unreadable images (each is listed in the store's meta.json)")
+                    write("mak embed: skipping more unreadable images (meta.json counts them and lists the first 1,000)")
                 shown += 1
                 skipped.append((i, reason))
             imgs, idx = imgs[ok], idx[ok]

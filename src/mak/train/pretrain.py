@@ -62,7 +62,7 @@ from mak import distributed as D
 from mak.atomic import atomic_path, remove_debris, write_text
 from mak._tensor import auto_device
 from mak.errors import MakError, first_line
-from mak.options import Option, integer, number, or_auto
+from mak.options import Option, ParameterError, by_name, defaults, integer, number, or_auto
 from mak.paths import input_file, output_dir
 from mak.lock import job_lock
 from mak.train.device import autocast_context, default_num_workers, resolve_amp, resolve_channels_last
@@ -89,7 +89,7 @@ DEFAULT_BATCH_SIZE = 256  # the global batch when none is given: min(256, number
 PRETRAIN_OPTIONS: tuple[Option, ...] = (
     Option("epochs", 100, "training epochs (default 100)", integer(1), "E"),
     Option("batch_size", None, f"global batch size over all processes, at least 2 (default: min({DEFAULT_BATCH_SIZE}, "
-           "number of images), rounded down to even)", integer(2), "B"),
+           "number of images), rounded down to even and to a multiple of the processes)", integer(2), "B"),
     Option("base_lr", 0.5, "base learning rate; actual lr = LR x batch/256 (default 0.5)", number(0.0), "LR",
            key="lr"),
     Option("warmup_epochs", None, "epochs of linear lr warm-up before the cosine decay (default: min(10, epochs/10))",
@@ -97,7 +97,8 @@ PRETRAIN_OPTIONS: tuple[Option, ...] = (
     Option("seed", 0, "random seed, an integer >= 0: same seed, same weights (default 0)", integer(0), "S"),
     Option("image_size", None, "working image size in pixels, at least 8 (default: the images' typical size)",
            integer(8), "PX"),
-    Option("num_workers", None, "DataLoader workers decoding images (default: half the CPU cores, 8 with CUDA)",
+    Option("num_workers", None, "DataLoader workers decoding images (default: half the process's cores, at most "
+           "4; with CUDA at most 8)",
            integer(0), "N", key="workers"),
     Option("mix_count", "auto", "pool images mixed into the seed set (default auto: min(pool, 8 x seed images))",
            or_auto(integer(0)), "N"),
@@ -286,9 +287,12 @@ _RESUME_KEYS = ("backbone", "image_size", "channels", "epochs", "batch_size", "b
                 "warmup_epochs", "seed", "num_images", "init_weights")
 
 
-def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, epochs: int = 100,
-             batch_size: int | None = None, base_lr: float = 0.5, warmup_epochs: int | None = None,
-             seed: int = 0, image_size: int | None = None, channels: int | None = None,
+_DEFAULT = defaults(PRETRAIN_OPTIONS)
+
+
+def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, epochs: int = _DEFAULT["epochs"],
+             batch_size: int | None = None, base_lr: float = _DEFAULT["base_lr"], warmup_epochs: int | None = None,
+             seed: int = _DEFAULT["seed"], image_size: int | None = None, channels: int | None = None,
              device: str | torch.device = "cpu", amp: bool | None = None, channels_last: bool | None = None,
              resume: bool = False, num_workers: int | None = None, progress: bool = True, *,
              stop_after: int | None = None, weights: str | os.PathLike | None = None,
@@ -322,8 +326,7 @@ def pretrain(source, out_dir: str | os.PathLike, backbone: str | None = None, ep
     """
     if stop_after is not None and stop_after < 1:
         raise MakError(f"stop_after must be >= 1, got {stop_after}")
-    if epochs < 1:
-        raise MakError(f"--epochs must be >= 1, got {epochs}")
+    epochs = by_name(PRETRAIN_OPTIONS)["epochs"].parse("epochs", epochs)
     output_dir(out_dir)
     run = _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_epochs, seed,
                      image_size, channels, device, amp, channels_last, num_workers)
@@ -443,8 +446,7 @@ def _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_ep
         gs, gc = infer_geometry(source)
         image_size = int(image_size or gs)
         channels = int(channels or gc)
-    if image_size < 8:
-        raise MakError(f"--image-size must be >= 8, got {image_size}")
+    image_size = by_name(PRETRAIN_OPTIONS)["image_size"].parse("image_size", image_size)
     if channels not in (1, 3):
         raise MakError(f"channels must be 1 or 3, got {channels}")
     backbone = backbone or default_backbone(image_size)
@@ -452,9 +454,10 @@ def _setup_run(source, out_dir, backbone, epochs, batch_size, base_lr, warmup_ep
         batch_size = min(DEFAULT_BATCH_SIZE, n)
         batch_size -= batch_size % math.lcm(2, world)
     if batch_size < 2 or batch_size % world:
-        raise MakError(f"--batch-size must be >= 2 and a multiple of the world size {world}, got {batch_size}")
+        raise ParameterError("batch_size", f"batch_size={batch_size} must be >= 2 and a multiple of the world "
+                                           f"size {world}")
     if batch_size > n:
-        raise MakError(f"--batch-size {batch_size} is larger than the seed set ({n} images)")
+        raise ParameterError("batch_size", f"batch_size={batch_size} is larger than the seed set ({n} images)")
     local_batch = batch_size // world
     if warmup_epochs is None:
         warmup_epochs = min(10, epochs // 10)

@@ -38,7 +38,7 @@ def heldout_distances(seed_features: Any, clusters: int = 10, folds: int = 5, se
     smallest_train = m - max(len(p) for p in parts)
     if clusters > smallest_train:
         raise opts.ParameterError("gate_clusters", f"gate_clusters={clusters} is larger than a gate training fold "
-                                  f"({smallest_train} seed images); use fewer gate_clusters= or fewer gate_folds=",
+                                  f"({smallest_train} seed images); use a smaller 'gate_clusters' or 'gate_folds'",
                                   ("gate_folds",))
     out = np.empty(m, dtype=np.float32)
     for held in parts:
