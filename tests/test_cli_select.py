@@ -360,3 +360,12 @@ def test_the_output_cannot_be_an_input_store(cli, stores, capsys):
                "--out", p, "-q") == 2
     assert f"{p}: is the input store {p}; choose another --out" in capsys.readouterr().err
     assert not (p / "selection.txt").exists()
+
+
+def test_more_two_round_parts_than_candidates_is_an_error(cli, stores, tmp_path, capsys):
+    s, p = stores
+    out = tmp_path / "k"
+    assert cli("select", "--seed-store", s, "--pool-store", p, "--budget", "5", "--strategy", "kcenter",
+               "--kcenter", "two-round", "--kcenter-parts", "121", "--out", out, "--no-progress") == 2
+    assert capsys.readouterr().err.strip() == "mak select: error: --kcenter-parts 121 is more than the 120 candidates"
+    assert not out.exists()

@@ -150,3 +150,12 @@ def test_run_and_pretrain_refuse_a_directory_another_process_holds(tmp_path, cli
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_output_that_cannot_be_written_is_named_not_its_lock(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "out"
+    with pytest.raises(MakError) as exc:
+        with output_lock(out):
+            pass
+    assert str(exc.value).startswith(f"{out}: cannot write there (") and "lock" not in str(exc.value)

@@ -103,9 +103,12 @@ def output_lock(out: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
         yield
         return
     path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    fd = _acquire(out, path, me)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(out, path, me)
+    except OSError as exc:  # a read-only, missing or special folder: named by the output, not its lock
+        raise MakError(f"{out}: cannot write there ({exc.strerror or exc})") from None
     try:
         yield
     finally:

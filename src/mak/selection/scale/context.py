@@ -55,6 +55,7 @@ from mak import distributed as D
 from mak._tensor import l2_normalize, resolve_device, to_tensor, top_k as _top_k, zscore as _zscore
 from mak.data.pool_array import take_rows
 from mak.errors import MakError
+from mak.options import ParameterError
 from mak.selection.proximity import CHUNK as DIST_CHUNK, kmeans, nearest_centroid_distance
 from mak.selection.robust import RobustOps
 from mak.selection.scale.kcenter import angle, covering_radius_sharded, exact_sharded, two_round_sharded
@@ -400,6 +401,8 @@ class DistributedContext(RobustOps, Context):
             pos = self._kcenter_exact(cand, total, budget, init)
             self.timings["kcenter"] = time.perf_counter() - t
         else:
+            if parts > total:
+                raise ParameterError("kcenter_parts", f"kcenter_parts={parts} is more than the {total} candidates")
             pos, rep = self._kcenter_two_round(cand, total, budget, parts, init)
             self.timings["kcenter"] = time.perf_counter() - t
             self._kcenter_compare(cand, total, budget, init, pos, rep)
