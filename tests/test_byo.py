@@ -162,3 +162,21 @@ def test_an_empty_line_across_a_read_chunk_is_found(tmp_path):
         count_lines(tmp_path / "items.txt")
     (tmp_path / "items.txt").write_bytes(body + b"b\n")
     assert count_lines(tmp_path / "items.txt") == 2
+
+
+def test_all_zero_rows_are_a_warning_naming_how_many(cli, tmp_path, capsys):
+    """A row of zeros is an encoder's failure, not an image: selected from with a warning, counted by --check."""
+    feats = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    feats[[3, 17, 30]] = 0
+    np.save(tmp_path / "pool.npy", feats)
+    assert cli("select", "--pool-store", tmp_path / "pool.npy", "--budget", "5", "--strategy", "random",
+               "--out", tmp_path / "sel", "-q") == 0
+    assert capsys.readouterr().err.strip() == (f"mak select: warning: {tmp_path / 'pool.npy'}: 3 of 40 feature rows "
+                                               "are all zero (failed embeddings?)")
+    assert cli("store", "info", tmp_path / "pool.npy", "--check", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["values"], report["zero_rows"]) == ("ok", 3)
+    np.save(tmp_path / "clean.npy", feats[feats.any(axis=1)])
+    assert cli("select", "--pool-store", tmp_path / "clean.npy", "--budget", "5", "--strategy", "random",
+               "--out", tmp_path / "sel2", "-q") == 0
+    assert capsys.readouterr() == ("", "")

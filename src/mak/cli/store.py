@@ -66,9 +66,11 @@ def run_info(args: argparse.Namespace) -> int:
 
     store = open_store(args.store, check_finite=False, items=args.items)
     d = describe(store)
-    problem = value_problem(store, [store.scan()]) if args.check else None
+    scans = [store.scan()] if args.check else []
+    problem = value_problem(store, scans) if args.check else None
     if args.check:
         d["values"] = problem or "ok"
+        d["zero_rows"] = scans[0].zero_rows
     if not args.quiet:
         _print_info(d, args.json, args.check)
     if problem:  # after the report, which shows what the store holds
@@ -91,7 +93,9 @@ def _print_info(d: dict, as_json: bool, checked: bool) -> None:
     print(f"model     {d['model']}" + (f" ({d['model_name']})" if d["model_name"] else ""))
     print(f"items     {', '.join(d['first_items'])}{', ...' if d['rows'] > len(d['first_items']) else ''}")
     if checked:
-        print("values    " + ("finite, not constant" if d["values"] == "ok" else "not usable (the error below says why)"))
+        zero = f"; {d['zero_rows']:,} rows all zero (failed embeddings?)" if d["values"] == "ok" and d["zero_rows"] else ""
+        print("values    " + ("finite, not constant" + zero if d["values"] == "ok" else
+                              "not usable (the error below says why)"))
 
 
 def _size(n: int) -> str:

@@ -191,6 +191,7 @@ class FeatureStore:
         stop = self.num_rows if stop is None else stop
         first = np.asarray(self.shards[0].features[0])
         nonzero = varies = False
+        zero_rows = 0
         for sh, a, b in self._spans(start, stop):
             for name, arr in ((FEATURES, sh.features), (VIEWS, sh.views)):
                 if arr is None:
@@ -202,11 +203,12 @@ class FeatureStore:
                         rows = (~finite).any(axis=-1).reshape(-1, block.shape[-2]).any(axis=0)
                         bad = s + int(np.flatnonzero(rows)[0])
                         return ValueScan(f"{sh.file(name)}: contains NaN or Inf values (first in row {bad})",
-                                         nonzero, varies)
+                                         nonzero, varies, zero_rows)
                     if name == FEATURES:
                         nonzero = nonzero or bool(block.any())
                         varies = varies or bool((block != first).any())
-        return ValueScan(None, nonzero, varies)
+                        zero_rows += int((~block.any(axis=1)).sum())
+        return ValueScan(None, nonzero, varies, zero_rows)
 
     def check_finite(self, chunk: int = 65536) -> None:
         """Raise :class:`MakError` naming the file on NaN/Inf, all-zero or constant features."""
@@ -221,6 +223,7 @@ class ValueScan(NamedTuple):
     nonfinite: str | None  # the file holding a NaN/Inf, with the message
     nonzero: bool          # some feature is not 0
     varies: bool           # some feature row differs from the store's row 0
+    zero_rows: int = 0     # feature rows that are all zero
 
 
 def value_problem(store: FeatureStore, scans: Sequence[ValueScan]) -> str | None:
@@ -235,6 +238,16 @@ def value_problem(store: FeatureStore, scans: Sequence[ValueScan]) -> str | None
     if store.num_rows > 1 and not any(sc.varies for sc in scans):
         return f"{path}: every row is the same vector (constant features)"
     return None
+
+
+def value_warning(store: FeatureStore, scans: Sequence[ValueScan]) -> str | None:
+    """A warning for features a strategy can score but that look broken: rows that are all zero
+    (an encoder's failure, not an image; such a row is equally far from everything). None when fine."""
+    n = sum(sc.zero_rows for sc in scans)
+    if n == 0 or n == store.num_rows:
+        return None
+    path = store.shards[0].file(FEATURES) if len(store.shards) == 1 else store.path
+    return f"{path}: {n:,} of {store.num_rows:,} feature rows are all zero (failed embeddings?)"
 
 
 def _open_single(path: Path, start: int, require_views: bool) -> tuple[_Shard, int, int, int]:

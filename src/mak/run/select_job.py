@@ -24,7 +24,7 @@ from mak import distributed as D
 from mak._tensor import auto_device, is_auto
 from mak.atomic import remove_debris, replace_dir, temp_dir, write_json
 from mak.data.pool_array import store_arrays
-from mak.data.store import FeatureStore, model_kind, open_store, value_problem
+from mak.data.store import FeatureStore, model_kind, open_store, value_problem, value_warning
 from mak.errors import MakError
 from mak.lock import job_lock
 from mak.options import Option, ParameterError, choice, integer, number, resolve
@@ -83,9 +83,13 @@ def load_inputs(seed_store: str | Path | None, pool_store: str | Path, strategy:
     pool = open_store(pool_store, require_views=strategy_needs(strategy, options)[1], check_finite=False,
                       items=items[1])
     lo, hi = D.shard_range(pool.num_rows)
-    problem = value_problem(pool, D.all_gather_object(pool.scan(lo, hi)))
+    scans = D.all_gather_object(pool.scan(lo, hi))
+    problem = value_problem(pool, scans)
     if problem:
         raise MakError(problem)
+    warning = value_warning(pool, scans)
+    if warning and D.rank() == 0:
+        print(f"mak select: warning: {warning}", file=sys.stderr)
     return open_seed_store(seed_store, pool, strategy, items[0]), pool
 
 
