@@ -11,8 +11,7 @@ HELP = "write a feature store (features, augmented views) from a checkpoint"  # 
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.cli._options import add_option
     from mak.cli._sources import add_source_args
-    from mak.options import DEVICE, argparse_type, by_name
-    from mak.train.models import backbone_name
+    from mak.options import DEVICE, by_name
     from mak.train.embed import EMBED_OPTIONS
     from mak.train.pretrain import PRETRAIN_OPTIONS
 
@@ -27,12 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--checkpoint", metavar="FILE", help="checkpoint.pt written by `mak pretrain`")
     model.add_argument("--weights", metavar="FILE", help="pretrained backbone weights (safetensors or a state "
                        "dict) used as a frozen encoder, no projection head: views are its own outputs")
-    p.add_argument("--backbone", metavar="NAME", type=argparse_type(backbone_name, "backbone"),
-                   help="with --weights: the architecture (e.g. resnet18, "
-                   "timm:resnet18)")
+    pre = by_name(PRETRAIN_OPTIONS)  # the model options pretrain declares
+    add_option(p, pre["backbone"], help="with --weights: the architecture (e.g. resnet18, timm:resnet18)")
     add_option(p, by_name(PRETRAIN_OPTIONS)["image_size"],  # the working size pretrain declares
                help="with --weights: input size in pixels, at least 8 (default: the source's)")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="with --weights: input channels (default: the source's)")
+    add_option(p, pre["channels"], help="with --weights: input channels, 1 or 3 (default: the source's)")
     p.add_argument("--out", required=True, metavar="STORE", help="output feature-store directory")
     for name in ("views", "seed", "dtype", "batch_size"):
         add_option(p, opt[name])

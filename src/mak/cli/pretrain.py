@@ -11,8 +11,7 @@ HELP = "SimCLR pre-training on the seed set"  # the one line `mak --help` shows
 def register(sub: argparse._SubParsersAction) -> None:
     from mak.cli._options import add_option
     from mak.cli._sources import add_source_args
-    from mak.options import DEVICE, argparse_type, by_name
-    from mak.train.models import backbone_name
+    from mak.options import DEVICE, by_name
     from mak.train.pretrain import PRETRAIN_OPTIONS
 
     opt = by_name(PRETRAIN_OPTIONS)  # declared once, with pretrain() (mak.train.pretrain)
@@ -22,15 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "OUT/checkpoint.pt every epoch and OUT/log.csv. Runs DDP under torchrun.")
     add_source_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for checkpoint.pt and log.csv")
-    p.add_argument("--backbone", metavar="NAME", default=None, type=argparse_type(backbone_name, "backbone"),
-                   help="smallconv[-wide], resnet18[-small], resnet50, torchvision:NAME or timm:NAME (default: smallconv <= 64 px, else resnet18)")
+    add_option(p, opt["backbone"])
     for name in ("epochs", "batch_size", "base_lr", "warmup_epochs", "seed"):
         add_option(p, opt[name])
     p.add_argument("--weights", metavar="FILE", help="start from pretrained backbone weights: .safetensors or a "
                    "torch state dict (read with weights_only; 'module.'/'backbone.' prefixes are stripped)")
     add_option(p, opt["image_size"])
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="working channels, 1 or 3 (default: 3 if the images have colour)")
+    add_option(p, opt["channels"])
     add_option(p, DEVICE)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16/fp16 mixed precision (default: where the device has it natively: CUDA, CPUs with "
@@ -72,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"mak pretrain: left out {len(source.skipped)} unreadable pool images (first: "
                       f"{source.skipped[0][1]})", file=sys.stderr)
         declared = values(args, PRETRAIN_OPTIONS, "mix_count")
-        ckpt = pretrain(source, args.out, backbone=args.backbone, channels=args.channels, device=args.device,
+        ckpt = pretrain(source, args.out, device=args.device,
                         amp=args.amp, channels_last=False if args.no_channels_last else None,
                         resume=args.resume, progress=show_progress(args), verbose=not args.quiet,
                         weights=args.weights, **declared)

@@ -27,7 +27,8 @@ _PRE, _EMB, _EVAL = by_name(PRETRAIN_OPTIONS), by_name(EMBED_OPTIONS), by_name(E
 # evaluate_checkpoint() declare, with `mak pretrain`'s, `mak embed`'s and `mak evaluate`'s flags: one
 # check each (:func:`_kinds`), and one default unless DEFAULTS gives the key a config default of its own.
 DECLARED: dict[str, Option] = {
-    "pretrain.epochs": _PRE["epochs"], "pretrain.batch_size": _PRE["batch_size"], "pretrain.lr": _PRE["base_lr"],
+    "pretrain.backbone": _PRE["backbone"], "pretrain.epochs": _PRE["epochs"],
+    "pretrain.batch_size": _PRE["batch_size"], "pretrain.lr": _PRE["base_lr"],
     "pretrain.warmup_epochs": _PRE["warmup_epochs"], "pretrain.image_size": _PRE["image_size"],
     "pretrain.workers": _PRE["num_workers"], "pretrain.pool_mix": _PRE["mix_count"],
     "embed.views": _EMB["views"], "embed.dtype": _EMB["dtype"], "embed.batch_size": _EMB["batch_size"],
@@ -212,7 +213,6 @@ def _check_views_needed(sel: dict) -> None:
 def _kinds() -> dict[str, Any]:
     """The parser of every typed key outside ``select`` (whose keys are mak.select's declarations)."""
     from mak.options import choice, device, integer, or_none, switch, text
-    from mak.train.models import backbone_name
 
     declared = {}  # a declared key: the declaration's parser, taking null too where the config's default is null
     for key, o in DECLARED.items():
@@ -229,7 +229,7 @@ def _kinds() -> dict[str, Any]:
         "data.benchmark.vary_with_repeat": switch,
         **{f"data.benchmark.{k}": _BENCH[k].parse if _BENCH[k].default is not None else or_none(_BENCH[k].parse)
            for k in _BENCH_KEYS},
-        "pretrain.backbone": or_none(backbone_name), **of("pretrain"), "pretrain.amp": or_none(switch),
+        **of("pretrain"), "pretrain.amp": or_none(switch),
         "pretrain.channels_last": or_none(switch), "pretrain.pool_mix_epochs": or_none(count),
         **of("embed"),
         "retrain.enabled": switch, "retrain.match": choice("epochs", "steps"), "retrain.epochs": or_none(count),

@@ -295,6 +295,15 @@ def build_backbone(name: str, channels: int) -> tuple[nn.Module, int]:
     return _timm_backbone(name, name[len(prefix):], channels)
 
 
+def channel_count(name: str, value: Any) -> int:
+    """A parser (:mod:`mak.options`): input channels, 1 or 3."""
+    if isinstance(value, str) and value.strip() in ("1", "3"):
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value in (1, 3):
+        return int(value)
+    raise ParameterError(name, f"{name}={value!r} must be 1 or 3")
+
+
 def backbone_name(name: str, value: Any) -> str:
     """A parser (:mod:`mak.options`): one of :data:`BACKBONES`, or ``torchvision:NAME`` /
     ``timm:NAME`` (whether that package has NAME is known only when it is built)."""

@@ -63,6 +63,7 @@ from mak.atomic import atomic_path, remove_debris, write_text
 from mak._tensor import auto_device
 from mak.errors import MakError, first_line
 from mak.options import Option, ParameterError, by_name, defaults, integer, number, or_auto
+from mak.train.models import backbone_name, channel_count
 from mak.paths import input_file, output_dir
 from mak.lock import job_lock
 from mak.train.device import autocast_context, default_num_workers, resolve_amp, resolve_channels_last
@@ -87,6 +88,9 @@ DEFAULT_BATCH_SIZE = 256  # the global batch when none is given: min(256, number
 # of a few thousand images on a CPU (the paper's ImageNet-100-LT runs use 1,000:
 # configs/imagenet100lt-*.yaml; the benchmark 30: configs/openworld.yaml).
 PRETRAIN_OPTIONS: tuple[Option, ...] = (
+    Option("backbone", None, "smallconv[-wide], resnet18[-small], resnet50, torchvision:NAME or timm:NAME "
+           "(default: smallconv <= 64 px, else resnet18)", backbone_name, "NAME"),
+    Option("channels", None, "working channels, 1 or 3 (default: 3 if the images have colour)", channel_count, "1|3"),
     Option("epochs", 100, "training epochs (default 100)", integer(1), "E"),
     Option("batch_size", None, f"global batch size over all processes, at least 2 (default: min({DEFAULT_BATCH_SIZE}, "
            "number of images), rounded down to even and to a multiple of the processes)", integer(2), "B"),
