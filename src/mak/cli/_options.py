@@ -20,4 +20,4 @@ def add_option(p: argparse.ArgumentParser | Any, opt: Option, default: Any = _UN
 
 def values(args: argparse.Namespace, declared: tuple[Option, ...], *leave_out: str) -> dict[str, Any]:
     """``{name: value}`` of the flags of ``declared`` as parsed into ``args`` (as the API's keywords)."""
-    return {o.name: getattr(args, (o.key or o.name).replace("-", "_")) for o in declared if o.name not in leave_out}
+    return {o.name: getattr(args, o.key or o.name) for o in declared if o.name not in leave_out}

@@ -205,9 +205,10 @@ class FeatureStore:
                         return ValueScan(f"{sh.file(name)}: contains NaN or Inf values (first in row {bad})",
                                          nonzero, varies, zero_rows)
                     if name == FEATURES:
-                        nonzero = nonzero or bool(block.any())
+                        zeros = int((~block.any(axis=1)).sum())  # rows that are all zero
+                        zero_rows += zeros
+                        nonzero = nonzero or zeros < block.shape[0]
                         varies = varies or bool((block != first).any())
-                        zero_rows += int((~block.any(axis=1)).sum())
         return ValueScan(None, nonzero, varies, zero_rows)
 
     def check_finite(self, chunk: int = 65536) -> None:

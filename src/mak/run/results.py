@@ -110,9 +110,10 @@ def per_rank_acc(per_rep: list[dict], seed_counts: list[dict[str, int]]) -> dict
             "acc": [_aggregate(rows, f"rank {k}") for k in range(ranks)]}
 
 
-def _strategy_entry(plan: Plan, name: str, per_rep: list[dict],
-                    read_eval: Callable[[int, str], dict]) -> dict[str, Any]:
-    """``name``'s results entry: figures, group and class accuracies over repeats, then paired gains."""
+def _strategy_entry(plan: Plan, name: str, per_rep: list[dict], read_eval: Callable[[int, str], dict],
+                    seed_counts: list[dict[str, int]] | None) -> dict[str, Any]:
+    """``name``'s results entry: figures, group and class accuracies over repeats, then paired
+    gains; ``seed_counts``: :func:`_repeat_seed_counts` (None: no table by seed-count rank)."""
     entry: dict[str, Any] = {"strategy": name}
     for key in FIGURES:
         entry[key] = _aggregate(per_rep, key)
@@ -120,9 +121,8 @@ def _strategy_entry(plan: Plan, name: str, per_rep: list[dict],
     per_class = _per_class_acc(per_rep)
     if per_class:
         entry["per_class_acc"] = per_class
-        counts = _repeat_seed_counts(plan) if len(per_rep) > 1 else None
-        if counts is not None and len(counts) == len(per_rep):
-            entry["per_rank_acc"] = per_rank_acc(per_rep, counts)
+        if len(per_rep) > 1 and seed_counts is not None and len(seed_counts) == len(per_rep):
+            entry["per_rank_acc"] = per_rank_acc(per_rep, seed_counts)
     if name != "none":
         gains = _gains_entry(plan, name, read_eval)
         if gains:
@@ -141,11 +141,12 @@ def collect_results(plan: Plan, strategies: list[str] | None = None) -> list[dic
         stage = plan.repeats[r]["eval"].get(name)
         return json.loads((stage.path / "eval.json").read_text(encoding="utf-8")) if stage is not None else {}
 
+    seed_counts = _repeat_seed_counts(plan) if len(plan.repeats) > 1 else None  # the same for every strategy
     out = []
     for name in names:
         per_rep = _per_repeat_figures(plan, name, read_eval)
         if per_rep:
-            out.append(_strategy_entry(plan, name, per_rep, read_eval))
+            out.append(_strategy_entry(plan, name, per_rep, read_eval, seed_counts))
     return out
 
 
