@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mak.bench.analysis import analyse_selection, balance, format_analysis, labels_from_items
+from mak.bench.analysis import analyse_selection, balance, format_analysis, labels_from_items, regroup
 from mak.errors import MakError
 
 
@@ -79,3 +79,27 @@ def test_analyse_selection_edge_cases():
         analyse_selection([5], [0], groups, num_classes=2)
     with pytest.raises(MakError, match="more than one group"):
         analyse_selection([0], [0], {"many": [0], "few": [0]}, num_classes=2)
+
+
+def test_regroup_equals_the_analysis_of_the_labels_under_the_new_groups():
+    rng = np.random.default_rng(0)
+    sel = rng.choice([-1, 0, 1, 2, 3, 4, 5, 6], size=200)  # OOD and a class (6) the seed lacks
+    seed = rng.choice(6, size=120, p=[0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    first = analyse_selection(sel, seed, {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}, num_classes=7)
+    other = {"many": [0], "medium": [1, 2], "few": [3, 4, 5]}
+    assert regroup(first, other) == analyse_selection(sel, seed, other, num_classes=7)
+    assert regroup(first, other)["few_share"] == np.isin(sel, [3, 4, 5]).mean()
+
+
+def test_run_results_take_the_pick_shares_over_the_evaluations_groups():
+    """Without a benchmark manifest the selection's analysis uses evaluate's default thresholds; the
+    figures of `mak run` regroup it by the groups the evaluation used."""
+    from mak.run.results import _repeat_figures
+
+    sel = np.array([0] * 5 + [1] * 3 + [2] * 2 + [-1] * 10)
+    seed = np.array([0] * 50 + [1] * 20 + [2] * 4)
+    an = analyse_selection(sel, seed, {"many": [0], "medium": [1], "few": [2]}, num_classes=3)
+    ev = {"groups": {"many": [0], "medium": [], "few": [1, 2]}, "group_acc": {"few": 0.5}}
+    figures = _repeat_figures(ev, an)
+    assert figures["few_share"] == 5 / 20 and figures["ood_rate"] == 10 / 20
+    assert _repeat_figures({}, an)["few_share"] == 2 / 20  # no evaluation groups: the analysis as written

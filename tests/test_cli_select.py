@@ -324,7 +324,7 @@ def test_every_command_takes_quiet(argv, capsys):
         main([*argv, "--help"])
     text = capsys.readouterr().out
     assert "--quiet, -q" in text and "print nothing but errors and warnings" in text
-    with_bars = argv[0] in ("bench", "demo", "embed", "pretrain", "run", "select") or argv == ["store", "import"]
+    with_bars = argv[0] in ("bench", "demo", "embed", "evaluate", "pretrain", "run", "select") or argv == ["store", "import"]
     assert ("--no-progress" in text) == with_bars
 
 

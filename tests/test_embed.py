@@ -407,3 +407,33 @@ def test_torchrun_embeds_webdataset_shards_as_one_process_does(setup, tmp_path):
     two, one = _arrays(tmp_path / "two"), _arrays(tmp_path / "one")
     assert two[2] == one[2] and two[2][10] == "pool-001/s/00010"
     assert np.array_equal(two[0], one[0])
+
+
+def test_mak_evaluate_shows_a_bar_of_images_per_split_and_no_progress_hides_it(setup, tmp_path, capsys, monkeypatch):
+    """`mak evaluate` on labeled split files: a bar per split counting its images, then the table;
+    --no-progress keeps the summary lines and drops the bars; the results do not change."""
+    from PIL import Image
+
+    from mak.cli import main
+
+    d, ckpt = setup
+    pool = np.load(d / "pool.npy")
+    (tmp_path / "img").mkdir()
+    for i, img in enumerate(pool):
+        Image.fromarray(img).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "train.txt").write_text("".join(f"img/{i}.png {i % 3}\n" for i in range(60)))
+    (tmp_path / "test.txt").write_text("".join(f"img/{i}.png {i % 3}\n" for i in range(60, 90)))
+    monkeypatch.setenv("MAK_PROGRESS_INTERVAL", "0")
+    args = ["evaluate", "--checkpoint", str(ckpt), "--train-split", str(tmp_path / "train.txt"),
+            "--test-split", str(tmp_path / "test.txt"), "--shots", "5", "--draws", "2"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    err = capsys.readouterr().err
+    for what, n in (("train", 60), ("test", 30)):
+        assert f"features: {what}: done, {n}/{n}" in err
+        assert f"features: {what} ({n}, " in err  # the summary line
+    assert main([*args, "--out", str(tmp_path / "b.json"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "done," not in err and "features: train (60, " in err
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["fullshot_acc"] == b["fullshot_acc"] and a["fewshot_accs"] == b["fewshot_accs"]

@@ -1,6 +1,8 @@
 """The chunked cosine top-k against a full sort, with the filtered merge on and off."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,144 @@ def test_k_larger_than_a_bank_chunk_and_a_short_first_chunk():
     want = full_sort(queries, bank, 20)
     np.testing.assert_allclose(got[0], want[0], atol=1e-6)
     np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(want[1], axis=1))
+
+
+# --------------------------------------------------------------------------- exact, canonical k rows
+
+
+def exact_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Slow reference: the correctly rounded dot product of the float32 rows over their norms (math.fsum)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    dot = math.fsum(a * b)  # float32 x float32 products are exact in float64
+    na, nb = math.sqrt(math.fsum(a * a)), math.sqrt(math.fsum(b * b))
+    return dot / (max(na, 1e-12) * max(nb, 1e-12))
+
+
+def exact_rows(queries: np.ndarray, bank: np.ndarray, k: int, self_index=None) -> list[list[int]]:
+    """Slow reference: each query's k bank rows by (exact cosine, lower row first)."""
+    out = []
+    for i, q in enumerate(queries):
+        keys = [(-exact_cosine(q, b), j) for j, b in enumerate(bank) if self_index is None or j != self_index[i]]
+        out.append([j for _, j in sorted(keys)[:k]])
+    return out
+
+
+def near_tied(rng: np.random.Generator, n_base: int = 30, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and a bank full of ties: exact duplicates, power-of-two multiples (the same unit row)
+    and copies nudged by one float32 step in one entry (cosines apart by far less than float32 resolves)."""
+    base = rng.standard_normal((n_base, d)).astype(np.float32)
+    nudged = base.copy()
+    nudged[:, 0] = np.nextafter(nudged[:, 0], np.float32(np.inf))
+    bank = np.concatenate([base, base[::2] * np.float32(4), nudged, base[5:20], base[::3] * np.float32(0.5)])
+    bank = bank[rng.permutation(len(bank))]
+    queries = np.concatenate([base[:12] + np.float32(0.01) * rng.standard_normal((12, d)).astype(np.float32),
+                              rng.standard_normal((25, d)).astype(np.float32)])
+    return queries, bank
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_the_k_rows_are_the_exact_cosines_best_with_lower_rows_first(k):
+    rng = np.random.default_rng(11 + k)
+    queries, bank = near_tied(rng)
+    got = search(queries, bank, k, chunk=7, bank_chunk=16)
+    want = exact_rows(queries, bank, k)
+    np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(np.array(want), axis=1))
+    cos = np.array([[exact_cosine(queries[i], bank[j]) for j in row] for i, row in enumerate(got[1])])
+    assert np.abs(got[0] - cos).max() <= nb.tolerance(bank.shape[1])  # values: each row's similarity
+
+
+def test_the_k_rows_do_not_depend_on_chunks_filtering_threads_or_excluded_rows(monkeypatch):
+    rng = np.random.default_rng(4)
+    queries, bank = near_tied(rng, d=24)
+    queries = np.concatenate([queries, bank[::4]])  # some queries are bank rows, excluded from their own search
+    self_index = np.full(len(queries), -1)
+    self_index[-len(bank[::4]):] = np.arange(0, len(bank), 4)
+    want = exact_rows(queries, bank, 5, self_index)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for chunk, bank_chunk, share, n_threads in [(1, 5, 4, 1), (3, 16, 4, 2), (64, 300, 4, 2), (16, 7, 10**9, 1),
+                                                    (5, 11, 10**9, 2)]:
+            monkeypatch.setattr(nb, "FILTER_SHARE", share)
+            torch.set_num_threads(n_threads)
+            runs.append(search(queries, bank, 5, chunk=chunk, bank_chunk=bank_chunk, self_index=self_index)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for got in runs:
+        np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(np.array(want), axis=1))
+
+
+def test_a_pile_of_duplicates_is_cut_to_the_lowest_rows_while_searching(monkeypatch):
+    """More tied rows than k + max(k, 32) in one query's band: cut to the exact k best as they come."""
+    rng = np.random.default_rng(8)
+    row = rng.standard_normal(6).astype(np.float32)
+    bank = rng.standard_normal((400, 6)).astype(np.float32)
+    copies = np.sort(rng.choice(400, size=150, replace=False))
+    bank[copies] = row * np.float32(2.0) ** rng.integers(-3, 4, size=(150, 1)).astype(np.float32)
+    queries = np.stack([row, row + np.float32(1e-3), rng.standard_normal(6).astype(np.float32)])
+    calls = []
+    exact_best = nb._Candidates._exact_best
+    monkeypatch.setattr(nb._Candidates, "_exact_best", lambda self, *a: calls.append(int(a[-1].max())) or exact_best(self, *a))
+    got = search(queries, bank, 3, chunk=3, bank_chunk=50)
+    assert got[1][0].tolist() == copies[:3].tolist() and got[1][1].tolist() == copies[:3].tolist()
+    assert sorted(got[1][2].tolist()) == sorted(exact_rows(queries[2:], bank, 3)[0])
+    assert max(calls) <= 3 + 35 + 50  # never more candidates than the cap plus one bank chunk
+
+
+def test_float32_similarities_stay_within_the_tolerance_of_the_float64_cosine():
+    rng = np.random.default_rng(2)
+    for d in (3, 64, 700):
+        x = rng.standard_normal((40, d)) * np.exp(rng.uniform(-20, 20, size=(40, 1)))  # norms far apart
+        x[:, :3] *= 1e3  # a few large entries
+        x = x.astype(np.float32)
+        approx = (unit(x) @ unit(x).T).numpy().astype(np.float64)
+        exact = np.array([[exact_cosine(a, b) for b in x] for a in x])
+        assert np.abs(approx - exact).max() <= nb.tolerance(d)
+        got = nb.cosine64(torch.from_numpy(x), torch.from_numpy(np.broadcast_to(x, (40, 40, d)).copy())).numpy()
+        np.testing.assert_allclose(got, exact, rtol=0, atol=1e-14)
+
+
+def test_tree_sum_is_the_halving_sum_whatever_the_rows_around():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((9, 13)))
+    want = []
+    for row in x.tolist():
+        row = row + [0.0] * 3  # padded to 16
+        while len(row) > 1:
+            row = [a + b for a, b in zip(row[: len(row) // 2], row[len(row) // 2:])]
+        want.append(row[0])
+    assert nb.tree_sum(x).tolist() == want
+    assert nb.tree_sum(x[2:5]).tolist() == want[2:5]
+
+
+def test_a_reduced_matmul_precision_is_lifted_for_the_search_and_restored():
+    rng = np.random.default_rng(6)
+    queries, bank = near_tied(rng)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = search(queries, bank, 4, chunk=8)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(np.array(exact_rows(queries, bank, 4)), axis=1))
+
+
+def test_seed_shares_with_tied_neighbours_are_the_same_for_any_split_of_the_pool():
+    """The seed share counts the exact k rows, so ranks holding other slices of the pool agree bit for bit."""
+    from mak.selection.robust import seed_share
+
+    rng = np.random.default_rng(9)
+    seed, other = near_tied(rng, n_base=20, d=16)
+    ref = np.concatenate([other, seed[::2] * np.float32(4)])  # references tied exactly with seed images
+    pool = np.concatenate([ref, seed[:10] * np.float32(2)])
+    self_index = np.full(len(pool), -1)
+    self_index[: len(ref)] = len(seed) + np.arange(len(ref))
+    bank = np.concatenate([seed, ref])
+    want = np.array([np.mean(np.array(r) < len(seed)) for r in exact_rows(pool, bank, 3, self_index)])
+    whole = seed_share(pool, seed, ref, k=3, self_index=self_index)
+    np.testing.assert_array_equal(whole, want.astype(np.float32))
+    for cuts in ([0, 1, 2, len(pool)], [0, 17, 40, len(pool)]):  # the pool split as ranks would hold it
+        parts = [seed_share(pool[a:b], seed, ref, k=3, self_index=self_index[a:b], chunk=5)
+                 for a, b in zip(cuts, cuts[1:])]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)

@@ -146,6 +146,17 @@ def analyse_selection(
     }
 
 
+def regroup(analysis: Mapping, groups: Mapping[str, Iterable[int]]) -> dict:
+    """``analysis`` (of :func:`analyse_selection`) over other Many/Medium/Few ``groups``: the same
+    per-class counts of the selection and the seed, every group figure recomputed from them."""
+    num_classes = max([len(analysis["counts"])] + [int(c) + 1 for g in groups.values() for c in g])
+    per_class = [int(analysis["counts"].get(str(c), 0)) for c in range(num_classes)]
+    selected = np.concatenate([np.repeat(np.arange(num_classes), per_class),
+                               np.full(int(analysis["ood_count"]), OOD_LABEL)])
+    seed = np.repeat(np.arange(num_classes), [int(analysis["seed_counts"].get(str(c), 0)) for c in range(num_classes)])
+    return analyse_selection(selected, seed, groups, num_classes=num_classes)
+
+
 def format_analysis(results: Mapping[str, Mapping]) -> str:
     """A printable table of several analyses, ``{strategy: analyse_selection(...)}``."""
     header = (f"{'strategy':<22}{'n':>7}{'ood':>8}{'near':>8}{'many':>8}{'medium':>8}{'few':>8}"

@@ -655,9 +655,10 @@ def _resolve_splits(
 
 def _embed_split(
     model: Any, path: str | os.PathLike, what: str, image_size: int, channels: int, *,
-    root: str | os.PathLike | None, device: str, batch_size: int, num_workers: int, verbose: bool,
+    root: str | os.PathLike | None, device: str, batch_size: int, num_workers: int, verbose: bool, progress: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Backbone features (float32) and labels of one split file, reporting the time taken when verbose."""
+    """Backbone features (float32) and labels of one split file, reporting the time taken when verbose
+    and showing a bar of images when ``progress``."""
     from mak.data.sources import labeled_source
     from mak.train.embed import compute_features
 
@@ -665,7 +666,7 @@ def _embed_split(
     labels = _split_labels(source)
     t0 = time.time()
     feats = compute_features(model, source, image_size, channels, batch_size=batch_size,
-                             device=device, num_workers=num_workers)
+                             device=device, num_workers=num_workers, progress=f"features: {what}" if progress else None)
     if verbose:
         print(f"features: {what} {np.asarray(feats).shape} in {time.time() - t0:.1f}s", file=sys.stderr)
     return np.asarray(feats, dtype=np.float32), labels
@@ -765,6 +766,7 @@ def evaluate_checkpoint(
     l2: float = DEFAULT_L2,
     max_iter: int = DEFAULT_MAX_ITER,
     verbose: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the frozen backbone of ``checkpoint`` on split-file datasets.
 
@@ -775,7 +777,7 @@ def evaluate_checkpoint(
     ``few`` is given, else from the seed split's class counts and those thresholds (defaults 300
     and 30). Features: backbone outputs without augmentation (:func:`mak.train.embed.compute_features`).
     Writes the results as JSON to ``out`` (atomically) when given, prints the table when
-    ``verbose``, and returns the results.
+    ``verbose`` (and a bar of images per split when ``progress``), and returns the results.
     """
     if out is not None:
         output_file(out)  # before the features are computed
@@ -783,7 +785,7 @@ def evaluate_checkpoint(
         bench, train_split, fewshot_split, test_split, seed_split)
     train_x, train_y, few_x, few_y, test_x, test_y = _embed_splits(
         checkpoint, train_split, fewshot_split, test_split, root=root, device=device, batch_size=batch_size,
-        num_workers=num_workers, verbose=verbose)
+        num_workers=num_workers, verbose=verbose, progress=progress)
     counts = _seed_class_counts(seed_split, root, train_y, test_y)
     groups, many_v, few_v = _group_thresholds(manifest, many, few)
     results = evaluate_features(

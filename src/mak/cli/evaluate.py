@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mak.cli._output import add_output_flags, say
+from mak.cli._output import add_output_flags, say, show_progress
 
 HELP = "evaluate a checkpoint's frozen features (linear probes, kNN, Many/Medium/Few)"  # the one line `mak --help` shows
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_option(p, DEVICE, help=f"device for feature extraction: {DEVICE.help}")
     for name in ("batch_size", "num_workers"):
         add_option(p, opt[name])
-    add_output_flags(p, progress=False)
+    add_output_flags(p)
     p.set_defaults(func=run)
 
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate_checkpoint(
         args.checkpoint, args.bench, train_split=args.train_split, fewshot_split=args.fewshot_split,
         test_split=args.test_split, seed_split=args.seed_split, root=args.root, out=args.out,
-        device=args.device, verbose=not args.quiet,
+        device=args.device, verbose=not args.quiet, progress=show_progress(args),
         **values(args, EVALUATE_OPTIONS),
     )
     if args.out:

@@ -42,7 +42,15 @@ def _read_analysis(roles: dict, name: str) -> dict | None:
 
 
 def _repeat_figures(ev: dict, an: dict | None) -> dict[str, Any]:
-    """One repeat's figures from its eval.json ``ev`` and selection analysis ``an`` (None where absent)."""
+    """One repeat's figures from its eval.json ``ev`` and selection analysis ``an`` (None where absent).
+
+    The pick's group shares are taken over the groups the evaluation used (``evaluate.many``/``few``
+    on data without a benchmark manifest), so Few share and Few accuracy speak of the same classes.
+    """
+    if an and ev.get("groups"):
+        from mak.bench.analysis import regroup
+
+        an = regroup(an, ev["groups"])
     g = ev.get("group_acc") or {}
     return {
         "ood_rate": an["ood_rate"] if an else None,

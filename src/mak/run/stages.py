@@ -255,14 +255,14 @@ def run_eval(stage: Stage) -> None:
         return
     model, cfg = load_model(roles["retrain"][strategy].path / "checkpoint.pt", p["device"])
 
-    def feats(src):
+    def feats(src, what):
         x = compute_features(model, src, cfg["image_size"], cfg["channels"], batch_size=p["batch_size"],
-                             device=p["device"])
+                             device=p["device"], progress=f"features: {what}" if _progress(stage) else None)
         return x, labels_or_none(src.items())
 
-    tx, ty = feats(srcs["train"])
-    qx, qy = feats(srcs["test"])
-    fx, fy = feats(srcs["fewshot"]) if srcs["fewshot"] is not None else (None, None)
+    tx, ty = feats(srcs["train"], "train")
+    qx, qy = feats(srcs["test"], "test")
+    fx, fy = feats(srcs["fewshot"], "few-shot pool") if srcs["fewshot"] is not None else (None, None)
     seed_labels = labels_or_none(srcs["seed"].items())
     groups = _groups(srcs, seed_labels, p["many"], p["few"]) if seed_labels is not None else None
     res = evaluate_features(tx, ty, fx, fy, qx, qy, groups=groups, many=p["many"], few=p["few"], shots=p["shots"],

@@ -177,11 +177,11 @@ STRATEGY_OPTIONS: dict[str, tuple[Option, ...]] = {}  # the options each strateg
 POOL_AWARE: set[str] = set()  # strategies that score features of a pool-aware model (mak run trains one)
 # strategy -> hook(store meta.json, options, store name) -> note or None: adapts options to the store's model
 STORE_NOTES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str | None]] = {}
+DEFAULT_STRATEGY = "robust"  # the product's default (mak select, mak.select); "mak" is the paper's method
 # strategy -> behaviour version (default 1), part of its select stage's cache key in `mak run`
 # (mak.run.stage.stage_version): a strategy that picks differently for the same inputs and
 # options has a higher version. The CHANGELOG says what each change was.
-DEFAULT_STRATEGY = "robust"  # the product's default (mak select, mak.select); "mak" is the paper's method
-STRATEGY_VERSIONS: dict[str, int] = {"mak": 3, "kcenter": 2, "proximity": 2, "tailness+proximity": 2, "robust": 5}
+STRATEGY_VERSIONS: dict[str, int] = {"mak": 3, "kcenter": 2, "proximity": 2, "tailness+proximity": 2, "robust": 6}
 
 
 def strategy_name(name: str, value: Any) -> str:

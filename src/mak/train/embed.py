@@ -101,12 +101,16 @@ def model_trained_on(config: dict) -> dict:
     return {"images": config.get("num_images"), "pool_rows": int(src.get("pool_rows", 0) or 0)}
 
 def compute_features(model, source, image_size: int, channels: int, batch_size: int = DEFAULT_BATCH_SIZE,
-                     device: str | torch.device = "cpu", num_workers: int = 0) -> np.ndarray:
+                     device: str | torch.device = "cpu", num_workers: int = 0, progress: str | None = None
+                     ) -> np.ndarray:
     """Backbone features of every image of ``source`` without augmentation: float32 N x D.
 
     Centre crop + :func:`mak.train.augment.center_transform`, ``model.backbone`` in eval mode.
-    An unreadable image raises :class:`MakError` naming it.
+    An unreadable image raises :class:`MakError` naming it. ``progress``: a bar of images with
+    that label (None: no bar).
     """
+    from mak.progress import bar
+
     from torch.utils.data import DataLoader
 
     from mak.train.augment import center_transform
@@ -123,7 +127,7 @@ def compute_features(model, source, image_size: int, channels: int, batch_size: 
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=dev.type == "cuda")
     out = np.empty((len(ds), int(core.feat_dim)), dtype=np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), bar(len(ds), progress, unit="img", enabled=progress is not None) as shown:
         for imgs, idx, ok in loader:
             ok = torch.as_tensor(ok, dtype=torch.bool)
             if not bool(ok.all()):
@@ -134,6 +138,7 @@ def compute_features(model, source, image_size: int, channels: int, batch_size: 
                 x = x.contiguous(memory_format=torch.channels_last)
             f = core.backbone(x).float()
             out[np.asarray(idx)] = f.cpu().numpy()
+            shown.update(len(f))
     return out
 
 

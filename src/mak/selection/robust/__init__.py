@@ -339,20 +339,15 @@ class RobustRun:
 
 SEED_MODEL_GATE_QUANTILE = 0.98
 EXTERNAL_GATE_QUANTILE = 0.99
-#: gate quantile auto on features of a model not trained on the pool, by model kind, and what it
-#: gave on the open-world benchmark's tuning seed 7 at full scale (junk / Few share of the pick)
+#: gate quantile auto on features of a model not trained on the pool, by model kind (what each
+#: gave on the open-world benchmark: docs/robust.md, "Features of a model mak did not train")
 MODEL_QUANTILES = {
-    "seed-only": (SEED_MODEL_GATE_QUANTILE, "a seed-only model",
-                  "1.2% / 8.2% at quantile 0.98, 16.8% / 13.0% at the pool-aware model's"),
-    "external": (EXTERNAL_GATE_QUANTILE, "a model mak did not train on this pool (your own encoder)",
-                 "with a stand-in encoder trained on other images, 1.2% / 10.7% at quantile 0.99, 4.3% / 12.7% "
-                 "at the pool-aware model's"),
+    "seed-only": (SEED_MODEL_GATE_QUANTILE, "a seed-only model"),
+    "external": (EXTERNAL_GATE_QUANTILE, "a model mak did not train on this pool (your own encoder)"),
+    "unknown": (EXTERNAL_GATE_QUANTILE, "a model its meta.json does not name"),
 }
-MODEL_QUANTILES["unknown"] = (EXTERNAL_GATE_QUANTILE, "a model its meta.json does not name",
-                              MODEL_QUANTILES["external"][2])
-SEED_MODEL_NOTE = ("{store} was embedded with {model}, not with the pool-aware model (SimCLR on seed + a pool "
-                   "sample: `mak pretrain --mix-split`) robust's defaults suit, so {what}. Junk / Few share of "
-                   "the pick on the open-world benchmark with such features: {measured} (docs/robust.md)")
+SEED_MODEL_NOTE = ("{store} holds features of {model}, not of the pool-aware model robust's defaults suit "
+                   "(`mak pretrain --mix-split`), so {what} (docs/robust.md#features-of-a-model-mak-did-not-train)")
 
 
 def seed_model_note(meta: dict[str, Any], options: dict[str, Any], store: str) -> str | None:
@@ -366,13 +361,13 @@ def seed_model_note(meta: dict[str, Any], options: dict[str, Any], store: str) -
     kind = model_kind(meta)
     if kind == "pool-aware":
         return None
-    quantile, model, measured = MODEL_QUANTILES[kind]
+    quantile, model = MODEL_QUANTILES[kind]
     if options.get("gate_quantile", "auto") in (None, "auto"):
         options["gate_quantile"] = quantile
         what = f"the gate quantile auto is {quantile} here"
     else:
         what = f"consider --gate-quantile {quantile} (the default here)"
-    return SEED_MODEL_NOTE.format(store=store, model=model, what=what, measured=measured)
+    return SEED_MODEL_NOTE.format(store=store, model=model, what=what)
 
 
 def robust_select(ctx: Context) -> Selection:
