@@ -93,7 +93,7 @@ def exact_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     dot = math.fsum(a * b)  # float32 x float32 products are exact in float64
     na, nb = math.sqrt(math.fsum(a * a)), math.sqrt(math.fsum(b * b))
-    return dot / (max(na, 1e-12) * max(nb, 1e-12))
+    return dot / (na * nb) if na and nb else 0.0
 
 
 def exact_rows(queries: np.ndarray, bank: np.ndarray, k: int, self_index=None) -> list[list[int]]:
@@ -172,12 +172,24 @@ def test_float32_similarities_stay_within_the_tolerance_of_the_float64_cosine():
     for d in (3, 64, 700):
         x = rng.standard_normal((40, d)) * np.exp(rng.uniform(-20, 20, size=(40, 1)))  # norms far apart
         x[:, :3] *= 1e3  # a few large entries
+        x[:4] = rng.standard_normal((4, d)) * np.array([1e22, 1e-25, 1e35, 1e-40])[:, None]  # squares that
+        # overflow or underflow float32, entries that are subnormal
         x = x.astype(np.float32)
-        approx = (unit(x) @ unit(x).T).numpy().astype(np.float64)
+        unit_x = nb.unit_rows(torch.from_numpy(x))
+        approx = (unit_x @ unit_x.T).numpy().astype(np.float64)
         exact = np.array([[exact_cosine(a, b) for b in x] for a in x])
         assert np.abs(approx - exact).max() <= nb.tolerance(d)
-        got = nb.cosine64(torch.from_numpy(x), torch.from_numpy(np.broadcast_to(x, (40, 40, d)).copy())).numpy()
-        np.testing.assert_allclose(got, exact, rtol=0, atol=1e-14)
+        key, cos = nb.cosine64(torch.from_numpy(x), torch.from_numpy(np.broadcast_to(x, (40, 40, d)).copy()))
+        np.testing.assert_allclose(cos.numpy(), exact, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(key.numpy(), exact * np.abs(exact), rtol=0, atol=1e-14)  # orders like the cosine
+
+
+def test_unit_rows_are_the_plain_normalisation_where_it_neither_overflows_nor_underflows():
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((300, 33)).astype(np.float32))
+    x = x * torch.exp(torch.linspace(-20, 20, 300))[:, None]
+    assert torch.equal(nb.unit_rows(x), unit(x.numpy()))
+    huge = np.array([[1e20, 0.0], [1.0, 1.0]], dtype=np.float32)
+    assert search(np.array([[1.0, 0.0]], dtype=np.float32), huge, 1)[1].tolist() == [[0]]  # not a zero row
 
 
 def test_tree_sum_is_the_halving_sum_whatever_the_rows_around():
@@ -193,17 +205,33 @@ def test_tree_sum_is_the_halving_sum_whatever_the_rows_around():
     assert nb.tree_sum(x[2:5]).tolist() == want[2:5]
 
 
-def test_a_reduced_matmul_precision_is_lifted_for_the_search_and_restored():
+@pytest.mark.parametrize("reduce", ["legacy", "leaves"])
+def test_a_reduced_matmul_precision_is_lifted_for_the_search_and_restored(reduce):
     rng = np.random.default_rng(6)
     queries, bank = near_tied(rng)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
+    leaves = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    before = [leaf.fp32_precision for leaf in leaves]
     try:
+        if reduce == "legacy":
+            torch.set_float32_matmul_precision("medium")
+        else:  # the per-backend settings, with which the legacy getter raises
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        reduced = [leaf.fp32_precision for leaf in leaves]
+        assert reduced != ["ieee", "ieee"]
         got = search(queries, bank, 4, chunk=8)
-        assert torch.get_float32_matmul_precision() == "medium"
+        assert [leaf.fp32_precision for leaf in leaves] == reduced
     finally:
-        torch.set_float32_matmul_precision(before)
+        for leaf, value in zip(leaves, before):
+            leaf.fp32_precision = value
     np.testing.assert_array_equal(np.sort(got[1], axis=1), np.sort(np.array(exact_rows(queries, bank, 4)), axis=1))
+
+
+def test_the_callers_loop_runs_outside_inference_mode():
+    rng = np.random.default_rng(7)
+    queries, bank = near_tied(rng)
+    for *_, idx in nb.cosine_topk(queries, bank, 3, chunk=4):
+        assert not torch.is_inference_mode_enabled()
 
 
 def test_seed_shares_with_tied_neighbours_are_the_same_for_any_split_of_the_pool():

@@ -5,8 +5,9 @@
 (:func:`mak.bench.evaluate.knn_predict`). Callers check their own inputs (``1 <= k <= bank
 rows``, equal feature dimensions) and word their own errors.
 
-**Which k rows** is exact and canonical: the k largest float64 cosines of the raw rows, equal ones
-by lower bank row, whatever the chunk sizes, thread count, process count or device. The float32
+**Which k rows** is exact and canonical: the k largest cosines of the raw rows as
+:func:`cosine64` computes them in float64, equal ones by lower bank row, whatever the chunk sizes,
+thread count, process count or device. The float32
 similarity matmuls round their last bits by shape, so they only find the candidates: every bank row
 within ``2 x tol`` of a query's k-th best similarity, where ``tol`` (:func:`tolerance`) bounds the
 distance of a float32 similarity of normalised rows from the float64 cosine. When more than k rows
@@ -37,15 +38,16 @@ CHUNK = 4096
 FILTER_SHARE = 4  # the filtered merge while at most chunk / FILTER_SHARE candidates pass on a row
 SPARE = 8  # similarities kept beyond the k-th by a top-k selection; more only where the band needs them
 RESCORE_ELEMENTS = 1 << 22  # float64 elements per re-scoring block (32 MiB)
-NORM_EPS = 1e-12  # as :func:`mak._tensor.l2_normalize`
+ZERO_ROW = 1e-300  # floor of a squared norm in float64: below any nonzero float32 row's (1e-90), so zero rows give 0
 
 
 def tolerance(dim: int) -> float:
     """A bound on |float32 similarity of two L2-normalised float32 rows - their float64 cosine|.
 
-    Normalising a row of ``dim`` entries in float32 moves each entry by at most (dim/2 + 2) units
-    of roundoff u = 2^-24 (relative), both rows together (dim + 4) u; the float32 product of
-    ``dim`` terms adds at most dim u for unit rows, in any summation order. Doubled for slack.
+    Normalising a row of ``dim`` entries in float32 (:func:`unit_rows`) moves each entry by at most
+    (dim/2 + 2) units of roundoff u = 2^-24 (relative), both rows together (dim + 4) u; the float32
+    product of ``dim`` terms adds at most dim u for unit rows, in any summation order: (2 dim + 4) u.
+    The 12 u more cover the float32 rounding of the band's own thresholds, with room to spare.
     """
     return (2 * int(dim) + 16) * 2.0**-24
 
@@ -63,32 +65,44 @@ def tree_sum(x: torch.Tensor) -> torch.Tensor:
     return x[..., 0]
 
 
-def cosine64(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Float64 cosines of raw query rows (r, d) with their candidate rows (r, w, d): (r, w).
+def cosine64(queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 (key, cosine) of raw query rows (r, d) with their candidate rows (r, w, d): (r, w) each.
 
-    Products of float32 entries are exact in float64 and :func:`tree_sum` fixes the order of the
-    sums, so each value depends on its two rows alone. Zero rows give 0 (norms floored at 1e-12).
+    ``key`` = cos x |cos| orders like the cosine and is made of exactly rounded products, sums
+    in a fixed order (:func:`tree_sum`) and one division (no square root, which some CPU kernels
+    round differently), so its bits depend on the two rows alone, on any device. ``cosine`` is
+    the value to report. A zero row gives 0 (as :func:`unit_rows`).
     """
     q = queries.double()
     b = rows.double()
     dot = tree_sum(b * q[:, None, :])
-    q_norm = tree_sum(q * q).sqrt().clamp_min(NORM_EPS)
-    b_norm = tree_sum(b * b).sqrt().clamp_min(NORM_EPS)
-    return dot / (q_norm[:, None] * b_norm)
+    squares = tree_sum(q * q).clamp_min(ZERO_ROW)[:, None] * tree_sum(b * b).clamp_min(ZERO_ROW)
+    return dot * dot.abs() / squares, dot / squares.sqrt()
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row's direction in float32 (a zero row stays zero): :func:`mak._tensor.l2_normalize` of
+    the row scaled by a power of two to a largest entry in [0.5, 1). The same bits as plain
+    normalisation where its squares neither overflow nor underflow (and the norm is above its
+    1e-12 floor), and a unit row for any other nonzero finite row."""
+    x = x.float()
+    exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True)).exponent.clamp_min(-125)
+    return l2_normalize(torch.ldexp(x, -exponent))
 
 
 @contextmanager
 def _ieee_float32(dev: torch.device) -> Iterator[None]:
     """Float32 matmuls in full precision (no TF32 or bf16, whatever the caller set), no autocast."""
-    before = torch.get_float32_matmul_precision()
-    if before != "highest":
-        torch.set_float32_matmul_precision("highest")
+    leaves = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    saved = [(leaf, leaf.fp32_precision) for leaf in leaves if getattr(leaf, "fp32_precision", "ieee") != "ieee"]
+    for leaf, _ in saved:
+        leaf.fp32_precision = "ieee"
     try:
         with torch.autocast(dev.type, enabled=False):
             yield
     finally:
-        if before != "highest":
-            torch.set_float32_matmul_precision(before)
+        for leaf, before in saved:
+            leaf.fp32_precision = before
 
 
 def cosine_topk(queries: Any, bank: Any, k: int, *, device: str | torch.device | None = None, chunk: int = CHUNK,
@@ -102,34 +116,32 @@ def cosine_topk(queries: Any, bank: Any, k: int, *, device: str | torch.device |
     chunk, so memory is O(chunk x (bank_chunk + k)) beyond what the caller keeps. A bank of at most
     8 chunks is normalised once and stays on the device; a bigger one is re-read for every query
     chunk. ``self_index[i]`` (int64, one per query row): a bank row query ``i`` never matches (-1:
-    none). ``device``: ``None`` is the queries' device (CPU for arrays). Row normalisation is
-    :func:`mak._tensor.l2_normalize` in float32.
+    none). ``device``: ``None`` is the queries' device (CPU for arrays). Rows are normalised in
+    float32 (:func:`unit_rows`).
     """
     m = int(bank.shape[0])
     n = int(queries.shape[0])
     bank_chunk = chunk if bank_chunk is None else int(bank_chunk)
     dev = resolve_device(device, queries)
     excl = None if self_index is None else torch.from_numpy(np.asarray(self_index, dtype=np.int64)).to(dev)
-    resident = m <= 8 * bank_chunk
-    bank_chunks = [l2_normalize(to_tensor(bank[lo : lo + bank_chunk], dev)) for lo in range(0, m, bank_chunk)] \
-        if resident else None
-    band = 2.0 * tolerance(bank.shape[1])
     with torch.inference_mode():
-        for qlo in range(0, n, chunk):
-            with _ieee_float32(dev):
-                raw = to_tensor(queries[qlo : qlo + chunk], dev)
-                q = l2_normalize(raw)
-                run = _Candidates(raw, _row_reader(bank, dev), k, band)
-                for i, slo in enumerate(range(0, m, bank_chunk)):
-                    s = bank_chunks[i] if resident else l2_normalize(to_tensor(bank[slo : slo + bank_chunk], dev))
-                    sim = q @ s.T
-                    if excl is not None:
-                        cols = excl[qlo : qlo + q.shape[0]] - slo
-                        hit = (cols >= 0) & (cols < s.shape[0])
-                        sim[hit.nonzero().flatten(), cols[hit]] = -float("inf")
-                    run.add(sim, slo)
-                best, best_idx = run.result()
-            yield qlo, qlo + q.shape[0], best, best_idx
+        resident = [unit_rows(to_tensor(bank[lo : lo + bank_chunk], dev)) for lo in range(0, m, bank_chunk)] \
+            if m <= 8 * bank_chunk else None
+    for qlo in range(0, n, chunk):
+        with torch.inference_mode(), _ieee_float32(dev):
+            raw = to_tensor(queries[qlo : qlo + chunk], dev)
+            run = _Candidates(raw, _row_reader(bank, dev), k, 2.0 * tolerance(bank.shape[1]))
+            q = unit_rows(raw)
+            for i, slo in enumerate(range(0, m, bank_chunk)):
+                s = resident[i] if resident else unit_rows(to_tensor(bank[slo : slo + bank_chunk], dev))
+                sim = q @ s.T
+                if excl is not None:
+                    cols = excl[qlo : qlo + q.shape[0]] - slo
+                    hit = (cols >= 0) & (cols < s.shape[0])
+                    sim[hit.nonzero().flatten(), cols[hit]] = -float("inf")
+                run.add(sim, slo)
+            best, best_idx = run.result()
+        yield qlo, qlo + q.shape[0], best, best_idx
 
 
 def _row_reader(bank: Any, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -233,13 +245,13 @@ class _Candidates:
         pos = sure + torch.arange(int((inside[:, None] - sure).max()), device=vals.device)
         unsure = pos < inside[:, None]
         pos = torch.where(unsure, pos, torch.full_like(pos, width))  # a spare last column takes the rest
-        cos = self._cosines(rows, torch.gather(idx, 1, pos.clamp_max(width - 1)))
-        cos = torch.where(unsure & torch.isfinite(torch.gather(vals, 1, pos.clamp_max(width - 1))), cos,
-                          torch.full_like(cos, -float("inf")))
+        key, cos = self._cosines(rows, torch.gather(idx, 1, pos.clamp_max(width - 1)))
+        live = unsure & torch.isfinite(torch.gather(vals, 1, pos.clamp_max(width - 1)))
+        key = torch.where(live, key, torch.full_like(key, -float("inf")))
         spare = torch.full((len(rows), 1), -float("inf"), dtype=torch.float64, device=vals.device)
         col = torch.arange(width, device=vals.device)
         keys = torch.where(col < sure, float("inf"), -float("inf")).double()
-        keys = torch.cat([keys, spare], dim=1).scatter_(1, pos, cos)[:, :width]
+        keys = torch.cat([keys, spare], dim=1).scatter_(1, pos, key)[:, :width]
         vals = torch.cat([vals, spare.float()], dim=1).scatter_(1, pos, cos.float())[:, :width]
         by_row = torch.argsort(idx, dim=1, stable=True)  # lower bank row first among equal cosines
         order = torch.gather(by_row, 1, torch.sort(torch.gather(keys, 1, by_row), dim=1, descending=True,
@@ -248,12 +260,13 @@ class _Candidates:
         largest = torch.sort(vals, dim=1, descending=True, stable=True).indices
         return torch.gather(vals, 1, largest), torch.gather(idx, 1, largest)
 
-    def _cosines(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _cosines(self, rows: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`cosine64` of query ``rows`` with bank rows ``idx`` (len(rows), w), in blocks."""
         step = max(1, RESCORE_ELEMENTS // max(1, idx.shape[1] * self.q.shape[1]))
         queries = self.q[rows]
-        return torch.cat([cosine64(queries[lo : lo + step], self.read_rows(idx[lo : lo + step]))
-                          for lo in range(0, len(rows), step)])
+        parts = [cosine64(queries[lo : lo + step], self.read_rows(idx[lo : lo + step]))
+                 for lo in range(0, len(rows), step)]
+        return torch.cat([key for key, _ in parts]), torch.cat([cos for _, cos in parts])
 
 
 def _sorted_top(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,4 +290,4 @@ def _passing(sim: torch.Tensor, floor: torch.Tensor, slo: int, limit: int) -> tu
     return vals, idx
 
 
-__all__ = ["CHUNK", "FILTER_SHARE", "cosine64", "cosine_topk", "tolerance", "tree_sum"]
+__all__ = ["CHUNK", "FILTER_SHARE", "cosine64", "cosine_topk", "tolerance", "tree_sum", "unit_rows"]
