@@ -134,6 +134,29 @@ def test_kcenter_and_proximity_cuda_match_cpu():
 
 
 @cuda
+def test_cosine_topk_and_seed_share_cuda_equal_cpu_bit_for_bit():
+    """The k neighbours are exact and canonical (mak._neighbours), so the GPU finds the same rows,
+    near-ties and exact ties included, and the seed share is the same to the bit."""
+    from mak._neighbours import cosine_topk
+    from mak.selection.robust import seed_share
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((400, 64)).astype(np.float32)
+    nudged = base.copy()
+    nudged[:, 0] = np.nextafter(nudged[:, 0], np.float32(np.inf))
+    bank = np.concatenate([base, base[::2] * np.float32(4), nudged, rng.standard_normal((3000, 64)).astype(np.float32)])
+    queries = np.concatenate([base[:300] + np.float32(1e-3) * rng.standard_normal((300, 64)).astype(np.float32),
+                              rng.standard_normal((700, 64)).astype(np.float32)])
+    runs = {dev: [i.cpu().numpy() for *_, i in cosine_topk(queries, bank, 20, device=dev, chunk=256)]
+            for dev in ("cpu", "cuda")}
+    got = {dev: np.concatenate(parts) for dev, parts in runs.items()}
+    assert np.array_equal(np.sort(got["cpu"], axis=1), np.sort(got["cuda"], axis=1))
+    seed, ref = bank[:600], bank[600:]
+    shares = [seed_share(queries, seed, ref, k=20, device=dev) for dev in ("cpu", "cuda")]
+    assert np.array_equal(shares[0], shares[1])
+
+
+@cuda
 def test_ratio_ensemble_cuda_batched_matches_cpu():
     from mak.selection.robust.density_ratio import ratio_ensemble, ratio_logits
 

@@ -214,3 +214,22 @@ def test_the_ecle_bar_counts_images_scored_here_or_elsewhere(monkeypatch, capsys
         assert "\r" not in err
         total = 6 * (1 if batch_size >= 6 else partitions)
         assert err.splitlines()[-1].startswith(f"ECLE: done, {total}/{total} img in ")
+
+
+def test_bars_open_in_an_interrupted_command_write_their_last_line_before_it_says_interrupted(monkeypatch, capsys):
+    import mak.cli.select as select_cli
+    from mak.cli import main
+
+    monkeypatch.setenv("MAK_PROGRESS_INTERVAL", "0")
+
+    def run(args):
+        shown = progress.bar(10, "work", unit="img")  # not closed by a with: the interrupted frame holds it
+        shown.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(select_cli, "run", run)
+    capsys.readouterr()
+    assert main(["select", "--pool-store", "p.npy", "--budget", "5", "--out", "o"]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "mak select: interrupted"
+    assert lines[-2].startswith("work: stopped, 3/10 img in ")

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import traceback
 from typing import Sequence
 
 from mak import __version__
@@ -91,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"mak {name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return MakError.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        traceback.clear_frames(exc.__traceback__)  # bars left open in the interrupted frames close first
         print(f"mak {name}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
