@@ -50,6 +50,18 @@ def test_a_bad_argument_is_one_line_naming_the_command(argv, message, capsys):
     assert err.strip().endswith(f"(see mak {command} --help)")
 
 
+@pytest.mark.parametrize("argv, command, named", [
+    (["select", "--pool-store", "p", "--budgt", "10", "--out", "o"], "select", "--budgt (did you mean --budget?)"),
+    (["select", "--stratgy=mak", "--budget", "3"], "select", "--stratgy (did you mean --strategy?)"),
+    (["store", "info", "--chek", "s"], "store info", "--chek (did you mean --check?)"),
+    (["run", "c.yaml", "--dryrun", "--zzzzzz"], "run", "--dryrun (did you mean --dry-run?), --zzzzzz"),
+])
+def test_a_misspelt_flag_is_named_with_the_closest_one_before_missing_required_ones(argv, command, named, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mak {command}: error: unrecognized arguments: {named} (see mak {command} --help)"
+
+
 @pytest.mark.parametrize("argv", [["pretrain", "--array", "a.npy", "--out", "o", "--bogus"],
                                   ["store", "info", "s", "--nope"]])
 def test_an_unknown_option_is_named_by_its_command(argv, capsys):

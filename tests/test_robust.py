@@ -141,6 +141,26 @@ def test_too_few_gated_images_pick_only_those(world):
         mak.select(seed, pool, views, 30, gate_fill="nearest", **kw)
 
 
+def test_cli_short_pick_is_a_warning_even_with_quiet_and_no_pass_names_flags(world, tmp_path, cli, capsys):
+    seed, pool_in, junk, _, _ = world
+    write_store(tmp_path / "seed", seed, [f"seed/{i}.png 0" for i in range(len(seed))])
+    pool = np.concatenate([pool_in[:20], junk])
+    write_store(tmp_path / "pool", pool, [f"pool/{i}.png" for i in range(len(pool))])
+    write_store(tmp_path / "junk", junk, [f"junk/{i}.png" for i in range(len(junk))])
+    common = ["--seed-store", tmp_path / "seed", "--budget", 30, "--clusters", 5, "--gate-score", "centroid",
+              "--gate-clusters", 5, "-q"]
+    capsys.readouterr()
+    assert cli("select", "--pool-store", tmp_path / "pool", *common, "--out", tmp_path / "a") == 0
+    picked = len((tmp_path / "a" / "selection.txt").read_text().splitlines())
+    assert 0 < picked < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mak select: warning: {picked} images for a budget of 30: only {picked} pool images pass the "
+                   f"gate for a budget of 30: picked those {picked} (gate_fill 'distance' fills the budget)"]
+    assert cli("select", "--pool-store", tmp_path / "junk", *common, "--out", tmp_path / "b") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("the pool holds nothing like the seed, or pass --gate-fill distance or --gate off"), err
+
+
 def test_too_few_gated_images_are_filled_with_the_least_distant_rejected(world):
     seed, pool_in, junk, _, _ = world
     pool = np.concatenate([pool_in[:20], junk])

@@ -61,6 +61,34 @@ def _with_flags(exc: MakError) -> str:
     return msg
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub-)sub-command parser the words of ``argv`` lead to (``mak store import``: import's)."""
+    words = iter(a for a in argv if not a.startswith("-"))
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        word = next(words, None) if subs else None
+        if word is None or word not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[word]
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--flags`` in ``argv`` that no option of the command takes (nor abbreviates), each with the
+    closest one when there is one: ``--budgt (did you mean --budget?)``."""
+    import difflib
+
+    known = sorted(s for a in _command_parser(parser, argv)._actions for s in a.option_strings if s.startswith("--"))
+    out = []
+    for arg in argv:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and not any(k.startswith(name) for k in known):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so that flushing it at exit raises nothing more."""
     import os
@@ -74,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choose_wait_policy()
     first_word = next((a for a in argv if not a.startswith("-")), None)  # the command, if one is given
     parser = build_parser(first_word if first_word in commands() else "")
+    typos = _unknown_flags(parser, argv)  # before parsing: a missing required flag would hide a misspelt one
+    if typos and "-h" not in argv and "--help" not in argv:
+        prog = _command_parser(parser, argv).prog
+        print(f"{prog}: error: unrecognized arguments: {', '.join(typos)} (see {prog} --help)", file=sys.stderr)
+        return 2
     args, unknown = parser.parse_known_args(argv)
     name = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
     if unknown:  # named by the command they were given to, not by `mak`

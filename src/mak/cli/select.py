@@ -78,10 +78,14 @@ def run(args: argparse.Namespace) -> int:
                         **job, **params_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
+    short = len(sel) < job["budget"]  # e.g. fewer pool images than the budget pass robust's gate
+    if short:  # a warning: printed even with --quiet, before the summary
+        print(f"mak select: warning: {len(sel)} images for a budget of {job['budget']}"
+              + (f": {sel.info['note']}" if sel.info.get("note") else ""), file=sys.stderr)
     say(args, f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> "
               f"{args.out}/selection.txt")
     if sel.info.get("model_note") and not show_progress(args):  # with bars it showed before the work
         say(args, f"mak select: note: {sel.info['model_note']}", file=sys.stderr)
-    if sel.info.get("note"):  # e.g. fewer images than the budget pass robust's gate
+    if sel.info.get("note") and not short:
         say(args, f"mak select: note: {sel.info['note']}", file=sys.stderr)
     return 0

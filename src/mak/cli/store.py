@@ -41,10 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "info", help="what a store holds: rows, shapes, dtypes, size, model, first items",
         description="Print what a feature store (a directory, a sharded store, or a .npy/.npz array) holds: rows, "
                     "feature and view shapes, dtypes, bytes on disk, shards, the model that made it, its first "
-                    "items. --check also scans every value (NaN/Inf, constant features).")
+                    "items. --check also scans every value (NaN/Inf, all-zero rows, every row the same).")
     info.add_argument("store", metavar="STORE", help="a store directory or a .npy/.npz array")
     info.add_argument("--items", metavar="FILE", help="with an array: one item line per row")
-    info.add_argument("--check", action="store_true", help="scan every value for NaN/Inf and constant features")
+    info.add_argument("--check", action="store_true", help="scan every value for NaN/Inf, all-zero rows and every row the same")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     add_output_flags(info, progress=False)  # --check -q: the exit code alone says whether the store is sound
     info.set_defaults(func=run_info)
@@ -94,7 +94,7 @@ def _print_info(d: dict, as_json: bool, checked: bool) -> None:
     print(f"items     {', '.join(d['first_items'])}{', ...' if d['rows'] > len(d['first_items']) else ''}")
     if checked:
         zero = f"; {d['zero_rows']:,} rows all zero (failed embeddings?)" if d["values"] == "ok" and d["zero_rows"] else ""
-        print("values    " + ("finite, not constant" + zero if d["values"] == "ok" else
+        print("values    " + ("finite, rows not all the same" + zero if d["values"] == "ok" else
                               "not usable (the error below says why)"))
 
 

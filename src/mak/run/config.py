@@ -7,6 +7,7 @@ unknown key is an error that names it, so a typo never silently falls back to a 
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -112,7 +113,10 @@ def _merge(base: dict, update: Mapping, path: str = "") -> dict:
     for key, value in update.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in base:
-            raise MakError(f"unknown config key '{where}'")
+            close = difflib.get_close_matches(str(key), [str(k) for k in base], n=1, cutoff=0.8)
+            hint = f" (did you mean '{where[: len(where) - len(str(key))]}{close[0]}'?)" if close else \
+                f" ({path or 'the top level'} takes: {', '.join(map(str, base))})"
+            raise MakError(f"unknown config key '{where}'{hint}")
         if isinstance(base[key], dict) and key != "options":
             if not isinstance(value, Mapping):
                 raise MakError(f"config key '{where}' must be a mapping, got {value!r}")

@@ -304,11 +304,12 @@ class RobustRun:
         head = f"only {n_gated} pool images pass the gate for a budget of {ctx.budget}"
         if self.opt["gate_fill"] == "none":
             if n_gated == 0:
-                raise MakError(f"strategy 'robust': no pool image passes the in-domain gate "
-                               f"({self.opt['gate_score']} at quantile {self.opt['gate_quantile']:.4g}); "
-                               "the pool holds nothing like the seed, or pass gate_fill=distance or gate=off")
+                raise opts.ParameterError("gate_fill", f"strategy 'robust': no pool image passes the in-domain gate "
+                                          f"({self.opt['gate_score']} at quantile {self.opt['gate_quantile']:.4g}); "
+                                          "the pool holds nothing like the seed, or pass gate_fill=distance or gate=off",
+                                          ("gate",))
             self.info.update(gate_filled=0, gate_short=int(need))
-            self.info["note"] = f"{head}: picked those {n_gated} (gate_fill=distance fills the budget)"
+            self.info["note"] = f"{head}: picked those {n_gated} (gate_fill 'distance' fills the budget)"
             return ctx.top_k(score, n_gated)
         fill_key = np.where(mask, np.inf, np.asarray(gate_value, dtype=np.float64))
         self.info.update(gate_filled=int(need), gate_short=0)
