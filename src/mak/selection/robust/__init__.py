@@ -79,7 +79,6 @@ import numpy as np
 
 from mak import options as opts
 from mak.data.store import model_kind
-from mak.errors import MakError
 from mak.selection.proximity import kmeans, nearest_centroid_distance
 from mak.selection.robust.density_ratio import (DEFAULT_EPOCHS, DEFAULT_HIDDEN, ratio_ensemble, ratio_logits,
                                                 seed_heldout_logits)
