@@ -369,3 +369,16 @@ def test_more_two_round_parts_than_candidates_is_an_error(cli, stores, tmp_path,
                "--kcenter", "two-round", "--kcenter-parts", "121", "--out", out, "--no-progress") == 2
     assert capsys.readouterr().err.strip() == "mak select: error: --kcenter-parts 121 is more than the 120 candidates"
     assert not out.exists()
+
+
+def test_a_budget_larger_than_the_pool_is_one_line_even_where_robust_has_a_note(cli, tmp_path, capsys):
+    """Own embeddings (no meta.json) give robust a note on its gate quantile; the budget is checked first."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "seed.npy", rng.standard_normal((30, 8)).astype(np.float32))
+    np.save(tmp_path / "pool.npy", rng.standard_normal((50, 8)).astype(np.float32))
+    capsys.readouterr()
+    assert cli("select", "--seed-store", tmp_path / "seed.npy", "--pool-store", tmp_path / "pool.npy",
+               "--budget", 51, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mak select: error: budget (51) is larger than the pool (50 images in {tmp_path / 'pool.npy'})"
+    assert not (tmp_path / "o").exists()

@@ -164,7 +164,7 @@ def test_a_pile_of_duplicates_is_cut_to_the_lowest_rows_while_searching(monkeypa
     got = search(queries, bank, 3, chunk=3, bank_chunk=50)
     assert got[1][0].tolist() == copies[:3].tolist() and got[1][1].tolist() == copies[:3].tolist()
     assert sorted(got[1][2].tolist()) == sorted(exact_rows(queries[2:], bank, 3)[0])
-    assert max(calls) <= 3 + 35 + 50  # never more candidates than the cap plus one bank chunk
+    assert max(calls) <= 35 + 50  # never more candidates than the cap (k + max(k, 32)) plus one bank chunk
 
 
 def test_float32_similarities_stay_within_the_tolerance_of_the_float64_cosine():
@@ -252,3 +252,16 @@ def test_seed_shares_with_tied_neighbours_are_the_same_for_any_split_of_the_pool
         parts = [seed_share(pool[a:b], seed, ref, k=3, self_index=self_index[a:b], chunk=5)
                  for a, b in zip(cuts, cuts[1:])]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_zero_rows_have_cosine_zero_and_ties_go_to_the_lower_rows():
+    bank = np.zeros((6, 4), dtype=np.float32)
+    bank[[2, 5]] = [[1, 0, 0, 0], [0, 1, 0, 0]]
+    bank[4] = np.float32(1e-30)  # a tiny row: a direction like any other
+    queries = np.array([[0, 0, 0, 0], [0, 0, 1, 0]], dtype=np.float32)
+    vals, idx = search(queries, bank, 3)
+    assert not np.isnan(vals).any()
+    assert idx.tolist() == [[0, 1, 2], [4, 0, 1]]  # cosine 0.5 with the tiny row, then ties at 0: lower rows
+    key, cos = nb.cosine64(torch.from_numpy(queries), torch.from_numpy(np.broadcast_to(bank, (2, 6, 4)).copy()))
+    assert cos[0].tolist() == [0.0] * 6 and key[0].tolist() == [0.0] * 6
+    assert cos[1].tolist() == [0.0, 0.0, 0.0, 0.0, 0.5, 0.0]

@@ -154,8 +154,8 @@ def test_cli_short_pick_is_a_warning_even_with_quiet_and_no_pass_names_flags(wor
     picked = len((tmp_path / "a" / "selection.txt").read_text().splitlines())
     assert 0 < picked < 30
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"mak select: warning: {picked} images for a budget of 30: only {picked} pool images pass the "
-                   f"gate for a budget of 30: picked those {picked} (gate_fill 'distance' fills the budget)"]
+    assert err == [f"mak select: warning: only {picked} pool images pass the gate for a budget of 30: picked those "
+                   f"{picked} (--gate-fill distance fills the budget)"]
     assert cli("select", "--pool-store", tmp_path / "junk", *common, "--out", tmp_path / "b") == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("the pool holds nothing like the seed, or pass --gate-fill distance or --gate off"), err
@@ -262,7 +262,9 @@ def test_options_are_validated():
 @pytest.mark.parametrize("removed", ["lof_k", "share_smooth", "knn_k", "fusion_distance", "gate_quantil"])
 def test_an_unknown_option_is_an_error_naming_it_and_the_valid_ones(world, removed):
     seed, _, _, pool, views = world
-    with pytest.raises(MakError, match=f"unknown option '{removed}' for strategy 'robust' \\(valid: fusion, gate,"):
+    hint = "did you mean 'gate_quantile'\\? " if removed == "gate_quantil" else ""
+    with pytest.raises(MakError, match=f"unknown option '{removed}' for strategy 'robust' "
+                                       f"\\({hint}valid: fusion, gate,"):
         mak.select(seed, pool, views, 10, strategy="robust", clusters=5, **{removed: 1})
     with pytest.raises(MakError, match=f"unknown option '{removed}' for strategy 'mak' \\(it takes none\\)"):
         mak.select(seed, pool, views, 10, strategy="mak", clusters=5, **{removed: 1})

@@ -11,17 +11,17 @@ thread count, process count or device. The float32
 similarity matmuls round their last bits by shape, so they only find the candidates: every bank row
 within ``2 x tol`` of a query's k-th best similarity, where ``tol`` (:func:`tolerance`) bounds the
 distance of a float32 similarity of normalised rows from the float64 cosine. When more than k rows
-fall in that band (a near-tie at the k-th place, a few percent of rows on real features; every row
-with exact duplicates in the bank) those candidates are re-scored in float64 with a fixed summation
-order (:func:`cosine64`) and the k best taken by (cosine, lower row). A row whose band grows past
+fall in that band (a near-tie at the k-th place, or tied rows straddling it) the ones not certainly
+among the k best are re-scored in float64 with a fixed summation order (:func:`cosine64`) and the
+k best taken by (cosine, lower row). A row whose band grows past
 ``k + max(k, 32)`` is cut to its exact k best at once, so memory stays O(chunk x (bank_chunk + k)).
 
 Merging a bank chunk into the running candidates: on a CPU, once a query row holds k candidates,
 only the chunk's similarities within the band of its k-th best can enter, and after the first
 chunks they are few. Those are gathered with one comparison pass and merged with the running ones,
 instead of a top-k selection over every row of the chunk (the costliest step after the matmul).
-The chunk's own k-th best sets the band when many pass (more than ``chunk / FILTER_SHARE`` on a
-row), for the first chunk, and on a GPU. Values are the float32 similarities (float64 cosines
+The chunk's own k-th best sets the band when many pass (more than ``bank_chunk / FILTER_SHARE`` on
+a row), for the first chunk, and on a GPU. Values are the float32 similarities (float64 cosines
 rounded to float32 for re-scored rows); the order of near-equal values may follow the shapes.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 from mak._tensor import l2_normalize, resolve_device, to_tensor
 
 CHUNK = 4096
-FILTER_SHARE = 4  # the filtered merge while at most chunk / FILTER_SHARE candidates pass on a row
+FILTER_SHARE = 4  # the filtered merge while at most bank_chunk / FILTER_SHARE candidates pass on a row
 SPARE = 8  # similarities kept beyond the k-th by a top-k selection; more only where the band needs them
 RESCORE_ELEMENTS = 1 << 22  # float64 elements per re-scoring block (32 MiB)
-ZERO_ROW = 1e-300  # floor of a squared norm in float64: below any nonzero float32 row's (1e-90), so zero rows give 0
+ZERO_ROW = 1e-300  # floor of a product of squared norms: below any two nonzero float32 rows' (4e-180); a zero row gives 0
 
 
 def tolerance(dim: int) -> float:
@@ -76,13 +76,14 @@ def cosine64(queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, t
     q = queries.double()
     b = rows.double()
     dot = tree_sum(b * q[:, None, :])
-    squares = tree_sum(q * q).clamp_min(ZERO_ROW)[:, None] * tree_sum(b * b).clamp_min(ZERO_ROW)
+    squares = (tree_sum(q * q)[:, None] * tree_sum(b * b)).clamp_min(ZERO_ROW)
     return dot * dot.abs() / squares, dot / squares.sqrt()
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Each row's direction in float32 (a zero row stays zero): :func:`mak._tensor.l2_normalize` of
-    the row scaled by a power of two to a largest entry in [0.5, 1). The same bits as plain
+    the row scaled by a power of two to a largest entry in [0.5, 1) (at most 2^125 up, for rows of
+    subnormal entries). The same bits as plain
     normalisation where its squares neither overflow nor underflow (and the norm is above its
     1e-12 floor), and a unit row for any other nonzero finite row."""
     x = x.float()
@@ -93,16 +94,20 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def _ieee_float32(dev: torch.device) -> Iterator[None]:
     """Float32 matmuls in full precision (no TF32 or bf16, whatever the caller set), no autocast."""
-    leaves = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
-    saved = [(leaf, leaf.fp32_precision) for leaf in leaves if getattr(leaf, "fp32_precision", "ieee") != "ieee"]
-    for leaf, _ in saved:
-        leaf.fp32_precision = "ieee"
+    leaves = [getattr(getattr(torch.backends, name, None), "matmul", None) for name in ("cuda", "mkldnn")]
+    if all(hasattr(leaf, "fp32_precision") for leaf in leaves):  # torch >= 2.9: per-backend settings
+        saved = [(leaf, "fp32_precision", leaf.fp32_precision) for leaf in leaves if leaf.fp32_precision != "ieee"]
+        for leaf, attr, _ in saved:
+            setattr(leaf, attr, "ieee")
+    else:  # older torch: the legacy switch
+        saved = [(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)]
+        torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.autocast(dev.type, enabled=False):
             yield
     finally:
-        for leaf, before in saved:
-            leaf.fp32_precision = before
+        for leaf, attr, before in saved:
+            setattr(leaf, attr, before)
 
 
 def cosine_topk(queries: Any, bank: Any, k: int, *, device: str | torch.device | None = None, chunk: int = CHUNK,
@@ -156,9 +161,10 @@ def _row_reader(bank: Any, dev: torch.device) -> Callable[[torch.Tensor], torch.
 class _Candidates:
     """One query chunk's running candidates: every bank row seen so far that may be among its k best.
 
-    ``vals``/``idx`` (rows, w), each row sorted largest first: the rows within ``band`` of the
-    row's k-th best similarity (w >= k once k rows were seen; shorter rows padded with -inf).
-    Every kept value is within ``band / 2`` of its float64 cosine.
+    ``vals``/``idx`` (rows, w), each row sorted largest first: at least every bank row within
+    ``band`` of the row's k-th best similarity (w >= k once k rows were seen; the width is the
+    widest row's, so others hold rows below their band too; -inf pads and marks excluded rows).
+    Every kept finite value is within ``band / 2`` of its float64 cosine.
     """
 
     def __init__(self, raw_queries: torch.Tensor, read_rows: Callable[[torch.Tensor], torch.Tensor], k: int,

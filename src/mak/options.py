@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -181,6 +181,14 @@ def defaults(declared: Sequence[Option]) -> dict[str, Any]:
     return {o.name: o.default for o in declared}
 
 
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The one of ``choices`` a misspelt ``name`` most likely meant (None: none is close)."""
+    import difflib
+
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.8)
+    return found[0] if found else None
+
+
 def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) -> dict[str, Any]:
     """The effective settings: every declared option, parsed from ``given`` (None: the default).
 
@@ -191,7 +199,9 @@ def resolve(declared: Sequence[Option], given: Mapping[str, Any], owner: str) ->
     for key in given:
         if key not in known:
             valid = f"valid: {', '.join(sorted(known))}" if known else "it takes none"
-            raise ParameterError(key, f"unknown option '{key}' for {owner} ({valid})")
+            near = closest(str(key), known)
+            hint = f"did you mean '{near}'? " if near else ""
+            raise ParameterError(key, f"unknown option '{key}' for {owner} ({hint}{valid})")
     out = {}
     for o in declared:
         value = given.get(o.name)

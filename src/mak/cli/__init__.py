@@ -49,16 +49,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def with_flags(msg: str, params: Sequence[str]) -> str:
+    """``msg`` with the Python names of ``params`` (``gate_quantile=``, ``'gate_quantil'``) as flags."""
+    for param in params:
+        flag = "--" + param.replace("_", "-")
+        msg = msg.replace(f"{param}=", f"{flag} ").replace(f"'{param}'", flag)
+    return msg
+
+
 def _with_flags(exc: MakError) -> str:
-    """The message, with a parameter's Python name (``gate_quantile=``, ``'gate_quantil'``) as its flag."""
+    """The error's message, the parameters it names (:class:`~mak.options.ParameterError`) as flags."""
     from mak.options import ParameterError
 
-    msg = str(exc)
-    if isinstance(exc, ParameterError):
-        for param in (exc.param, *exc.related):
-            flag = "--" + param.replace("_", "-")
-            msg = msg.replace(f"{param}=", f"{flag} ").replace(f"'{param}'", flag)
-    return msg
+    return with_flags(str(exc), (exc.param, *exc.related)) if isinstance(exc, ParameterError) else str(exc)
 
 
 def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -74,18 +77,22 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
 
 def _unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
     """``--flags`` in ``argv`` that no option of the command takes (nor abbreviates), each with the
-    closest one when there is one: ``--budgt (did you mean --budget?)``."""
-    import difflib
-
-    known = sorted(s for a in _command_parser(parser, argv)._actions for s in a.option_strings if s.startswith("--"))
+    closest one when there is one: ``--budgt (did you mean --budget?)``. None while the words do
+    not name a command (argparse names the bad command), and no word with a space (a value)."""
+    command = _command_parser(parser, argv)
+    if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+        return []
+    known = sorted(s for a in command._actions for s in a.option_strings if s.startswith("--"))
     out = []
     for arg in argv:
         if arg == "--":
             break
         name = arg.split("=", 1)[0]
-        if name.startswith("--") and not any(k.startswith(name) for k in known):
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-            out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        if name.startswith("--") and " " not in name and not any(k.startswith(name) for k in known):
+            from mak.options import closest  # here: `mak --help` loads no numpy
+
+            near = closest(name, known)
+            out.append(f"{name} (did you mean {near}?)" if near else name)
     return out
 
 

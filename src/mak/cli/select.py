@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     short = len(sel) < job["budget"]  # e.g. fewer pool images than the budget pass robust's gate
     if short:  # a warning: printed even with --quiet, before the summary
-        print(f"mak select: warning: {len(sel)} images for a budget of {job['budget']}"
-              + (f": {sel.info['note']}" if sel.info.get("note") else ""), file=sys.stderr)
+        from mak.cli import with_flags
+
+        why = with_flags(sel.info.get("note") or f"{len(sel)} images for a budget of {job['budget']}", ["gate_fill"])
+        print(f"mak select: warning: {why}", file=sys.stderr)
     say(args, f"selected {len(sel)} images with '{sel.strategy}' in {sel.timings.get('total', 0):.1f}s -> "
               f"{args.out}/selection.txt")
     if sel.info.get("model_note") and not show_progress(args):  # with bars it showed before the work

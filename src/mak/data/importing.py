@@ -68,7 +68,7 @@ def _pq(path: Path):
     """``pyarrow.parquet``, or a MakError naming ``path`` when pyarrow is not installed."""
     pq = _parquet()
     if pq is None:
-        raise MakError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow, or the 'parquet' extra of mak-sampling)")
+        raise MakError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
     return pq
 
 

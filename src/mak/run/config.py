@@ -7,14 +7,13 @@ unknown key is an error that names it, so a typo never silently falls back to a 
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import Any, Mapping
 
 from mak.bench.evaluate import DEFAULT_FEW, DEFAULT_MANY, EVALUATE_OPTIONS
 from mak.bench.openworld import BENCH_OPTIONS
 from mak.errors import MakError, first_line
-from mak.options import DEVICE, Option, by_name
+from mak.options import DEVICE, Option, by_name, closest
 from mak.paths import input_file
 from mak.run.select_job import JOB_OPTIONS
 from mak.selection.strategies import SELECT_OPTIONS  # the select section's defaults and checks
@@ -113,8 +112,8 @@ def _merge(base: dict, update: Mapping, path: str = "") -> dict:
     for key, value in update.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in base:
-            close = difflib.get_close_matches(str(key), [str(k) for k in base], n=1, cutoff=0.8)
-            hint = f" (did you mean '{where[: len(where) - len(str(key))]}{close[0]}'?)" if close else \
+            near = closest(str(key), map(str, base))
+            hint = f" (did you mean '{path + '.' if path else ''}{near}'?)" if near else \
                 f" ({path or 'the top level'} takes: {', '.join(map(str, base))})"
             raise MakError(f"unknown config key '{where}'{hint}")
         if isinstance(base[key], dict) and key != "options":

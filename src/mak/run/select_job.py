@@ -219,10 +219,10 @@ def _run_job(seed_store: Any, pool_store: Any, out: Path, job: dict[str, Any], o
     try:
         t0 = time.perf_counter()
         seed, pool = load_inputs(seed_store, pool_store, strategy, options=params, items=items)
-        # every rank resolves the same settings; the note shows before the work when bars do
-        note = model_note(pool, strategy, params, echo=progress and D.rank() == 0)
         if budget > pool.num_rows:
             raise MakError(f"budget ({budget}) is larger than the pool ({pool.num_rows} images in {pool_store})")
+        # every rank resolves the same settings; the note shows before the work when bars do
+        note = model_note(pool, strategy, params, echo=progress and D.rank() == 0)
         timings: dict[str, float] = {"load": time.perf_counter() - t0}
         dd = _drop_duplicates(pool, job["dedup"], job["dedup_clusters"], budget, params, progress, timings)
         kept = None if dd is None else dd.kept_rows

@@ -40,7 +40,7 @@ DISTRIBUTED_KINDS = ("pretrain", "pretrain-mix", "retrain", "embed-seed", "embed
 #: stages that read it) are not reused. Version 1 adds nothing to the key.
 STAGE_VERSIONS: dict[str, int] = {"bench": 1, "pretrain": 1, "pretrain-mix": 1, "embed-seed": 1, "embed-pool": 1,
                                   "embed-seed-mix": 1, "embed-pool-mix": 1, "ecle": 2, "ecle-mix": 2, "select": 1,
-                                  "retrain": 1, "eval": 1}
+                                  "retrain": 1, "eval": 2}
 
 
 def stage_version(kind: str, strategy: str | None = None) -> dict[str, int]:

@@ -109,12 +109,11 @@ def compute_features(model, source, image_size: int, channels: int, batch_size: 
     An unreadable image raises :class:`MakError` naming it. ``progress``: a bar of images with
     that label (None: no bar).
     """
-    from mak.progress import bar
-
     from torch.utils.data import DataLoader
 
-    from mak.train.augment import center_transform
     from mak.data.sources import ImageDataset
+    from mak.progress import bar
+    from mak.train.augment import center_transform
     from mak.train.device import resolve_channels_last
 
     dev = auto_device(device or "cpu")

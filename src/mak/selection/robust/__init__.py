@@ -308,7 +308,7 @@ class RobustRun:
                                           "the pool holds nothing like the seed, or pass gate_fill=distance or gate=off",
                                           ("gate",))
             self.info.update(gate_filled=0, gate_short=int(need))
-            self.info["note"] = f"{head}: picked those {n_gated} (gate_fill 'distance' fills the budget)"
+            self.info["note"] = f"{head}: picked those {n_gated} (gate_fill=distance fills the budget)"
             return ctx.top_k(score, n_gated)
         fill_key = np.where(mask, np.inf, np.asarray(gate_value, dtype=np.float64))
         self.info.update(gate_filled=int(need), gate_short=0)
