@@ -132,10 +132,11 @@ def cosine_topk(queries: Any, bank: Any, k: int, *, device: str | torch.device |
     with torch.inference_mode():
         resident = [unit_rows(to_tensor(bank[lo : lo + bank_chunk], dev)) for lo in range(0, m, bank_chunk)] \
             if m <= 8 * bank_chunk else None
+    read_rows, band = _row_reader(bank, dev), 2.0 * tolerance(bank.shape[1])
     for qlo in range(0, n, chunk):
         with torch.inference_mode(), _ieee_float32(dev):
             raw = to_tensor(queries[qlo : qlo + chunk], dev)
-            run = _Candidates(raw, _row_reader(bank, dev), k, 2.0 * tolerance(bank.shape[1]))
+            run = _Candidates(raw, read_rows, k, band)
             q = unit_rows(raw)
             for i, slo in enumerate(range(0, m, bank_chunk)):
                 s = resident[i] if resident else unit_rows(to_tensor(bank[slo : slo + bank_chunk], dev))

@@ -116,11 +116,16 @@ def analyse_selection(
     """
     sel = np.asarray(selected_labels, dtype=np.int64).reshape(-1)
     seed = np.asarray(seed_labels, dtype=np.int64).reshape(-1)
+    return _analysis(class_counts(sel, num_classes), class_counts(seed, num_classes), int(sel.size),
+                     int((sel == OOD_LABEL).sum()), groups)
+
+
+def _analysis(sel_counts: np.ndarray, seed_counts: np.ndarray, n: int, ood: int,
+              groups: Mapping[str, Iterable[int]]) -> dict:
+    """:func:`analyse_selection` from per-class counts of the selection and the seed, the number
+    of selected items ``n`` and how many of them are out of domain."""
+    num_classes = len(sel_counts)
     grp = _normalise_groups(groups, num_classes)
-    sel_counts = class_counts(sel, num_classes)
-    seed_counts = class_counts(seed, num_classes)
-    n = int(sel.size)
-    ood = int((sel == OOD_LABEL).sum())
     group_counts = {g: int(sel_counts[grp[g]].sum()) if grp[g] else 0 for g in GROUPS}
     share = {g: (group_counts[g] / n if n else 0.0) for g in GROUPS}
     grouped = sorted(c for g in GROUPS for c in grp[g])
@@ -150,11 +155,12 @@ def regroup(analysis: Mapping, groups: Mapping[str, Iterable[int]]) -> dict:
     """``analysis`` (of :func:`analyse_selection`) over other Many/Medium/Few ``groups``: the same
     per-class counts of the selection and the seed, every group figure recomputed from them."""
     num_classes = max([len(analysis["counts"])] + [int(c) + 1 for g in groups.values() for c in g])
-    per_class = [int(analysis["counts"].get(str(c), 0)) for c in range(num_classes)]
-    selected = np.concatenate([np.repeat(np.arange(num_classes), per_class),
-                               np.full(int(analysis["ood_count"]), OOD_LABEL)])
-    seed = np.repeat(np.arange(num_classes), [int(analysis["seed_counts"].get(str(c), 0)) for c in range(num_classes)])
-    return analyse_selection(selected, seed, groups, num_classes=num_classes)
+
+    def counts(key: str) -> np.ndarray:
+        return np.array([int(analysis[key].get(str(c), 0)) for c in range(num_classes)], dtype=np.int64)
+
+    return _analysis(counts("counts"), counts("seed_counts"), int(analysis["n_selected"]),
+                     int(analysis["ood_count"]), groups)
 
 
 def format_analysis(results: Mapping[str, Mapping]) -> str:

@@ -75,11 +75,11 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
         parser = subs[0].choices[word]
 
 
-def _unknown_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
-    """``--flags`` in ``argv`` that no option of the command takes (nor abbreviates), each with the
-    closest one when there is one: ``--budgt (did you mean --budget?)``. None while the words do
-    not name a command (argparse names the bad command), and no word with a space (a value)."""
-    command = _command_parser(parser, argv)
+def _unknown_flags(command: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--flags`` in ``argv`` that no option of ``command`` (:func:`_command_parser`) takes (nor
+    abbreviates), each with the closest one when there is one: ``--budgt (did you mean --budget?)``.
+    None while the words do not name a command (argparse names the bad command), and no word with
+    a space (a value)."""
     if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
         return []
     known = sorted(s for a in command._actions for s in a.option_strings if s.startswith("--"))
@@ -109,10 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choose_wait_policy()
     first_word = next((a for a in argv if not a.startswith("-")), None)  # the command, if one is given
     parser = build_parser(first_word if first_word in commands() else "")
-    typos = _unknown_flags(parser, argv)  # before parsing: a missing required flag would hide a misspelt one
+    command = _command_parser(parser, argv)
+    typos = _unknown_flags(command, argv)  # before parsing: a missing required flag would hide a misspelt one
     if typos and "-h" not in argv and "--help" not in argv:
-        prog = _command_parser(parser, argv).prog
-        print(f"{prog}: error: unrecognized arguments: {', '.join(typos)} (see {prog} --help)", file=sys.stderr)
+        print(f"{command.prog}: error: unrecognized arguments: {', '.join(typos)} (see {command.prog} --help)",
+              file=sys.stderr)
         return 2
     args, unknown = parser.parse_known_args(argv)
     name = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
